@@ -1,0 +1,138 @@
+// Shared, instruction-set-independent pieces of the CPU kernels: storage types for the 16-bit floats,
+// exact scalar conversions, the CPU feature check and small memory helpers.
+//
+// Everything here is compiled for the baseline target. The vector code lives in vec.h and the kernel
+// headers, which isa_instantiate.h compiles twice (AVX2+FMA+F16C and portable) in separate namespaces.
+// Keeping the system and torch headers out of those regions means no inline function of theirs can be
+// emitted with AVX2 instructions and then picked by the linker for a caller on a machine without AVX2.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LF_HAVE_X86 1
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace lossfuse {
+
+enum class Dtype { F32, F16, BF16, F64 };
+
+// Raw 16-bit storage; the kernels never do arithmetic on these, only convert to fp32 and back.
+struct half_t {
+  uint16_t bits;
+};
+struct bf16_t {
+  uint16_t bits;
+};
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float bf16_to_float(bf16_t h) { return bits_to_float(uint32_t(h.bits) << 16); }
+
+// Round to nearest even, as torch does. NaN needs its own branch: adding the rounding bias to a NaN
+// with a small payload would carry into the exponent and turn it into infinity.
+inline bf16_t float_to_bf16(float f) {
+  uint32_t u = float_to_bits(f);
+  if (std::isnan(f)) return bf16_t{uint16_t(0x7FC0)};
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return bf16_t{uint16_t(u >> 16)};
+}
+
+inline float half_to_float(half_t h) {
+  const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16;
+  const uint32_t exp = (h.bits >> 10) & 0x1Fu;
+  const uint32_t man = h.bits & 0x3FFu;
+  if (exp == 0x1Fu) return bits_to_float(sign | 0x7F800000u | (man << 13));  // inf / NaN
+  if (exp != 0) return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
+  // zero or subnormal: man * 2^-24 is exact in fp32
+  const float mag = float(man) * 5.9604644775390625e-08f;
+  return sign ? -mag : mag;
+}
+
+// Round to nearest even, including into and out of the subnormal range.
+inline half_t float_to_half(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return half_t{uint16_t(sign | 0x7E00u)};  // NaN
+  if (a >= 0x477FF000u) return half_t{uint16_t(sign | 0x7C00u)};  // rounds to >= 65520: inf
+  if (a < 0x38800000u) {                                           // below the smallest normal half
+    // Adding 0.5 makes the FPU do the rounding to a multiple of 2^-24 for us.
+    const float r = bits_to_float(a) + 0.5f;
+    return half_t{uint16_t(sign | uint16_t(float_to_bits(r) - 0x3F000000u))};
+  }
+  uint32_t m = a + 0xC8000FFFu + ((a >> 13) & 1u);  // rebias exponent (-112 << 23) and round
+  return half_t{uint16_t(sign | uint16_t(m >> 13))};
+}
+
+// Scalar load in the accumulation type A (float, or double for double inputs) and store back.
+template <class A>
+inline A to_acc(float x) { return A(x); }
+template <class A>
+inline A to_acc(double x) { return A(x); }
+template <class A>
+inline A to_acc(half_t x) { return A(half_to_float(x)); }
+template <class A>
+inline A to_acc(bf16_t x) { return A(bf16_to_float(x)); }
+
+inline void put(float* p, float v) { *p = v; }
+inline void put(half_t* p, float v) { *p = float_to_half(v); }
+inline void put(bf16_t* p, float v) { *p = float_to_bf16(v); }
+inline void put(double* p, double v) { *p = v; }
+
+template <class T>
+inline T from_float(float v) {
+  T out;
+  put(&out, v);
+  return out;
+}
+
+// True when the AVX2 kernels run: the CPU has AVX2, FMA and F16C, and lossfuse._C.set_cpu_isa
+// (or LOSSFUSE_CPU_ISA=base) has not forced the portable ones. Defined in module.cpp.
+bool use_avx2();
+
+inline bool cpu_has_avx2_fma_f16c() {
+#if defined(LF_HAVE_X86) && (defined(__GNUC__) || defined(__clang__))
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// Number of threads for a parallel region over `work` elements: a fork/join costs a few microseconds,
+// more than a small loss takes on one core.
+inline int threads_for(int64_t work, int max_threads) {
+  constexpr int64_t kMinWorkPerThread = 1 << 15;
+  int64_t t = work / kMinWorkPerThread;
+  if (t < 1) t = 1;
+  if (t > max_threads) t = max_threads;
+  return int(t);
+}
+
+// Ask the kernel to back a large, not yet touched output buffer with transparent huge pages.
+// A fresh 500 MB gradient otherwise costs ~125k page faults on first touch, several times the time
+// the kernel spends writing it. Harmless where THP is off or the memory is already mapped.
+void advise_hugepages(void* ptr, size_t bytes);
+
+}  // namespace lossfuse

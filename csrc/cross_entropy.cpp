@@ -1,0 +1,223 @@
+// Cross-entropy on the CPU: the torch-facing ops lossfuse::cross_entropy_fwd / _bwd (schemas in
+// lossfuse/ops/cross_entropy.py) and the kernels in cross_entropy_kernel.h, compiled per ISA.
+//
+// The Python layer has already checked arguments torch's way; here we re-check only what protects
+// memory (shapes, dtypes, target range) and bring layouts into one of the two walk orders.
+#include <torch/library.h>
+
+#include "tensor_utils.h"
+
+namespace lossfuse {
+
+struct CeArgs {
+  Dtype dtype;
+  // logits (N, C, S): element (n, c, s) at x + n*x_sN + c*x_sC + s*x_sS
+  const void* x;
+  int64_t N, C, S, x_sN, x_sC, x_sS;
+  // class-index target (N, S) int64, or (t != null) a probability target (N, C, S)
+  const int64_t* y;
+  int64_t y_sN, y_sS;
+  const void* t;
+  int64_t t_sN, t_sC, t_sS;
+  bool t_dtype_is_acc;  // probability target stored in the accumulation type, not the input's
+  const void* w;        // class weights (C), accumulation type, contiguous; null = all ones
+  double w_sum;         // sum of the weights (C when there are none)
+  int64_t ignore_index;
+  double eps;  // label smoothing
+  // forward outputs, (N*S) contiguous, accumulation type
+  void* loss;
+  void* lse;
+  // backward: per-row upstream gradient (strided, may be an expanded scalar) and the saved lse
+  const void* g;
+  int64_t g_sN, g_sS;
+  const void* lse_in;
+  void* gx;  // null when not wanted
+  bool stream;  // write gx with non-temporal stores (outputs far larger than the caches)
+  int64_t gx_sN, gx_sC, gx_sS;
+  void* gt;  // null when not wanted
+  int64_t gt_sN, gt_sC, gt_sS;
+  int nthreads;
+};
+
+}  // namespace lossfuse
+
+#define LF_KERNEL_HEADER "cross_entropy_kernel.h"
+#include "isa_instantiate.h"
+
+namespace lossfuse {
+namespace {
+
+bool walks_classes(const at::Tensor& x3) { return x3.size(1) == 1 || x3.stride(1) == 1; }
+
+// The layout every backend gives outputs of shape (N, C, S): see empty_like_layout in
+// lossfuse/ops/cross_entropy.py, which the fake kernels use. Keep the two in step.
+at::Tensor empty_walk_layout(const at::Tensor& x3, at::ScalarType dtype) {
+  const int64_t N = x3.size(0), C = x3.size(1), S = x3.size(2);
+  const auto opts = x3.options().dtype(dtype);
+  if (walks_classes(x3)) return empty_output({N, S, C}, opts).transpose(1, 2);
+  return empty_output({N, C, S}, opts);
+}
+
+// Logits in a layout the kernels walk in place; anything else is copied once.
+at::Tensor walkable_input(const at::Tensor& x3) {
+  if (walks_classes(x3) || x3.size(2) == 1 || x3.stride(2) == 1) return x3;
+  return x3.contiguous();
+}
+
+// A probability target in the logits' walk order (class stride 1 or spatial stride 1 like x3).
+at::Tensor walkable_target(const at::Tensor& t3, const at::Tensor& x3) {
+  if (walks_classes(x3)) {
+    if (t3.size(1) == 1 || t3.stride(1) == 1) return t3;
+    return t3.transpose(1, 2).contiguous().transpose(1, 2);
+  }
+  if (t3.size(2) == 1 || t3.stride(2) == 1) return t3;
+  return t3.contiguous();
+}
+
+[[noreturn]] void report_bad_target(const at::Tensor& y, int64_t C, int64_t ignore_index) {
+  // The kernels only flag that some row was bad; name the first one, as torch does.
+  const at::Tensor yc = y.contiguous();
+  const int64_t* p = yc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < yc.numel(); ++i) {
+    const int64_t v = p[i];
+    if (v != ignore_index && (v < 0 || v >= C)) TORCH_CHECK_INDEX(false, "Target ", v, " is out of bounds.");
+  }
+  TORCH_CHECK(false, "cross_entropy: a target is out of bounds");
+}
+
+struct Prepared {
+  at::Tensor x, y, t, w;
+  CeArgs a{};
+};
+
+Prepared prepare(const char* op, const at::Tensor& input, const at::Tensor& target,
+                 const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing) {
+  TORCH_CHECK(input.dim() == 3, op, ": input must be (N, C, S); got ", input.sizes());
+  TORCH_CHECK(input.device().is_cpu(), op, ": expected CPU tensors");
+  Prepared p;
+  CeArgs& a = p.a;
+  a.dtype = kernel_dtype(input, op);
+  const auto acc = acc_type(input.scalar_type());
+  p.x = walkable_input(input);
+  a.x = p.x.data_ptr();
+  a.N = p.x.size(0);
+  a.C = p.x.size(1);
+  a.S = p.x.size(2);
+  a.x_sN = p.x.stride(0);
+  a.x_sC = p.x.stride(1);
+  a.x_sS = p.x.stride(2);
+  if (target.is_floating_point()) {
+    TORCH_CHECK(target.sizes() == input.sizes(), op, ": a probability target must have the input's shape ",
+                input.sizes(), "; got ", target.sizes());
+    p.t = target;
+    if (p.t.scalar_type() != input.scalar_type() && p.t.scalar_type() != acc) p.t = p.t.to(acc);
+    p.t = walkable_target(p.t, p.x);
+    a.t = p.t.data_ptr();
+    a.t_sN = p.t.stride(0);
+    a.t_sC = p.t.stride(1);
+    a.t_sS = p.t.stride(2);
+    a.t_dtype_is_acc = p.t.scalar_type() != input.scalar_type();
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong, op, ": class-index targets must be int64; got ",
+                target.scalar_type());
+    TORCH_CHECK(target.dim() == 2 && target.size(0) == a.N && target.size(1) == a.S, op,
+                ": class-index target must be (N, S) = (", a.N, ", ", a.S, "); got ", target.sizes());
+    p.y = target;
+    a.y = p.y.data_ptr<int64_t>();
+    a.y_sN = p.y.stride(0);
+    a.y_sS = p.y.stride(1);
+  }
+  a.w_sum = double(a.C);
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->numel() == a.C, op, ": weight must have C = ", a.C,
+                " elements; got ", weight->sizes());
+    p.w = weight->to(acc).contiguous();
+    a.w = p.w.data_ptr();
+    a.w_sum = p.w.sum().item<double>();
+  }
+  a.ignore_index = ignore_index;
+  a.eps = label_smoothing;
+  a.nthreads = kernel_threads(a.N * a.C * a.S);
+  return p;
+}
+
+int run_forward(const CeArgs& a) {
+#ifdef LF_HAVE_AVX2_BUILD
+  if (use_avx2()) return avx2::ce_forward(a);
+#endif
+  return base::ce_forward(a);
+}
+
+int run_backward(const CeArgs& a) {
+#ifdef LF_HAVE_AVX2_BUILD
+  if (use_avx2()) return avx2::ce_backward(a);
+#endif
+  return base::ce_backward(a);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& input, const at::Tensor& target,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         int64_t ignore_index, double label_smoothing) {
+  Prepared p = prepare("lossfuse::cross_entropy_fwd", input, target, weight, ignore_index, label_smoothing);
+  CeArgs& a = p.a;
+  const auto opts = input.options().dtype(acc_type(input.scalar_type()));
+  at::Tensor loss = at::empty({a.N, a.S}, opts);
+  at::Tensor lse = at::empty({a.N, a.S}, opts);
+  a.loss = loss.data_ptr();
+  a.lse = lse.data_ptr();
+  if (a.N * a.S > 0 && run_forward(a)) report_bad_target(p.y, a.C, ignore_index);
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                                         const at::Tensor& target,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         const at::Tensor& lse, int64_t ignore_index,
+                                                         double label_smoothing, bool input_grad,
+                                                         bool target_grad) {
+  const char* op = "lossfuse::cross_entropy_bwd";
+  Prepared p = prepare(op, input, target, weight, ignore_index, label_smoothing);
+  CeArgs& a = p.a;
+  const auto acc = acc_type(input.scalar_type());
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == a.N && grad.size(1) == a.S, op, ": grad must be (N, S); got ",
+              grad.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == a.N && lse.size(1) == a.S, op, ": lse must be (N, S); got ",
+              lse.sizes());
+  const at::Tensor g = grad.to(acc);  // no copy when already in the accumulation type
+  const at::Tensor lse_c = lse.to(acc).contiguous();
+  a.g = g.data_ptr();
+  a.g_sN = g.stride(0);
+  a.g_sS = g.stride(1);
+  a.lse_in = lse_c.data_ptr();
+
+  at::Tensor gx = input_grad ? empty_walk_layout(p.x, input.scalar_type()) : at::empty({0}, input.options());
+  const bool prob = target.is_floating_point();
+  at::Tensor gt = (target_grad && prob) ? empty_walk_layout(p.x, p.t.scalar_type())
+                                        : at::empty({0}, input.options().dtype(prob ? target.scalar_type()
+                                                                                   : input.scalar_type()));
+  if (input_grad) {
+    a.gx = gx.data_ptr();
+    a.gx_sN = gx.stride(0);
+    a.gx_sC = gx.stride(1);
+    a.gx_sS = gx.stride(2);
+    a.stream = gx.nbytes() >= kStreamBytes;
+  }
+  if (target_grad && prob) {
+    a.gt = gt.data_ptr();
+    a.gt_sN = gt.stride(0);
+    a.gt_sC = gt.stride(1);
+    a.gt_sS = gt.stride(2);
+  }
+  if ((a.gx || a.gt) && a.N * a.S > 0 && run_backward(a)) report_bad_target(p.y, a.C, ignore_index);
+  if (a.gt && gt.scalar_type() != target.scalar_type()) gt = gt.to(target.scalar_type());
+  return {gx, gt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lossfuse, CPU, m) {
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
+}
+
+}  // namespace lossfuse

@@ -1,0 +1,813 @@
+// Cross-entropy CPU kernels. Compiled once per instruction set by isa_instantiate.h (no include guard,
+// no #include: see vec.h). CeArgs is defined in cross_entropy.cpp.
+//
+// Logits are (N, C, S) with arbitrary strides; row r = n * S + s. Two walk orders:
+//   rows:  class stride 1 ((N, C), channels-last) -- vectorised along the classes of one row;
+//   tiles: spatial stride 1 ((N, C, H, W))        -- vectorised across 2 x W neighbouring rows, so
+//          the usual segmentation layout is read in place instead of through a transposed copy.
+// Forward: log-sum-exp (plus what label smoothing or a probability target needs) in one pass over
+// memory; backward recomputes p = exp(x - lse) rather than storing an N x C softmax.
+// Every sum is in fp32 lanes (fp64 for double) folded into a double every kBlock elements, so a
+// 256k-class row keeps the rounding error of a 4k-class one.
+
+constexpr int64_t kBlock = 4096;
+
+template <class T, class A>
+inline Vec<A> load_k(const T* p, int k, A fill) {
+  return k == Vec<A>::W ? Vec<A>::load(p) : Vec<A>::load_partial(p, k, fill);
+}
+template <class T, class A>
+inline void store_k(Vec<A> v, T* p, int k) {
+  if (k == Vec<A>::W)
+    v.store(p);
+  else
+    v.store_partial(p, k);
+}
+
+template <class F>
+inline int with_bool(bool b, F&& f) {
+  return b ? f(std::true_type{}) : f(std::false_type{});
+}
+
+inline void flag_bad(int* bad) { __atomic_store_n(bad, 1, __ATOMIC_RELAXED); }
+
+template <class A>
+struct Consts {
+  A eps, keep, eps_c, wsum;
+  explicit Consts(const CeArgs& a)
+      : eps(A(a.eps)),
+        keep(A(1) - A(a.eps)),
+        eps_c(a.C > 0 ? A(a.eps) / A(a.C) : A(0)),
+        wsum(A(a.w_sum)) {}
+};
+
+// ------------------------------------------------------------------------------------------------
+// Row walk: one row at a time, vectorised along classes.
+// ------------------------------------------------------------------------------------------------
+
+template <class T, class A>
+inline A block_max(const T* x, int64_t n) {
+  using V = Vec<A>;
+  constexpr int W = V::W;
+  const A ninf = -std::numeric_limits<A>::infinity();
+  V m0(ninf), m1(ninf), m2(ninf), m3(ninf);
+  int64_t c = 0;
+  for (; c + 4 * W <= n; c += 4 * W) {
+    m0 = vmax(m0, V::load(x + c));
+    m1 = vmax(m1, V::load(x + c + W));
+    m2 = vmax(m2, V::load(x + c + 2 * W));
+    m3 = vmax(m3, V::load(x + c + 3 * W));
+  }
+  for (; c + W <= n; c += W) m0 = vmax(m0, V::load(x + c));
+  A m = hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
+  for (; c < n; ++c) {
+    const A v = to_acc<A>(x[c]);
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+// Sums over one block relative to the max m: exp(x - m) and, with SMOOTH, w_c (x_c - m) and w_c.
+template <class T, class A, bool HAS_W, bool SMOOTH>
+inline void block_sums_index(const T* x, const A* w, int64_t n, A m, double* sum, double* d, double* ws) {
+  using V = Vec<A>;
+  constexpr int W = V::W;
+  const V mv(m);
+  V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0)), d0(A(0)), d1(A(0)), w0(A(0));
+  int64_t c = 0;
+  for (; c + 4 * W <= n; c += 4 * W) {
+    // Pull the next block towards L2 while this one is summed from L1: the memory reads and the exp
+    // arithmetic then overlap instead of taking turns (x + kBlock past the row end is the next row).
+    __builtin_prefetch(x + c + kBlock, 0, 2);
+    __builtin_prefetch(reinterpret_cast<const char*>(x + c + kBlock) + 64, 0, 2);
+    const V e0 = V::load(x + c) - mv, e1 = V::load(x + c + W) - mv;
+    const V e2 = V::load(x + c + 2 * W) - mv, e3 = V::load(x + c + 3 * W) - mv;
+    s0 = s0 + vexp_sum_term(e0);
+    s1 = s1 + vexp_sum_term(e1);
+    s2 = s2 + vexp_sum_term(e2);
+    s3 = s3 + vexp_sum_term(e3);
+    if (SMOOTH) {
+      if (HAS_W) {
+        const V wa = V::load(w + c), wb = V::load(w + c + W), wc = V::load(w + c + 2 * W), wd = V::load(w + c + 3 * W);
+        d0 = fmadd(wa, e0, fmadd(wc, e2, d0));
+        d1 = fmadd(wb, e1, fmadd(wd, e3, d1));
+        w0 = w0 + ((wa + wb) + (wc + wd));
+      } else {
+        d0 = d0 + (e0 + e2);
+        d1 = d1 + (e1 + e3);
+      }
+    }
+  }
+  double sd = double(hsum((s0 + s1) + (s2 + s3))), dd = double(hsum(d0 + d1));
+  double wd = HAS_W ? double(hsum(w0)) : double(c);
+  for (; c < n; ++c) {
+    const A e = to_acc<A>(x[c]) - m;
+    sd += double(sexp(e));
+    if (SMOOTH) {
+      const A wc = HAS_W ? w[c] : A(1);
+      dd += double(wc * e);
+      wd += double(wc);
+    }
+  }
+  *sum += sd;
+  *d += dd;
+  *ws += wd;
+}
+
+// log-sum-exp statistics of one row in a single pass over memory: each kBlock-class block is read
+// from memory once for its max and again from L1 for its sums, which are rescaled whenever the
+// running max grows (online softmax). Returns the max m, log(sum_c exp(x_c - m)) and, with SMOOTH,
+// sum_c w_c (x_c - m). A block that is all -inf (masked vocabulary) would make x - m undefined while
+// m is still -inf, so such rows take the plain two passes.
+template <class T, class A, bool HAS_W, bool SMOOTH>
+inline void row_stats_index(const T* x, const A* w, int64_t C, A* m_out, A* logsum_out, A* d_out) {
+  const A ninf = -std::numeric_limits<A>::infinity();
+  A m = ninf;
+  double sum = 0, d = 0, ws = 0;
+  bool online = true;
+  for (int64_t c0 = 0; c0 < C && online; c0 += kBlock) {
+    const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
+    const A bm = block_max<T, A>(x + c0, n);
+    if (bm == ninf) {
+      online = false;
+      break;
+    }
+    if (bm > m) {
+      if (m != ninf) {
+        sum *= std::exp(double(m) - double(bm));
+        if (SMOOTH) d += (double(m) - double(bm)) * ws;
+      }
+      m = bm;
+    }
+    block_sums_index<T, A, HAS_W, SMOOTH>(x + c0, HAS_W ? w + c0 : w, n, m, &sum, &d, &ws);
+  }
+  if (!online) {
+    m = block_max<T, A>(x, C);
+    sum = d = ws = 0;
+    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+      const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
+      block_sums_index<T, A, HAS_W, SMOOTH>(x + c0, HAS_W ? w + c0 : w, n, m, &sum, &d, &ws);
+    }
+  }
+  *m_out = m;
+  *logsum_out = A(std::log(sum));
+  *d_out = A(d);
+}
+
+template <class T, class A, bool HAS_W, bool SMOOTH>
+int ce_fwd_index_rows(const CeArgs& a) {
+  const T* X = static_cast<const T*>(a.x);
+  const A* w = static_cast<const A*>(a.w);
+  A* loss_out = static_cast<A*>(a.loss);
+  A* lse_out = static_cast<A*>(a.lse);
+  const int64_t C = a.C, S = a.S, R = a.N * a.S;
+  const Consts<A> k(a);
+  int bad = 0;
+#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = r / S, s = r - n * S;
+    const T* x = X + n * a.x_sN + s * a.x_sS;
+    A m, logsum, dsum;
+    row_stats_index<T, A, HAS_W, SMOOTH>(x, w, C, &m, &logsum, &dsum);
+    lse_out[r] = m + logsum;
+    const int64_t y = a.y[n * a.y_sN + s * a.y_sS];
+    A loss = 0;
+    if (y != a.ignore_index) {
+      if (y < 0 || y >= C) {
+        flag_bad(&bad);
+      } else {
+        const A wy = HAS_W ? w[y] : A(1);
+        // (m - x_y) + log(sum) rather than lse - x_y: exact when the target holds the max logit.
+        loss = k.keep * wy * ((m - to_acc<A>(x[y])) + logsum);
+        // sum_c w_c (lse - x_c) = W (lse - m) - sum_c w_c (x_c - m): no cancellation of large logits.
+        if (SMOOTH) loss += k.eps_c * (k.wsum * logsum - dsum);
+      }
+    }
+    loss_out[r] = loss;
+  }
+  return bad;
+}
+
+// Runs `pass(exp_fn)` with the fast exp, and again with the exact one if some lane underflowed below
+// the normal range -- rare (logits spread by more than 87), and then those outputs must hold the
+// true subnormal or zero values.
+template <class V, class Pass>
+inline void with_exact_redo(Pass&& pass) {
+  auto oob = mask_none(V());
+  pass([&](V e) { return vexp_normal(e, oob); });
+  if (mask_any(oob)) pass([](V e) { return vexp(e); });
+}
+
+template <class T, class A, bool HAS_W, bool SMOOTH>
+int ce_bwd_index_rows(const CeArgs& a) {
+  using V = Vec<A>;
+  constexpr int W = V::W;
+  const T* X = static_cast<const T*>(a.x);
+  T* GX = static_cast<T*>(a.gx);
+  const A* w = static_cast<const A*>(a.w);
+  const A* G = static_cast<const A*>(a.g);
+  const A* LSE = static_cast<const A*>(a.lse_in);
+  const int64_t C = a.C, S = a.S, R = a.N * a.S;
+  const Consts<A> k(a);
+  int bad = 0;
+#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = r / S, s = r - n * S;
+    const T* x = X + n * a.x_sN + s * a.x_sS;
+    T* gx = GX + n * a.gx_sN + s * a.gx_sS;
+    const int64_t y = a.y[n * a.y_sN + s * a.y_sS];
+    if (y == a.ignore_index || y < 0 || y >= C) {
+      if (y != a.ignore_index) flag_bad(&bad);
+      const V z(A(0));
+      int64_t c = 0;
+      for (; c + W <= C; c += W) z.store(gx + c);
+      for (; c < C; ++c) put(gx + c, A(0));
+      continue;
+    }
+    const A g = G[n * a.g_sN + s * a.g_sS];
+    const A lse = LSE[r];
+    const A wy = HAS_W ? w[y] : A(1);
+    // d loss / d x_c = p_c * kp - kw * w_c, less g * keep * wy at the target (patched below).
+    const A kp = g * (k.keep * wy + (SMOOTH ? k.eps_c * k.wsum : A(0)));
+    const A kw = g * k.eps_c;
+    const V kpv(kp), kwv(kw), lv(lse);
+    with_exact_redo<V>([&](auto&& vexp_fn) {
+      int64_t c = 0;
+      if (a.stream) {  // peel to the alignment streaming stores need
+        for (; c < C && (reinterpret_cast<uintptr_t>(gx + c) % (W * sizeof(T))) != 0; ++c) {
+          A o = sexp(to_acc<A>(x[c]) - lse) * kp;
+          if (SMOOTH) o -= kw * (HAS_W ? w[c] : A(1));
+          put(gx + c, o);
+        }
+      }
+      for (; c + 2 * W <= C; c += 2 * W) {
+        V o0 = vexp_fn(V::load(x + c) - lv) * kpv;
+        V o1 = vexp_fn(V::load(x + c + W) - lv) * kpv;
+        if (SMOOTH) {
+          o0 = HAS_W ? fnmadd(kwv, V::load(w + c), o0) : o0 - kwv;
+          o1 = HAS_W ? fnmadd(kwv, V::load(w + c + W), o1) : o1 - kwv;
+        }
+        if (a.stream) {
+          o0.stream(gx + c);
+          o1.stream(gx + c + W);
+        } else {
+          o0.store(gx + c);
+          o1.store(gx + c + W);
+        }
+      }
+      for (; c < C; ++c) {
+        A o = sexp(to_acc<A>(x[c]) - lse) * kp;
+        if (SMOOTH) o -= kw * (HAS_W ? w[c] : A(1));
+        put(gx + c, o);
+      }
+    });
+    // Streaming stores are weakly ordered: fence them before the target element is overwritten.
+    if (a.stream) store_fence();
+    // The target's own element, formed whole in fp32 and cast once; p_y - 1 as expm1 keeps the
+    // small gradient of a confident, correct prediction instead of cancelling it to 0.
+    const A dy = to_acc<A>(x[y]) - lse;
+    A gy = g * k.keep * wy * sexpm1(dy);
+    if (SMOOTH) gy += kw * (sexp(dy) * k.wsum - wy);
+    put(gx + y, gy);
+  }
+  return bad;
+}
+
+// Probability targets, t'_c = t_c (1 - eps) + eps / C:
+//   loss = sum_c w_c t'_c (lse - x_c) = log(sum) * sum_c w_c t'_c - sum_c w_c t'_c (x_c - m).
+template <class T, class TT, class A, bool HAS_W>
+inline void block_sums_prob(const T* x, const TT* t, const A* w, int64_t n, A m, const Consts<A>& k,
+                            double* sum, double* tw, double* twd) {
+  using V = Vec<A>;
+  constexpr int W = V::W;
+  const V mv(m), keepv(k.keep), epscv(k.eps_c);
+  V s0(A(0)), w0(A(0)), d0(A(0));
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const V e = V::load(x + c) - mv;
+    s0 = s0 + vexp_sum_term(e);
+    V wt = fmadd(V::load(t + c), keepv, epscv);
+    if (HAS_W) wt = wt * V::load(w + c);
+    w0 = w0 + wt;
+    d0 = fmadd(wt, e, d0);
+  }
+  double sd = double(hsum(s0)), twd_ = double(hsum(d0)), tw_ = double(hsum(w0));
+  for (; c < n; ++c) {
+    const A e = to_acc<A>(x[c]) - m;
+    sd += double(sexp(e));
+    const A wt = (to_acc<A>(t[c]) * k.keep + k.eps_c) * (HAS_W ? w[c] : A(1));
+    tw_ += double(wt);
+    twd_ += double(wt * e);
+  }
+  *sum += sd;
+  *tw += tw_;
+  *twd += twd_;
+}
+
+template <class T, class TT, class A, bool HAS_W>
+int ce_fwd_prob_rows(const CeArgs& a) {
+  const T* X = static_cast<const T*>(a.x);
+  const TT* TG = static_cast<const TT*>(a.t);
+  const A* w = static_cast<const A*>(a.w);
+  A* loss_out = static_cast<A*>(a.loss);
+  A* lse_out = static_cast<A*>(a.lse);
+  const int64_t C = a.C, S = a.S, R = a.N * a.S;
+  const Consts<A> k(a);
+  const A ninf = -std::numeric_limits<A>::infinity();
+#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = r / S, s = r - n * S;
+    const T* x = X + n * a.x_sN + s * a.x_sS;
+    const TT* t = TG + n * a.t_sN + s * a.t_sS;
+    A m = ninf;
+    double sum = 0, tw = 0, twd = 0;
+    bool online = true;  // as row_stats_index
+    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+      const int64_t nb = C - c0 < kBlock ? C - c0 : kBlock;
+      const A bm = block_max<T, A>(x + c0, nb);
+      if (bm == ninf) {
+        online = false;
+        break;
+      }
+      if (bm > m) {
+        if (m != ninf) {
+          sum *= std::exp(double(m) - double(bm));
+          twd += (double(m) - double(bm)) * tw;
+        }
+        m = bm;
+      }
+      block_sums_prob<T, TT, A, HAS_W>(x + c0, t + c0, HAS_W ? w + c0 : w, nb, m, k, &sum, &tw, &twd);
+    }
+    if (!online) {
+      m = block_max<T, A>(x, C);
+      sum = tw = twd = 0;
+      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+        const int64_t nb = C - c0 < kBlock ? C - c0 : kBlock;
+        block_sums_prob<T, TT, A, HAS_W>(x + c0, t + c0, HAS_W ? w + c0 : w, nb, m, k, &sum, &tw, &twd);
+      }
+    }
+    const double logsum = std::log(sum);
+    lse_out[r] = m + A(logsum);
+    loss_out[r] = A(logsum * tw - twd);
+  }
+  return 0;
+}
+
+template <class T, class TT, class A, bool HAS_W>
+int ce_bwd_prob_rows(const CeArgs& a) {
+  using V = Vec<A>;
+  constexpr int W = V::W;
+  const T* X = static_cast<const T*>(a.x);
+  const TT* TG = static_cast<const TT*>(a.t);
+  T* GX = static_cast<T*>(a.gx);
+  TT* GT = static_cast<TT*>(a.gt);
+  const A* w = static_cast<const A*>(a.w);
+  const A* G = static_cast<const A*>(a.g);
+  const A* LSE = static_cast<const A*>(a.lse_in);
+  const int64_t C = a.C, S = a.S, R = a.N * a.S;
+  const Consts<A> k(a);
+#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = r / S, s = r - n * S;
+    const T* x = X + n * a.x_sN + s * a.x_sS;
+    const TT* t = TG + n * a.t_sN + s * a.t_sS;
+    const A g = G[n * a.g_sN + s * a.g_sS];
+    const A lse = LSE[r];
+    const V keepv(k.keep), epscv(k.eps_c), lv(lse), gv(g);
+    if (GX) {
+      // d loss / d x_c = g (p_c sum_k w_k t'_k - w_c t'_c): the target's weighted mass first.
+      double tw = 0;
+      int64_t c = 0;
+      while (c + W <= C) {
+        const int64_t end = c + kBlock < C ? c + kBlock : C;
+        V w0(A(0));
+        for (; c + W <= end; c += W) {
+          const V wt = fmadd(V::load(t + c), keepv, epscv);
+          w0 = w0 + (HAS_W ? wt * V::load(w + c) : wt);
+        }
+        tw += double(hsum(w0));
+      }
+      for (; c < C; ++c) tw += double((to_acc<A>(t[c]) * k.keep + k.eps_c) * (HAS_W ? w[c] : A(1)));
+      T* gx = GX + n * a.gx_sN + s * a.gx_sS;
+      const A gtw = g * A(tw);
+      const V gtwv(gtw);
+      with_exact_redo<V>([&](auto&& vexp_fn) {
+        int64_t c = 0;
+        for (; c + W <= C; c += W) {
+          V wt = fmadd(V::load(t + c), keepv, epscv);
+          if (HAS_W) wt = wt * V::load(w + c);
+          fnmadd(gv, wt, vexp_fn(V::load(x + c) - lv) * gtwv).store(gx + c);
+        }
+        for (; c < C; ++c) {
+          const A wt = (to_acc<A>(t[c]) * k.keep + k.eps_c) * (HAS_W ? w[c] : A(1));
+          put(gx + c, sexp(to_acc<A>(x[c]) - lse) * gtw - g * wt);
+        }
+      });
+    }
+    if (GT) {
+      // d loss / d t_c = g (1 - eps) w_c (lse - x_c)
+      TT* gt = GT + n * a.gt_sN + s * a.gt_sS;
+      const V gk(g * k.keep);
+      int64_t c = 0;
+      for (; c + W <= C; c += W) {
+        V o = gk * (lv - V::load(x + c));
+        if (HAS_W) o = o * V::load(w + c);
+        o.store(gt + c);
+      }
+      for (; c < C; ++c) put(gt + c, g * k.keep * (HAS_W ? w[c] : A(1)) * (lse - to_acc<A>(x[c])));
+    }
+  }
+  return 0;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tile walk: kU vectors of neighbouring rows (spatial positions) at once, one class at a time. Each
+// lane is a row, so the per-row math (log, expm1, the loss) is vector math too. kU = 2 makes a tile
+// one 64-byte line of fp32 per class.
+// ------------------------------------------------------------------------------------------------
+
+constexpr int kU = 2;
+
+template <class A>
+struct Tile {
+  static constexpr int W = Vec<A>::W;
+  static constexpr int L = kU * W;  // lanes
+  int64_t n, s0;
+  int k;  // live lanes
+  int kv(int u) const {  // live lanes in vector u
+    const int v = k - u * W;
+    return v < 0 ? 0 : (v > W ? W : v);
+  }
+};
+
+template <class A>
+inline Tile<A> tile_at(int64_t tix, int64_t per_n, int64_t S) {
+  Tile<A> t;
+  t.n = tix / per_n;
+  t.s0 = (tix - t.n * per_n) * Tile<A>::L;
+  const int64_t left = S - t.s0;
+  t.k = int(left < Tile<A>::L ? left : Tile<A>::L);
+  return t;
+}
+
+// Adds the lanes of v into acc (fp32 block sums into double running sums).
+template <class A>
+inline void fold(Vec<A> v, double* acc) {
+  A b[Vec<A>::W];
+  v.store(b);
+  for (int j = 0; j < Vec<A>::W; ++j) acc[j] += double(b[j]);
+}
+template <class A>
+inline Vec<A> unfold(const double* acc) {
+  A b[Vec<A>::W];
+  for (int j = 0; j < Vec<A>::W; ++j) b[j] = A(acc[j]);
+  return Vec<A>::load(b);
+}
+
+// A tile reads one short run from each of C class planes -- more concurrent streams than the hardware
+// prefetchers follow -- so the first pass over a tile asks for the same runs kPrefetchTiles tiles on.
+constexpr int kPrefetchTiles = 4;
+
+template <class T, class A>
+inline void prefetch_tile_ahead(const T* x, int64_t c, int64_t sC, bool write = false) {
+  const char* p = reinterpret_cast<const char*>(x + c * sC + kPrefetchTiles * Tile<A>::L);
+  if (write)
+    __builtin_prefetch(p, 1, 2);
+  else
+    __builtin_prefetch(p, 0, 2);
+  if (sizeof(T) * Tile<A>::L > 64) __builtin_prefetch(p + 64, write ? 1 : 0, 2);
+}
+
+template <class T, class A>
+inline void tile_max(const T* x, int64_t C, int64_t sC, const Tile<A>& tl, Vec<A>* m) {
+  using V = Vec<A>;
+  for (int u = 0; u < kU; ++u) m[u] = V(-std::numeric_limits<A>::infinity());
+  for (int64_t c = 0; c < C; ++c) {
+    prefetch_tile_ahead<T, A>(x, c, sC);
+    for (int u = 0; u < kU; ++u)
+      if (tl.kv(u)) m[u] = vmax(m[u], load_k(x + c * sC + u * V::W, tl.kv(u), A(0)));
+  }
+}
+
+// Per-lane class-index bookkeeping of a tile: target, its logit, its weight, whether the row counts.
+template <class A>
+struct TileTargets {
+  static constexpr int L = Tile<A>::L;
+  alignas(32) A xy[L] = {}, wy[L] = {};
+  int64_t y[L] = {};
+  bool live[L] = {};
+};
+
+template <class T, class A, bool HAS_W>
+inline void tile_targets(const CeArgs& a, const Tile<A>& tl, const T* x, const A* w, TileTargets<A>& tt, int* bad) {
+  for (int j = 0; j < tl.k; ++j) {
+    const int64_t y = a.y[tl.n * a.y_sN + (tl.s0 + j) * a.y_sS];
+    tt.y[j] = y;
+    if (y == a.ignore_index) continue;
+    if (y < 0 || y >= a.C) {
+      flag_bad(bad);
+      continue;
+    }
+    tt.live[j] = true;
+    tt.xy[j] = to_acc<A>(x[y * a.x_sC + j]);
+    tt.wy[j] = HAS_W ? w[y] : A(1);
+  }
+}
+
+template <class T, class A, bool HAS_W, bool SMOOTH>
+int ce_fwd_index_tiles(const CeArgs& a) {
+  using V = Vec<A>;
+  constexpr int W = V::W, L = Tile<A>::L;
+  const T* X = static_cast<const T*>(a.x);
+  const A* w = static_cast<const A*>(a.w);
+  A* loss_out = static_cast<A*>(a.loss);
+  A* lse_out = static_cast<A*>(a.lse);
+  const int64_t C = a.C, S = a.S, sC = a.x_sC;
+  const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
+  const Consts<A> k(a);
+  int bad = 0;
+#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+  for (int64_t tix = 0; tix < tiles; ++tix) {
+    const Tile<A> tl = tile_at<A>(tix, per_n, S);
+    const T* x = X + tl.n * a.x_sN + tl.s0;
+    V m[kU];
+    tile_max<T, A>(x, C, sC, tl, m);
+    double sum[L] = {}, dsum[L] = {};
+    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+      const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
+      V sv[kU], dv[kU];
+      for (int u = 0; u < kU; ++u) sv[u] = dv[u] = V(A(0));
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int u = 0; u < kU; ++u) {
+          if (!tl.kv(u)) continue;
+          const V e = load_k(x + c * sC + u * W, tl.kv(u), A(0)) - m[u];
+          sv[u] = sv[u] + vexp_sum_term(e);
+          if (SMOOTH) dv[u] = HAS_W ? fmadd(V(w[c]), e, dv[u]) : dv[u] + e;
+        }
+      }
+      for (int u = 0; u < kU; ++u) {
+        fold(sv[u], sum + u * W);
+        if (SMOOTH) fold(dv[u], dsum + u * W);
+      }
+    }
+    TileTargets<A> tt;
+    tile_targets<T, A, HAS_W>(a, tl, x, w, tt, &bad);
+    for (int u = 0; u < kU; ++u) {
+      const int kv = tl.kv(u);
+      if (!kv) continue;
+      const V logsum = vlog(unfold<A>(sum + u * W));
+      const int64_t r0 = tl.n * S + tl.s0 + u * W;
+      store_k(m[u] + logsum, lse_out + r0, kv);
+      V loss = V(k.keep) * V::load(tt.wy + u * W) * ((m[u] - V::load(tt.xy + u * W)) + logsum);
+      if (SMOOTH) loss = loss + V(k.eps_c) * (V(k.wsum) * logsum - unfold<A>(dsum + u * W));
+      store_k(select(V::mask(tt.live + u * W), loss, V(A(0))), loss_out + r0, kv);
+    }
+  }
+  return bad;
+}
+
+template <class T, class A, bool HAS_W, bool SMOOTH>
+int ce_bwd_index_tiles(const CeArgs& a) {
+  using V = Vec<A>;
+  constexpr int W = V::W, L = Tile<A>::L;
+  const T* X = static_cast<const T*>(a.x);
+  T* GX = static_cast<T*>(a.gx);
+  const A* w = static_cast<const A*>(a.w);
+  const A* G = static_cast<const A*>(a.g);
+  const A* LSE = static_cast<const A*>(a.lse_in);
+  const int64_t C = a.C, S = a.S, sC = a.x_sC, gsC = a.gx_sC;
+  const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
+  const Consts<A> k(a);
+  int bad = 0;
+#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+  for (int64_t tix = 0; tix < tiles; ++tix) {
+    const Tile<A> tl = tile_at<A>(tix, per_n, S);
+    const T* x = X + tl.n * a.x_sN + tl.s0;
+    T* gx = GX + tl.n * a.gx_sN + tl.s0;
+    TileTargets<A> tt;
+    tile_targets<T, A, HAS_W>(a, tl, x, w, tt, &bad);
+    alignas(32) A g[L] = {}, gy[L] = {};
+    for (int j = 0; j < tl.k; ++j)
+      if (tt.live[j]) g[j] = G[tl.n * a.g_sN + (tl.s0 + j) * a.g_sS];
+    V kpv[kU], kwv[kU], lv[kU];
+    typename V::Mask on[kU];
+    for (int u = 0; u < kU; ++u) {
+      kpv[u] = kwv[u] = lv[u] = V(A(0));
+      on[u] = mask_none(V());
+      const int kv = tl.kv(u);
+      if (!kv) continue;
+      const V gv = V::load(g + u * W), wyv = V::load(tt.wy + u * W);
+      lv[u] = load_k(LSE + tl.n * S + tl.s0 + u * W, kv, A(0));
+      kpv[u] = gv * (V(k.keep) * wyv + V(SMOOTH ? k.eps_c * k.wsum : A(0)));
+      kwv[u] = gv * V(k.eps_c);
+      on[u] = V::mask(tt.live + u * W);
+      // The target elements, p_y - 1 as expm1 (see ce_bwd_index_rows).
+      const V dy = V::load(tt.xy + u * W) - lv[u];
+      V gyv = gv * V(k.keep) * wyv * vexpm1(dy);
+      if (SMOOTH) gyv = gyv + kwv[u] * (vexp(dy) * V(k.wsum) - wyv);
+      gyv.store(gy + u * W);
+    }
+    with_exact_redo<V>([&](auto&& vexp_fn) {
+      for (int64_t c = 0; c < C; ++c) {
+        prefetch_tile_ahead<T, A>(x, c, sC);
+        prefetch_tile_ahead<T, A>(gx, c, gsC, true);
+        for (int u = 0; u < kU; ++u) {
+          const int kv = tl.kv(u);
+          if (!kv) continue;
+          V o = vexp_fn(load_k(x + c * sC + u * W, kv, A(0)) - lv[u]) * kpv[u];
+          if (SMOOTH) o = HAS_W ? fnmadd(kwv[u], V(w[c]), o) : o - kwv[u];
+          // Ignored rows get exact zeros, whatever their logits hold.
+          store_k(select(on[u], o, V(A(0))), gx + c * gsC + u * W, kv);
+        }
+      }
+    });
+    for (int j = 0; j < tl.k; ++j)
+      if (tt.live[j]) put(gx + tt.y[j] * gsC + j, gy[j]);
+  }
+  return bad;
+}
+
+template <class T, class TT, class A, bool HAS_W>
+int ce_fwd_prob_tiles(const CeArgs& a) {
+  using V = Vec<A>;
+  constexpr int W = V::W, L = Tile<A>::L;
+  const T* X = static_cast<const T*>(a.x);
+  const TT* TG = static_cast<const TT*>(a.t);
+  const A* w = static_cast<const A*>(a.w);
+  A* loss_out = static_cast<A*>(a.loss);
+  A* lse_out = static_cast<A*>(a.lse);
+  const int64_t C = a.C, S = a.S, sC = a.x_sC, tsC = a.t_sC;
+  const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
+  const Consts<A> k(a);
+#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+  for (int64_t tix = 0; tix < tiles; ++tix) {
+    const Tile<A> tl = tile_at<A>(tix, per_n, S);
+    const T* x = X + tl.n * a.x_sN + tl.s0;
+    const TT* t = TG + tl.n * a.t_sN + tl.s0;
+    V m[kU];
+    tile_max<T, A>(x, C, sC, tl, m);
+    double sum[L] = {}, tw[L] = {}, twd[L] = {};
+    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+      const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
+      V sv[kU], wv[kU], dv[kU];
+      for (int u = 0; u < kU; ++u) sv[u] = wv[u] = dv[u] = V(A(0));
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int u = 0; u < kU; ++u) {
+          const int kv = tl.kv(u);
+          if (!kv) continue;
+          const V e = load_k(x + c * sC + u * W, kv, A(0)) - m[u];
+          sv[u] = sv[u] + vexp_sum_term(e);
+          V wt = fmadd(load_k(t + c * tsC + u * W, kv, A(0)), V(k.keep), V(k.eps_c));
+          if (HAS_W) wt = wt * V(w[c]);
+          wv[u] = wv[u] + wt;
+          dv[u] = fmadd(wt, e, dv[u]);
+        }
+      }
+      for (int u = 0; u < kU; ++u) {
+        fold(sv[u], sum + u * W);
+        fold(wv[u], tw + u * W);
+        fold(dv[u], twd + u * W);
+      }
+    }
+    for (int u = 0; u < kU; ++u) {
+      const int kv = tl.kv(u);
+      if (!kv) continue;
+      const V logsum = vlog(unfold<A>(sum + u * W));
+      const int64_t r0 = tl.n * S + tl.s0 + u * W;
+      store_k(m[u] + logsum, lse_out + r0, kv);
+      store_k(logsum * unfold<A>(tw + u * W) - unfold<A>(twd + u * W), loss_out + r0, kv);
+    }
+  }
+  return 0;
+}
+
+template <class T, class TT, class A, bool HAS_W>
+int ce_bwd_prob_tiles(const CeArgs& a) {
+  using V = Vec<A>;
+  constexpr int W = V::W, L = Tile<A>::L;
+  const T* X = static_cast<const T*>(a.x);
+  const TT* TG = static_cast<const TT*>(a.t);
+  T* GX = static_cast<T*>(a.gx);
+  TT* GT = static_cast<TT*>(a.gt);
+  const A* w = static_cast<const A*>(a.w);
+  const A* G = static_cast<const A*>(a.g);
+  const A* LSE = static_cast<const A*>(a.lse_in);
+  const int64_t C = a.C, S = a.S, sC = a.x_sC, tsC = a.t_sC;
+  const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
+  const Consts<A> k(a);
+#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+  for (int64_t tix = 0; tix < tiles; ++tix) {
+    const Tile<A> tl = tile_at<A>(tix, per_n, S);
+    const T* x = X + tl.n * a.x_sN + tl.s0;
+    const TT* t = TG + tl.n * a.t_sN + tl.s0;
+    alignas(32) A g[L] = {};
+    for (int j = 0; j < tl.k; ++j) g[j] = G[tl.n * a.g_sN + (tl.s0 + j) * a.g_sS];
+    V gv[kU], lv[kU];
+    for (int u = 0; u < kU; ++u) {
+      gv[u] = V::load(g + u * W);
+      lv[u] = tl.kv(u) ? load_k(LSE + tl.n * S + tl.s0 + u * W, tl.kv(u), A(0)) : V(A(0));
+    }
+    if (GX) {
+      double tw[L] = {};
+      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+        const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
+        V wv[kU];
+        for (int u = 0; u < kU; ++u) wv[u] = V(A(0));
+        for (int64_t c = c0; c < c1; ++c)
+          for (int u = 0; u < kU; ++u) {
+            const int kv = tl.kv(u);
+            if (!kv) continue;
+            const V wt = fmadd(load_k(t + c * tsC + u * W, kv, A(0)), V(k.keep), V(k.eps_c));
+            wv[u] = wv[u] + (HAS_W ? wt * V(w[c]) : wt);
+          }
+        for (int u = 0; u < kU; ++u) fold(wv[u], tw + u * W);
+      }
+      V gtw[kU];
+      for (int u = 0; u < kU; ++u) gtw[u] = gv[u] * unfold<A>(tw + u * W);
+      T* gx = GX + tl.n * a.gx_sN + tl.s0;
+      with_exact_redo<V>([&](auto&& vexp_fn) {
+        for (int64_t c = 0; c < C; ++c)
+          for (int u = 0; u < kU; ++u) {
+            const int kv = tl.kv(u);
+            if (!kv) continue;
+            V wt = fmadd(load_k(t + c * tsC + u * W, kv, A(0)), V(k.keep), V(k.eps_c));
+            if (HAS_W) wt = wt * V(w[c]);
+            const V p = vexp_fn(load_k(x + c * sC + u * W, kv, A(0)) - lv[u]);
+            store_k(fnmadd(gv[u], wt, p * gtw[u]), gx + c * a.gx_sC + u * W, kv);
+          }
+      });
+    }
+    if (GT) {
+      TT* gt = GT + tl.n * a.gt_sN + tl.s0;
+      for (int64_t c = 0; c < C; ++c)
+        for (int u = 0; u < kU; ++u) {
+          const int kv = tl.kv(u);
+          if (!kv) continue;
+          V o = gv[u] * V(k.keep) * (lv[u] - load_k(x + c * sC + u * W, kv, A(0)));
+          if (HAS_W) o = o * V(w[c]);
+          store_k(o, gt + c * a.gt_sC + u * W, kv);
+        }
+    }
+  }
+  return 0;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Entry points: pick the walk order from the strides and the template flags from the options.
+// ------------------------------------------------------------------------------------------------
+
+inline bool walk_rows(const CeArgs& a) { return a.C == 1 || a.x_sC == 1; }
+
+template <class T, class A>
+int ce_forward_t(const CeArgs& a) {
+  const bool rows = walk_rows(a);
+  return with_bool(a.w != nullptr, [&](auto HW) {
+    constexpr bool hw = decltype(HW)::value;
+    if (a.t) {
+      if (a.t_dtype_is_acc)
+        return rows ? ce_fwd_prob_rows<T, A, A, hw>(a) : ce_fwd_prob_tiles<T, A, A, hw>(a);
+      return rows ? ce_fwd_prob_rows<T, T, A, hw>(a) : ce_fwd_prob_tiles<T, T, A, hw>(a);
+    }
+    return with_bool(a.eps > 0, [&](auto SM) {
+      constexpr bool sm = decltype(SM)::value;
+      return rows ? ce_fwd_index_rows<T, A, hw, sm>(a) : ce_fwd_index_tiles<T, A, hw, sm>(a);
+    });
+  });
+}
+
+template <class T, class A>
+int ce_backward_t(const CeArgs& a) {
+  const bool rows = walk_rows(a);
+  return with_bool(a.w != nullptr, [&](auto HW) {
+    constexpr bool hw = decltype(HW)::value;
+    if (a.t) {
+      if (a.t_dtype_is_acc)
+        return rows ? ce_bwd_prob_rows<T, A, A, hw>(a) : ce_bwd_prob_tiles<T, A, A, hw>(a);
+      return rows ? ce_bwd_prob_rows<T, T, A, hw>(a) : ce_bwd_prob_tiles<T, T, A, hw>(a);
+    }
+    return with_bool(a.eps > 0, [&](auto SM) {
+      constexpr bool sm = decltype(SM)::value;
+      return rows ? ce_bwd_index_rows<T, A, hw, sm>(a) : ce_bwd_index_tiles<T, A, hw, sm>(a);
+    });
+  });
+}
+
+inline int ce_forward(const CeArgs& a) {
+  switch (a.dtype) {
+    case Dtype::F32: return ce_forward_t<float, float>(a);
+    case Dtype::F16: return ce_forward_t<half_t, float>(a);
+    case Dtype::BF16: return ce_forward_t<bf16_t, float>(a);
+    case Dtype::F64: return ce_forward_t<double, double>(a);
+  }
+  return 0;
+}
+
+inline int ce_backward(const CeArgs& a) {
+  switch (a.dtype) {
+    case Dtype::F32: return ce_backward_t<float, float>(a);
+    case Dtype::F16: return ce_backward_t<half_t, float>(a);
+    case Dtype::BF16: return ce_backward_t<bf16_t, float>(a);
+    case Dtype::F64: return ce_backward_t<double, double>(a);
+  }
+  return 0;
+}

@@ -1,0 +1,24 @@
+"""lossfuse: fused loss kernels for PyTorch (C++/OpenMP on the CPU, Triton on CUDA).
+
+Drop-in replacements for torch's losses: same signatures, same results, less time and memory.
+
+    import lossfuse
+    criterion = lossfuse.CrossEntropyLoss()          # was torch.nn.CrossEntropyLoss()
+    loss = lossfuse.cross_entropy(logits, target)    # was torch.nn.functional.cross_entropy
+"""
+
+from ._version import __version__
+from . import ops  # noqa: F401  (defines the lossfuse:: custom ops; loads lossfuse._C)
+from ._backend import available_backends, cpu_kernels_available
+from .functional import cross_entropy
+from .modules import CrossEntropyLoss
+from .ops.cross_entropy import CrossEntropyFunction
+
+__all__ = [
+    "__version__",
+    "available_backends",
+    "cpu_kernels_available",
+    "cross_entropy",
+    "CrossEntropyLoss",
+    "CrossEntropyFunction",
+]

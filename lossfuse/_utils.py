@@ -1,0 +1,54 @@
+"""Argument handling shared by every loss: reductions, result dtypes, accumulation dtypes."""
+
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = ("none", "mean", "sum")
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def legacy_reduction(size_average, reduce, reduction: str) -> str:
+    """torch's handling of the deprecated ``size_average``/``reduce`` (same warning, same result)."""
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction
+
+        return _reduction.legacy_get_string(size_average, reduce)
+    return reduction
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+
+
+def check_float_input(name: str, t: torch.Tensor, what: str = "input") -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise NotImplementedError(
+            f"{name}: {what} must be a floating-point tensor (float32, float64, float16 or bfloat16); "
+            f"got {t.dtype}"
+        )
+
+
+def check_same_device(name: str, *tensors) -> None:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        listed = ", ".join(str(d) for d in sorted(devices, key=str))
+        raise RuntimeError(f"{name}: expected all tensors on the same device; got tensors on {listed}")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels compute in: float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def result_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype torch returns for a loss of a ``dtype`` input.
+
+    Under autocast torch runs its losses in float32, so fp16/bf16 inputs give a float32 loss. We get
+    the same result without the float32 copy of the input that torch's autocast makes.
+    """
+    if dtype in LOW_PRECISION and torch.is_autocast_enabled(device.type):
+        return torch.float32
+    return dtype

@@ -1,0 +1,122 @@
+"""Functional API: drop-in replacements for the torch / torchvision loss functions.
+
+Every argument check lives here, once, for every backend: the kernels below trust their inputs
+(the C++ ones re-check only what protects memory).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backend, reference
+from ._utils import check_float_input, check_reduction, check_same_device, legacy_reduction
+from .ops.cross_entropy import CrossEntropyFunction
+
+__all__ = ["cross_entropy"]
+
+# torch's names for scalar types, as its error messages print them.
+_TORCH_TYPE_NAMES = {
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
+    torch.uint8: "Byte", torch.bool: "Bool", torch.float32: "Float", torch.float64: "Double",
+    torch.float16: "Half", torch.bfloat16: "BFloat16",
+}
+
+
+def _type_name(dtype: torch.dtype) -> str:
+    return _TORCH_TYPE_NAMES.get(dtype, str(dtype))
+
+
+def _check_class_weight(weight, num_classes: int, prefix: str = "") -> None:
+    if weight is None:
+        return
+    if not weight.is_floating_point():
+        raise RuntimeError(f"{prefix}weight must be a floating-point tensor; got {weight.dtype}")
+    if weight.dim() != 1 or weight.numel() != num_classes:
+        raise RuntimeError(
+            f"{prefix}weight tensor should be defined either for all {num_classes} classes or no "
+            f"classes but got weight tensor of shape: {list(weight.shape)}"
+        )
+
+
+def _check_class_index_target(input: torch.Tensor, target: torch.Tensor) -> None:
+    """The shape rules of torch's nll_loss_nd, with its messages."""
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
+    if input.dim() == 1:
+        if target.dim() > 1 or target.numel() != 1:
+            raise ValueError(
+                f"Expected a single class index (0-dim or 1-element target) for an input of shape "
+                f"{list(input.shape)}; got target of shape {list(target.shape)}"
+            )
+        return
+    if input.dim() == 2 and target.dim() != 1:
+        raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+    if input.dim() > 2 and target.dim() != input.dim() - 1:
+        raise RuntimeError(
+            f"only batches of spatial targets supported ({input.dim() - 1}D tensors) but got targets "
+            f"of dimension: {target.dim()}"
+        )
+    if input.shape[0] != target.shape[0]:
+        raise ValueError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
+        )
+    if input.dim() > 2 and input.shape[2:] != target.shape[1:]:
+        raise RuntimeError(f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)})")
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused log-softmax cross-entropy; same arguments and results as
+    :func:`torch.nn.functional.cross_entropy`.
+
+    ``input`` is ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` logits (float32/64, float16, bfloat16);
+    ``target`` holds class indices (int64 or uint8, the input's shape without dim 1) or class
+    probabilities (floating point, the input's shape). ``backend`` is ``"auto"``, ``"cpu"``,
+    ``"triton"`` or ``"reference"``; the environment variable ``LOSSFUSE_BACKEND`` overrides
+    ``"auto"``.
+    """
+    reduction = legacy_reduction(size_average, reduce, reduction)
+    check_reduction(reduction)
+    _backend.check_backend_name(backend)
+    check_float_input("cross_entropy", input)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    check_same_device("cross_entropy", input, target, weight)
+    if input.dim() == 0:
+        raise RuntimeError("cross_entropy: input must have a class dimension; got a 0-dim tensor")
+    num_classes = input.shape[0 if input.dim() == 1 else 1]
+
+    if input.shape == target.shape:  # torch's rule: same shape means class probabilities
+        if not target.is_floating_point():
+            raise RuntimeError(
+                "Expected floating point type for target with class probabilities, got "
+                f"{_type_name(target.dtype)}"
+            )
+        if ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+        _check_class_weight(weight, num_classes, "cross_entropy: ")
+    else:
+        _check_class_index_target(input, target)
+        _check_class_weight(weight, num_classes)
+
+    backend = _backend.resolve(backend, input.device)
+    if backend == "reference":
+        return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    if not target.is_floating_point():
+        if input.device.type == "cuda":
+            # No host sync on the hot path: a device-side assert, as torch's own CUDA kernel does.
+            ok = ((target >= 0) & (target < num_classes)) | (target == ignore_index)
+            torch._assert_async(ok.all(), "cross_entropy: a target is out of bounds [0, C)")
+        elif backend != "cpu":  # the C++ kernels check targets themselves
+            reference.check_targets_in_range(target, num_classes, ignore_index)
+    return CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing, backend)

@@ -1,0 +1,7 @@
+"""The custom ops (namespace ``lossfuse``) and their autograd Functions, one module per loss."""
+
+from .. import _backend
+from . import cross_entropy  # noqa: F401
+
+# After every schema is defined: the extension's CPU kernels register against them.
+_backend.load_extension()

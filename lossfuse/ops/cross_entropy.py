@@ -1,0 +1,281 @@
+"""Cross-entropy: the custom ops, their fake kernels, the layout rules and the autograd Function.
+
+Two ops carry the work, both over logits viewed as (N, C, S) -- S the product of any spatial dims:
+
+  lossfuse::cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing)
+      -> (loss[N, S], lse[N, S])                       both float32 (float64 for float64 input)
+  lossfuse::cross_entropy_bwd(grad[N, S], input, target, weight, lse, ignore_index, label_smoothing,
+                              input_grad, target_grad)
+      -> (grad_input like input, grad_target like target)   a 0-element tensor where not requested
+
+``target`` is int64 (N, S) class indices or a floating (N, C, S) probability target. CPU kernels are
+C++ (csrc/cross_entropy.cpp), CUDA kernels Triton (lossfuse/triton/cross_entropy.py). Reductions and
+their denominators are computed here, once, for every backend.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .. import _backend
+from .._utils import acc_dtype, result_dtype
+
+_lib = torch.library.Library("lossfuse", "FRAGMENT")
+_lib.define(
+    "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+    "float label_smoothing) -> (Tensor, Tensor)"
+)
+_lib.define(
+    "cross_entropy_bwd(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
+    "int ignore_index, float label_smoothing, bool input_grad, bool target_grad) -> (Tensor, Tensor)"
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout. Kernels walk a row either along the classes (class stride 1: (N, C), channels-last) or
+# across 8..BLOCK neighbouring rows at once (spatial stride 1: the usual (N, C, H, W)). Any other
+# layout is copied once into one of these. Outputs follow the same rule, so every backend and the
+# fake kernels agree on strides.
+# ----------------------------------------------------------------------------------------------
+
+
+def classes_contiguous(t: torch.Tensor) -> bool:
+    """True when a (N, C, S) tensor is walked along classes; False when across spatial positions."""
+    return t.shape[1] == 1 or t.stride(1) == 1
+
+
+def supported_layout(t: torch.Tensor) -> bool:
+    return classes_contiguous(t) or t.shape[2] == 1 or t.stride(2) == 1
+
+
+def empty_like_layout(ref: torch.Tensor, *, dtype=None) -> torch.Tensor:
+    """An uninitialised (N, C, S) tensor laid out the way the kernels walk ``ref``."""
+    n, c, s = ref.shape
+    dtype = ref.dtype if dtype is None else dtype
+    if classes_contiguous(ref):
+        return torch.empty((n, s, c), dtype=dtype, device=ref.device).transpose(1, 2)
+    return torch.empty((n, c, s), dtype=dtype, device=ref.device)
+
+
+def _fwd_fake(input, target, weight, ignore_index, label_smoothing):
+    n, _, s = input.shape
+    acc = acc_dtype(input.dtype)
+    return input.new_empty((n, s), dtype=acc), input.new_empty((n, s), dtype=acc)
+
+
+def _bwd_fake(grad, input, target, weight, lse, ignore_index, label_smoothing, input_grad, target_grad):
+    gi = empty_like_layout(input) if input_grad else input.new_empty((0,))
+    if target_grad and target.is_floating_point():
+        gt = empty_like_layout(input, dtype=target.dtype)
+    else:
+        gt = target.new_empty((0,), dtype=target.dtype if target.is_floating_point() else input.dtype)
+    return gi, gt
+
+
+torch.library.register_fake("lossfuse::cross_entropy_fwd", _fwd_fake, lib=_lib)
+torch.library.register_fake("lossfuse::cross_entropy_bwd", _bwd_fake, lib=_lib)
+
+
+def _cuda_fwd(*args):
+    from ..triton import cross_entropy as tk
+
+    return tk.cross_entropy_fwd(*args)
+
+
+def _cuda_bwd(*args):
+    from ..triton import cross_entropy as tk
+
+    return tk.cross_entropy_bwd(*args)
+
+
+_lib.impl("cross_entropy_fwd", _cuda_fwd, "CUDA")
+_lib.impl("cross_entropy_bwd", _cuda_bwd, "CUDA")
+
+
+def _run_fwd(backend, *args):
+    if backend == "triton" and args[0].device.type == "cpu":  # Triton's interpreter, for testing
+        from ..triton import cross_entropy as tk
+
+        return tk.cross_entropy_fwd(*args)
+    return torch.ops.lossfuse.cross_entropy_fwd(*args)
+
+
+def _run_bwd(backend, *args):
+    if backend == "triton" and args[1].device.type == "cpu":
+        from ..triton import cross_entropy as tk
+
+        return tk.cross_entropy_bwd(*args)
+    return torch.ops.lossfuse.cross_entropy_bwd(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# From the user's shapes to (N, C, S) views and back.
+# ----------------------------------------------------------------------------------------------
+
+
+class _Shapes:
+    """How the user's input maps onto (N, C, S), and back (all views where the layout allows)."""
+
+    def __init__(self, input: torch.Tensor):
+        self.shape = input.shape
+        self.transposed = False  # a (N, C) input whose rows are strided: seen as (1, C, N)
+        if input.dim() == 1:
+            self.n, self.c, self.s = 1, input.shape[0], 1
+        elif input.dim() == 2:
+            self.n, self.c, self.s = input.shape[0], input.shape[1], 1
+            self.transposed = input.shape[1] > 1 and input.stride(1) != 1 and input.stride(0) == 1
+        else:
+            self.n, self.c, self.s = input.shape[0], input.shape[1], _prod(input.shape[2:])
+
+    def input3d(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            x3 = x.t().unsqueeze(0)
+        elif x.dim() == 1:
+            x3 = x.view(1, self.c, 1)
+        elif x.dim() == 2:
+            x3 = x.unsqueeze(2)
+        else:
+            x3 = x.flatten(2)  # a view unless the spatial dims cannot be merged
+        return x3 if supported_layout(x3) else x3.contiguous()
+
+    def rows2d(self, y: torch.Tensor) -> torch.Tensor:
+        """Class-index target or per-row values (shape of input without the class dim) -> (N, S)."""
+        if self.transposed:
+            return y.reshape(1, self.n)
+        return y.reshape(self.n, self.s)
+
+    def target3d(self, t: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+        """A probability target in the same walk order as ``x3`` (copied only if it differs)."""
+        t3 = self.input3d_nocopy(t)
+        if classes_contiguous(x3):
+            if not classes_contiguous(t3):
+                t3 = t3.transpose(1, 2).contiguous().transpose(1, 2)
+        elif not (t3.shape[2] == 1 or t3.stride(2) == 1):
+            t3 = t3.contiguous()
+        return t3
+
+    def input3d_nocopy(self, t: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return t.t().unsqueeze(0)
+        if t.dim() == 1:
+            return t.view(1, self.c, 1)
+        if t.dim() == 2:
+            return t.unsqueeze(2)
+        return t.flatten(2)
+
+    def from3d(self, g3: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return g3.squeeze(0).t()
+        return g3.reshape(self.shape)
+
+    def row_shape(self):
+        """Shape of reduction='none' output: the input's shape without the class dim."""
+        if len(self.shape) == 1:
+            return ()
+        return (self.shape[0],) + tuple(self.shape[2:])
+
+
+def _prod(xs) -> int:
+    p = 1
+    for v in xs:
+        p *= int(v)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd.
+# ----------------------------------------------------------------------------------------------
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Fused cross-entropy as an autograd Function.
+
+    ``CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing,
+    backend)`` takes arguments already checked by :func:`lossfuse.cross_entropy` (use that unless you
+    compose Functions yourself). ``backend`` is a resolved name: "cpu" or "triton".
+
+    Gradients: ``input``, and a floating-point ``target`` when it requires grad. The gradient is
+    formed in float32 as grad_output x d(loss)/d(input) and cast to the input's dtype once, so a
+    GradScaler's loss scale cannot underflow in fp16 before it is applied.
+    """
+
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, backend):
+        shapes = _Shapes(input)
+        x3 = shapes.input3d(input)
+        prob = target.is_floating_point()
+        acc = acc_dtype(input.dtype)
+        if prob:
+            t = target if target.dtype in (input.dtype, acc) else target.to(acc)
+            t3 = shapes.target3d(t, x3)
+        else:
+            t3 = shapes.rows2d(target if target.dtype == torch.int64 else target.long())
+        loss, lse = _run_fwd(backend, x3, t3, weight, ignore_index, float(label_smoothing))
+
+        if reduction == "none":
+            out = loss.reshape(shapes.row_shape())
+            denom = None
+        elif reduction == "sum":
+            out = loss.sum()
+            denom = None
+        else:
+            denom = _mean_denominator(t3, weight, ignore_index, prob, acc)
+            out = loss.sum() / denom
+
+        if prob:
+            out_dtype = torch.promote_types(input.dtype, target.dtype)
+            if torch.is_autocast_enabled(input.device.type):
+                out_dtype = torch.float32 if out_dtype != torch.float64 else out_dtype
+        else:
+            out_dtype = result_dtype(input.dtype, input.device)
+
+        ctx.shapes = shapes
+        ctx.reduction = reduction
+        ctx.ignore_index = ignore_index
+        ctx.label_smoothing = float(label_smoothing)
+        ctx.backend = backend
+        ctx.prob = prob
+        ctx.target_dtype = target.dtype
+        ctx.save_for_backward(x3, t3, weight, lse, denom)
+        ctx.mark_non_differentiable(lse)
+        return out.to(out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x3, t3, weight, lse, denom = ctx.saved_tensors
+        shapes = ctx.shapes
+        need_input = ctx.needs_input_grad[0]
+        need_target = ctx.prob and ctx.needs_input_grad[1]
+        if not (need_input or need_target):
+            return (None,) * 7
+        acc = lse.dtype
+        g = grad_out.to(acc)
+        n, s = lse.shape
+        if ctx.reduction == "none":
+            grad_rows = g.reshape(n, s)
+        elif ctx.reduction == "sum":
+            grad_rows = g.expand(n, s)
+        else:
+            # float32 division: the cast to the input's dtype happens once, inside the kernel.
+            grad_rows = (g / denom).expand(n, s)
+        gx3, gt3 = _run_bwd(
+            ctx.backend, grad_rows, x3, t3, weight, lse, ctx.ignore_index, ctx.label_smoothing,
+            need_input, need_target,
+        )
+        gx = shapes.from3d(gx3) if need_input else None
+        gt = shapes.from3d(gt3).to(ctx.target_dtype) if need_target else None
+        return gx, gt, None, None, None, None, None
+
+
+def _mean_denominator(t3, weight, ignore_index, prob, acc):
+    """torch's mean denominators: rows for probability targets, the summed weight of kept rows else."""
+    if prob:
+        return torch.tensor(t3.shape[0] * t3.shape[2], dtype=acc, device=t3.device)
+    keep = t3 != ignore_index
+    if weight is None:
+        return keep.sum().to(acc)
+    w = weight.to(acc)
+    wy = w[torch.where(keep, t3, 0)]
+    return torch.where(keep, wy, 0).sum()

@@ -1,0 +1,36 @@
+"""Builds lossfuse._C, the C++/OpenMP CPU kernels, with torch's extension tooling.
+
+    pip install --no-build-isolation .        # torch must already be installed (CPU or CUDA build)
+    LOSSFUSE_NO_EXT=1 pip install ...         # pure Python: reference + Triton backends only
+
+The build is portable: the kernels are compiled for a baseline x86-64 and again for AVX2+FMA+F16C
+(csrc/isa_instantiate.h), and the CPU picks at run time -- never -march=native. OpenMP: the extension
+uses the libgomp that torch itself loads, so there is one thread pool, sized by torch.set_num_threads.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ext_modules = []
+cmdclass = {}
+
+if os.environ.get("LOSSFUSE_NO_EXT", "0") in ("", "0"):
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    compile_args = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    ext_modules.append(
+        CppExtension(
+            name="lossfuse._C",
+            sources=sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
+            include_dirs=[os.path.abspath("csrc")],
+            extra_compile_args=compile_args,
+            extra_link_args=["-fopenmp"],
+            # A failed compile must not hide: the tests check that _C loaded (tests/test_build.py).
+            optional=os.environ.get("LOSSFUSE_EXT_OPTIONAL", "0") not in ("", "0"),
+        )
+    )
+    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

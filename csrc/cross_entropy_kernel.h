@@ -231,43 +231,67 @@ int ce_bwd_index_rows(const CeArgs& a) {
     const A kp = g * (k.keep * wy + (SMOOTH ? k.eps_c * k.wsum : A(0)));
     const A kw = g * k.eps_c;
     const V kpv(kp), kwv(kw), lv(lse);
+    // For p_y near 1, p_y - 1 is formed as -sum_{c != y} p_c from the same p_c this loop writes: no
+    // cancellation. (x_y - lse rounds to 0 once lse absorbs a tiny log-sum, and a confident, correct
+    // prediction would get a zero gradient -- as it does in torch.)
+    double rest = 0;
     with_exact_redo<V>([&](auto&& vexp_fn) {
+      rest = 0;
       int64_t c = 0;
       if (a.stream) {  // peel to the alignment streaming stores need
         for (; c < C && (reinterpret_cast<uintptr_t>(gx + c) % (W * sizeof(T))) != 0; ++c) {
-          A o = sexp(to_acc<A>(x[c]) - lse) * kp;
-          if (SMOOTH) o -= kw * (HAS_W ? w[c] : A(1));
-          put(gx + c, o);
+          const A p = sexp(to_acc<A>(x[c]) - lse);
+          if (c != y) rest += double(p);
+          put(gx + c, SMOOTH ? p * kp - kw * (HAS_W ? w[c] : A(1)) : p * kp);
         }
       }
-      for (; c + 2 * W <= C; c += 2 * W) {
-        V o0 = vexp_fn(V::load(x + c) - lv) * kpv;
-        V o1 = vexp_fn(V::load(x + c + W) - lv) * kpv;
-        if (SMOOTH) {
-          o0 = HAS_W ? fnmadd(kwv, V::load(w + c), o0) : o0 - kwv;
-          o1 = HAS_W ? fnmadd(kwv, V::load(w + c + W), o1) : o1 - kwv;
+      while (c + 2 * W <= C) {
+        const int64_t end = c + kBlock < C ? c + kBlock : C;
+        V r0(A(0)), r1(A(0));
+        for (; c + 2 * W <= end; c += 2 * W) {
+          V p0 = vexp_fn(V::load(x + c) - lv);
+          V p1 = vexp_fn(V::load(x + c + W) - lv);
+          V o0 = p0 * kpv, o1 = p1 * kpv;
+          if (SMOOTH) {
+            o0 = HAS_W ? fnmadd(kwv, V::load(w + c), o0) : o0 - kwv;
+            o1 = HAS_W ? fnmadd(kwv, V::load(w + c + W), o1) : o1 - kwv;
+          }
+          if (a.stream) {
+            o0.stream(gx + c);
+            o1.stream(gx + c + W);
+          } else {
+            o0.store(gx + c);
+            o1.store(gx + c + W);
+          }
+          if (c <= y && y < c + 2 * W) {  // leave the target's own p out of the sum
+            A b[2 * W];
+            p0.store(b);
+            p1.store(b + W);
+            b[y - c] = A(0);
+            p0 = V::load(b);
+            p1 = V::load(b + W);
+          }
+          r0 = r0 + p0;
+          r1 = r1 + p1;
         }
-        if (a.stream) {
-          o0.stream(gx + c);
-          o1.stream(gx + c + W);
-        } else {
-          o0.store(gx + c);
-          o1.store(gx + c + W);
-        }
+        rest += double(hsum(r0 + r1));
       }
       for (; c < C; ++c) {
-        A o = sexp(to_acc<A>(x[c]) - lse) * kp;
-        if (SMOOTH) o -= kw * (HAS_W ? w[c] : A(1));
-        put(gx + c, o);
+        const A p = sexp(to_acc<A>(x[c]) - lse);
+        if (c != y) rest += double(p);
+        put(gx + c, SMOOTH ? p * kp - kw * (HAS_W ? w[c] : A(1)) : p * kp);
       }
     });
     // Streaming stores are weakly ordered: fence them before the target element is overwritten.
     if (a.stream) store_fence();
-    // The target's own element, formed whole in fp32 and cast once; p_y - 1 as expm1 keeps the
-    // small gradient of a confident, correct prediction instead of cancelling it to 0.
+    // The target's own element, formed whole in fp32 and cast once. p_y - 1 two ways, each where it
+    // is better conditioned: -sum_{c != y} p_c carries lse's rounding relative to (1 - p_y), expm1
+    // relative to p_y.
     const A dy = to_acc<A>(x[y]) - lse;
-    A gy = g * k.keep * wy * sexpm1(dy);
-    if (SMOOTH) gy += kw * (sexp(dy) * k.wsum - wy);
+    const A py = sexp(dy);
+    const A py_minus_1 = py > A(0.5) ? -A(rest) : sexpm1(dy);
+    A gy = g * k.keep * wy * py_minus_1;
+    if (SMOOTH) gy += kw * (py * k.wsum - wy);
     put(gx + y, gy);
   }
   return bad;
@@ -589,11 +613,14 @@ int ce_bwd_index_tiles(const CeArgs& a) {
     alignas(32) A g[L] = {}, gy[L] = {};
     for (int j = 0; j < tl.k; ++j)
       if (tt.live[j]) g[j] = G[tl.n * a.g_sN + (tl.s0 + j) * a.g_sS];
-    V kpv[kU], kwv[kU], lv[kU];
+    V kpv[kU], kwv[kU], lv[kU], yv[kU];
     typename V::Mask on[kU];
+    alignas(32) A yf[L];
+    for (int j = 0; j < L; ++j) yf[j] = tt.live[j] ? A(tt.y[j]) : A(-1);  // exact below 2^24 classes
     for (int u = 0; u < kU; ++u) {
       kpv[u] = kwv[u] = lv[u] = V(A(0));
       on[u] = mask_none(V());
+      yv[u] = V::load(yf + u * W);
       const int kv = tl.kv(u);
       if (!kv) continue;
       const V gv = V::load(g + u * W), wyv = V::load(tt.wy + u * W);
@@ -601,26 +628,43 @@ int ce_bwd_index_tiles(const CeArgs& a) {
       kpv[u] = gv * (V(k.keep) * wyv + V(SMOOTH ? k.eps_c * k.wsum : A(0)));
       kwv[u] = gv * V(k.eps_c);
       on[u] = V::mask(tt.live + u * W);
-      // The target elements, p_y - 1 as expm1 (see ce_bwd_index_rows).
-      const V dy = V::load(tt.xy + u * W) - lv[u];
-      V gyv = gv * V(k.keep) * wyv * vexpm1(dy);
-      if (SMOOTH) gyv = gyv + kwv[u] * (vexp(dy) * V(k.wsum) - wyv);
-      gyv.store(gy + u * W);
     }
+    // Per lane, sum_{c != y} p_c for the target element (see ce_bwd_index_rows).
+    double rest[L] = {};
     with_exact_redo<V>([&](auto&& vexp_fn) {
-      for (int64_t c = 0; c < C; ++c) {
-        prefetch_tile_ahead<T, A>(x, c, sC);
-        prefetch_tile_ahead<T, A>(gx, c, gsC, true);
-        for (int u = 0; u < kU; ++u) {
-          const int kv = tl.kv(u);
-          if (!kv) continue;
-          V o = vexp_fn(load_k(x + c * sC + u * W, kv, A(0)) - lv[u]) * kpv[u];
-          if (SMOOTH) o = HAS_W ? fnmadd(kwv[u], V(w[c]), o) : o - kwv[u];
-          // Ignored rows get exact zeros, whatever their logits hold.
-          store_k(select(on[u], o, V(A(0))), gx + c * gsC + u * W, kv);
+      for (int j = 0; j < L; ++j) rest[j] = 0;
+      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+        const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
+        V r[kU];
+        for (int u = 0; u < kU; ++u) r[u] = V(A(0));
+        for (int64_t c = c0; c < c1; ++c) {
+          prefetch_tile_ahead<T, A>(x, c, sC);
+          prefetch_tile_ahead<T, A>(gx, c, gsC, true);
+          const V cv{A(c)};
+          for (int u = 0; u < kU; ++u) {
+            const int kv = tl.kv(u);
+            if (!kv) continue;
+            const V p = vexp_fn(load_k(x + c * sC + u * W, kv, A(0)) - lv[u]);
+            V o = p * kpv[u];
+            if (SMOOTH) o = HAS_W ? fnmadd(kwv[u], V(w[c]), o) : o - kwv[u];
+            // Ignored rows get exact zeros, whatever their logits hold.
+            store_k(select(on[u], o, V(A(0))), gx + c * gsC + u * W, kv);
+            r[u] = r[u] + select(cmp_eq(yv[u], cv), V(A(0)), p);
+          }
         }
+        for (int u = 0; u < kU; ++u) fold(r[u], rest + u * W);
       }
     });
+    for (int u = 0; u < kU; ++u) {
+      if (!tl.kv(u)) continue;
+      const V gv = V::load(g + u * W), wyv = V::load(tt.wy + u * W);
+      const V dy = V::load(tt.xy + u * W) - lv[u];
+      const V py = vexp(dy);
+      const V py_minus_1 = select(cmp_lt(V(A(0.5)), py), vneg(unfold<A>(rest + u * W)), vexpm1(dy));
+      V gyv = gv * V(k.keep) * wyv * py_minus_1;
+      if (SMOOTH) gyv = gyv + kwv[u] * (py * V(k.wsum) - wyv);
+      gyv.store(gy + u * W);
+    }
     for (int j = 0; j < tl.k; ++j)
       if (tt.live[j]) put(gx + tt.y[j] * gsC + j, gy[j]);
   }

@@ -39,9 +39,13 @@ def _check_class_weight(weight, num_classes: int, prefix: str = "") -> None:
 
 
 def _check_class_index_target(input: torch.Tensor, target: torch.Tensor) -> None:
-    """The shape rules of torch's nll_loss_nd, with its messages."""
+    """The shape rules of torch's nll_loss_nd, with its messages (shape first, then dtype, as torch)."""
+    _check_class_index_shape(input, target)
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
+
+
+def _check_class_index_shape(input: torch.Tensor, target: torch.Tensor) -> None:
     if input.dim() == 1:
         if target.dim() > 1 or target.numel() != 1:
             raise ValueError(

@@ -20,6 +20,13 @@ def _class_view(w: torch.Tensor, ndim: int) -> torch.Tensor:
     return w.view((1, -1) + (1,) * (ndim - 2))
 
 
+def _log_sum_exp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """log(sum(exp(x))) shifted by the row max, as log_softmax computes it: a +inf logit gives NaN
+    (inf - inf), like torch's cross_entropy, where torch.logsumexp would return inf."""
+    m = x.amax(dim, keepdim=True).detach()
+    return m + torch.log(torch.exp(x - m).sum(dim, keepdim=True))
+
+
 def check_targets_in_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """torch's "Target 7 is out of bounds." for class indices outside [0, C) that are not ignored."""
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
@@ -39,7 +46,7 @@ def cross_entropy(
     cdim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[cdim]
     x = input.to(acc)
-    neg_logp = torch.logsumexp(x, dim=cdim, keepdim=True) - x  # lse - x, >= 0
+    neg_logp = _log_sum_exp(x, cdim) - x  # lse - x, >= 0
     w = None if weight is None else _class_view(weight.to(acc), input.dim())
     eps = float(label_smoothing)
 

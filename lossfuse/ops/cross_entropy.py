@@ -238,7 +238,6 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.prob = prob
         ctx.target_dtype = target.dtype
         ctx.save_for_backward(x3, t3, weight, lse, denom)
-        ctx.mark_non_differentiable(lse)
         return out.to(out_dtype)
 
     @staticmethod

@@ -1,0 +1,79 @@
+"""Shared test machinery: per-dtype tolerances and comparisons that say which elements differ."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+import lossfuse
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# (atol, rtol). atol is relative to the largest magnitude in the expected tensor, so one table serves
+# losses of size 10 and gradients of size 1e-5. Low-precision outputs are the exact value rounded
+# once: half an ulp is 2^-11 (fp16) or 2^-8 (bf16) relative; allow one ulp.
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (2e-6, 2e-5),
+    torch.float16: (2e-3, 2 ** -10),
+    torch.bfloat16: (1.6e-2, 2 ** -7),
+}
+
+CPU_BACKENDS = ["cpu", "reference"]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "",
+                 rtol: float | None = None) -> None:
+    """Compare ``actual`` (any dtype) with a float64 ``expected``; on failure list the worst elements."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    atol, default_rtol = TOLERANCES[dtype]
+    rtol = default_rtol if rtol is None else rtol
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    finite = torch.isfinite(e)
+    # Non-finite expected values must be matched exactly (NaN where NaN, same infinity).
+    same_nonfinite = (torch.isnan(a) & torch.isnan(e)) | (a == e)
+    bad = ~finite & ~same_nonfinite
+    scale = e[finite].abs().max().item() if finite.any() else 0.0
+    # Floor the scale: where every expected value is 0 (C = 1), roundoff still needs some room.
+    scale = max(scale, 1e-3)
+    tol = atol * scale + rtol * e.abs()
+    err = (a - e).abs()
+    bad |= finite & ~(err <= tol)  # NaN in `a` where e is finite counts as bad
+    if bad.any():
+        idx = bad.nonzero()
+        worst = err.masked_fill(~bad, 0).flatten().argsort(descending=True)[:8]
+        lines = []
+        for flat in worst.tolist():
+            pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape)) if a.dim() else ()
+            lines.append(f"  at {pos}: actual {a.flatten()[flat].item():.8g} expected {e.flatten()[flat].item():.8g}")
+        raise AssertionError(
+            f"{what}: {len(idx)} of {a.numel()} elements differ (dtype {dtype}, atol {atol}*{scale:.3g}, "
+            f"rtol {rtol}); worst:\n" + "\n".join(lines)
+        )
+
+
+def cpu_kernels_or_skip():
+    """Skip only where the extension was left out on purpose (LOSSFUSE_NO_EXT=1 at install time, or
+    LOSSFUSE_DISABLE_C=1); a build that silently failed must fail the tests, not skip them."""
+    import os
+
+    import pytest
+
+    if lossfuse.cpu_kernels_available():
+        return
+    if os.environ.get("LOSSFUSE_NO_EXT") == "1" or os.environ.get("LOSSFUSE_DISABLE_C") == "1":
+        pytest.skip("lossfuse._C deliberately not built")
+    from lossfuse import _backend
+
+    pytest.fail(f"lossfuse._C failed to load: {_backend._C_ERROR}")
+
+
+def ulps_apart(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """|actual - expected| in units of ``dtype``'s spacing at the expected value (subnormals included)."""
+    info = torch.finfo(dtype)
+    mag = expected64.to(dtype).abs().to(torch.float64).clamp_min(info.smallest_normal)
+    spacing = torch.exp2(torch.floor(torch.log2(mag))) * info.eps
+    return (actual.to(torch.float64) - expected64).abs() / spacing

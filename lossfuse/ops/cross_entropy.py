@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .. import _backend
 from .._utils import acc_dtype, result_dtype
+from ._common import register_triton, run
 
 _lib = torch.library.Library("lossfuse", "FRAGMENT")
 _lib.define(
@@ -77,36 +77,8 @@ torch.library.register_fake("lossfuse::cross_entropy_fwd", _fwd_fake, lib=_lib)
 torch.library.register_fake("lossfuse::cross_entropy_bwd", _bwd_fake, lib=_lib)
 
 
-def _cuda_fwd(*args):
-    from ..triton import cross_entropy as tk
-
-    return tk.cross_entropy_fwd(*args)
-
-
-def _cuda_bwd(*args):
-    from ..triton import cross_entropy as tk
-
-    return tk.cross_entropy_bwd(*args)
-
-
-_lib.impl("cross_entropy_fwd", _cuda_fwd, "CUDA")
-_lib.impl("cross_entropy_bwd", _cuda_bwd, "CUDA")
-
-
-def _run_fwd(backend, *args):
-    if backend == "triton" and args[0].device.type == "cpu":  # Triton's interpreter, for testing
-        from ..triton import cross_entropy as tk
-
-        return tk.cross_entropy_fwd(*args)
-    return torch.ops.lossfuse.cross_entropy_fwd(*args)
-
-
-def _run_bwd(backend, *args):
-    if backend == "triton" and args[1].device.type == "cpu":
-        from ..triton import cross_entropy as tk
-
-        return tk.cross_entropy_bwd(*args)
-    return torch.ops.lossfuse.cross_entropy_bwd(*args)
+register_triton(_lib, "cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd")
+register_triton(_lib, "cross_entropy_bwd", "cross_entropy", "cross_entropy_bwd")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,7 +183,8 @@ class CrossEntropyFunction(torch.autograd.Function):
             t3 = shapes.target3d(t, x3)
         else:
             t3 = shapes.rows2d(target if target.dtype == torch.int64 else target.long())
-        loss, lse = _run_fwd(backend, x3, t3, weight, ignore_index, float(label_smoothing))
+        loss, lse = run(backend, "cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd", x3.device,
+                        x3, t3, weight, ignore_index, float(label_smoothing))
 
         if reduction == "none":
             out = loss.reshape(shapes.row_shape())
@@ -259,9 +232,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             # float32 division: the cast to the input's dtype happens once, inside the kernel.
             grad_rows = (g / denom).expand(n, s)
-        gx3, gt3 = _run_bwd(
-            ctx.backend, grad_rows, x3, t3, weight, lse, ctx.ignore_index, ctx.label_smoothing,
-            need_input, need_target,
+        gx3, gt3 = run(
+            ctx.backend, "cross_entropy_bwd", "cross_entropy", "cross_entropy_bwd", x3.device,
+            grad_rows, x3, t3, weight, lse, ctx.ignore_index, ctx.label_smoothing, need_input, need_target,
         )
         gx = shapes.from3d(gx3) if need_input else None
         gt = shapes.from3d(gt3).to(ctx.target_dtype) if need_target else None

@@ -23,6 +23,8 @@ and cast to the output dtype once, at the store.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -299,8 +301,6 @@ _INTERPRET_MAX_BLOCK_S = 16
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -321,7 +321,7 @@ def _launch_config(n: int, c: int, s: int, spatial: bool, interpret: bool):
         block_c = min(triton.next_power_of_2(c), max_c)
         block_r = max(1, min(tile // block_c, triton.next_power_of_2(n * s)))
         grid = (triton.cdiv(n * s, block_r),)
-    num_warps = min(16, max(4, (block_r * block_c) // 1024))
+    num_warps = min(16, max(4, (block_r * block_c) // 512))  # 4..16 elements per thread (32 at 16k)
     return grid, block_r, block_c, num_warps
 
 
@@ -345,10 +345,13 @@ def _check_inputs(input: torch.Tensor, target: torch.Tensor, who: str) -> bool:
     n, c, s = input.shape
     if target.is_floating_point():
         if tuple(target.shape) != (n, c, s):
-            raise ValueError(f"{who}: a probability target must have shape {[n, c, s]}; got {list(target.shape)}")
+            raise ValueError(
+                f"{who}: a probability target must have shape {[n, c, s]}; got {list(target.shape)}"
+            )
         if target.dtype not in (input.dtype, acc_dtype(input.dtype)):
             raise TypeError(
-                f"{who}: a probability target must be {input.dtype} or {acc_dtype(input.dtype)}; got {target.dtype}"
+                f"{who}: a probability target must be {input.dtype} or {acc_dtype(input.dtype)}; "
+                f"got {target.dtype}"
             )
         return True
     if target.dtype != torch.int64:
@@ -415,7 +418,9 @@ def cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing):
     return loss, lse
 
 
-def cross_entropy_bwd(grad, input, target, weight, lse, ignore_index, label_smoothing, input_grad, target_grad):
+def cross_entropy_bwd(
+    grad, input, target, weight, lse, ignore_index, label_smoothing, input_grad, target_grad
+):
     """grad_input (laid out as empty_like_layout(input)) and grad_target; 0-element where not asked.
 
     ``grad`` is the (N, S) upstream gradient per row, read with its strides (an expanded scalar for

@@ -1,0 +1,476 @@
+"""Cross-entropy Triton kernels and their launchers: the CUDA implementation of the lossfuse:: ops
+(lossfuse/ops/cross_entropy.py), and with TRITON_INTERPRET=1 a CPU one for testing.
+
+  cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing) -> (loss, lse)
+  cross_entropy_bwd(grad, input, target, weight, lse, ignore_index, label_smoothing,
+                    input_grad, target_grad) -> (grad_input, grad_target)
+
+Logits are (N, C, S) with any strides, row r = n * S + s. The same math as the C++ kernels
+(csrc/cross_entropy_kernel.h). A program owns a [BLOCK_R rows, BLOCK_C classes] tile and loops over
+the classes in BLOCK_C chunks; the tile is laid out by one of two walk orders, chosen by strides:
+
+  rows:    class stride 1 ((N, C), channels-last): BLOCK_R consecutive rows (1 when C is large), the
+           classes of each row contiguous in the tile;
+  spatial: spatial stride 1 ((N, C, H, W), a transposed (N, C)): BLOCK_R neighbouring positions s of
+           one n, so every class step reads a contiguous run -- the segmentation layout is read in
+           place, never through a transposed copy.
+
+Forward makes one pass over the logits with an online max / sum-exp; backward recomputes
+p = exp(x - lse) from the saved lse instead of storing an N x C softmax. Loads are in the input dtype,
+upcast to fp32 at once (fp64 for fp64 input, interpreter only); the gradient is formed whole in fp32
+and cast to the output dtype once, at the store.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._utils import acc_dtype
+from ..ops.cross_entropy import classes_contiguous, empty_like_layout
+
+__all__ = ["cross_entropy_fwd", "cross_entropy_bwd"]
+
+_NEG_INF = tl.constexpr(float("-inf"))
+_NAN = tl.constexpr(float("nan"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_rows(pid, R, S, BLOCK_R: tl.constexpr, SPATIAL_WALK: tl.constexpr):
+    """(n, s, in-range) of the BLOCK_R rows of program ``pid`` (int64, so N*S may pass 2^31)."""
+    if SPATIAL_WALK:
+        # One n per program and consecutive s: with spatial stride 1 (specialised to a constant by
+        # Triton) the compiler sees the rows are contiguous and vectorises / coalesces along them.
+        tiles = (S + BLOCK_R - 1) // BLOCK_R
+        n0 = pid // tiles
+        s = (pid - n0 * tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+        n = tl.zeros([BLOCK_R], dtype=tl.int64) + n0
+        ok = s < S
+    else:
+        r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = r < R
+        n = r // S
+        s = r - n * S
+    return n, s, ok
+
+
+@triton.jit
+def _expm1(d):
+    """exp(d) - 1 without the cancellation of exp(d) - 1 near 0 (Triton has no expm1).
+
+    p_y - 1 = expm1(x_y - lse) is the gradient of a confident, correct prediction: exp(d) - 1 would
+    round it to a multiple of 2^-24 or to 0. For |d| < 0.5: a Taylor series at d/16 (error < 3e-18
+    relative) doubled back four times with expm1(2a) = expm1(a) * (expm1(a) + 2).
+    """
+    a = d * 0.0625
+    q = a * (1.0 + a * (0.5 + a * (0.16666666666666666 + a * (0.041666666666666664 + a * (
+        0.008333333333333333 + a * (0.001388888888888889 + a * (0.0001984126984126984
+                                                                + a * 2.48015873015873e-05)))))))
+    q = q * (q + 2.0)
+    q = q * (q + 2.0)
+    q = q * (q + 2.0)
+    q = q * (q + 2.0)
+    return tl.where(tl.abs(d) < 0.5, q, tl.exp(d) - 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr,
+    R, C, S,
+    x_sN, x_sC, x_sS,
+    t_sN, t_sC, t_sS,
+    ignore_index, keep, eps_c,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
+    SPATIAL_WALK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    ACC = lse_ptr.dtype.element_ty  # fp32 (fp64 for fp64 input)
+    pid = tl.program_id(0).to(tl.int64)
+    n, s, row_ok = _tile_rows(pid, R, S, BLOCK_R, SPATIAL_WALK)
+    x_row = x_ptr + (n * x_sN + s * x_sS)
+    t_row = t_ptr + (n * t_sN + s * t_sS)
+
+    # Running statistics relative to a finite shift `ref`: the running max once one is finite, 0
+    # before (a row whose first chunks are all -inf, a masked vocabulary, would otherwise compute
+    # -inf - -inf = NaN). `m` is the true running max and only rescales sum_exp.
+    m = tl.full([BLOCK_R], _NEG_INF, ACC)
+    ref = tl.zeros([BLOCK_R], ACC)
+    sum_exp = tl.zeros([BLOCK_R], ACC)  # sum_c exp(x_c - ref)
+    acc_w = tl.zeros([BLOCK_R], ACC)  # sum_c w_c (smoothing) or sum_c w_c t'_c (probabilities)
+    acc_wd = tl.zeros([BLOCK_R], ACC)  # the same weights times (x_c - ref)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)  # int64: c * class stride may pass 2^31
+        cmask = cols < C
+        mask = row_ok[:, None] & cmask[None, :]
+        x = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=_NEG_INF).to(ACC)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        ref_new = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        e = x - ref_new[:, None]  # masked lanes: -inf, exp -> 0
+        # m - ref_new, not ref - ref_new: while m is -inf the sum is 0 and must stay 0 (exp(-inf) = 0),
+        # where exp(0 - ref_new) could overflow to inf and make 0 * inf = NaN.
+        sum_exp = sum_exp * tl.exp(m - ref_new) + tl.sum(tl.exp(e), axis=1)
+        if PROB_TARGET:
+            t = tl.load(t_row[:, None] + cols[None, :] * t_sC, mask=mask, other=0.0).to(ACC)
+            wt = t * keep + eps_c
+            if HAS_WEIGHT:
+                wt = wt * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+            wt = tl.where(mask, wt, 0.0)
+            acc_wd = acc_wd + (ref - ref_new) * acc_w + tl.sum(tl.where(mask, wt * e, 0.0), axis=1)
+            acc_w = acc_w + tl.sum(wt, axis=1)
+        elif HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                wc = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)
+                we = wc[None, :] * e
+            else:
+                wc = tl.where(cmask, 1.0, 0.0).to(ACC)
+                we = e
+            acc_wd = acc_wd + (ref - ref_new) * acc_w + tl.sum(tl.where(mask, we, 0.0), axis=1)
+            acc_w = acc_w + tl.sum(wc, axis=0)
+        m = m_new
+        ref = ref_new
+
+    logsum = tl.log(tl.where(row_ok, sum_exp, 1.0))  # (rows past the end: no log(0))
+    lse = ref + logsum
+    if PROB_TARGET:
+        # sum_c w_c t'_c (lse - x_c) = log(sum) * sum_c w_c t'_c - sum_c w_c t'_c (x_c - ref)
+        loss = logsum * acc_w - acc_wd
+    else:
+        y = tl.load(t_row, mask=row_ok, other=0)
+        valid = (y >= 0) & (y < C)
+        live = valid & (y != ignore_index)
+        y_safe = tl.where(valid, y, 0)  # an out-of-range target never addresses memory
+        x_y = tl.load(x_row + y_safe * x_sC, mask=row_ok & valid, other=0.0).to(ACC)
+        if HAS_WEIGHT:
+            wy = tl.load(w_ptr + y_safe, mask=row_ok & valid, other=0.0).to(ACC)
+        else:
+            wy = 1.0
+        # (ref - x_y) + log(sum) rather than lse - x_y: exact when the target holds the max logit.
+        # (Tensor first, scalars after: the product then takes the tensor's precision.)
+        loss = ((ref - x_y) + logsum) * keep * wy
+        if HAS_SMOOTHING:
+            # sum_c w_c (lse - x_c) = W (lse - ref) - sum_c w_c (x_c - ref): no cancellation of large
+            # logits, as summing lse - x_c directly would have.
+            loss = loss + (acc_w * logsum - acc_wd) * eps_c
+        # Selects, not a multiply by a 0/1 flag: an ignored row's loss may be inf or NaN. A target
+        # out of [0, C) that is not ignored is a NaN row: loud, not a silent 0.
+        loss = tl.where(live, loss, tl.where(y == ignore_index, 0.0, _NAN))
+    r = n * S + s
+    tl.store(loss_ptr + r, loss.to(ACC), mask=row_ok)
+    tl.store(lse_ptr + r, lse.to(ACC), mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    g_ptr, x_ptr, t_ptr, w_ptr, wsum_ptr, lse_ptr, gx_ptr, gt_ptr,
+    R, C, S, num_classes,
+    g_sN, g_sS,
+    x_sN, x_sC, x_sS,
+    t_sN, t_sC, t_sS,
+    gx_sN, gx_sC, gx_sS,
+    gt_sN, gt_sC, gt_sS,
+    ignore_index, keep, eps_c,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
+    INPUT_GRAD: tl.constexpr,
+    TARGET_GRAD: tl.constexpr,
+    SPATIAL_WALK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    ACC = lse_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    n, s, row_ok = _tile_rows(pid, R, S, BLOCK_R, SPATIAL_WALK)
+    x_row = x_ptr + (n * x_sN + s * x_sS)
+    t_row = t_ptr + (n * t_sN + s * t_sS)
+    gx_row = gx_ptr + (n * gx_sN + s * gx_sS)
+    g = tl.load(g_ptr + (n * g_sN + s * g_sS), mask=row_ok, other=0.0).to(ACC)
+    lse = tl.load(lse_ptr + (n * S + s), mask=row_ok, other=0.0).to(ACC)
+
+    if PROB_TARGET:
+        gt_row = gt_ptr + (n * gt_sN + s * gt_sS)
+        gtw = tl.zeros([BLOCK_R], ACC)
+        if INPUT_GRAD:
+            # d loss / d x_c = g (p_c sum_k w_k t'_k - w_c t'_c): the target's weighted mass first.
+            tw = tl.zeros([BLOCK_R], ACC)
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+                cmask = cols < C
+                mask = row_ok[:, None] & cmask[None, :]
+                t = tl.load(t_row[:, None] + cols[None, :] * t_sC, mask=mask, other=0.0).to(ACC)
+                wt = t * keep + eps_c
+                if HAS_WEIGHT:
+                    wt = wt * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+                tw = tw + tl.sum(tl.where(mask, wt, 0.0), axis=1)
+            gtw = g * tw
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+            cmask = cols < C
+            mask = row_ok[:, None] & cmask[None, :]
+            x = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=0.0).to(ACC)
+            if HAS_WEIGHT:
+                wc = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+            else:
+                wc = 1.0
+            if INPUT_GRAD:
+                t = tl.load(t_row[:, None] + cols[None, :] * t_sC, mask=mask, other=0.0).to(ACC)
+                wt = (t * keep + eps_c) * wc
+                o = tl.exp(x - lse[:, None]) * gtw[:, None] - g[:, None] * wt
+                tl.store(gx_row[:, None] + cols[None, :] * gx_sC, o.to(gx_ptr.dtype.element_ty), mask=mask)
+            if TARGET_GRAD:
+                # d loss / d t_c = (1 - eps) w_c (lse - x_c)
+                o_t = (g * keep)[:, None] * wc * (lse[:, None] - x)
+                tl.store(gt_row[:, None] + cols[None, :] * gt_sC, o_t.to(gt_ptr.dtype.element_ty), mask=mask)
+    else:
+        y = tl.load(t_row, mask=row_ok, other=0)
+        valid = (y >= 0) & (y < C)
+        live = valid & (y != ignore_index)
+        y_safe = tl.where(valid, y, 0)
+        x_y = tl.load(x_row + y_safe * x_sC, mask=row_ok & valid, other=0.0).to(ACC)
+        if HAS_WEIGHT:
+            wy = tl.load(w_ptr + y_safe, mask=row_ok & valid, other=0.0).to(ACC)
+        else:
+            wy = tl.full([BLOCK_R], 1.0, ACC)
+        # d loss / d x_c = kp p_c - kw w_c off the target: (1-eps) wy p_c + (eps/C)(p_c W - w_c), times g.
+        kp = g * keep * wy
+        kw = g * eps_c
+        dy = x_y - lse
+        # The target's own element, p_y - 1 as expm1 (see _expm1).
+        gy = g * keep * wy * _expm1(dy)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w_total = tl.load(wsum_ptr).to(ACC)
+            else:
+                w_total = num_classes
+            kp = kp + kw * w_total
+            gy = gy + kw * (tl.exp(dy) * w_total - wy)
+        # Rows that do not count: exact zeros when ignored, whatever their logits hold (a select, so
+        # an inf or NaN logit cannot leak in as 0 * inf); NaN when the target is out of range.
+        fill = tl.where(y == ignore_index, 0.0, _NAN).to(ACC)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+            cmask = cols < C
+            mask = row_ok[:, None] & cmask[None, :]
+            x = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=0.0).to(ACC)
+            o = tl.exp(x - lse[:, None]) * kp[:, None]
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    o = o - kw[:, None] * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+                else:
+                    o = o - kw[:, None]
+            o = tl.where(cols[None, :] == y[:, None], gy[:, None], o)
+            o = tl.where(live[:, None], o, fill[:, None])
+            tl.store(gx_row[:, None] + cols[None, :] * gx_sC, o.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration.
+# ----------------------------------------------------------------------------------------------
+
+# On a GPU: a row of up to 16k classes is one chunk (32 fp32 per thread at 16 warps); a tile holds
+# at least _TILE elements so that small-C rows and the spatial walk still keep every warp busy.
+_MAX_BLOCK_C = 16384
+_TILE = 2048
+_MAX_BLOCK_S = 128  # spatial walk: 128 neighbouring positions, a 512-byte run of fp32 per class
+# Under the interpreter every block op is a numpy call per program: small chunks, so the tests go
+# through the online rescaling and the masked tails with small shapes.
+_INTERPRET_MAX_BLOCK_C = 32
+_INTERPRET_TILE = 128
+_INTERPRET_MAX_BLOCK_S = 16
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _spatial_walk(x3: torch.Tensor) -> bool:
+    return not classes_contiguous(x3) and x3.shape[2] > 1
+
+
+def _launch_config(n: int, c: int, s: int, spatial: bool, interpret: bool):
+    """(grid, BLOCK_R, BLOCK_C, num_warps) for an (n, c, s) problem in the given walk order."""
+    max_c = _INTERPRET_MAX_BLOCK_C if interpret else _MAX_BLOCK_C
+    tile = _INTERPRET_TILE if interpret else _TILE
+    max_s = _INTERPRET_MAX_BLOCK_S if interpret else _MAX_BLOCK_S
+    if spatial:
+        block_r = min(triton.next_power_of_2(s), max_s)
+        block_c = min(triton.next_power_of_2(c), max(1, tile // block_r))
+        grid = (n * triton.cdiv(s, block_r),)
+    else:
+        block_c = min(triton.next_power_of_2(c), max_c)
+        block_r = max(1, min(tile // block_c, triton.next_power_of_2(n * s)))
+        grid = (triton.cdiv(n * s, block_r),)
+    num_warps = min(16, max(4, (block_r * block_c) // 512))  # 4..16 elements per thread (32 at 16k)
+    return grid, block_r, block_c, num_warps
+
+
+def _check_inputs(input: torch.Tensor, target: torch.Tensor, who: str) -> bool:
+    """Cheap invariants that protect memory; returns True for a probability target."""
+    if input.dim() != 3:
+        raise ValueError(f"{who}: input must be viewed as (N, C, S); got shape {list(input.shape)}")
+    if input.device.type == "cuda":
+        if input.dtype == torch.float64:
+            raise NotImplementedError(
+                f"{who}: the Triton kernels do not support float64 on CUDA; use backend='reference' "
+                "(or float32)"
+            )
+    elif not (input.device.type == "cpu" and _interpreting()):
+        raise RuntimeError(
+            f"{who}: the Triton kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
+            f"got a tensor on {input.device}"
+        )
+    if input.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"{who}: input must be float32, float16, bfloat16 (or float64); got {input.dtype}")
+    n, c, s = input.shape
+    if target.is_floating_point():
+        if tuple(target.shape) != (n, c, s):
+            raise ValueError(
+                f"{who}: a probability target must have shape {[n, c, s]}; got {list(target.shape)}"
+            )
+        if target.dtype not in (input.dtype, acc_dtype(input.dtype)):
+            raise TypeError(
+                f"{who}: a probability target must be {input.dtype} or {acc_dtype(input.dtype)}; "
+                f"got {target.dtype}"
+            )
+        return True
+    if target.dtype != torch.int64:
+        raise TypeError(f"{who}: class-index targets must be int64; got {target.dtype}")
+    if tuple(target.shape) != (n, s):
+        raise ValueError(f"{who}: a class-index target must have shape {[n, s]}; got {list(target.shape)}")
+    return False
+
+
+def _weight(weight, c: int, acc: torch.dtype):
+    if weight is None:
+        return None
+    if weight.shape != (c,):
+        raise ValueError(f"weight must have shape ({c},); got {list(weight.shape)}")
+    return weight.to(acc).contiguous()
+
+
+def _smoothing(label_smoothing: float, c: int):
+    eps = float(label_smoothing)
+    return eps, 1.0 - eps, (eps / c if c > 0 else 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (the op implementations).
+# ----------------------------------------------------------------------------------------------
+
+
+def cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing):
+    """Per-row loss and log-sum-exp, both (N, S) contiguous fp32 (fp64 for fp64 input)."""
+    prob = _check_inputs(input, target, "cross_entropy_fwd")
+    n, c, s = input.shape
+    acc = acc_dtype(input.dtype)
+    loss = torch.empty((n, s), dtype=acc, device=input.device)
+    lse = torch.empty((n, s), dtype=acc, device=input.device)
+    if n * s == 0:
+        return loss, lse
+    eps, keep, eps_c = _smoothing(label_smoothing, c)
+    if c == 0:  # an empty sum: lse = -inf; every class-index target is ignored or out of range
+        lse.fill_(float("-inf"))
+        if prob:
+            loss.zero_()
+        else:
+            loss.copy_(torch.where(target == ignore_index, 0.0, float("nan")))
+        return loss, lse
+    w = _weight(weight, c, acc)
+    spatial = _spatial_walk(input)
+    grid, block_r, block_c, num_warps = _launch_config(n, c, s, spatial, _interpreting())
+    t_sC = target.stride(1) if prob else 0
+    t_sS = target.stride(2) if prob else target.stride(1)
+    _ce_fwd_kernel[grid](
+        input, target, w if w is not None else loss, loss, lse,
+        n * s, c, s,
+        input.stride(0), input.stride(1), input.stride(2),
+        target.stride(0), t_sC, t_sS,
+        int(ignore_index), keep, eps_c,
+        HAS_WEIGHT=w is not None,
+        HAS_SMOOTHING=eps > 0,
+        PROB_TARGET=prob,
+        SPATIAL_WALK=spatial,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
+    return loss, lse
+
+
+def cross_entropy_bwd(
+    grad, input, target, weight, lse, ignore_index, label_smoothing, input_grad, target_grad
+):
+    """grad_input (laid out as empty_like_layout(input)) and grad_target; 0-element where not asked.
+
+    ``grad`` is the (N, S) upstream gradient per row, read with its strides (an expanded scalar for
+    mean/sum reductions costs no copy).
+    """
+    prob = _check_inputs(input, target, "cross_entropy_bwd")
+    n, c, s = input.shape
+    acc = acc_dtype(input.dtype)
+    # Allocations exactly as the fake kernel (ops/cross_entropy.py _bwd_fake).
+    gi = empty_like_layout(input) if input_grad else input.new_empty((0,))
+    if target_grad and prob:
+        gt = empty_like_layout(input, dtype=target.dtype)
+    else:
+        gt = target.new_empty((0,), dtype=target.dtype if prob else input.dtype)
+    need_input = bool(input_grad)
+    need_target = bool(target_grad) and prob
+    if n * s * c == 0 or not (need_input or need_target):
+        return gi, gt
+    if tuple(grad.shape) != (n, s) or tuple(lse.shape) != (n, s):
+        raise ValueError(f"cross_entropy_bwd: grad and lse must have shape {[n, s]}")
+    if not lse.is_contiguous():
+        lse = lse.contiguous()
+    eps, keep, eps_c = _smoothing(label_smoothing, c)
+    w = _weight(weight, c, acc)
+    wsum = w.sum().reshape(1) if (w is not None and eps > 0 and not prob) else None
+    spatial = _spatial_walk(input)
+    grid, block_r, block_c, num_warps = _launch_config(n, c, s, spatial, _interpreting())
+    t_sC = target.stride(1) if prob else 0
+    t_sS = target.stride(2) if prob else target.stride(1)
+    gx = gi if need_input else input  # never written when not needed
+    gtt = gt if need_target else target
+    gt_strides = (gt.stride(0), gt.stride(1), gt.stride(2)) if need_target else (0, 0, 0)
+    gx_strides = (gi.stride(0), gi.stride(1), gi.stride(2)) if need_input else (0, 0, 0)
+    _ce_bwd_kernel[grid](
+        grad, input, target, w if w is not None else lse, wsum if wsum is not None else lse, lse, gx, gtt,
+        n * s, c, s, float(c),
+        grad.stride(0), grad.stride(1),
+        input.stride(0), input.stride(1), input.stride(2),
+        target.stride(0), t_sC, t_sS,
+        *gx_strides,
+        *gt_strides,
+        int(ignore_index), keep, eps_c,
+        HAS_WEIGHT=w is not None,
+        HAS_SMOOTHING=eps > 0,
+        PROB_TARGET=prob,
+        INPUT_GRAD=need_input,
+        TARGET_GRAD=need_target,
+        SPATIAL_WALK=spatial,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
+    return gi, gt

@@ -113,7 +113,10 @@ def cross_entropy(
         _check_class_index_target(input, target)
         _check_class_weight(weight, num_classes)
 
+    requested = backend
     backend = _backend.resolve(backend, input.device)
+    if backend == "triton" and input.dtype == torch.float64 and input.device.type == "cuda" and requested == "auto":
+        backend = "reference"  # the Triton kernels compute in fp32; float64 users want float64 math
     if backend == "reference":
         return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
     if not target.is_floating_point():

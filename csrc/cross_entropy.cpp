@@ -23,15 +23,18 @@ struct CeArgs {
   const void* w;        // class weights (C), accumulation type, contiguous; null = all ones
   double w_sum;         // sum of the weights (C when there are none)
   int64_t ignore_index;
-  double eps;  // label smoothing
-  // forward outputs, (N*S) contiguous, accumulation type
+  double eps;      // label smoothing
+  double z_loss;   // coefficient of lse^2 (0 = off)
+  double softcap;  // logits -> softcap * tanh(x / softcap) (0 = off)
+  // forward outputs, (N*S) contiguous: loss in the accumulation type, lse in double
   void* loss;
-  void* lse;
+  double* lse;
   // backward: per-row upstream gradient (strided, may be an expanded scalar) and the saved lse
   const void* g;
   int64_t g_sN, g_sS;
-  const void* lse_in;
-  void* gx;  // null when not wanted
+  const double* lse_in;
+  bool inplace;  // gx is x: every logit is read before its gradient overwrites it
+  void* gx;      // null when not wanted
   bool stream;  // write gx with non-temporal stores (outputs far larger than the caches)
   int64_t gx_sN, gx_sC, gx_sS;
   void* gt;  // null when not wanted
@@ -91,7 +94,8 @@ struct Prepared {
 };
 
 Prepared prepare(const char* op, const at::Tensor& input, const at::Tensor& target,
-                 const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing) {
+                 const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+                 double z_loss, double softcap) {
   TORCH_CHECK(input.dim() == 3, op, ": input must be (N, C, S); got ", input.sizes());
   TORCH_CHECK(input.device().is_cpu(), op, ": expected CPU tensors");
   Prepared p;
@@ -137,6 +141,9 @@ Prepared prepare(const char* op, const at::Tensor& input, const at::Tensor& targ
   }
   a.ignore_index = ignore_index;
   a.eps = label_smoothing;
+  TORCH_CHECK(z_loss >= 0 && softcap >= 0, op, ": z_loss and softcap must be >= 0");
+  a.z_loss = z_loss;
+  a.softcap = softcap;
   a.nthreads = kernel_threads(a.N * a.C * a.S);
   return p;
 }
@@ -157,44 +164,68 @@ int run_backward(const CeArgs& a) {
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& input, const at::Tensor& target,
                                                          const std::optional<at::Tensor>& weight,
-                                                         int64_t ignore_index, double label_smoothing) {
-  Prepared p = prepare("lossfuse::cross_entropy_fwd", input, target, weight, ignore_index, label_smoothing);
+                                                         int64_t ignore_index, double label_smoothing,
+                                                         double z_loss, double softcap) {
+  Prepared p = prepare("lossfuse::cross_entropy_fwd", input, target, weight, ignore_index, label_smoothing,
+                       z_loss, softcap);
   CeArgs& a = p.a;
-  const auto opts = input.options().dtype(acc_type(input.scalar_type()));
-  at::Tensor loss = at::empty({a.N, a.S}, opts);
-  at::Tensor lse = at::empty({a.N, a.S}, opts);
+  at::Tensor loss = at::empty({a.N, a.S}, input.options().dtype(acc_type(input.scalar_type())));
+  at::Tensor lse = at::empty({a.N, a.S}, input.options().dtype(at::kDouble));
   a.loss = loss.data_ptr();
-  a.lse = lse.data_ptr();
+  a.lse = lse.data_ptr<double>();
   if (a.N * a.S > 0 && run_forward(a)) report_bad_target(p.y, a.C, ignore_index);
   return {loss, lse};
+}
+
+// Shared by the out-of-place and the in-place backward: checks, the upstream gradient, the saved lse.
+struct Backward {
+  Prepared p;
+  at::Tensor g, lse;
+};
+
+Backward prepare_backward(const char* op, const at::Tensor& grad, const at::Tensor& input, const at::Tensor& target,
+                          const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+                          double label_smoothing, double z_loss, double softcap) {
+  Backward b{prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap), {}, {}};
+  CeArgs& a = b.p.a;
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == a.N && grad.size(1) == a.S, op, ": grad must be (N, S); got ",
+              grad.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == a.N && lse.size(1) == a.S, op, ": lse must be (N, S); got ",
+              lse.sizes());
+  b.g = grad.to(acc_type(input.scalar_type()));  // no copy when already in the accumulation type
+  b.lse = lse.to(at::kDouble).contiguous();
+  a.g = b.g.data_ptr();
+  a.g_sN = b.g.stride(0);
+  a.g_sS = b.g.stride(1);
+  a.lse_in = b.lse.data_ptr<double>();
+  return b;
+}
+
+at::Tensor empty_target_grad(const at::Tensor& input, const at::Tensor& target) {
+  const bool prob = target.is_floating_point();
+  return at::empty({0}, input.options().dtype(prob ? target.scalar_type() : input.scalar_type()));
+}
+
+void set_target_grad(CeArgs& a, at::Tensor& gt) {
+  a.gt = gt.data_ptr();
+  a.gt_sN = gt.stride(0);
+  a.gt_sC = gt.stride(1);
+  a.gt_sS = gt.stride(2);
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cpu(const at::Tensor& grad, const at::Tensor& input,
                                                          const at::Tensor& target,
                                                          const std::optional<at::Tensor>& weight,
                                                          const at::Tensor& lse, int64_t ignore_index,
-                                                         double label_smoothing, bool input_grad,
-                                                         bool target_grad) {
-  const char* op = "lossfuse::cross_entropy_bwd";
-  Prepared p = prepare(op, input, target, weight, ignore_index, label_smoothing);
+                                                         double label_smoothing, double z_loss, double softcap,
+                                                         bool input_grad, bool target_grad) {
+  Backward b = prepare_backward("lossfuse::cross_entropy_bwd", grad, input, target, weight, lse, ignore_index,
+                                label_smoothing, z_loss, softcap);
+  Prepared& p = b.p;
   CeArgs& a = p.a;
-  const auto acc = acc_type(input.scalar_type());
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == a.N && grad.size(1) == a.S, op, ": grad must be (N, S); got ",
-              grad.sizes());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == a.N && lse.size(1) == a.S, op, ": lse must be (N, S); got ",
-              lse.sizes());
-  const at::Tensor g = grad.to(acc);  // no copy when already in the accumulation type
-  const at::Tensor lse_c = lse.to(acc).contiguous();
-  a.g = g.data_ptr();
-  a.g_sN = g.stride(0);
-  a.g_sS = g.stride(1);
-  a.lse_in = lse_c.data_ptr();
-
-  at::Tensor gx = input_grad ? empty_walk_layout(p.x, input.scalar_type()) : at::empty({0}, input.options());
   const bool prob = target.is_floating_point();
-  at::Tensor gt = (target_grad && prob) ? empty_walk_layout(p.x, p.t.scalar_type())
-                                        : at::empty({0}, input.options().dtype(prob ? target.scalar_type()
-                                                                                   : input.scalar_type()));
+  at::Tensor gx = input_grad ? empty_walk_layout(p.x, input.scalar_type()) : at::empty({0}, input.options());
+  at::Tensor gt = (target_grad && prob) ? empty_walk_layout(p.x, p.t.scalar_type()) : empty_target_grad(input, target);
   if (input_grad) {
     a.gx = gx.data_ptr();
     a.gx_sN = gx.stride(0);
@@ -202,15 +233,35 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cpu(const at::Tensor& grad,
     a.gx_sS = gx.stride(2);
     a.stream = gx.nbytes() >= kStreamBytes;
   }
-  if (target_grad && prob) {
-    a.gt = gt.data_ptr();
-    a.gt_sN = gt.stride(0);
-    a.gt_sC = gt.stride(1);
-    a.gt_sS = gt.stride(2);
-  }
+  if (target_grad && prob) set_target_grad(a, gt);
   if ((a.gx || a.gt) && a.N * a.S > 0 && run_backward(a)) report_bad_target(p.y, a.C, ignore_index);
   if (a.gt && gt.scalar_type() != target.scalar_type()) gt = gt.to(target.scalar_type());
   return {gx, gt};
+}
+
+// The gradient with respect to the logits written over the logits themselves: no second N x C buffer.
+// Returns the target gradient (a 0-element tensor unless asked for a probability target).
+at::Tensor cross_entropy_bwd_inplace_cpu(const at::Tensor& grad, at::Tensor& input, const at::Tensor& target,
+                                         const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                         int64_t ignore_index, double label_smoothing, double z_loss,
+                                         double softcap, bool target_grad) {
+  const char* op = "lossfuse::cross_entropy_bwd_inplace";
+  Backward b = prepare_backward(op, grad, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap);
+  Prepared& p = b.p;
+  CeArgs& a = p.a;
+  TORCH_CHECK(p.x.data_ptr() == input.data_ptr(), op,
+              ": the logits' layout is not one the kernels walk in place; make them contiguous first");
+  const bool prob = target.is_floating_point();
+  at::Tensor gt = (target_grad && prob) ? empty_walk_layout(p.x, p.t.scalar_type()) : empty_target_grad(input, target);
+  a.inplace = true;
+  a.gx = input.data_ptr();
+  a.gx_sN = a.x_sN;
+  a.gx_sC = a.x_sC;
+  a.gx_sS = a.x_sS;
+  if (target_grad && prob) set_target_grad(a, gt);
+  if (a.N * a.S > 0 && run_backward(a)) report_bad_target(p.y, a.C, ignore_index);
+  if (a.gt && gt.scalar_type() != target.scalar_type()) gt = gt.to(target.scalar_type());
+  return gt;
 }
 
 }  // namespace
@@ -218,6 +269,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cpu(const at::Tensor& grad,
 TORCH_LIBRARY_IMPL(lossfuse, CPU, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
+  m.impl("cross_entropy_bwd_inplace", &cross_entropy_bwd_inplace_cpu);
 }
 
 }  // namespace lossfuse

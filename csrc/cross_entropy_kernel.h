@@ -9,6 +9,14 @@
 // memory; backward recomputes p = exp(x - lse) rather than storing an N x C softmax.
 // Every sum is in fp32 lanes (fp64 for double) folded into a double every kBlock elements, so a
 // 256k-class row keeps the rounding error of a 4k-class one.
+//
+// Options: label smoothing eps, class weights w, z-loss z * lse^2 (PaLM), logit soft-capping
+// x' = cap * tanh(x / cap) (Gemma; all formulas below then hold for x'), and an in-place backward
+// that writes the gradient over the logits.
+//
+// The saved lse is a double: the backward forms x - lse as (x - hi) - lo with lse = hi + lo split into
+// two floats. A single fp32 lse would carry half an ulp of |lse| (5e-4 at |lse| = 1e4) into every
+// probability of the row.
 
 constexpr int64_t kBlock = 4096;
 
@@ -33,13 +41,74 @@ inline void flag_bad(int* bad) { __atomic_store_n(bad, 1, __ATOMIC_RELAXED); }
 
 template <class A>
 struct Consts {
-  A eps, keep, eps_c, wsum;
+  A eps, keep, eps_c, wsum, z;
   explicit Consts(const CeArgs& a)
       : eps(A(a.eps)),
         keep(A(1) - A(a.eps)),
         eps_c(a.C > 0 ? A(a.eps) / A(a.C) : A(0)),
-        wsum(A(a.w_sum)) {}
+        wsum(A(a.w_sum)),
+        z(A(a.z_loss)) {}
 };
+
+// Logit soft-capping x -> cap * tanh(x / cap), and its derivative 1 - tanh^2, when CAP.
+template <class A, bool CAP>
+struct SoftCap {
+  using V = Vec<A>;
+  A cap, inv;
+  explicit SoftCap(double c) : cap(A(c)), inv(CAP ? A(1) / A(c) : A(0)) {}
+  V operator()(V x) const { return CAP ? V(cap) * vtanh(x * V(inv)) : x; }
+  A operator()(A x) const { return CAP ? cap * stanh(x * inv) : x; }
+  // x' and d x'/d x
+  void with_slope(V x, V& xc, V& slope) const {
+    if (CAP) {
+      const V t = vtanh(x * V(inv));
+      xc = V(cap) * t;
+      slope = fnmadd(t, t, V(A(1)));
+    } else {
+      xc = x;
+    }
+  }
+  A slope(A x) const {
+    if (!CAP) return A(1);
+    const A t = stanh(x * inv);
+    return A(1) - t * t;
+  }
+};
+
+// lse = hi + lo, both in the accumulation type.
+template <class A>
+inline void split_lse(double lse, A* hi, A* lo) {
+  const A h = A(lse);
+  *hi = h;
+  *lo = std::isfinite(double(h)) ? A(lse - double(h)) : A(0);
+}
+
+// Runs `pass(exp_fn)` with the fast exp, and again with the exact one if some lane underflowed below
+// the normal range -- rare (logits spread by more than 87), and then those outputs must hold the
+// true subnormal or zero values.
+template <class V, class Pass>
+inline void with_exact_redo(Pass&& pass) {
+  auto oob = mask_none(V());
+  pass([&](V e) { return vexp_normal(e, oob); });
+  if (mask_any(oob)) pass([](V e) { return vexp(e); });
+}
+
+// In place the logits are gone once written, so a pass cannot be redone: the exact exp is taken per
+// vector instead, where a lane left the normal range.
+template <class V>
+inline V vexp_checked(V e) {
+  auto oob = mask_none(V());
+  const V p = vexp_normal(e, oob);
+  return mask_any(oob) ? vexp(e) : p;
+}
+
+template <class V, class Pass>
+inline void run_backward_pass(bool inplace, Pass&& pass) {
+  if (inplace)
+    pass([](V e) { return vexp_checked(e); });
+  else
+    with_exact_redo<V>(pass);
+}
 
 // ------------------------------------------------------------------------------------------------
 // Row walk: one row at a time, vectorised along classes.
@@ -67,9 +136,11 @@ inline A block_max(const T* x, int64_t n) {
   return m;
 }
 
-// Sums over one block relative to the max m: exp(x - m) and, with SMOOTH, w_c (x_c - m) and w_c.
-template <class T, class A, bool HAS_W, bool SMOOTH>
-inline void block_sums_index(const T* x, const A* w, int64_t n, A m, double* sum, double* d, double* ws) {
+// Sums over one block relative to the (capped) max m: exp(x' - m) and, with SMOOTH, w_c (x'_c - m)
+// and w_c.
+template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
+inline void block_sums_index(const T* x, const A* w, int64_t n, A m, const SoftCap<A, CAP>& cap, double* sum,
+                             double* d, double* ws) {
   using V = Vec<A>;
   constexpr int W = V::W;
   const V mv(m);
@@ -80,8 +151,8 @@ inline void block_sums_index(const T* x, const A* w, int64_t n, A m, double* sum
     // arithmetic then overlap instead of taking turns (x + kBlock past the row end is the next row).
     __builtin_prefetch(x + c + kBlock, 0, 2);
     __builtin_prefetch(reinterpret_cast<const char*>(x + c + kBlock) + 64, 0, 2);
-    const V e0 = V::load(x + c) - mv, e1 = V::load(x + c + W) - mv;
-    const V e2 = V::load(x + c + 2 * W) - mv, e3 = V::load(x + c + 3 * W) - mv;
+    const V e0 = cap(V::load(x + c)) - mv, e1 = cap(V::load(x + c + W)) - mv;
+    const V e2 = cap(V::load(x + c + 2 * W)) - mv, e3 = cap(V::load(x + c + 3 * W)) - mv;
     s0 = s0 + vexp_sum_term(e0);
     s1 = s1 + vexp_sum_term(e1);
     s2 = s2 + vexp_sum_term(e2);
@@ -101,7 +172,7 @@ inline void block_sums_index(const T* x, const A* w, int64_t n, A m, double* sum
   double sd = double(hsum((s0 + s1) + (s2 + s3))), dd = double(hsum(d0 + d1));
   double wd = HAS_W ? double(hsum(w0)) : double(c);
   for (; c < n; ++c) {
-    const A e = to_acc<A>(x[c]) - m;
+    const A e = cap(to_acc<A>(x[c])) - m;
     sd += double(sexp(e));
     if (SMOOTH) {
       const A wc = HAS_W ? w[c] : A(1);
@@ -116,18 +187,20 @@ inline void block_sums_index(const T* x, const A* w, int64_t n, A m, double* sum
 
 // log-sum-exp statistics of one row in a single pass over memory: each kBlock-class block is read
 // from memory once for its max and again from L1 for its sums, which are rescaled whenever the
-// running max grows (online softmax). Returns the max m, log(sum_c exp(x_c - m)) and, with SMOOTH,
-// sum_c w_c (x_c - m). A block that is all -inf (masked vocabulary) would make x - m undefined while
-// m is still -inf, so such rows take the plain two passes.
-template <class T, class A, bool HAS_W, bool SMOOTH>
-inline void row_stats_index(const T* x, const A* w, int64_t C, A* m_out, A* logsum_out, A* d_out) {
+// running max grows (online softmax). Returns the (capped) max m, sum_c exp(x'_c - m) and, with
+// SMOOTH, sum_c w_c (x'_c - m). A block that is all -inf (masked vocabulary) would make x - m
+// undefined while m is still -inf, so such rows take the plain two passes. tanh is increasing, so the
+// capped max is the cap of the raw max.
+template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
+inline void row_stats_index(const T* x, const A* w, int64_t C, const SoftCap<A, CAP>& cap, A* m_out,
+                            double* sum_out, double* d_out) {
   const A ninf = -std::numeric_limits<A>::infinity();
   A m = ninf;
   double sum = 0, d = 0, ws = 0;
   bool online = true;
-  for (int64_t c0 = 0; c0 < C && online; c0 += kBlock) {
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
     const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
-    const A bm = block_max<T, A>(x + c0, n);
+    const A bm = cap(block_max<T, A>(x + c0, n));
     if (bm == ninf) {
       online = false;
       break;
@@ -139,37 +212,42 @@ inline void row_stats_index(const T* x, const A* w, int64_t C, A* m_out, A* logs
       }
       m = bm;
     }
-    block_sums_index<T, A, HAS_W, SMOOTH>(x + c0, HAS_W ? w + c0 : w, n, m, &sum, &d, &ws);
+    block_sums_index<T, A, HAS_W, SMOOTH, CAP>(x + c0, HAS_W ? w + c0 : w, n, m, cap, &sum, &d, &ws);
   }
   if (!online) {
-    m = block_max<T, A>(x, C);
+    m = cap(block_max<T, A>(x, C));
     sum = d = ws = 0;
     for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
       const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
-      block_sums_index<T, A, HAS_W, SMOOTH>(x + c0, HAS_W ? w + c0 : w, n, m, &sum, &d, &ws);
+      block_sums_index<T, A, HAS_W, SMOOTH, CAP>(x + c0, HAS_W ? w + c0 : w, n, m, cap, &sum, &d, &ws);
     }
   }
   *m_out = m;
-  *logsum_out = A(std::log(sum));
-  *d_out = A(d);
+  *sum_out = sum;
+  *d_out = d;
 }
 
-template <class T, class A, bool HAS_W, bool SMOOTH>
+template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
 int ce_fwd_index_rows(const CeArgs& a) {
   const T* X = static_cast<const T*>(a.x);
   const A* w = static_cast<const A*>(a.w);
   A* loss_out = static_cast<A*>(a.loss);
-  A* lse_out = static_cast<A*>(a.lse);
+  double* lse_out = a.lse;
   const int64_t C = a.C, S = a.S, R = a.N * a.S;
   const Consts<A> k(a);
+  const SoftCap<A, CAP> cap(a.softcap);
   int bad = 0;
 #pragma omp parallel for num_threads(a.nthreads) schedule(static)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = r / S, s = r - n * S;
     const T* x = X + n * a.x_sN + s * a.x_sS;
-    A m, logsum, dsum;
-    row_stats_index<T, A, HAS_W, SMOOTH>(x, w, C, &m, &logsum, &dsum);
-    lse_out[r] = m + logsum;
+    A m;
+    double sum, dsum;
+    row_stats_index<T, A, HAS_W, SMOOTH, CAP>(x, w, C, cap, &m, &sum, &dsum);
+    const double logsum_d = std::log(sum);
+    const double lse = double(m) + logsum_d;
+    const A logsum = A(logsum_d);
+    lse_out[r] = lse;
     const int64_t y = a.y[n * a.y_sN + s * a.y_sS];
     A loss = 0;
     if (y != a.ignore_index) {
@@ -178,9 +256,10 @@ int ce_fwd_index_rows(const CeArgs& a) {
       } else {
         const A wy = HAS_W ? w[y] : A(1);
         // (m - x_y) + log(sum) rather than lse - x_y: exact when the target holds the max logit.
-        loss = k.keep * wy * ((m - to_acc<A>(x[y])) + logsum);
+        loss = k.keep * wy * ((m - cap(to_acc<A>(x[y]))) + logsum);
         // sum_c w_c (lse - x_c) = W (lse - m) - sum_c w_c (x_c - m): no cancellation of large logits.
-        if (SMOOTH) loss += k.eps_c * (k.wsum * logsum - dsum);
+        if (SMOOTH) loss += k.eps_c * (k.wsum * logsum - A(dsum));
+        loss += A(double(k.z) * lse * lse);
       }
     }
     loss_out[r] = loss;
@@ -188,17 +267,7 @@ int ce_fwd_index_rows(const CeArgs& a) {
   return bad;
 }
 
-// Runs `pass(exp_fn)` with the fast exp, and again with the exact one if some lane underflowed below
-// the normal range -- rare (logits spread by more than 87), and then those outputs must hold the
-// true subnormal or zero values.
-template <class V, class Pass>
-inline void with_exact_redo(Pass&& pass) {
-  auto oob = mask_none(V());
-  pass([&](V e) { return vexp_normal(e, oob); });
-  if (mask_any(oob)) pass([](V e) { return vexp(e); });
-}
-
-template <class T, class A, bool HAS_W, bool SMOOTH>
+template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
 int ce_bwd_index_rows(const CeArgs& a) {
   using V = Vec<A>;
   constexpr int W = V::W;
@@ -206,9 +275,9 @@ int ce_bwd_index_rows(const CeArgs& a) {
   T* GX = static_cast<T*>(a.gx);
   const A* w = static_cast<const A*>(a.w);
   const A* G = static_cast<const A*>(a.g);
-  const A* LSE = static_cast<const A*>(a.lse_in);
   const int64_t C = a.C, S = a.S, R = a.N * a.S;
   const Consts<A> k(a);
+  const SoftCap<A, CAP> cap(a.softcap);
   int bad = 0;
 #pragma omp parallel for num_threads(a.nthreads) schedule(static)
   for (int64_t r = 0; r < R; ++r) {
@@ -225,36 +294,50 @@ int ce_bwd_index_rows(const CeArgs& a) {
       continue;
     }
     const A g = G[n * a.g_sN + s * a.g_sS];
-    const A lse = LSE[r];
+    A hi, lo;
+    split_lse(a.lse_in[r], &hi, &lo);
+    const A lse = A(a.lse_in[r]);
     const A wy = HAS_W ? w[y] : A(1);
-    // d loss / d x_c = p_c * kp - kw * w_c, less g * keep * wy at the target (patched below).
-    const A kp = g * (k.keep * wy + (SMOOTH ? k.eps_c * k.wsum : A(0)));
+    const A xy_raw = to_acc<A>(x[y]);  // before the loop: in place, the loop overwrites it
+    // d loss / d x'_c = p_c * kp - kw * w_c, less g * keep * wy at the target (patched below);
+    // z-loss adds 2 z lse p_c. With soft-capping, times d x'/d x = 1 - tanh^2.
+    const A kp = g * (k.keep * wy + (SMOOTH ? k.eps_c * k.wsum : A(0)) + A(2) * k.z * lse);
     const A kw = g * k.eps_c;
-    const V kpv(kp), kwv(kw), lv(lse);
+    const V kpv(kp), kwv(kw), hv(hi), lv(lo);
     // For p_y near 1, p_y - 1 is formed as -sum_{c != y} p_c from the same p_c this loop writes: no
     // cancellation. (x_y - lse rounds to 0 once lse absorbs a tiny log-sum, and a confident, correct
     // prediction would get a zero gradient -- as it does in torch.)
     double rest = 0;
-    with_exact_redo<V>([&](auto&& vexp_fn) {
+    auto scalar_step = [&](int64_t c) {
+      const A xr = to_acc<A>(x[c]);
+      const A p = sexp((cap(xr) - hi) - lo);
+      if (c != y) rest += double(p);
+      A o = SMOOTH ? p * kp - kw * (HAS_W ? w[c] : A(1)) : p * kp;
+      if (CAP) o *= cap.slope(xr);
+      put(gx + c, o);
+    };
+    run_backward_pass<V>(a.inplace, [&](auto&& vexp_fn) {
       rest = 0;
       int64_t c = 0;
-      if (a.stream) {  // peel to the alignment streaming stores need
-        for (; c < C && (reinterpret_cast<uintptr_t>(gx + c) % (W * sizeof(T))) != 0; ++c) {
-          const A p = sexp(to_acc<A>(x[c]) - lse);
-          if (c != y) rest += double(p);
-          put(gx + c, SMOOTH ? p * kp - kw * (HAS_W ? w[c] : A(1)) : p * kp);
-        }
-      }
+      if (a.stream)  // peel to the alignment streaming stores need
+        for (; c < C && (reinterpret_cast<uintptr_t>(gx + c) % (W * sizeof(T))) != 0; ++c) scalar_step(c);
       while (c + 2 * W <= C) {
         const int64_t end = c + kBlock < C ? c + kBlock : C;
         V r0(A(0)), r1(A(0));
         for (; c + 2 * W <= end; c += 2 * W) {
-          V p0 = vexp_fn(V::load(x + c) - lv);
-          V p1 = vexp_fn(V::load(x + c + W) - lv);
+          V x0, x1, d0, d1;
+          cap.with_slope(V::load(x + c), x0, d0);
+          cap.with_slope(V::load(x + c + W), x1, d1);
+          V p0 = vexp_fn((x0 - hv) - lv);
+          V p1 = vexp_fn((x1 - hv) - lv);
           V o0 = p0 * kpv, o1 = p1 * kpv;
           if (SMOOTH) {
             o0 = HAS_W ? fnmadd(kwv, V::load(w + c), o0) : o0 - kwv;
             o1 = HAS_W ? fnmadd(kwv, V::load(w + c + W), o1) : o1 - kwv;
+          }
+          if (CAP) {
+            o0 = o0 * d0;
+            o1 = o1 * d1;
           }
           if (a.stream) {
             o0.stream(gx + c);
@@ -276,39 +359,36 @@ int ce_bwd_index_rows(const CeArgs& a) {
         }
         rest += double(hsum(r0 + r1));
       }
-      for (; c < C; ++c) {
-        const A p = sexp(to_acc<A>(x[c]) - lse);
-        if (c != y) rest += double(p);
-        put(gx + c, SMOOTH ? p * kp - kw * (HAS_W ? w[c] : A(1)) : p * kp);
-      }
+      for (; c < C; ++c) scalar_step(c);
     });
     // Streaming stores are weakly ordered: fence them before the target element is overwritten.
     if (a.stream) store_fence();
     // The target's own element, formed whole in fp32 and cast once. p_y - 1 two ways, each where it
     // is better conditioned: -sum_{c != y} p_c carries lse's rounding relative to (1 - p_y), expm1
     // relative to p_y.
-    const A dy = to_acc<A>(x[y]) - lse;
+    const A dy = (cap(xy_raw) - hi) - lo;
     const A py = sexp(dy);
     const A py_minus_1 = py > A(0.5) ? -A(rest) : sexpm1(dy);
-    A gy = g * k.keep * wy * py_minus_1;
+    A gy = g * (k.keep * wy * py_minus_1 + A(2) * k.z * lse * py);
     if (SMOOTH) gy += kw * (py * k.wsum - wy);
+    if (CAP) gy *= cap.slope(xy_raw);
     put(gx + y, gy);
   }
   return bad;
 }
 
 // Probability targets, t'_c = t_c (1 - eps) + eps / C:
-//   loss = sum_c w_c t'_c (lse - x_c) = log(sum) * sum_c w_c t'_c - sum_c w_c t'_c (x_c - m).
-template <class T, class TT, class A, bool HAS_W>
+//   loss = sum_c w_c t'_c (lse - x'_c) = log(sum) * sum_c w_c t'_c - sum_c w_c t'_c (x'_c - m).
+template <class T, class TT, class A, bool HAS_W, bool CAP>
 inline void block_sums_prob(const T* x, const TT* t, const A* w, int64_t n, A m, const Consts<A>& k,
-                            double* sum, double* tw, double* twd) {
+                            const SoftCap<A, CAP>& cap, double* sum, double* tw, double* twd) {
   using V = Vec<A>;
   constexpr int W = V::W;
   const V mv(m), keepv(k.keep), epscv(k.eps_c);
   V s0(A(0)), w0(A(0)), d0(A(0));
   int64_t c = 0;
   for (; c + W <= n; c += W) {
-    const V e = V::load(x + c) - mv;
+    const V e = cap(V::load(x + c)) - mv;
     s0 = s0 + vexp_sum_term(e);
     V wt = fmadd(V::load(t + c), keepv, epscv);
     if (HAS_W) wt = wt * V::load(w + c);
@@ -317,7 +397,7 @@ inline void block_sums_prob(const T* x, const TT* t, const A* w, int64_t n, A m,
   }
   double sd = double(hsum(s0)), twd_ = double(hsum(d0)), tw_ = double(hsum(w0));
   for (; c < n; ++c) {
-    const A e = to_acc<A>(x[c]) - m;
+    const A e = cap(to_acc<A>(x[c])) - m;
     sd += double(sexp(e));
     const A wt = (to_acc<A>(t[c]) * k.keep + k.eps_c) * (HAS_W ? w[c] : A(1));
     tw_ += double(wt);
@@ -328,15 +408,15 @@ inline void block_sums_prob(const T* x, const TT* t, const A* w, int64_t n, A m,
   *twd += twd_;
 }
 
-template <class T, class TT, class A, bool HAS_W>
+template <class T, class TT, class A, bool HAS_W, bool CAP>
 int ce_fwd_prob_rows(const CeArgs& a) {
   const T* X = static_cast<const T*>(a.x);
   const TT* TG = static_cast<const TT*>(a.t);
   const A* w = static_cast<const A*>(a.w);
   A* loss_out = static_cast<A*>(a.loss);
-  A* lse_out = static_cast<A*>(a.lse);
   const int64_t C = a.C, S = a.S, R = a.N * a.S;
   const Consts<A> k(a);
+  const SoftCap<A, CAP> cap(a.softcap);
   const A ninf = -std::numeric_limits<A>::infinity();
 #pragma omp parallel for num_threads(a.nthreads) schedule(static)
   for (int64_t r = 0; r < R; ++r) {
@@ -348,7 +428,7 @@ int ce_fwd_prob_rows(const CeArgs& a) {
     bool online = true;  // as row_stats_index
     for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
       const int64_t nb = C - c0 < kBlock ? C - c0 : kBlock;
-      const A bm = block_max<T, A>(x + c0, nb);
+      const A bm = cap(block_max<T, A>(x + c0, nb));
       if (bm == ninf) {
         online = false;
         break;
@@ -360,24 +440,25 @@ int ce_fwd_prob_rows(const CeArgs& a) {
         }
         m = bm;
       }
-      block_sums_prob<T, TT, A, HAS_W>(x + c0, t + c0, HAS_W ? w + c0 : w, nb, m, k, &sum, &tw, &twd);
+      block_sums_prob<T, TT, A, HAS_W, CAP>(x + c0, t + c0, HAS_W ? w + c0 : w, nb, m, k, cap, &sum, &tw, &twd);
     }
     if (!online) {
-      m = block_max<T, A>(x, C);
+      m = cap(block_max<T, A>(x, C));
       sum = tw = twd = 0;
       for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
         const int64_t nb = C - c0 < kBlock ? C - c0 : kBlock;
-        block_sums_prob<T, TT, A, HAS_W>(x + c0, t + c0, HAS_W ? w + c0 : w, nb, m, k, &sum, &tw, &twd);
+        block_sums_prob<T, TT, A, HAS_W, CAP>(x + c0, t + c0, HAS_W ? w + c0 : w, nb, m, k, cap, &sum, &tw, &twd);
       }
     }
     const double logsum = std::log(sum);
-    lse_out[r] = m + A(logsum);
-    loss_out[r] = A(logsum * tw - twd);
+    const double lse = double(m) + logsum;
+    a.lse[r] = lse;
+    loss_out[r] = A(logsum * tw - twd + double(k.z) * lse * lse);
   }
   return 0;
 }
 
-template <class T, class TT, class A, bool HAS_W>
+template <class T, class TT, class A, bool HAS_W, bool CAP>
 int ce_bwd_prob_rows(const CeArgs& a) {
   using V = Vec<A>;
   constexpr int W = V::W;
@@ -387,19 +468,34 @@ int ce_bwd_prob_rows(const CeArgs& a) {
   TT* GT = static_cast<TT*>(a.gt);
   const A* w = static_cast<const A*>(a.w);
   const A* G = static_cast<const A*>(a.g);
-  const A* LSE = static_cast<const A*>(a.lse_in);
   const int64_t C = a.C, S = a.S, R = a.N * a.S;
   const Consts<A> k(a);
+  const SoftCap<A, CAP> cap(a.softcap);
 #pragma omp parallel for num_threads(a.nthreads) schedule(static)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = r / S, s = r - n * S;
     const T* x = X + n * a.x_sN + s * a.x_sS;
     const TT* t = TG + n * a.t_sN + s * a.t_sS;
     const A g = G[n * a.g_sN + s * a.g_sS];
-    const A lse = LSE[r];
-    const V keepv(k.keep), epscv(k.eps_c), lv(lse), gv(g);
+    A hi, lo;
+    split_lse(a.lse_in[r], &hi, &lo);
+    const A lse = A(a.lse_in[r]);
+    const V keepv(k.keep), epscv(k.eps_c), hv(hi), lv(lo), gv(g);
+    // The target gradient first: in place, the input gradient overwrites the logits it reads.
+    if (GT) {
+      // d loss / d t_c = g (1 - eps) w_c (lse - x'_c)
+      TT* gt = GT + n * a.gt_sN + s * a.gt_sS;
+      const V gk(g * k.keep);
+      int64_t c = 0;
+      for (; c + W <= C; c += W) {
+        V o = gk * ((hv - cap(V::load(x + c))) + lv);
+        if (HAS_W) o = o * V::load(w + c);
+        o.store(gt + c);
+      }
+      for (; c < C; ++c) put(gt + c, g * k.keep * (HAS_W ? w[c] : A(1)) * ((hi - cap(to_acc<A>(x[c]))) + lo));
+    }
     if (GX) {
-      // d loss / d x_c = g (p_c sum_k w_k t'_k - w_c t'_c): the target's weighted mass first.
+      // d loss / d x'_c = g (p_c (sum_k w_k t'_k + 2 z lse) - w_c t'_c): the target's weighted mass first.
       double tw = 0;
       int64_t c = 0;
       while (c + W <= C) {
@@ -413,32 +509,25 @@ int ce_bwd_prob_rows(const CeArgs& a) {
       }
       for (; c < C; ++c) tw += double((to_acc<A>(t[c]) * k.keep + k.eps_c) * (HAS_W ? w[c] : A(1)));
       T* gx = GX + n * a.gx_sN + s * a.gx_sS;
-      const A gtw = g * A(tw);
-      const V gtwv(gtw);
-      with_exact_redo<V>([&](auto&& vexp_fn) {
+      const A gp = g * (A(tw) + A(2) * k.z * lse);
+      const V gpv(gp);
+      run_backward_pass<V>(a.inplace, [&](auto&& vexp_fn) {
         int64_t c = 0;
         for (; c + W <= C; c += W) {
           V wt = fmadd(V::load(t + c), keepv, epscv);
           if (HAS_W) wt = wt * V::load(w + c);
-          fnmadd(gv, wt, vexp_fn(V::load(x + c) - lv) * gtwv).store(gx + c);
+          V xc, slope;
+          cap.with_slope(V::load(x + c), xc, slope);
+          V o = fnmadd(gv, wt, vexp_fn((xc - hv) - lv) * gpv);
+          if (CAP) o = o * slope;
+          o.store(gx + c);
         }
         for (; c < C; ++c) {
           const A wt = (to_acc<A>(t[c]) * k.keep + k.eps_c) * (HAS_W ? w[c] : A(1));
-          put(gx + c, sexp(to_acc<A>(x[c]) - lse) * gtw - g * wt);
+          const A xr = to_acc<A>(x[c]);
+          put(gx + c, (sexp((cap(xr) - hi) - lo) * gp - g * wt) * cap.slope(xr));
         }
       });
-    }
-    if (GT) {
-      // d loss / d t_c = g (1 - eps) w_c (lse - x_c)
-      TT* gt = GT + n * a.gt_sN + s * a.gt_sS;
-      const V gk(g * k.keep);
-      int64_t c = 0;
-      for (; c + W <= C; c += W) {
-        V o = gk * (lv - V::load(x + c));
-        if (HAS_W) o = o * V::load(w + c);
-        o.store(gt + c);
-      }
-      for (; c < C; ++c) put(gt + c, g * k.keep * (HAS_W ? w[c] : A(1)) * (lse - to_acc<A>(x[c])));
     }
   }
   return 0;
@@ -488,6 +577,20 @@ inline Vec<A> unfold(const double* acc) {
   return Vec<A>::load(b);
 }
 
+// lse of the tile's lanes, split as in split_lse.
+template <class A>
+inline void tile_lse(const double* lse, const Tile<A>& tl, int u, Vec<A>* hi, Vec<A>* lo, Vec<A>* full) {
+  constexpr int W = Vec<A>::W;
+  A h[W] = {}, l[W] = {}, f[W] = {};
+  for (int j = 0; j < tl.kv(u); ++j) {
+    split_lse(lse[j], h + j, l + j);
+    f[j] = A(lse[j]);
+  }
+  *hi = Vec<A>::load(h);
+  *lo = Vec<A>::load(l);
+  *full = Vec<A>::load(f);
+}
+
 // A tile reads one short run from each of C class planes -- more concurrent streams than the hardware
 // prefetchers follow -- so the first pass over a tile asks for the same runs kPrefetchTiles tiles on.
 constexpr int kPrefetchTiles = 4;
@@ -502,8 +605,9 @@ inline void prefetch_tile_ahead(const T* x, int64_t c, int64_t sC, bool write = 
   if (sizeof(T) * Tile<A>::L > 64) __builtin_prefetch(p + 64, write ? 1 : 0, 2);
 }
 
-template <class T, class A>
-inline void tile_max(const T* x, int64_t C, int64_t sC, const Tile<A>& tl, Vec<A>* m) {
+template <class T, class A, bool CAP>
+inline void tile_max(const T* x, int64_t C, int64_t sC, const Tile<A>& tl, const SoftCap<A, CAP>& cap,
+                     Vec<A>* m) {
   using V = Vec<A>;
   for (int u = 0; u < kU; ++u) m[u] = V(-std::numeric_limits<A>::infinity());
   for (int64_t c = 0; c < C; ++c) {
@@ -511,9 +615,10 @@ inline void tile_max(const T* x, int64_t C, int64_t sC, const Tile<A>& tl, Vec<A
     for (int u = 0; u < kU; ++u)
       if (tl.kv(u)) m[u] = vmax(m[u], load_k(x + c * sC + u * V::W, tl.kv(u), A(0)));
   }
+  for (int u = 0; u < kU; ++u) m[u] = cap(m[u]);
 }
 
-// Per-lane class-index bookkeeping of a tile: target, its logit, its weight, whether the row counts.
+// Per-lane class-index bookkeeping of a tile: target, its raw logit, its weight, whether the row counts.
 template <class A>
 struct TileTargets {
   static constexpr int L = Tile<A>::L;
@@ -538,24 +643,24 @@ inline void tile_targets(const CeArgs& a, const Tile<A>& tl, const T* x, const A
   }
 }
 
-template <class T, class A, bool HAS_W, bool SMOOTH>
+template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
 int ce_fwd_index_tiles(const CeArgs& a) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
   const T* X = static_cast<const T*>(a.x);
   const A* w = static_cast<const A*>(a.w);
   A* loss_out = static_cast<A*>(a.loss);
-  A* lse_out = static_cast<A*>(a.lse);
   const int64_t C = a.C, S = a.S, sC = a.x_sC;
   const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
   const Consts<A> k(a);
+  const SoftCap<A, CAP> cap(a.softcap);
   int bad = 0;
 #pragma omp parallel for num_threads(a.nthreads) schedule(static)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
     V m[kU];
-    tile_max<T, A>(x, C, sC, tl, m);
+    tile_max<T, A, CAP>(x, C, sC, tl, cap, m);
     double sum[L] = {}, dsum[L] = {};
     for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
       const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
@@ -564,7 +669,7 @@ int ce_fwd_index_tiles(const CeArgs& a) {
       for (int64_t c = c0; c < c1; ++c) {
         for (int u = 0; u < kU; ++u) {
           if (!tl.kv(u)) continue;
-          const V e = load_k(x + c * sC + u * W, tl.kv(u), A(0)) - m[u];
+          const V e = cap(load_k(x + c * sC + u * W, tl.kv(u), A(0))) - m[u];
           sv[u] = sv[u] + vexp_sum_term(e);
           if (SMOOTH) dv[u] = HAS_W ? fmadd(V(w[c]), e, dv[u]) : dv[u] + e;
         }
@@ -581,16 +686,21 @@ int ce_fwd_index_tiles(const CeArgs& a) {
       if (!kv) continue;
       const V logsum = vlog(unfold<A>(sum + u * W));
       const int64_t r0 = tl.n * S + tl.s0 + u * W;
-      store_k(m[u] + logsum, lse_out + r0, kv);
-      V loss = V(k.keep) * V::load(tt.wy + u * W) * ((m[u] - V::load(tt.xy + u * W)) + logsum);
+      A mb[W], lb[W];
+      m[u].store(mb);
+      logsum.store(lb);
+      for (int j = 0; j < kv; ++j) a.lse[r0 + j] = double(mb[j]) + double(lb[j]);
+      V loss = V(k.keep) * V::load(tt.wy + u * W) * ((m[u] - cap(V::load(tt.xy + u * W))) + logsum);
       if (SMOOTH) loss = loss + V(k.eps_c) * (V(k.wsum) * logsum - unfold<A>(dsum + u * W));
+      const V lse = m[u] + logsum;
+      loss = fmadd(V(k.z) * lse, lse, loss);
       store_k(select(V::mask(tt.live + u * W), loss, V(A(0))), loss_out + r0, kv);
     }
   }
   return bad;
 }
 
-template <class T, class A, bool HAS_W, bool SMOOTH>
+template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
 int ce_bwd_index_tiles(const CeArgs& a) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
@@ -598,40 +708,40 @@ int ce_bwd_index_tiles(const CeArgs& a) {
   T* GX = static_cast<T*>(a.gx);
   const A* w = static_cast<const A*>(a.w);
   const A* G = static_cast<const A*>(a.g);
-  const A* LSE = static_cast<const A*>(a.lse_in);
   const int64_t C = a.C, S = a.S, sC = a.x_sC, gsC = a.gx_sC;
   const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
   const Consts<A> k(a);
+  const SoftCap<A, CAP> cap(a.softcap);
   int bad = 0;
 #pragma omp parallel for num_threads(a.nthreads) schedule(static)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
     T* gx = GX + tl.n * a.gx_sN + tl.s0;
-    TileTargets<A> tt;
+    TileTargets<A> tt;  // reads the target logits before anything is written (in place)
     tile_targets<T, A, HAS_W>(a, tl, x, w, tt, &bad);
     alignas(32) A g[L] = {}, gy[L] = {};
     for (int j = 0; j < tl.k; ++j)
       if (tt.live[j]) g[j] = G[tl.n * a.g_sN + (tl.s0 + j) * a.g_sS];
-    V kpv[kU], kwv[kU], lv[kU], yv[kU];
+    V kpv[kU], kwv[kU], hv[kU], lv[kU], lsev[kU], yv[kU];
     typename V::Mask on[kU];
     alignas(32) A yf[L];
     for (int j = 0; j < L; ++j) yf[j] = tt.live[j] ? A(tt.y[j]) : A(-1);  // exact below 2^24 classes
     for (int u = 0; u < kU; ++u) {
-      kpv[u] = kwv[u] = lv[u] = V(A(0));
+      kpv[u] = kwv[u] = hv[u] = lv[u] = lsev[u] = V(A(0));
       on[u] = mask_none(V());
       yv[u] = V::load(yf + u * W);
       const int kv = tl.kv(u);
       if (!kv) continue;
       const V gv = V::load(g + u * W), wyv = V::load(tt.wy + u * W);
-      lv[u] = load_k(LSE + tl.n * S + tl.s0 + u * W, kv, A(0));
-      kpv[u] = gv * (V(k.keep) * wyv + V(SMOOTH ? k.eps_c * k.wsum : A(0)));
+      tile_lse(a.lse_in + tl.n * S + tl.s0 + u * W, tl, u, hv + u, lv + u, lsev + u);
+      kpv[u] = gv * (V(k.keep) * wyv + V(SMOOTH ? k.eps_c * k.wsum : A(0)) + V(A(2) * k.z) * lsev[u]);
       kwv[u] = gv * V(k.eps_c);
       on[u] = V::mask(tt.live + u * W);
     }
     // Per lane, sum_{c != y} p_c for the target element (see ce_bwd_index_rows).
     double rest[L] = {};
-    with_exact_redo<V>([&](auto&& vexp_fn) {
+    run_backward_pass<V>(a.inplace, [&](auto&& vexp_fn) {
       for (int j = 0; j < L; ++j) rest[j] = 0;
       for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
         const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
@@ -644,9 +754,12 @@ int ce_bwd_index_tiles(const CeArgs& a) {
           for (int u = 0; u < kU; ++u) {
             const int kv = tl.kv(u);
             if (!kv) continue;
-            const V p = vexp_fn(load_k(x + c * sC + u * W, kv, A(0)) - lv[u]);
+            V xc, slope;
+            cap.with_slope(load_k(x + c * sC + u * W, kv, A(0)), xc, slope);
+            const V p = vexp_fn((xc - hv[u]) - lv[u]);
             V o = p * kpv[u];
             if (SMOOTH) o = HAS_W ? fnmadd(kwv[u], V(w[c]), o) : o - kwv[u];
+            if (CAP) o = o * slope;
             // Ignored rows get exact zeros, whatever their logits hold.
             store_k(select(on[u], o, V(A(0))), gx + c * gsC + u * W, kv);
             r[u] = r[u] + select(cmp_eq(yv[u], cv), V(A(0)), p);
@@ -658,11 +771,14 @@ int ce_bwd_index_tiles(const CeArgs& a) {
     for (int u = 0; u < kU; ++u) {
       if (!tl.kv(u)) continue;
       const V gv = V::load(g + u * W), wyv = V::load(tt.wy + u * W);
-      const V dy = V::load(tt.xy + u * W) - lv[u];
+      V xyc, slope;
+      cap.with_slope(V::load(tt.xy + u * W), xyc, slope);
+      const V dy = (xyc - hv[u]) - lv[u];
       const V py = vexp(dy);
       const V py_minus_1 = select(cmp_lt(V(A(0.5)), py), vneg(unfold<A>(rest + u * W)), vexpm1(dy));
-      V gyv = gv * V(k.keep) * wyv * py_minus_1;
+      V gyv = gv * (V(k.keep) * wyv * py_minus_1 + V(A(2) * k.z) * lsev[u] * py);
       if (SMOOTH) gyv = gyv + kwv[u] * (py * V(k.wsum) - wyv);
+      if (CAP) gyv = gyv * slope;
       gyv.store(gy + u * W);
     }
     for (int j = 0; j < tl.k; ++j)
@@ -671,7 +787,7 @@ int ce_bwd_index_tiles(const CeArgs& a) {
   return bad;
 }
 
-template <class T, class TT, class A, bool HAS_W>
+template <class T, class TT, class A, bool HAS_W, bool CAP>
 int ce_fwd_prob_tiles(const CeArgs& a) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
@@ -679,17 +795,17 @@ int ce_fwd_prob_tiles(const CeArgs& a) {
   const TT* TG = static_cast<const TT*>(a.t);
   const A* w = static_cast<const A*>(a.w);
   A* loss_out = static_cast<A*>(a.loss);
-  A* lse_out = static_cast<A*>(a.lse);
   const int64_t C = a.C, S = a.S, sC = a.x_sC, tsC = a.t_sC;
   const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
   const Consts<A> k(a);
+  const SoftCap<A, CAP> cap(a.softcap);
 #pragma omp parallel for num_threads(a.nthreads) schedule(static)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
     const TT* t = TG + tl.n * a.t_sN + tl.s0;
     V m[kU];
-    tile_max<T, A>(x, C, sC, tl, m);
+    tile_max<T, A, CAP>(x, C, sC, tl, cap, m);
     double sum[L] = {}, tw[L] = {}, twd[L] = {};
     for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
       const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
@@ -699,7 +815,7 @@ int ce_fwd_prob_tiles(const CeArgs& a) {
         for (int u = 0; u < kU; ++u) {
           const int kv = tl.kv(u);
           if (!kv) continue;
-          const V e = load_k(x + c * sC + u * W, kv, A(0)) - m[u];
+          const V e = cap(load_k(x + c * sC + u * W, kv, A(0))) - m[u];
           sv[u] = sv[u] + vexp_sum_term(e);
           V wt = fmadd(load_k(t + c * tsC + u * W, kv, A(0)), V(k.keep), V(k.eps_c));
           if (HAS_W) wt = wt * V(w[c]);
@@ -716,16 +832,23 @@ int ce_fwd_prob_tiles(const CeArgs& a) {
     for (int u = 0; u < kU; ++u) {
       const int kv = tl.kv(u);
       if (!kv) continue;
-      const V logsum = vlog(unfold<A>(sum + u * W));
       const int64_t r0 = tl.n * S + tl.s0 + u * W;
-      store_k(m[u] + logsum, lse_out + r0, kv);
-      store_k(logsum * unfold<A>(tw + u * W) - unfold<A>(twd + u * W), loss_out + r0, kv);
+      A mb[W], lb[W];
+      m[u].store(mb);
+      vlog(unfold<A>(sum + u * W)).store(lb);
+      for (int j = 0; j < kv; ++j) {
+        const int l = u * W + j;
+        const double logsum = double(lb[j]);
+        const double lse = double(mb[j]) + logsum;
+        a.lse[r0 + j] = lse;
+        loss_out[r0 + j] = A(logsum * tw[l] - twd[l] + double(k.z) * lse * lse);
+      }
     }
   }
   return 0;
 }
 
-template <class T, class TT, class A, bool HAS_W>
+template <class T, class TT, class A, bool HAS_W, bool CAP>
 int ce_bwd_prob_tiles(const CeArgs& a) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
@@ -735,10 +858,10 @@ int ce_bwd_prob_tiles(const CeArgs& a) {
   TT* GT = static_cast<TT*>(a.gt);
   const A* w = static_cast<const A*>(a.w);
   const A* G = static_cast<const A*>(a.g);
-  const A* LSE = static_cast<const A*>(a.lse_in);
   const int64_t C = a.C, S = a.S, sC = a.x_sC, tsC = a.t_sC;
   const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
   const Consts<A> k(a);
+  const SoftCap<A, CAP> cap(a.softcap);
 #pragma omp parallel for num_threads(a.nthreads) schedule(static)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
@@ -746,10 +869,22 @@ int ce_bwd_prob_tiles(const CeArgs& a) {
     const TT* t = TG + tl.n * a.t_sN + tl.s0;
     alignas(32) A g[L] = {};
     for (int j = 0; j < tl.k; ++j) g[j] = G[tl.n * a.g_sN + (tl.s0 + j) * a.g_sS];
-    V gv[kU], lv[kU];
+    V gv[kU], hv[kU], lv[kU], lsev[kU];
     for (int u = 0; u < kU; ++u) {
       gv[u] = V::load(g + u * W);
-      lv[u] = tl.kv(u) ? load_k(LSE + tl.n * S + tl.s0 + u * W, tl.kv(u), A(0)) : V(A(0));
+      hv[u] = lv[u] = lsev[u] = V(A(0));
+      if (tl.kv(u)) tile_lse(a.lse_in + tl.n * S + tl.s0 + u * W, tl, u, hv + u, lv + u, lsev + u);
+    }
+    if (GT) {  // first: in place, the input gradient overwrites the logits
+      TT* gt = GT + tl.n * a.gt_sN + tl.s0;
+      for (int64_t c = 0; c < C; ++c)
+        for (int u = 0; u < kU; ++u) {
+          const int kv = tl.kv(u);
+          if (!kv) continue;
+          V o = gv[u] * V(k.keep) * ((hv[u] - cap(load_k(x + c * sC + u * W, kv, A(0)))) + lv[u]);
+          if (HAS_W) o = o * V(w[c]);
+          store_k(o, gt + c * a.gt_sC + u * W, kv);
+        }
     }
     if (GX) {
       double tw[L] = {};
@@ -766,31 +901,23 @@ int ce_bwd_prob_tiles(const CeArgs& a) {
           }
         for (int u = 0; u < kU; ++u) fold(wv[u], tw + u * W);
       }
-      V gtw[kU];
-      for (int u = 0; u < kU; ++u) gtw[u] = gv[u] * unfold<A>(tw + u * W);
+      V gp[kU];
+      for (int u = 0; u < kU; ++u) gp[u] = gv[u] * (unfold<A>(tw + u * W) + V(A(2) * k.z) * lsev[u]);
       T* gx = GX + tl.n * a.gx_sN + tl.s0;
-      with_exact_redo<V>([&](auto&& vexp_fn) {
+      run_backward_pass<V>(a.inplace, [&](auto&& vexp_fn) {
         for (int64_t c = 0; c < C; ++c)
           for (int u = 0; u < kU; ++u) {
             const int kv = tl.kv(u);
             if (!kv) continue;
             V wt = fmadd(load_k(t + c * tsC + u * W, kv, A(0)), V(k.keep), V(k.eps_c));
             if (HAS_W) wt = wt * V(w[c]);
-            const V p = vexp_fn(load_k(x + c * sC + u * W, kv, A(0)) - lv[u]);
-            store_k(fnmadd(gv[u], wt, p * gtw[u]), gx + c * a.gx_sC + u * W, kv);
+            V xc, slope;
+            cap.with_slope(load_k(x + c * sC + u * W, kv, A(0)), xc, slope);
+            V o = fnmadd(gv[u], wt, vexp_fn((xc - hv[u]) - lv[u]) * gp[u]);
+            if (CAP) o = o * slope;
+            store_k(o, gx + c * a.gx_sC + u * W, kv);
           }
       });
-    }
-    if (GT) {
-      TT* gt = GT + tl.n * a.gt_sN + tl.s0;
-      for (int64_t c = 0; c < C; ++c)
-        for (int u = 0; u < kU; ++u) {
-          const int kv = tl.kv(u);
-          if (!kv) continue;
-          V o = gv[u] * V(k.keep) * (lv[u] - load_k(x + c * sC + u * W, kv, A(0)));
-          if (HAS_W) o = o * V(w[c]);
-          store_k(o, gt + c * a.gt_sC + u * W, kv);
-        }
     }
   }
   return 0;
@@ -807,14 +934,17 @@ int ce_forward_t(const CeArgs& a) {
   const bool rows = walk_rows(a);
   return with_bool(a.w != nullptr, [&](auto HW) {
     constexpr bool hw = decltype(HW)::value;
-    if (a.t) {
-      if (a.t_dtype_is_acc)
-        return rows ? ce_fwd_prob_rows<T, A, A, hw>(a) : ce_fwd_prob_tiles<T, A, A, hw>(a);
-      return rows ? ce_fwd_prob_rows<T, T, A, hw>(a) : ce_fwd_prob_tiles<T, T, A, hw>(a);
-    }
-    return with_bool(a.eps > 0, [&](auto SM) {
-      constexpr bool sm = decltype(SM)::value;
-      return rows ? ce_fwd_index_rows<T, A, hw, sm>(a) : ce_fwd_index_tiles<T, A, hw, sm>(a);
+    return with_bool(a.softcap > 0, [&](auto CP) {
+      constexpr bool cp = decltype(CP)::value;
+      if (a.t) {
+        if (a.t_dtype_is_acc)
+          return rows ? ce_fwd_prob_rows<T, A, A, hw, cp>(a) : ce_fwd_prob_tiles<T, A, A, hw, cp>(a);
+        return rows ? ce_fwd_prob_rows<T, T, A, hw, cp>(a) : ce_fwd_prob_tiles<T, T, A, hw, cp>(a);
+      }
+      return with_bool(a.eps > 0, [&](auto SM) {
+        constexpr bool sm = decltype(SM)::value;
+        return rows ? ce_fwd_index_rows<T, A, hw, sm, cp>(a) : ce_fwd_index_tiles<T, A, hw, sm, cp>(a);
+      });
     });
   });
 }
@@ -824,14 +954,17 @@ int ce_backward_t(const CeArgs& a) {
   const bool rows = walk_rows(a);
   return with_bool(a.w != nullptr, [&](auto HW) {
     constexpr bool hw = decltype(HW)::value;
-    if (a.t) {
-      if (a.t_dtype_is_acc)
-        return rows ? ce_bwd_prob_rows<T, A, A, hw>(a) : ce_bwd_prob_tiles<T, A, A, hw>(a);
-      return rows ? ce_bwd_prob_rows<T, T, A, hw>(a) : ce_bwd_prob_tiles<T, T, A, hw>(a);
-    }
-    return with_bool(a.eps > 0, [&](auto SM) {
-      constexpr bool sm = decltype(SM)::value;
-      return rows ? ce_bwd_index_rows<T, A, hw, sm>(a) : ce_bwd_index_tiles<T, A, hw, sm>(a);
+    return with_bool(a.softcap > 0, [&](auto CP) {
+      constexpr bool cp = decltype(CP)::value;
+      if (a.t) {
+        if (a.t_dtype_is_acc)
+          return rows ? ce_bwd_prob_rows<T, A, A, hw, cp>(a) : ce_bwd_prob_tiles<T, A, A, hw, cp>(a);
+        return rows ? ce_bwd_prob_rows<T, T, A, hw, cp>(a) : ce_bwd_prob_tiles<T, T, A, hw, cp>(a);
+      }
+      return with_bool(a.eps > 0, [&](auto SM) {
+        constexpr bool sm = decltype(SM)::value;
+        return rows ? ce_bwd_index_rows<T, A, hw, sm, cp>(a) : ce_bwd_index_tiles<T, A, hw, sm, cp>(a);
+      });
     });
   });
 }

@@ -208,6 +208,14 @@ inline Vec<float> vexpm1(Vec<float> a) {
   return _mm256_blendv_ps(big, rq, n0);
 }
 
+// tanh(u) = expm1(2u) / (expm1(2u) + 2): no cancellation near 0; |u| clamped at 9, where tanh rounds to
+// +-1 in fp32 and expm1 would overflow. NaN stays NaN. (Logit soft-capping: cap * tanh(x / cap).)
+inline Vec<float> vtanh(Vec<float> a) {
+  const __m256 u = _mm256_min_ps(_mm256_set1_ps(9.0f), _mm256_max_ps(_mm256_set1_ps(-9.0f), a.v));
+  const __m256 em = vexpm1(Vec<float>(_mm256_add_ps(u, u))).v;
+  return _mm256_div_ps(em, _mm256_add_ps(em, _mm256_set1_ps(2.0f)));
+}
+
 // Natural log, ~1 ulp (Cephes logf). log(0) = -inf, log(x<0) = NaN, log(inf) = inf, NaN -> NaN;
 // subnormal inputs are scaled up first.
 inline Vec<float> vlog(Vec<float> a) {
@@ -306,6 +314,7 @@ inline Vec<float> vexp(Vec<float> a) { return std::exp(a.v); }
 inline Vec<float> vexp_normal(Vec<float> a, bool&) { return std::exp(a.v); }
 inline Vec<float> vexp_sum_term(Vec<float> a) { return std::exp(a.v); }
 inline Vec<float> vexpm1(Vec<float> a) { return std::expm1(a.v); }
+inline Vec<float> vtanh(Vec<float> a) { return std::tanh(a.v); }
 inline Vec<float> vlog(Vec<float> a) { return std::log(a.v); }
 inline Vec<float> vlog1p(Vec<float> a) { return std::log1p(a.v); }
 
@@ -355,6 +364,7 @@ inline Vec<double> vexp(Vec<double> a) { return std::exp(a.v); }
 inline Vec<double> vexp_normal(Vec<double> a, bool&) { return std::exp(a.v); }
 inline Vec<double> vexp_sum_term(Vec<double> a) { return std::exp(a.v); }
 inline Vec<double> vexpm1(Vec<double> a) { return std::expm1(a.v); }
+inline Vec<double> vtanh(Vec<double> a) { return std::tanh(a.v); }
 inline Vec<double> vlog(Vec<double> a) { return std::log(a.v); }
 inline Vec<double> vlog1p(Vec<double> a) { return std::log1p(a.v); }
 
@@ -364,4 +374,6 @@ inline double sexp(double x) { return std::exp(x); }
 inline float slog(float x) { return std::log(x); }
 inline double slog(double x) { return std::log(x); }
 inline float sexpm1(float x) { return std::expm1(x); }
+inline float stanh(float x) { return std::tanh(x); }
+inline double stanh(double x) { return std::tanh(x); }
 inline double sexpm1(double x) { return std::expm1(x); }

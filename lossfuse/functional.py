@@ -78,8 +78,12 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    inplace_backward: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
+):
     """Fused log-softmax cross-entropy; same arguments and results as
     :func:`torch.nn.functional.cross_entropy`.
 
@@ -88,6 +92,17 @@ def cross_entropy(
     probabilities (floating point, the input's shape). ``backend`` is ``"auto"``, ``"cpu"``,
     ``"triton"`` or ``"reference"``; the environment variable ``LOSSFUSE_BACKEND`` overrides
     ``"auto"``.
+
+    Keyword-only extras for language models:
+
+    - ``z_loss``: adds ``z_loss * lse**2`` per non-ignored row (PaLM), reduced like the loss.
+    - ``softcap``: logits pass through ``softcap * tanh(x / softcap)`` inside the kernel (Gemma); the
+      gradient includes the tanh's derivative.
+    - ``return_lse``: also return the per-row log-sum-exp (float32, float64 for float64 input;
+      non-differentiable; of the soft-capped logits), shaped like the unreduced loss.
+    - ``inplace_backward``: the gradient is written into the logits' own storage -- no second
+      N x C buffer. The logits are marked modified, so autograd refuses any later use of them; read
+      what you need from them before ``backward()``. The reference backend ignores it.
     """
     reduction = legacy_reduction(size_average, reduce, reduction)
     check_reduction(reduction)
@@ -95,6 +110,10 @@ def cross_entropy(
     check_float_input("cross_entropy", input)
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if not (isinstance(z_loss, (int, float)) and z_loss >= 0):
+        raise ValueError(f"cross_entropy: z_loss must be a number >= 0; got {z_loss!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"cross_entropy: softcap must be None or a number > 0; got {softcap!r}")
     check_same_device("cross_entropy", input, target, weight)
     if input.dim() == 0:
         raise RuntimeError("cross_entropy: input must have a class dimension; got a 0-dim tensor")
@@ -118,7 +137,9 @@ def cross_entropy(
     if backend == "triton" and input.dtype == torch.float64 and input.device.type == "cuda" and requested == "auto":
         backend = "reference"  # the Triton kernels compute in fp32; float64 users want float64 math
     if backend == "reference":
-        return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+        out = reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                                      z_loss=z_loss, softcap=softcap, return_lse=return_lse)
+        return out
     if not target.is_floating_point():
         if input.device.type == "cuda":
             # No host sync on the hot path: a device-side assert, as torch's own CUDA kernel does.
@@ -126,4 +147,8 @@ def cross_entropy(
             torch._assert_async(ok.all(), "cross_entropy: a target is out of bounds [0, C)")
         elif backend != "cpu":  # the C++ kernels check targets themselves
             reference.check_targets_in_range(target, num_classes, ignore_index)
-    return CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing, backend)
+    loss, lse = CrossEntropyFunction.apply(
+        input, target, weight, ignore_index, reduction, label_smoothing, float(z_loss),
+        float(softcap or 0.0), bool(inplace_backward), backend,
+    )
+    return (loss, lse) if return_lse else loss

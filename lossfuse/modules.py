@@ -26,17 +26,29 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        return_lse: bool = False,
+        inplace_backward: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         _backend.check_backend_name(backend)
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.return_lse = return_lse
+        self.inplace_backward = inplace_backward
         self.backend = backend
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor):
         return functional.cross_entropy(
             input, target, weight=self.weight, ignore_index=self.ignore_index,
-            reduction=self.reduction, label_smoothing=self.label_smoothing, backend=self.backend,
+            reduction=self.reduction, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+            softcap=self.softcap, return_lse=self.return_lse, inplace_backward=self.inplace_backward,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"
+        extras = [f"{k}={getattr(self, k)!r}" for k in ("z_loss", "softcap", "return_lse", "inplace_backward")
+                  if getattr(self, k) not in (0.0, None, False)]
+        return ", ".join(extras + [f"backend={self.backend!r}"])

@@ -41,12 +41,22 @@ def cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
-) -> torch.Tensor:
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+):
     acc = acc_dtype(input.dtype)
     cdim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[cdim]
     x = input.to(acc)
-    neg_logp = _log_sum_exp(x, cdim) - x  # lse - x, >= 0
+    if softcap:
+        x = softcap * torch.tanh(x / softcap)
+    lse = _log_sum_exp(x, cdim)
+    neg_logp = lse - x  # >= 0
+    lse_rows = lse.squeeze(cdim)
+    z_term = z_loss * lse_rows * lse_rows if z_loss else None
+    lse_out = lse_rows.detach()
     w = None if weight is None else _class_view(weight.to(acc), input.dim())
     eps = float(label_smoothing)
 
@@ -56,6 +66,8 @@ def cross_entropy(
             t = t * (1 - eps) + eps / num_classes
         wt = t if w is None else t * w
         rows = (wt * neg_logp).sum(cdim)
+        if z_term is not None:
+            rows = rows + z_term
         if reduction == "none":
             out = rows
         elif reduction == "sum":
@@ -65,7 +77,7 @@ def cross_entropy(
         out_dtype = torch.promote_types(input.dtype, target.dtype)
         if out_dtype != torch.float64 and torch.is_autocast_enabled(input.device.type):
             out_dtype = torch.float32
-        return out.to(out_dtype)
+        return (out.to(out_dtype), lse_out) if return_lse else out.to(out_dtype)
 
     y = target.long()
     check_targets_in_range(y, num_classes, ignore_index)
@@ -80,6 +92,8 @@ def cross_entropy(
     if eps > 0:
         smooth = (neg_logp if w is None else neg_logp * w).sum(cdim)
         rows = rows + (eps / num_classes) * smooth
+    if z_term is not None:
+        rows = rows + z_term  # per kept row, unweighted (PaLM's z-loss), reduced like the loss
     rows = torch.where(keep, rows, 0)
     if reduction == "none":
         out = rows
@@ -87,4 +101,5 @@ def cross_entropy(
         out = rows.sum()
     else:
         out = rows.sum() / torch.where(keep, wy, 0).sum()
-    return out.to(result_dtype(input.dtype, input.device))
+    out = out.to(result_dtype(input.dtype, input.device))
+    return (out, lse_out) if return_lse else out

@@ -433,17 +433,22 @@ def _op_args(prob, layout):
 
 @pytest.mark.parametrize("prob", [False, True])
 @pytest.mark.parametrize("layout", ["classes", "spatial"])
-def test_opcheck(prob, layout):
+@pytest.mark.parametrize("extras", [(0.0, 0.0), (1e-3, 5.0)], ids=["plain", "zloss_softcap"])
+def test_opcheck(prob, layout, extras):
     cpu_kernels_or_skip()
     x, t, w = _op_args(prob, layout)
+    z, cap = extras
     fwd = torch.ops.lossfuse.cross_entropy_fwd
     bwd = torch.ops.lossfuse.cross_entropy_bwd
-    torch.library.opcheck(fwd, (x, t, w, -100, 0.1))
-    torch.library.opcheck(fwd, (x, t, None, -100, 0.0))
-    _, lse = fwd(x, t, w, -100, 0.1)
+    torch.library.opcheck(fwd, (x, t, w, -100, 0.1, z, cap))
+    torch.library.opcheck(fwd, (x, t, None, -100, 0.0, z, cap))
+    _, lse = fwd(x, t, w, -100, 0.1, z, cap)
     g = torch.rand(4, 5)
-    torch.library.opcheck(bwd, (g, x, t, w, lse, -100, 0.1, True, prob))
-    torch.library.opcheck(bwd, (torch.tensor(0.5).expand(4, 5), x, t, None, lse, -100, 0.0, True, False))
+    torch.library.opcheck(bwd, (g, x, t, w, lse, -100, 0.1, z, cap, True, prob))
+    torch.library.opcheck(bwd, (torch.tensor(0.5).expand(4, 5), x, t, None, lse, -100, 0.0, z, cap, True, False))
+    # The in-place backward mutates its logits argument, as its schema declares.
+    torch.library.opcheck(torch.ops.lossfuse.cross_entropy_bwd_inplace,
+                          (g, x.clone(), t, w, lse, -100, 0.1, z, cap, prob))
 
 
 def test_ops_reject_out_of_range_target_directly():
@@ -452,10 +457,10 @@ def test_ops_reject_out_of_range_target_directly():
     x = torch.randn(3, 4, 1)
     t = torch.tensor([[0], [4], [1]])
     with pytest.raises(IndexError, match="Target 4 is out of bounds"):
-        torch.ops.lossfuse.cross_entropy_fwd(x, t, None, -100, 0.0)
+        torch.ops.lossfuse.cross_entropy_fwd(x, t, None, -100, 0.0, 0.0, 0.0)
     lse = torch.zeros(3, 1)
     with pytest.raises(IndexError, match="Target 4 is out of bounds"):
-        torch.ops.lossfuse.cross_entropy_bwd(torch.ones(3, 1), x, t, None, lse, -100, 0.0, True, False)
+        torch.ops.lossfuse.cross_entropy_bwd(torch.ones(3, 1), x, t, None, lse, -100, 0.0, 0.0, 0.0, True, False)
 
 
 @pytest.mark.parametrize("prob", [False, True])

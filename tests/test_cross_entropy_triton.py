@@ -226,13 +226,13 @@ def test_walk_order_and_output_layout(make, walk):
     y = rand_targets((n, s), c, -100)
     t = torch.softmax(torch.randn(n, c, s), 1).to(DEVICE)
     for target in (y, t):
-        loss, lse = tk.cross_entropy_fwd(x3, target, None, -100, 0.0)
-        fl, fs = ops_ce._fwd_fake(x3, target, None, -100, 0.0)
+        loss, lse = tk.cross_entropy_fwd(x3, target, None, -100, 0.0, 0.0, 0.0)
+        fl, fs = ops_ce._fwd_fake(x3, target, None, -100, 0.0, 0.0, 0.0)
         for got, want in ((loss, fl), (lse, fs)):
             assert (got.shape, got.dtype, got.stride()) == (want.shape, want.dtype, want.stride())
         g = torch.rand(n, s, device=DEVICE)
         for ig, tg in ((True, True), (True, False), (False, True), (False, False)):
-            args = (g, x3, target, None, lse, -100, 0.0, ig, tg)
+            args = (g, x3, target, None, lse, -100, 0.0, 0.0, 0.0, ig, tg)
             for got, want in zip(tk.cross_entropy_bwd(*args), ops_ce._bwd_fake(*args)):
                 assert (got.shape, got.dtype, got.stride()) == (want.shape, want.dtype, want.stride())
 
@@ -288,8 +288,8 @@ def test_launchers_direct(shape, dtype):
     x3 = rand_logits(shape, dtype)
     y = rand_targets((n, 2 * s), c, -100)[:, ::2]  # a strided (N, S) target
     w = rand_weight(c).half()  # any float dtype: converted by the launcher
-    loss, lse = tk.cross_entropy_fwd(x3, y, w, -100, 0.1)
-    assert loss.dtype == lse.dtype == torch.float32 and loss.shape == lse.shape == (n, s)
+    loss, lse = tk.cross_entropy_fwd(x3, y, w, -100, 0.1, 0.0, 0.0)
+    assert loss.dtype == torch.float32 and lse.dtype == torch.float64 and loss.shape == lse.shape == (n, s)
 
     x64 = x3.detach().double().requires_grad_()
     ref = reference.cross_entropy(x64, y, w.double(), -100, "none", 0.1)
@@ -298,7 +298,7 @@ def test_launchers_direct(shape, dtype):
     assert_close(lse, torch.logsumexp(x3.double(), dim=1), *tol["loss"], "lse")
 
     g = torch.tensor(0.37, device=DEVICE).expand(n, s)
-    gi, gt = tk.cross_entropy_bwd(g, x3, y, w, lse, -100, 0.1, True, False)
+    gi, gt = tk.cross_entropy_bwd(g, x3, y, w, lse, -100, 0.1, 0.0, 0.0, True, False)
     assert gi.dtype == dtype and gt.numel() == 0
     (g64,) = torch.autograd.grad(ref, x64, g.double())
     assert_close(gi, g64, *TOL[dtype]["grad"], "grad input")
@@ -310,12 +310,12 @@ def test_out_of_range_target_gives_nan_row():
     c = 5
     x3 = rand_logits((7, c, 1), torch.float32)
     y = torch.tensor([[0], [7], [2], [-3], [-100], [4], [1 << 40]], device=DEVICE)
-    loss, lse = tk.cross_entropy_fwd(x3, y, rand_weight(c), -100, 0.1)
+    loss, lse = tk.cross_entropy_fwd(x3, y, rand_weight(c), -100, 0.1, 0.0, 0.0)
     bad = torch.tensor([0, 1, 0, 1, 0, 0, 1], dtype=torch.bool, device=DEVICE)
     assert bool(loss[bad].isnan().all())
     assert bool(loss[~bad].isfinite().all()) and float(loss[4]) == 0.0
     assert_close(lse, torch.logsumexp(x3.double(), 1), 1e-5, 1e-5, "lse")
-    gi, _ = tk.cross_entropy_bwd(torch.ones(7, 1, device=DEVICE), x3, y, None, lse, -100, 0.1, True, False)
+    gi, _ = tk.cross_entropy_bwd(torch.ones(7, 1, device=DEVICE), x3, y, None, lse, -100, 0.1, 0.0, 0.0, True, False)
     assert bool(gi[bad].isnan().all())
     assert bool(gi[~bad].isfinite().all()) and bool((gi[4] == 0).all())
 
@@ -336,17 +336,17 @@ def test_empty_rows_and_zero_classes():
     (gx,) = torch.autograd.grad(lossfuse.cross_entropy(x, y, reduction="sum", backend="triton"), x)
     assert gx.shape == (0, 4)
     y0 = torch.zeros(2, 0, dtype=torch.long, device=DEVICE)
-    loss, lse = tk.cross_entropy_fwd(rand_logits((2, 3, 0), torch.float32), y0, None, -100, 0.0)
+    loss, lse = tk.cross_entropy_fwd(rand_logits((2, 3, 0), torch.float32), y0, None, -100, 0.0, 0.0, 0.0)
     assert loss.shape == lse.shape == (2, 0)
     # C == 0: lse = -inf; probability rows 0; class-index rows 0 if ignored, else NaN (out of range).
     x0 = rand_logits((3, 0, 1), torch.float32)
-    loss, lse = tk.cross_entropy_fwd(x0, torch.tensor([[-100], [0], [-100]], device=DEVICE), None, -100, 0.1)
+    loss, lse = tk.cross_entropy_fwd(x0, torch.tensor([[-100], [0], [-100]], device=DEVICE), None, -100, 0.1, 0.0, 0.0)
     assert bool((lse == float("-inf")).all())
     assert loss[0].item() == 0 and loss[2].item() == 0 and loss[1].isnan()
-    loss, _ = tk.cross_entropy_fwd(x0, torch.empty(3, 0, 1, device=DEVICE), None, -100, 0.0)
+    loss, _ = tk.cross_entropy_fwd(x0, torch.empty(3, 0, 1, device=DEVICE), None, -100, 0.0, 0.0, 0.0)
     assert bool((loss == 0).all())
     gi, gt = tk.cross_entropy_bwd(torch.ones(3, 1, device=DEVICE), x0, torch.empty(3, 0, 1, device=DEVICE),
-                                  None, lse, -100, 0.0, True, True)
+                                  None, lse, -100, 0.0, 0.0, 0.0, True, True)
     assert gi.shape == gt.shape == (3, 0, 1)
 
 
@@ -454,7 +454,7 @@ def test_masked_vocabulary(use_w):
     (g64,) = torch.autograd.grad(ref, x64, go.double())
     assert_close(gx, g64, 1e-6, 1e-3, "grad input")  # rtol: the fp32 lse near -1e4 (see above)
     # The lse the launcher returns, against torch.logsumexp.
-    _, lse = tk.cross_entropy_fwd(x.unsqueeze(2), y.unsqueeze(1), None, -100, 0.0)
+    _, lse = tk.cross_entropy_fwd(x.unsqueeze(2), y.unsqueeze(1), None, -100, 0.0, 0.0, 0.0)
     assert_close(lse.squeeze(1), torch.logsumexp(x.double(), 1), 1e-5, 1e-7, "lse")
 
 
@@ -554,7 +554,7 @@ def test_float64_interpreter(prob):
 def test_float64_cuda_raises():
     x = rand_logits((2, 9, 1), torch.float64)
     with pytest.raises(NotImplementedError, match="float64"):
-        tk.cross_entropy_fwd(x, torch.zeros(2, 1, dtype=torch.long, device=DEVICE), None, -100, 0.0)
+        tk.cross_entropy_fwd(x, torch.zeros(2, 1, dtype=torch.long, device=DEVICE), None, -100, 0.0, 0.0, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------

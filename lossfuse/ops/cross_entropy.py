@@ -1,16 +1,21 @@
 """Cross-entropy: the custom ops, their fake kernels, the layout rules and the autograd Function.
 
-Two ops carry the work, both over logits viewed as (N, C, S) -- S the product of any spatial dims:
+Three ops carry the work, over logits viewed as (N, C, S) -- S the product of any spatial dims:
 
-  lossfuse::cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing)
-      -> (loss[N, S], lse[N, S])                       both float32 (float64 for float64 input)
+  lossfuse::cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+      -> (loss[N, S] float32 (float64 for float64 input), lse[N, S] float64)
   lossfuse::cross_entropy_bwd(grad[N, S], input, target, weight, lse, ignore_index, label_smoothing,
-                              input_grad, target_grad)
+                              z_loss, softcap, input_grad, target_grad)
       -> (grad_input like input, grad_target like target)   a 0-element tensor where not requested
+  lossfuse::cross_entropy_bwd_inplace(grad, input!, target, weight, lse, ignore_index,
+                                      label_smoothing, z_loss, softcap, target_grad) -> grad_target
+      the input gradient written over the logits (no second N x C buffer)
 
-``target`` is int64 (N, S) class indices or a floating (N, C, S) probability target. CPU kernels are
-C++ (csrc/cross_entropy.cpp), CUDA kernels Triton (lossfuse/triton/cross_entropy.py). Reductions and
-their denominators are computed here, once, for every backend.
+``target`` is int64 (N, S) class indices or a floating (N, C, S) probability target. ``softcap`` 0
+means none. lse is saved in float64 so that the backward can form x - lse without the rounding of a
+float32 lse (half an ulp of |lse|). CPU kernels are C++ (csrc/cross_entropy.cpp), CUDA kernels Triton
+(lossfuse/triton/cross_entropy.py). Reductions and their denominators are computed here, once, for
+every backend.
 """
 
 from __future__ import annotations
@@ -24,11 +29,16 @@ from ._common import register_triton, run
 _lib = torch.library.Library("lossfuse", "FRAGMENT")
 _lib.define(
     "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
-    "float label_smoothing) -> (Tensor, Tensor)"
+    "float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor)"
 )
 _lib.define(
     "cross_entropy_bwd(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
-    "int ignore_index, float label_smoothing, bool input_grad, bool target_grad) -> (Tensor, Tensor)"
+    "int ignore_index, float label_smoothing, float z_loss, float softcap, bool input_grad, "
+    "bool target_grad) -> (Tensor, Tensor)"
+)
+_lib.define(
+    "cross_entropy_bwd_inplace(Tensor grad, Tensor(a!) input, Tensor target, Tensor? weight, Tensor lse, "
+    "int ignore_index, float label_smoothing, float z_loss, float softcap, bool target_grad) -> Tensor"
 )
 
 
@@ -58,27 +68,35 @@ def empty_like_layout(ref: torch.Tensor, *, dtype=None) -> torch.Tensor:
     return torch.empty((n, c, s), dtype=dtype, device=ref.device)
 
 
-def _fwd_fake(input, target, weight, ignore_index, label_smoothing):
+def _fwd_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap):
     n, _, s = input.shape
-    acc = acc_dtype(input.dtype)
-    return input.new_empty((n, s), dtype=acc), input.new_empty((n, s), dtype=acc)
+    return input.new_empty((n, s), dtype=acc_dtype(input.dtype)), input.new_empty((n, s), dtype=torch.float64)
 
 
-def _bwd_fake(grad, input, target, weight, lse, ignore_index, label_smoothing, input_grad, target_grad):
-    gi = empty_like_layout(input) if input_grad else input.new_empty((0,))
+def _target_grad_fake(input, target, target_grad):
     if target_grad and target.is_floating_point():
-        gt = empty_like_layout(input, dtype=target.dtype)
-    else:
-        gt = target.new_empty((0,), dtype=target.dtype if target.is_floating_point() else input.dtype)
-    return gi, gt
+        return empty_like_layout(input, dtype=target.dtype)
+    return target.new_empty((0,), dtype=target.dtype if target.is_floating_point() else input.dtype)
+
+
+def _bwd_fake(grad, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap, input_grad,
+              target_grad):
+    gi = empty_like_layout(input) if input_grad else input.new_empty((0,))
+    return gi, _target_grad_fake(input, target, target_grad)
+
+
+def _bwd_inplace_fake(grad, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
+                      target_grad):
+    return _target_grad_fake(input, target, target_grad)
 
 
 torch.library.register_fake("lossfuse::cross_entropy_fwd", _fwd_fake, lib=_lib)
 torch.library.register_fake("lossfuse::cross_entropy_bwd", _bwd_fake, lib=_lib)
-
+torch.library.register_fake("lossfuse::cross_entropy_bwd_inplace", _bwd_inplace_fake, lib=_lib)
 
 register_triton(_lib, "cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd")
 register_triton(_lib, "cross_entropy_bwd", "cross_entropy", "cross_entropy_bwd")
+register_triton(_lib, "cross_entropy_bwd_inplace", "cross_entropy", "cross_entropy_bwd_inplace")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,17 +181,23 @@ def _prod(xs) -> int:
 class CrossEntropyFunction(torch.autograd.Function):
     """Fused cross-entropy as an autograd Function.
 
-    ``CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing,
-    backend)`` takes arguments already checked by :func:`lossfuse.cross_entropy` (use that unless you
-    compose Functions yourself). ``backend`` is a resolved name: "cpu" or "triton".
+    ``loss, lse = CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction,
+    label_smoothing, z_loss, softcap, inplace_backward, backend)`` takes arguments already checked
+    by :func:`lossfuse.cross_entropy` (use that unless you compose Functions yourself): ``softcap``
+    0.0 for none, ``backend`` a resolved name ("cpu" or "triton"). ``lse`` is the per-row
+    log-sum-exp of the (soft-capped) logits in float32 (float64 for float64 input), shaped like the
+    unreduced loss, non-differentiable.
 
     Gradients: ``input``, and a floating-point ``target`` when it requires grad. The gradient is
     formed in float32 as grad_output x d(loss)/d(input) and cast to the input's dtype once, so a
-    GradScaler's loss scale cannot underflow in fp16 before it is applied.
+    GradScaler's loss scale cannot underflow in fp16 before it is applied. With
+    ``inplace_backward`` the input gradient is written over the logits (their version counter is
+    bumped, so autograd refuses any later use of the overwritten values).
     """
 
     @staticmethod
-    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, backend):
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                inplace_backward, backend):
         shapes = _Shapes(input)
         x3 = shapes.input3d(input)
         prob = target.is_floating_point()
@@ -184,7 +208,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             t3 = shapes.rows2d(target if target.dtype == torch.int64 else target.long())
         loss, lse = run(backend, "cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd", x3.device,
-                        x3, t3, weight, ignore_index, float(label_smoothing))
+                        x3, t3, weight, ignore_index, float(label_smoothing), float(z_loss), float(softcap))
 
         if reduction == "none":
             out = loss.reshape(shapes.row_shape())
@@ -205,24 +229,27 @@ class CrossEntropyFunction(torch.autograd.Function):
 
         ctx.shapes = shapes
         ctx.reduction = reduction
-        ctx.ignore_index = ignore_index
-        ctx.label_smoothing = float(label_smoothing)
+        ctx.opts = (ignore_index, float(label_smoothing), float(z_loss), float(softcap))
+        ctx.inplace = bool(inplace_backward)
         ctx.backend = backend
         ctx.prob = prob
         ctx.target_dtype = target.dtype
         ctx.save_for_backward(x3, t3, weight, lse, denom)
-        return out.to(out_dtype)
+        lse_rows = lse.to(acc).reshape(shapes.row_shape())
+        ctx.mark_non_differentiable(lse_rows)
+        return out.to(out_dtype), lse_rows
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_lse):
         x3, t3, weight, lse, denom = ctx.saved_tensors
         shapes = ctx.shapes
         need_input = ctx.needs_input_grad[0]
         need_target = ctx.prob and ctx.needs_input_grad[1]
+        none = (None,) * 8
         if not (need_input or need_target):
-            return (None,) * 7
-        acc = lse.dtype
+            return (None, None) + none
+        acc = acc_dtype(x3.dtype)
         g = grad_out.to(acc)
         n, s = lse.shape
         if ctx.reduction == "none":
@@ -232,13 +259,19 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             # float32 division: the cast to the input's dtype happens once, inside the kernel.
             grad_rows = (g / denom).expand(n, s)
-        gx3, gt3 = run(
-            ctx.backend, "cross_entropy_bwd", "cross_entropy", "cross_entropy_bwd", x3.device,
-            grad_rows, x3, t3, weight, lse, ctx.ignore_index, ctx.label_smoothing, need_input, need_target,
-        )
+        if ctx.inplace and need_input:
+            gt3 = run(ctx.backend, "cross_entropy_bwd_inplace", "cross_entropy", "cross_entropy_bwd_inplace",
+                      x3.device, grad_rows, x3, t3, weight, lse, *ctx.opts, need_target)
+            # The logits now hold their gradient. Bumping their version makes autograd refuse any
+            # node that saved them and runs later, instead of computing with overwritten values.
+            torch.autograd.graph.increment_version(x3)
+            gx3 = x3
+        else:
+            gx3, gt3 = run(ctx.backend, "cross_entropy_bwd", "cross_entropy", "cross_entropy_bwd", x3.device,
+                           grad_rows, x3, t3, weight, lse, *ctx.opts, need_input, need_target)
         gx = shapes.from3d(gx3) if need_input else None
         gt = shapes.from3d(gt3).to(ctx.target_dtype) if need_target else None
-        return gx, gt, None, None, None, None, None
+        return (gx, gt) + none
 
 
 def _mean_denominator(t3, weight, ignore_index, prob, acc):

@@ -32,7 +32,7 @@ import triton.language as tl
 from .._utils import acc_dtype
 from ..ops.cross_entropy import classes_contiguous, empty_like_layout
 
-__all__ = ["cross_entropy_fwd", "cross_entropy_bwd"]
+__all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_inplace"]
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _NAN = tl.constexpr(float("nan"))
@@ -81,6 +81,25 @@ def _expm1(d):
     return tl.where(tl.abs(d) < 0.5, q, tl.exp(d) - 1.0)
 
 
+@triton.jit
+def _tanh(u):
+    """tanh(u) = expm1(2u) / (expm1(2u) + 2), no cancellation near 0; |u| clamped at 9 (tanh is +-1
+    there in fp32, and expm1 would overflow)."""
+    u = tl.minimum(tl.maximum(u, -9.0), 9.0)
+    em = _expm1(u + u)
+    return em / (em + 2.0)
+
+
+@triton.jit
+def _split_lse(lse64, ACC: tl.constexpr):
+    """lse = hi + lo in the accumulation type: x - lse is then formed as (x - hi) - lo, free of the
+    rounding of a single fp32 lse (half an ulp of |lse|)."""
+    hi = lse64.to(ACC)
+    lo = (lse64 - hi.to(tl.float64)).to(ACC)
+    finite = (hi == hi) & (tl.abs(hi) < float("inf"))
+    return hi, tl.where(finite, lo, 0.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward.
 # ----------------------------------------------------------------------------------------------
@@ -92,15 +111,16 @@ def _ce_fwd_kernel(
     R, C, S,
     x_sN, x_sC, x_sS,
     t_sN, t_sC, t_sS,
-    ignore_index, keep, eps_c,
+    ignore_index, keep, eps_c, z_loss, softcap,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     PROB_TARGET: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     SPATIAL_WALK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    ACC = lse_ptr.dtype.element_ty  # fp32 (fp64 for fp64 input)
+    ACC = loss_ptr.dtype.element_ty  # fp32 (fp64 for fp64 input); lse is stored in fp64
     pid = tl.program_id(0).to(tl.int64)
     n, s, row_ok = _tile_rows(pid, R, S, BLOCK_R, SPATIAL_WALK)
     x_row = x_ptr + (n * x_sN + s * x_sS)
@@ -119,6 +139,8 @@ def _ce_fwd_kernel(
         cmask = cols < C
         mask = row_ok[:, None] & cmask[None, :]
         x = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=_NEG_INF).to(ACC)
+        if HAS_SOFTCAP:  # x' = cap tanh(x / cap); masked lanes stay -inf
+            x = tl.where(mask, softcap * _tanh(x / softcap), _NEG_INF)
         m_new = tl.maximum(m, tl.max(x, axis=1))
         ref_new = tl.where(m_new == _NEG_INF, 0.0, m_new)
         e = x - ref_new[:, None]  # masked lanes: -inf, exp -> 0
@@ -147,15 +169,18 @@ def _ce_fwd_kernel(
 
     logsum = tl.log(tl.where(row_ok, sum_exp, 1.0))  # (rows past the end: no log(0))
     lse = ref + logsum
+    lse64 = ref.to(tl.float64) + logsum.to(tl.float64)  # exact: the pair, not its fp32 rounding
     if PROB_TARGET:
         # sum_c w_c t'_c (lse - x_c) = log(sum) * sum_c w_c t'_c - sum_c w_c t'_c (x_c - ref)
-        loss = logsum * acc_w - acc_wd
+        loss = logsum * acc_w - acc_wd + z_loss * lse * lse
     else:
         y = tl.load(t_row, mask=row_ok, other=0)
         valid = (y >= 0) & (y < C)
         live = valid & (y != ignore_index)
         y_safe = tl.where(valid, y, 0)  # an out-of-range target never addresses memory
         x_y = tl.load(x_row + y_safe * x_sC, mask=row_ok & valid, other=0.0).to(ACC)
+        if HAS_SOFTCAP:
+            x_y = softcap * _tanh(x_y / softcap)
         if HAS_WEIGHT:
             wy = tl.load(w_ptr + y_safe, mask=row_ok & valid, other=0.0).to(ACC)
         else:
@@ -167,12 +192,13 @@ def _ce_fwd_kernel(
             # sum_c w_c (lse - x_c) = W (lse - ref) - sum_c w_c (x_c - ref): no cancellation of large
             # logits, as summing lse - x_c directly would have.
             loss = loss + (acc_w * logsum - acc_wd) * eps_c
+        loss = loss + z_loss * lse * lse  # PaLM's z-loss, per kept row
         # Selects, not a multiply by a 0/1 flag: an ignored row's loss may be inf or NaN. A target
         # out of [0, C) that is not ignored is a NaN row: loud, not a silent 0.
         loss = tl.where(live, loss, tl.where(y == ignore_index, 0.0, _NAN))
     r = n * S + s
     tl.store(loss_ptr + r, loss.to(ACC), mask=row_ok)
-    tl.store(lse_ptr + r, lse.to(ACC), mask=row_ok)
+    tl.store(lse_ptr + r, lse64, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,24 +215,29 @@ def _ce_bwd_kernel(
     t_sN, t_sC, t_sS,
     gx_sN, gx_sC, gx_sS,
     gt_sN, gt_sC, gt_sS,
-    ignore_index, keep, eps_c,
+    ignore_index, keep, eps_c, z_loss, softcap,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     PROB_TARGET: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     INPUT_GRAD: tl.constexpr,
     TARGET_GRAD: tl.constexpr,
     SPATIAL_WALK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    ACC = lse_ptr.dtype.element_ty
+    # In place (gx_ptr == x_ptr) every logit is loaded before its gradient is stored: x_y before the
+    # loops, and each chunk's loads before that chunk's stores.
     pid = tl.program_id(0).to(tl.int64)
     n, s, row_ok = _tile_rows(pid, R, S, BLOCK_R, SPATIAL_WALK)
     x_row = x_ptr + (n * x_sN + s * x_sS)
     t_row = t_ptr + (n * t_sN + s * t_sS)
     gx_row = gx_ptr + (n * gx_sN + s * gx_sS)
     g = tl.load(g_ptr + (n * g_sN + s * g_sS), mask=row_ok, other=0.0).to(ACC)
-    lse = tl.load(lse_ptr + (n * S + s), mask=row_ok, other=0.0).to(ACC)
+    lse64 = tl.load(lse_ptr + (n * S + s), mask=row_ok, other=0.0)
+    hi, lo = _split_lse(lse64, ACC)
+    lse = hi
 
     if PROB_TARGET:
         gt_row = gt_ptr + (n * gt_sN + s * gt_sS)
@@ -223,41 +254,52 @@ def _ce_bwd_kernel(
                 if HAS_WEIGHT:
                     wt = wt * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
                 tw = tw + tl.sum(tl.where(mask, wt, 0.0), axis=1)
-            gtw = g * tw
+            gtw = g * (tw + 2.0 * z_loss * lse)  # z-loss: + 2 z lse p_c
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
             cmask = cols < C
             mask = row_ok[:, None] & cmask[None, :]
             x = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=0.0).to(ACC)
+            if HAS_SOFTCAP:
+                th = _tanh(x / softcap)
+                x = softcap * th
+                slope = 1.0 - th * th  # d x' / d x
             if HAS_WEIGHT:
                 wc = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
             else:
                 wc = 1.0
+            if TARGET_GRAD:
+                # d loss / d t_c = (1 - eps) w_c (lse - x'_c)
+                o_t = (g * keep)[:, None] * wc * ((hi[:, None] - x) + lo[:, None])
+                tl.store(gt_row[:, None] + cols[None, :] * gt_sC, o_t.to(gt_ptr.dtype.element_ty), mask=mask)
             if INPUT_GRAD:
                 t = tl.load(t_row[:, None] + cols[None, :] * t_sC, mask=mask, other=0.0).to(ACC)
                 wt = (t * keep + eps_c) * wc
-                o = tl.exp(x - lse[:, None]) * gtw[:, None] - g[:, None] * wt
+                o = tl.exp((x - hi[:, None]) - lo[:, None]) * gtw[:, None] - g[:, None] * wt
+                if HAS_SOFTCAP:
+                    o = o * slope
                 tl.store(gx_row[:, None] + cols[None, :] * gx_sC, o.to(gx_ptr.dtype.element_ty), mask=mask)
-            if TARGET_GRAD:
-                # d loss / d t_c = (1 - eps) w_c (lse - x_c)
-                o_t = (g * keep)[:, None] * wc * (lse[:, None] - x)
-                tl.store(gt_row[:, None] + cols[None, :] * gt_sC, o_t.to(gt_ptr.dtype.element_ty), mask=mask)
     else:
         y = tl.load(t_row, mask=row_ok, other=0)
         valid = (y >= 0) & (y < C)
         live = valid & (y != ignore_index)
         y_safe = tl.where(valid, y, 0)
         x_y = tl.load(x_row + y_safe * x_sC, mask=row_ok & valid, other=0.0).to(ACC)
+        if HAS_SOFTCAP:
+            th_y = _tanh(x_y / softcap)
+            x_y = softcap * th_y
         if HAS_WEIGHT:
             wy = tl.load(w_ptr + y_safe, mask=row_ok & valid, other=0.0).to(ACC)
         else:
             wy = tl.full([BLOCK_R], 1.0, ACC)
-        # d loss / d x_c = kp p_c - kw w_c off the target: (1-eps) wy p_c + (eps/C)(p_c W - w_c), times g.
-        kp = g * keep * wy
+        # d loss / d x'_c = kp p_c - kw w_c off the target: (1-eps) wy p_c + (eps/C)(p_c W - w_c)
+        # + 2 z lse p_c, times g; with soft-capping times d x'/d x = 1 - tanh^2.
+        kp = g * (keep * wy + 2.0 * z_loss * lse)
         kw = g * eps_c
-        dy = x_y - lse
-        # The target's own element, p_y - 1 as expm1 (see _expm1).
-        gy = g * keep * wy * _expm1(dy)
+        dy = (x_y - hi) - lo
+        # The target's own element, p_y - 1 as expm1 (see _expm1); dy is exact to the fp32 log-sum,
+        # so a confident, correct prediction keeps its small gradient.
+        gy = g * (keep * wy * _expm1(dy) + 2.0 * z_loss * lse * tl.exp(dy))
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 w_total = tl.load(wsum_ptr).to(ACC)
@@ -265,6 +307,8 @@ def _ce_bwd_kernel(
                 w_total = num_classes
             kp = kp + kw * w_total
             gy = gy + kw * (tl.exp(dy) * w_total - wy)
+        if HAS_SOFTCAP:
+            gy = gy * (1.0 - th_y * th_y)
         # Rows that do not count: exact zeros when ignored, whatever their logits hold (a select, so
         # an inf or NaN logit cannot leak in as 0 * inf); NaN when the target is out of range.
         fill = tl.where(y == ignore_index, 0.0, _NAN).to(ACC)
@@ -273,12 +317,17 @@ def _ce_bwd_kernel(
             cmask = cols < C
             mask = row_ok[:, None] & cmask[None, :]
             x = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=0.0).to(ACC)
-            o = tl.exp(x - lse[:, None]) * kp[:, None]
+            if HAS_SOFTCAP:
+                th = _tanh(x / softcap)
+                x = softcap * th
+            o = tl.exp((x - hi[:, None]) - lo[:, None]) * kp[:, None]
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:
                     o = o - kw[:, None] * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
                 else:
                     o = o - kw[:, None]
+            if HAS_SOFTCAP:
+                o = o * (1.0 - th * th)
             o = tl.where(cols[None, :] == y[:, None], gy[:, None], o)
             o = tl.where(live[:, None], o, fill[:, None])
             tl.store(gx_row[:, None] + cols[None, :] * gx_sC, o.to(gx_ptr.dtype.element_ty), mask=mask)
@@ -379,13 +428,13 @@ def _smoothing(label_smoothing: float, c: int):
 # ----------------------------------------------------------------------------------------------
 
 
-def cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing):
-    """Per-row loss and log-sum-exp, both (N, S) contiguous fp32 (fp64 for fp64 input)."""
+def cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing, z_loss, softcap):
+    """Per-row loss (N, S) fp32 (fp64 for fp64 input) and log-sum-exp (N, S) fp64, contiguous."""
     prob = _check_inputs(input, target, "cross_entropy_fwd")
     n, c, s = input.shape
     acc = acc_dtype(input.dtype)
     loss = torch.empty((n, s), dtype=acc, device=input.device)
-    lse = torch.empty((n, s), dtype=acc, device=input.device)
+    lse = torch.empty((n, s), dtype=torch.float64, device=input.device)
     if n * s == 0:
         return loss, lse
     eps, keep, eps_c = _smoothing(label_smoothing, c)
@@ -406,10 +455,11 @@ def cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing):
         n * s, c, s,
         input.stride(0), input.stride(1), input.stride(2),
         target.stride(0), t_sC, t_sS,
-        int(ignore_index), keep, eps_c,
+        int(ignore_index), keep, eps_c, float(z_loss), float(softcap) if softcap > 0 else 1.0,
         HAS_WEIGHT=w is not None,
         HAS_SMOOTHING=eps > 0,
         PROB_TARGET=prob,
+        HAS_SOFTCAP=softcap > 0,
         SPATIAL_WALK=spatial,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
@@ -418,31 +468,23 @@ def cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing):
     return loss, lse
 
 
-def cross_entropy_bwd(
-    grad, input, target, weight, lse, ignore_index, label_smoothing, input_grad, target_grad
-):
-    """grad_input (laid out as empty_like_layout(input)) and grad_target; 0-element where not asked.
+def _target_grad(input, target, target_grad):
+    """Allocated exactly as the fake kernels do (ops/cross_entropy.py)."""
+    if target_grad and target.is_floating_point():
+        return empty_like_layout(input, dtype=target.dtype)
+    return target.new_empty((0,), dtype=target.dtype if target.is_floating_point() else input.dtype)
 
-    ``grad`` is the (N, S) upstream gradient per row, read with its strides (an expanded scalar for
-    mean/sum reductions costs no copy).
-    """
-    prob = _check_inputs(input, target, "cross_entropy_bwd")
+
+def _launch_bwd(grad, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap, gi, gt,
+                need_input, need_target):
+    prob = target.is_floating_point()
     n, c, s = input.shape
-    acc = acc_dtype(input.dtype)
-    # Allocations exactly as the fake kernel (ops/cross_entropy.py _bwd_fake).
-    gi = empty_like_layout(input) if input_grad else input.new_empty((0,))
-    if target_grad and prob:
-        gt = empty_like_layout(input, dtype=target.dtype)
-    else:
-        gt = target.new_empty((0,), dtype=target.dtype if prob else input.dtype)
-    need_input = bool(input_grad)
-    need_target = bool(target_grad) and prob
     if n * s * c == 0 or not (need_input or need_target):
-        return gi, gt
+        return
     if tuple(grad.shape) != (n, s) or tuple(lse.shape) != (n, s):
         raise ValueError(f"cross_entropy_bwd: grad and lse must have shape {[n, s]}")
-    if not lse.is_contiguous():
-        lse = lse.contiguous()
+    lse = lse.to(torch.float64).contiguous()
+    acc = acc_dtype(input.dtype)
     eps, keep, eps_c = _smoothing(label_smoothing, c)
     w = _weight(weight, c, acc)
     wsum = w.sum().reshape(1) if (w is not None and eps > 0 and not prob) else None
@@ -453,7 +495,7 @@ def cross_entropy_bwd(
     gx = gi if need_input else input  # never written when not needed
     gtt = gt if need_target else target
     gt_strides = (gt.stride(0), gt.stride(1), gt.stride(2)) if need_target else (0, 0, 0)
-    gx_strides = (gi.stride(0), gi.stride(1), gi.stride(2)) if need_input else (0, 0, 0)
+    gx_strides = (gx.stride(0), gx.stride(1), gx.stride(2)) if need_input else (0, 0, 0)
     _ce_bwd_kernel[grid](
         grad, input, target, w if w is not None else lse, wsum if wsum is not None else lse, lse, gx, gtt,
         n * s, c, s, float(c),
@@ -462,15 +504,43 @@ def cross_entropy_bwd(
         target.stride(0), t_sC, t_sS,
         *gx_strides,
         *gt_strides,
-        int(ignore_index), keep, eps_c,
+        int(ignore_index), keep, eps_c, float(z_loss), float(softcap) if softcap > 0 else 1.0,
         HAS_WEIGHT=w is not None,
         HAS_SMOOTHING=eps > 0,
         PROB_TARGET=prob,
+        HAS_SOFTCAP=softcap > 0,
         INPUT_GRAD=need_input,
         TARGET_GRAD=need_target,
         SPATIAL_WALK=spatial,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
         num_warps=num_warps,
     )
+
+
+def cross_entropy_bwd(grad, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
+                      input_grad, target_grad):
+    """grad_input (laid out as empty_like_layout(input)) and grad_target; 0-element where not asked.
+
+    ``grad`` is the (N, S) upstream gradient per row, read with its strides (an expanded scalar for
+    mean/sum reductions costs no copy).
+    """
+    prob = _check_inputs(input, target, "cross_entropy_bwd")
+    # Allocations exactly as the fake kernel (ops/cross_entropy.py _bwd_fake).
+    gi = empty_like_layout(input) if input_grad else input.new_empty((0,))
+    gt = _target_grad(input, target, target_grad)
+    _launch_bwd(grad, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap, gi, gt,
+                bool(input_grad), bool(target_grad) and prob)
     return gi, gt
+
+
+def cross_entropy_bwd_inplace(grad, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
+                              target_grad):
+    """The input gradient written over ``input`` (each chunk is loaded before it is stored); returns
+    grad_target (0-element unless asked for a probability target)."""
+    prob = _check_inputs(input, target, "cross_entropy_bwd_inplace")
+    gt = _target_grad(input, target, target_grad)
+    _launch_bwd(grad, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap, input, gt,
+                True, bool(target_grad) and prob)
+    return gt

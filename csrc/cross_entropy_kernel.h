@@ -217,7 +217,8 @@ inline void row_stats_index(const T* x, const A* w, int64_t C, const SoftCap<A, 
   if (!online) {
     m = cap(block_max<T, A>(x, C));
     sum = d = ws = 0;
-    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    // A row of only -inf has lse = -inf (as torch.logsumexp); its loss is NaN either way, as torch's.
+    for (int64_t c0 = 0; c0 < C && m != ninf; c0 += kBlock) {
       const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
       block_sums_index<T, A, HAS_W, SMOOTH, CAP>(x + c0, HAS_W ? w + c0 : w, n, m, cap, &sum, &d, &ws);
     }
@@ -445,7 +446,7 @@ int ce_fwd_prob_rows(const CeArgs& a) {
     if (!online) {
       m = cap(block_max<T, A>(x, C));
       sum = tw = twd = 0;
-      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+      for (int64_t c0 = 0; c0 < C && m != ninf; c0 += kBlock) {
         const int64_t nb = C - c0 < kBlock ? C - c0 : kBlock;
         block_sums_prob<T, TT, A, HAS_W, CAP>(x + c0, t + c0, HAS_W ? w + c0 : w, nb, m, k, cap, &sum, &tw, &twd);
       }
@@ -689,7 +690,8 @@ int ce_fwd_index_tiles(const CeArgs& a) {
       A mb[W], lb[W];
       m[u].store(mb);
       logsum.store(lb);
-      for (int j = 0; j < kv; ++j) a.lse[r0 + j] = double(mb[j]) + double(lb[j]);
+      for (int j = 0; j < kv; ++j)
+        a.lse[r0 + j] = mb[j] == -std::numeric_limits<A>::infinity() ? -HUGE_VAL : double(mb[j]) + double(lb[j]);
       V loss = V(k.keep) * V::load(tt.wy + u * W) * ((m[u] - cap(V::load(tt.xy + u * W))) + logsum);
       if (SMOOTH) loss = loss + V(k.eps_c) * (V(k.wsum) * logsum - unfold<A>(dsum + u * W));
       const V lse = m[u] + logsum;
@@ -839,7 +841,7 @@ int ce_fwd_prob_tiles(const CeArgs& a) {
       for (int j = 0; j < kv; ++j) {
         const int l = u * W + j;
         const double logsum = double(lb[j]);
-        const double lse = double(mb[j]) + logsum;
+        const double lse = mb[j] == -std::numeric_limits<A>::infinity() ? -HUGE_VAL : double(mb[j]) + logsum;
         a.lse[r0 + j] = lse;
         loss_out[r0 + j] = A(logsum * tw[l] - twd[l] + double(k.z) * lse * lse);
       }

@@ -10,9 +10,10 @@ Drop-in replacements for torch's losses: same signatures, same results, less tim
 from ._version import __version__
 from . import ops  # noqa: F401  (defines the lossfuse:: custom ops; loads lossfuse._C)
 from ._backend import available_backends, cpu_kernels_available
-from .functional import cross_entropy
-from .modules import CrossEntropyLoss
+from .functional import cross_entropy, linear_cross_entropy
+from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 from .ops.cross_entropy import CrossEntropyFunction
+from .ops.linear_cross_entropy import LinearCrossEntropyFunction
 
 __all__ = [
     "__version__",
@@ -21,4 +22,7 @@ __all__ = [
     "cross_entropy",
     "CrossEntropyLoss",
     "CrossEntropyFunction",
+    "linear_cross_entropy",
+    "LinearCrossEntropyLoss",
+    "LinearCrossEntropyFunction",
 ]

@@ -11,8 +11,9 @@ import torch
 from . import _backend, reference
 from ._utils import check_float_input, check_reduction, check_same_device, legacy_reduction
 from .ops.cross_entropy import CrossEntropyFunction
+from .ops.linear_cross_entropy import LinearCrossEntropyFunction, default_chunk_size
 
-__all__ = ["cross_entropy"]
+__all__ = ["cross_entropy", "linear_cross_entropy"]
 
 # torch's names for scalar types, as its error messages print them.
 _TORCH_TYPE_NAMES = {
@@ -152,3 +153,102 @@ def cross_entropy(
         float(softcap or 0.0), bool(inplace_backward), backend,
     )
     return (loss, lse) if return_lse else loss
+
+
+def _check_lm_options(name: str, label_smoothing, z_loss, softcap) -> None:
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if not (isinstance(z_loss, (int, float)) and z_loss >= 0):
+        raise ValueError(f"{name}: z_loss must be a number >= 0; got {z_loss!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"{name}: softcap must be None or a number > 0; got {softcap!r}")
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` computed in row chunks, so
+    the full (tokens, vocab) logits never exist -- the same result as
+    :func:`torch.nn.functional.linear_cross_entropy`.
+
+    ``input`` is (..., H), ``linear_weight`` (V, H), ``target`` class indices of shape ``input.shape[:-1]``
+    or probabilities of shape ``input.shape[:-1] + (V,)``. Options as :func:`cross_entropy`
+    (``weight`` are class weights). ``chunk_size`` rows per chunk (default: about 2^22 logits per
+    chunk). Gradients flow to ``input``, ``linear_weight`` (accumulated in float32 across chunks),
+    ``linear_bias`` and probability targets.
+    """
+    name = "linear_cross_entropy"
+    check_reduction(reduction)
+    _backend.check_backend_name(backend)
+    check_float_input(name, input)
+    check_float_input(name, linear_weight, "linear_weight")
+    _check_lm_options(name, label_smoothing, z_loss, softcap)
+    check_same_device(name, input, linear_weight, target, linear_bias, weight)
+    if input.dim() < 1 or linear_weight.dim() != 2 or input.shape[-1] != linear_weight.shape[1]:
+        raise RuntimeError(
+            f"{name}: input (..., H) and linear_weight (V, H) do not match: got {list(input.shape)} and "
+            f"{list(linear_weight.shape)}"
+        )
+    if input.dtype != linear_weight.dtype and not torch.is_autocast_enabled(input.device.type):
+        raise RuntimeError(
+            f"{name}: expected input and linear_weight to have the same dtype, but got {input.dtype} and "
+            f"{linear_weight.dtype}"
+        )
+    V, H = linear_weight.shape
+    if linear_bias is not None and tuple(linear_bias.shape) != (V,):
+        raise RuntimeError(f"{name}: linear_bias must have shape ({V},); got {list(linear_bias.shape)}")
+    lead = tuple(input.shape[:-1])
+    prob = target.is_floating_point()
+    if prob:
+        if tuple(target.shape) != lead + (V,):
+            raise RuntimeError(f"{name}: probability targets must have shape {list(lead + (V,))}; got {list(target.shape)}")
+        if ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+    else:
+        if tuple(target.shape) != lead:
+            raise ValueError(f"{name}: target must have shape {list(lead)} (input without its last dim); "
+                             f"got {list(target.shape)}")
+        if target.dtype not in (torch.int64, torch.uint8):
+            raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
+    _check_class_weight(weight, V)
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"{name}: chunk_size must be a positive int or None; got {chunk_size!r}")
+
+    backend = _backend.resolve(backend, input.device)
+    if backend == "triton" and input.dtype == torch.float64 and input.device.type == "cuda":
+        backend = "reference"
+    if backend == "reference":
+        logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+        if input.dim() > 1:  # cross_entropy wants classes on dim 1
+            logits = logits.reshape(-1, V)
+            target = target.reshape(-1, V) if prob else target.reshape(-1)
+        out = reference.cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
+                                      z_loss=z_loss, softcap=softcap)
+        return out.reshape(lead) if reduction == "none" else out
+    x2 = input.reshape(-1, H).contiguous()
+    t2 = (target.reshape(-1, V) if prob else target.reshape(-1).long()).contiguous()
+    n = x2.shape[0]
+    if not prob:
+        if input.device.type == "cuda":
+            ok = ((t2 >= 0) & (t2 < V)) | (t2 == ignore_index)
+            torch._assert_async(ok.all(), "linear_cross_entropy: a target is out of bounds [0, V)")
+        elif backend != "cpu":
+            reference.check_targets_in_range(t2, V, ignore_index)
+    chunk = chunk_size or default_chunk_size(n, V)
+    out = LinearCrossEntropyFunction.apply(
+        x2, linear_weight, t2, linear_bias, weight, reduction, ignore_index, label_smoothing,
+        float(z_loss), float(softcap or 0.0), chunk, backend,
+    )
+    return out.reshape(lead) if reduction == "none" else out

@@ -8,7 +8,7 @@ import torch
 
 from . import _backend, functional
 
-__all__ = ["CrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -52,3 +52,46 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         extras = [f"{k}={getattr(self, k)!r}" for k in ("z_loss", "softcap", "return_lse", "inplace_backward")
                   if getattr(self, k) not in (0.0, None, False)]
         return ", ".join(extras + [f"backend={self.backend!r}"])
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Fused ``cross_entropy(input @ linear_weight.T + linear_bias, target)``; owns only its options.
+
+    ``forward(input, linear_weight, target, linear_bias=None)``: pass the output layer's weight (and
+    bias) in, e.g. ``criterion(hidden, model.lm_head.weight, labels)``.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        _backend.check_backend_name(backend)
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+        self.backend = backend
+
+    def forward(self, input, linear_weight, target, linear_bias=None):
+        return functional.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
+                f"chunk_size={self.chunk_size}, backend={self.backend!r}")

@@ -22,8 +22,10 @@ def _class_view(w: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def _log_sum_exp(x: torch.Tensor, dim: int) -> torch.Tensor:
     """log(sum(exp(x))) shifted by the row max, as log_softmax computes it: a +inf logit gives NaN
-    (inf - inf), like torch's cross_entropy, where torch.logsumexp would return inf."""
+    (inf - inf), like torch's cross_entropy, where torch.logsumexp would return inf; a row of only
+    -inf gives -inf, as torch.logsumexp (its cross-entropy is NaN either way)."""
     m = x.amax(dim, keepdim=True).detach()
+    m = torch.where(torch.isneginf(m), 0.0, m)  # an all -inf row: lse = -inf, not -inf - -inf = NaN
     return m + torch.log(torch.exp(x - m).sum(dim, keepdim=True))
 
 

@@ -246,6 +246,21 @@ def test_bad_options(kw, match):
         lossfuse.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), **kw)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(3, 9000), (2, 4, 3)], ids=str)
+def test_lse_of_an_all_minus_inf_row(backend, shape):
+    """lse = -inf as torch.logsumexp (a vocabulary shard fully masked for a row); the loss is NaN, as torch's."""
+    _backend_or_skip(backend)
+    x = torch.randn(shape)
+    x[1] = -float("inf")
+    y = torch.zeros((shape[0],) + tuple(shape[2:]), dtype=torch.long)
+    out, lse = lossfuse.cross_entropy(x, y, reduction="none", return_lse=True, backend=backend)
+    ref = torch.logsumexp(x.double(), 1)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref)) and torch.isneginf(lse[1]).all()
+    assert_close(lse[0], ref[0], torch.float32, "finite rows")
+    assert torch.isnan(out[1]).all() and torch.isnan(F.cross_entropy(x, y, reduction="none")[1]).all()
+
+
 def test_lse_precision_for_large_logits():
     """The saved lse is a double: with logits near 1e4 the probabilities carry no fp32 rounding of lse."""
     cpu_kernels_or_skip()

@@ -10,9 +10,10 @@ Drop-in replacements for torch's losses: same signatures, same results, less tim
 from ._version import __version__
 from . import ops  # noqa: F401  (defines the lossfuse:: custom ops; loads lossfuse._C)
 from ._backend import available_backends, cpu_kernels_available
-from .functional import cross_entropy
-from .modules import CrossEntropyLoss
+from .functional import cross_entropy, huber_loss, smooth_l1_loss
+from .modules import CrossEntropyLoss, HuberLoss, SmoothL1Loss
 from .ops.cross_entropy import CrossEntropyFunction
+from .ops.huber import HuberFunction
 
 __all__ = [
     "__version__",
@@ -21,4 +22,9 @@ __all__ = [
     "cross_entropy",
     "CrossEntropyLoss",
     "CrossEntropyFunction",
+    "huber_loss",
+    "smooth_l1_loss",
+    "HuberLoss",
+    "SmoothL1Loss",
+    "HuberFunction",
 ]

@@ -151,6 +151,13 @@ _SIZE_WARNING = (
 )
 
 
+def _warn_sizes_differ(input: torch.Tensor, target: torch.Tensor) -> None:
+    # Dynamo cannot trace warnings.warn (torch's own functional escapes this by being a graph leaf);
+    # under torch.compile the warning is skipped rather than breaking the graph.
+    if not torch.compiler.is_compiling():
+        warnings.warn(_SIZE_WARNING.format(target.size(), input.size()), stacklevel=3)
+
+
 def _check_huber_dtypes(input: torch.Tensor, target: torch.Tensor) -> None:
     """torch computes in the promoted dtype and writes the result in the input's (empty_like(input))."""
     common = torch.promote_types(input.dtype, target.dtype)
@@ -193,7 +200,7 @@ def huber_loss(
     """
     _backend.check_backend_name(backend)
     if target.size() != input.size():
-        warnings.warn(_SIZE_WARNING.format(target.size(), input.size()), stacklevel=2)
+        _warn_sizes_differ(input, target)
     x, y = torch.broadcast_tensors(input, target)  # views; raises torch's error for incompatible sizes
     if weight is None:
         check_reduction(reduction)
@@ -237,7 +244,7 @@ def smooth_l1_loss(
     """
     _backend.check_backend_name(backend)
     if target.size() != input.size():
-        warnings.warn(_SIZE_WARNING.format(target.size(), input.size()), stacklevel=2)
+        _warn_sizes_differ(input, target)
     reduction = legacy_reduction(size_average, reduce, reduction)
     x, y = torch.broadcast_tensors(input, target)
     check_reduction(reduction)

@@ -1,6 +1,6 @@
-// Huber, SmoothL1 and L1 on the CPU: the torch-facing ops lossfuse::huber_fwd / huber_bwd (schemas and
-// the Python twin of the layout rule in lossfuse/ops/huber.py) and the kernels in huber_kernel.h,
-// compiled per ISA.
+// Huber, SmoothL1 and L1 on the CPU: the torch-facing ops lossfuse::huber_fwd / huber_fwd_grad /
+// huber_bwd (schemas and the Python twin of the layout rule in lossfuse/ops/huber.py). The kernels
+// (huber_kernel.h) are compiled per ISA in huber_forward.cpp and huber_backward.cpp.
 //
 // The Python layer has already checked arguments torch's way and broadcast the operands (as expanded
 // views: nothing is materialised). Here we re-check what protects memory and turn the operands' shapes
@@ -11,46 +11,11 @@
 
 #include <algorithm>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
+#include "huber_args.h"
 #include "tensor_utils.h"
-
-namespace lossfuse {
-
-constexpr int kHuberMaxDims = 16;
-
-struct HuberArgs {
-  Dtype dtype;  // the input's; the accumulation type A is double for double, float otherwise
-  bool y_acc;   // target stored in A (a float target with an fp16/bf16 input), else in the input's type
-  bool w_acc;   // likewise for the weight
-  int mode;     // 0 Huber, 1 SmoothL1, 2 L1
-  double delta;  // delta or beta
-  // Iteration space, innermost dim first: sizes and, per operand, strides in elements.
-  int ndim;
-  int64_t numel;
-  int64_t size[kHuberMaxDims];
-  int64_t x_st[kHuberMaxDims], y_st[kHuberMaxDims], w_st[kHuberMaxDims], g_st[kHuberMaxDims];
-  const void* x;
-  const void* y;
-  const void* w;  // null: no weight
-  int64_t block;  // elements per block (per partial sum in a reducing forward)
-  // forward
-  double* partials;  // reduce: one sum per block; null: write `out`
-  void* out;         // per-element loss in A
-  // backward
-  const void* g;  // upstream gradient in A: per element (strides g_st) or one scalar
-  bool g_scalar;
-  void* gx;  // null where not requested
-  void* gy;
-  void* gw;
-  bool stream;  // non-temporal stores: outputs far larger than the caches
-  int nthreads;
-};
-
-}  // namespace lossfuse
-
-#define LF_KERNEL_HEADER "huber_kernel.h"
-#include "isa_instantiate.h"
 
 namespace lossfuse {
 namespace {
@@ -178,20 +143,6 @@ at::Tensor empty_dense(const at::Tensor& x, const std::vector<int64_t>& strides,
   return empty_output({x.numel()}, x.options().dtype(dtype)).as_strided(x.sizes(), strides);
 }
 
-void run_forward(const HuberArgs& a) {
-#ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::huber_forward(a);
-#endif
-  base::huber_forward(a);
-}
-
-void run_backward(const HuberArgs& a) {
-#ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::huber_backward(a);
-#endif
-  base::huber_backward(a);
-}
-
 // block == 0: the per-element loss (times the weight), in the accumulation type, laid out like the
 // input. block > 0: float64 partial sums of the loss over consecutive blocks of `block` elements of the
 // iteration order, ceil(numel / block) of them -- what a mean or sum needs, without an N-element write.
@@ -213,8 +164,39 @@ at::Tensor huber_fwd_cpu(const at::Tensor& input, const at::Tensor& target, cons
     a.out = out.data_ptr();
     a.stream = out.nbytes() >= kStreamBytes;
   }
-  if (a.numel > 0) run_forward(a);
+  if (a.numel > 0) run_huber_forward(a);
   return out;
+}
+
+// A reducing forward that also writes the gradients for input and/or target that a scalar upstream
+// gradient of `scale` (1/N for a mean, 1 for a sum) gives: partials as huber_fwd, then
+// grad_input = scale * w * slope(d) and grad_target = -grad_input (0-element tensors where not asked).
+// One pass over input and target instead of two (forward, then backward) when, as usual, the loss is
+// backpropagated with grad_output 1 -- the autograd Function then returns these as they are, and
+// otherwise multiplies them by grad_output. float32 and float64 inputs (target in the same dtype).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> huber_fwd_grad_cpu(const at::Tensor& input, const at::Tensor& target,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  int64_t mode, double delta, int64_t block,
+                                                                  double scale, bool input_grad, bool target_grad) {
+  const char* op = "lossfuse::huber_fwd_grad";
+  TORCH_CHECK(block > 0, op, ": block must be positive; got ", block);
+  TORCH_CHECK(input.scalar_type() == acc_type(input.scalar_type()) && target.scalar_type() == input.scalar_type(),
+              op, ": input and target must both be float32 or both float64; got ", input.scalar_type(), " and ",
+              target.scalar_type());
+  Plan p = plan(op, input, target, weight, nullptr, mode, delta);
+  HuberArgs& a = p.a;
+  a.block = block;
+  a.scale = scale;
+  at::Tensor partials = at::empty({(a.numel + block - 1) / block}, input.options().dtype(at::kDouble));
+  a.partials = partials.data_ptr<double>();
+  at::Tensor gx = input_grad ? empty_dense(input, p.out_strides, input.scalar_type()) : at::empty({0}, input.options());
+  at::Tensor gy = target_grad ? empty_dense(input, p.out_strides, target.scalar_type())
+                              : at::empty({0}, target.options());
+  a.gx = input_grad ? gx.data_ptr() : nullptr;
+  a.gy = target_grad ? gy.data_ptr() : nullptr;
+  a.stream = int64_t(a.numel * input.element_size()) >= int64_t(kStreamBytes);
+  if (a.numel > 0) run_huber_forward(a);
+  return {partials, gx, gy};
 }
 
 // Gradients for input, target and weight (each a 0-element tensor where not requested), laid out as
@@ -228,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> huber_bwd_cpu(const at::Tensor& g
   const char* op = "lossfuse::huber_bwd";
   Plan p = plan(op, input, target, weight, &grad, mode, delta);
   HuberArgs& a = p.a;
-  const bool has_w = a.w != nullptr;
+  const bool has_w = weight.has_value() && weight->defined();  // (a.w is null for an empty weight too)
   a.block = kWorkBlock;
   a.g = grad.data_ptr();
   a.g_scalar = grad.dim() == 0;
@@ -242,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> huber_bwd_cpu(const at::Tensor& g
   a.gy = target_grad ? gy.data_ptr() : nullptr;
   a.gw = (weight_grad && has_w) ? gw.data_ptr() : nullptr;
   a.stream = int64_t(a.numel * input.element_size()) >= int64_t(kStreamBytes);
-  if (a.numel > 0 && (a.gx || a.gy || a.gw)) run_backward(a);
+  if (a.numel > 0 && (a.gx || a.gy || a.gw)) run_huber_backward(a);
   return {gx, gy, gw};
 }
 
@@ -251,6 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> huber_bwd_cpu(const at::Tensor& g
 TORCH_LIBRARY_IMPL(lossfuse, CPU, m) {
   m.impl("huber_fwd", &huber_fwd_cpu);
   m.impl("huber_bwd", &huber_bwd_cpu);
+  m.impl("huber_fwd_grad", &huber_fwd_grad_cpu);
 }
 
 }  // namespace lossfuse

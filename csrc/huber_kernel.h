@@ -1,5 +1,5 @@
 // Huber / SmoothL1 / L1 CPU kernels. Compiled once per instruction set by isa_instantiate.h (no include
-// guard, no #include: see vec.h). HuberArgs is defined in huber.cpp. Everything sits in a nested
+// guard, no #include: see vec.h), in huber_forward.cpp and huber_backward.cpp. HuberArgs: huber_args.h. Everything sits in a nested
 // namespace so that helper names cannot collide with another loss's kernels in the same ISA namespace.
 //
 // The operands (input x, target y, optional weight w, and in the backward of reduction='none' the
@@ -81,24 +81,35 @@ inline bool can_stream(bool want, const T* p) {
 // Vector loops over contiguous pieces.
 // ------------------------------------------------------------------------------------------------
 
-template <int MODE, bool HAS_W, class A, class T, class TY, class TW>
-inline void sum_piece(const T* x, const TY* y, const TW* w, int64_t n, const Consts<A>& k, Vec<A>* acc) {
+// Sums the loss into acc (four vectors: each lane takes at most block / (4 W) terms). With GRAD it
+// also writes the gradient that a scalar upstream gradient of `scale` gives -- scale w slope(d) to gx,
+// its negation to gy (where not null) -- in the same pass over memory (see huber_fwd_grad).
+template <int MODE, bool HAS_W, bool GRAD, class A, class T, class TY, class TW>
+inline void sum_piece(const T* x, const TY* y, const TW* w, int64_t n, const Consts<A>& k, Vec<A>* acc, A scale,
+                      T* gx, TY* gy, bool stream) {
   using V = Vec<A>;
   constexpr int W = V::W;
-  int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    for (int u = 0; u < 4; ++u) {
-      V l = loss_of<MODE>(V::load(x + i + u * W) - V::load(y + i + u * W), k);
-      if (HAS_W) l = l * V::load(w + i + u * W);
-      acc[u] = acc[u] + l;
+  const bool ntx = GRAD && can_stream<A>(stream, gx), nty = GRAD && can_stream<A>(stream, gy);
+  const V sv(scale);
+  auto one = [&](int64_t i, int m, V& sum) {
+    const V d = load_m<A>(x + i, m) - load_m<A>(y + i, m);
+    V l = loss_of<MODE>(d, k);
+    V wv(A(1));
+    if (HAS_W) {
+      wv = load_m<A>(w + i, m);
+      l = l * wv;
     }
-  }
-  for (; i < n; i += W) {
-    const int m = n - i < W ? int(n - i) : W;
-    V l = loss_of<MODE>(load_m<A>(x + i, m) - load_m<A>(y + i, m), k);
-    if (HAS_W) l = l * load_m<A>(w + i, m);
-    acc[0] = acc[0] + l;
-  }
+    sum = sum + l;
+    if (GRAD) {
+      const V gd = (HAS_W ? sv * wv : sv) * slope_of<MODE>(d, k);
+      if (gx) store_m(gd, gx + i, m, ntx);
+      if (gy) store_m(vneg(gd), gy + i, m, nty);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W)
+    for (int u = 0; u < 4; ++u) one(i + u * W, W, acc[u]);
+  for (; i < n; i += W) one(i, n - i < W ? int(n - i) : W, acc[0]);
 }
 
 template <int MODE, bool HAS_W, class A, class T, class TY, class TW>
@@ -209,31 +220,42 @@ inline void for_each_piece(const HuberArgs& a, int64_t n, const T* x, const TY* 
 
 inline int64_t num_blocks(const HuberArgs& a) { return (a.numel + a.block - 1) / a.block; }
 
-template <class T, class TY, class TW, class A, int MODE, bool HAS_W>
+// GRAD: a reducing forward that also writes the gradients for a scalar upstream gradient a.scale.
+template <class T, class TY, class TW, class A, int MODE, bool HAS_W, bool GRAD>
 void forward_impl(const HuberArgs& a) {
   using V = Vec<A>;
   const T* X = static_cast<const T*>(a.x);
   const TY* Y = static_cast<const TY*>(a.y);
   const TW* Wt = static_cast<const TW*>(a.w);
+  T* GX = static_cast<T*>(a.gx);
+  TY* GY = static_cast<TY*>(a.gy);
+  const A scale = A(a.scale);
   const Consts<A> k(a.delta);
   const int64_t nb = num_blocks(a);
   const bool reduce = a.partials != nullptr;
   A* out = static_cast<A*>(a.out);
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+  // Dynamic: the partials do not depend on which thread sums a block, and on a shared machine a
+  // thread that is descheduled leaves its blocks to the other instead of stalling the join.
+#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, 4)
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t i0 = b * a.block, i1 = i0 + a.block < a.numel ? i0 + a.block : a.numel;
     V acc[4] = {V(A(0)), V(A(0)), V(A(0)), V(A(0))};
     for_each_run(a, i0, i1, [&](int64_t i, int64_t n, int64_t ox, int64_t oy, int64_t ow, int64_t) {
       for_each_piece<T, TY, TW, A>(a, n, X + ox, Y + oy, HAS_W ? Wt + ow : nullptr, static_cast<const A*>(nullptr),
                                    [&](int64_t j, int64_t m, const T* x, const TY* y, const TW* w, const A*) {
-                                     if (reduce)
-                                       sum_piece<MODE, HAS_W>(x, y, w, m, k, acc);
+                                     const int64_t o = i + j;
+                                     if (!reduce)
+                                       loss_piece<MODE, HAS_W>(x, y, w, m, k, out + o, a.stream);
+                                     else if (GRAD)
+                                       sum_piece<MODE, HAS_W, true>(x, y, w, m, k, acc, scale, GX ? GX + o : nullptr,
+                                                                    GY ? GY + o : nullptr, a.stream);
                                      else
-                                       loss_piece<MODE, HAS_W>(x, y, w, m, k, out + i + j, a.stream);
+                                       sum_piece<MODE, HAS_W, false>(x, y, w, m, k, acc, scale, static_cast<T*>(nullptr),
+                                                                     static_cast<TY*>(nullptr), false);
                                    });
     });
     if (reduce) {
-      // Each lane holds at most block / (4 W) terms; the lanes meet in double.
+      // The lanes meet in double.
       alignas(64) A lanes[4 * V::W];
       for (int u = 0; u < 4; ++u) acc[u].store(lanes + u * V::W);
       double s = 0;
@@ -241,7 +263,7 @@ void forward_impl(const HuberArgs& a) {
       a.partials[b] = s;
     }
   }
-  if (!reduce && a.stream) store_fence();
+  if (a.stream) store_fence();
 }
 
 template <class T, class TY, class TW, class A, int MODE, bool HAS_W, bool G_VEC>
@@ -256,7 +278,7 @@ void backward_impl(const HuberArgs& a) {
   const A g_scalar = G_VEC ? A(0) : G[0];
   const Consts<A> k(a.delta);
   const int64_t nb = num_blocks(a);
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, 4)
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t i0 = b * a.block, i1 = i0 + a.block < a.numel ? i0 + a.block : a.numel;
     for_each_run(a, i0, i1, [&](int64_t i, int64_t n, int64_t ox, int64_t oy, int64_t ow, int64_t og) {
@@ -308,7 +330,16 @@ void forward_t(const HuberArgs& a) {
   with_types<T, A>(a, [&](auto ty, auto tw, auto hw) {
     using TY = typename decltype(ty)::type;
     using TW = typename decltype(tw)::type;
-    with_mode(a.mode, [&](auto md) { forward_impl<T, TY, TW, A, decltype(md)::value, decltype(hw)::value>(a); });
+    with_mode(a.mode, [&](auto md) {
+      constexpr int M = decltype(md)::value;
+      constexpr bool H = decltype(hw)::value;
+      // The fused gradient exists for float32/float64 inputs only (huber.cpp checks): for fp16/bf16
+      // it would have to be stored in fp32 to keep the single cast after the loss scale.
+      if constexpr (std::is_same<T, A>::value) {
+        if (a.gx || a.gy) return forward_impl<T, TY, TW, A, M, H, true>(a);
+      }
+      forward_impl<T, TY, TW, A, M, H, false>(a);
+    });
   });
 }
 

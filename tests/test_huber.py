@@ -803,14 +803,16 @@ def test_exports():
     assert LF.huber_loss is lossfuse.huber_loss and LF.smooth_l1_loss is lossfuse.smooth_l1_loss
 
 
-@pytest.mark.parametrize("case", ["contiguous", "strided", "weight_bf16_target_fp32"])
+@pytest.mark.parametrize("case", ["contiguous", "strided", "weight_bf16_target_fp32", "float32_eager_gradient"])
 def test_portable_kernels_match(case):
     """The portable (non-AVX2) build of the kernels, forced at run time, against torch."""
     cpu_kernels_or_skip()
     from lossfuse import _backend
 
-    dtype = torch.bfloat16
+    dtype = torch.float32 if case == "float32_eager_gradient" else torch.bfloat16
     x, y, w = make_case((37, 21), dtype, 0.5, weight=True)
+    if case == "float32_eager_gradient":
+        w = w.detach()  # a weight without grad keeps the gradient-in-forward path
     if case == "strided":
         x, y, w = x.t(), y.t().contiguous(), w[:, :1].expand(37, 21).t()
     elif case == "weight_bf16_target_fp32":
@@ -819,6 +821,12 @@ def test_portable_kernels_match(case):
     ext.set_cpu_isa("base")
     try:
         assert ext.cpu_isa() == "base"
+        if case == "float32_eager_gradient":
+            xr = x.clone().requires_grad_(True)
+            lossfuse.huber_loss(xr, y, "sum", 0.5, w, backend="cpu").backward()
+            xd = x.double().requires_grad_(True)
+            (gr,) = torch.autograd.grad(F.huber_loss(xd, y.double(), reduction="sum", delta=0.5, weight=w.double()), xd)
+            assert_close(xr.grad, gr, dtype, "grad input")
         for red in ("none", "mean"):
             check_against_torch("huber", x, y, red, 0.5, w, "cpu", dtype)
             check_against_torch("smooth_l1", x, y, red, 0.5, None, "cpu", dtype)

@@ -10,9 +10,10 @@ Drop-in replacements for torch's losses: same signatures, same results, less tim
 from ._version import __version__
 from . import ops  # noqa: F401  (defines the lossfuse:: custom ops; loads lossfuse._C)
 from ._backend import available_backends, cpu_kernels_available
-from .functional import cross_entropy, linear_cross_entropy
-from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
+from .functional import cross_entropy, huber_loss, linear_cross_entropy, smooth_l1_loss
+from .modules import CrossEntropyLoss, HuberLoss, LinearCrossEntropyLoss, SmoothL1Loss
 from .ops.cross_entropy import CrossEntropyFunction
+from .ops.huber import HuberFunction
 from .ops.linear_cross_entropy import LinearCrossEntropyFunction
 
 __all__ = [
@@ -25,4 +26,9 @@ __all__ = [
     "linear_cross_entropy",
     "LinearCrossEntropyLoss",
     "LinearCrossEntropyFunction",
+    "huber_loss",
+    "smooth_l1_loss",
+    "HuberLoss",
+    "SmoothL1Loss",
+    "HuberFunction",
 ]

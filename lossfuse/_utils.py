@@ -52,3 +52,14 @@ def result_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if dtype in LOW_PRECISION and torch.is_autocast_enabled(device.type):
         return torch.float32
     return dtype
+
+
+def weighted_result_dtype(loss_dtype: torch.dtype, loss_ndim: int, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of ``loss * weight`` under torch's promotion rules, for a floating ``loss`` with
+    ``loss_ndim`` dims: an integer or bool weight never changes it, and a 0-dim weight counts only
+    against a 0-dim loss (a dimensioned tensor outranks a 0-dim one of the same category)."""
+    if not weight.is_floating_point():
+        return loss_dtype
+    if weight.dim() == 0 and loss_ndim > 0:
+        return loss_dtype
+    return torch.promote_types(loss_dtype, weight.dtype)

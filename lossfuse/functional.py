@@ -6,20 +6,34 @@ Every argument check lives here, once, for every backend: the kernels below trus
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import _backend, reference
-from ._utils import check_float_input, check_reduction, check_same_device, legacy_reduction
+from ._utils import (
+    FLOAT_DTYPES,
+    REDUCTIONS,
+    acc_dtype,
+    check_float_input,
+    check_reduction,
+    check_same_device,
+    legacy_reduction,
+    result_dtype,
+    weighted_result_dtype,
+)
+from .ops import huber as _huber
 from .ops.cross_entropy import CrossEntropyFunction
 from .ops.linear_cross_entropy import LinearCrossEntropyFunction, default_chunk_size
 
-__all__ = ["cross_entropy", "linear_cross_entropy"]
+__all__ = ["cross_entropy", "huber_loss", "linear_cross_entropy", "smooth_l1_loss"]
 
 # torch's names for scalar types, as its error messages print them.
 _TORCH_TYPE_NAMES = {
     torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
     torch.uint8: "Byte", torch.bool: "Bool", torch.float32: "Float", torch.float64: "Double",
-    torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.float16: "Half", torch.bfloat16: "BFloat16", torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
 }
 
 
@@ -109,12 +123,7 @@ def cross_entropy(
     check_reduction(reduction)
     _backend.check_backend_name(backend)
     check_float_input("cross_entropy", input)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    if not (isinstance(z_loss, (int, float)) and z_loss >= 0):
-        raise ValueError(f"cross_entropy: z_loss must be a number >= 0; got {z_loss!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"cross_entropy: softcap must be None or a number > 0; got {softcap!r}")
+    _check_lm_options("cross_entropy", label_smoothing, z_loss, softcap)
     check_same_device("cross_entropy", input, target, weight)
     if input.dim() == 0:
         raise RuntimeError("cross_entropy: input must have a class dimension; got a 0-dim tensor")
@@ -252,3 +261,136 @@ def linear_cross_entropy(
         float(z_loss), float(softcap or 0.0), chunk, backend,
     )
     return out.reshape(lead) if reduction == "none" else out
+    return CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing, backend)
+
+
+# ------------------------------------------------------------------------------------------------
+# Huber and SmoothL1 (SmoothL1 with beta = 0 is L1). The checks run in torch's order, so an input
+# with several faults raises what torch raises.
+# ------------------------------------------------------------------------------------------------
+
+_SIZE_WARNING = (
+    "Using a target size ({}) that is different to the input size ({}). This will likely lead to "
+    "incorrect results due to broadcasting. Please ensure they have the same size."
+)
+
+
+def _warn_sizes_differ(input: torch.Tensor, target: torch.Tensor) -> None:
+    # Dynamo cannot trace warnings.warn (torch's own functional escapes this by being a graph leaf);
+    # under torch.compile the warning is skipped rather than breaking the graph.
+    if not torch.compiler.is_compiling():
+        warnings.warn(_SIZE_WARNING.format(target.size(), input.size()), stacklevel=3)
+
+
+def _check_huber_dtypes(input: torch.Tensor, target: torch.Tensor) -> None:
+    """torch computes in the promoted dtype and writes the result in the input's (empty_like(input))."""
+    common = torch.promote_types(input.dtype, target.dtype)
+    if input.dtype in FLOAT_DTYPES and common in FLOAT_DTYPES:
+        return
+    if common != input.dtype:
+        raise RuntimeError(
+            f"result type {_type_name(common)} can't be cast to the desired output type {_type_name(input.dtype)}"
+        )
+    check_float_input("huber_loss", input)
+
+
+def _check_real_weight(name: str, weight: torch.Tensor | None) -> None:
+    if weight is not None and weight.is_complex():
+        raise NotImplementedError(f"{name}: weight must be a real tensor; got {weight.dtype}")
+
+
+def _storage(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as the kernels read it: in ``dtype`` (the input's) or its accumulation type, else converted."""
+    acc = acc_dtype(dtype)
+    return t if t.dtype in (dtype, acc) else t.to(acc)
+
+
+def huber_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str = "mean",
+    delta: float = 1.0,
+    weight: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused Huber loss; same arguments and results as :func:`torch.nn.functional.huber_loss`.
+
+    ``0.5 d^2`` where ``|d| < delta``, ``delta (|d| - delta / 2)`` elsewhere, ``d = input - target``
+    (broadcast as torch, with its warning when the sizes differ). ``weight`` (the input's shape)
+    multiplies the elementwise loss; ``mean`` still divides by the number of elements, as torch.
+    Gradients reach input, target and weight. ``backend``: ``"auto"``, ``"cpu"``, ``"triton"`` or
+    ``"reference"``; the environment variable ``LOSSFUSE_BACKEND`` overrides ``"auto"``.
+    """
+    _backend.check_backend_name(backend)
+    if target.size() != input.size():
+        _warn_sizes_differ(input, target)
+    x, y = torch.broadcast_tensors(input, target)  # views; raises torch's error for incompatible sizes
+    if weight is None:
+        check_reduction(reduction)
+    elif weight.size() != input.size():
+        raise ValueError("Weights and input must have the same size.")
+    if not delta > 0:  # also NaN
+        raise RuntimeError("huber_loss does not support non-positive values for delta.")
+    _check_huber_dtypes(input, target)
+    _check_real_weight("huber_loss", weight)
+    check_same_device("huber_loss", input, target, weight)
+    if weight is not None and reduction not in REDUCTIONS:
+        raise ValueError(f"Invalid reduction mode: {reduction}. Expected one of 'none', 'mean', 'sum'.")
+
+    backend = _backend.resolve(backend, input.device)
+    if backend == "reference":
+        return reference.huber_loss(input, target, reduction, delta, weight)
+    out_dtype = result_dtype(input.dtype, input.device)
+    if weight is not None:
+        out_dtype = weighted_result_dtype(out_dtype, x.dim(), weight)
+    if target.dtype not in (input.dtype, acc_dtype(input.dtype)):
+        y = _storage(target, input.dtype).expand(x.shape)  # convert before expanding: no N-element copy
+    w = None if weight is None else _storage(weight, input.dtype).expand(x.shape)
+    return _huber.HuberFunction.apply(x, y, w, _huber.HUBER, float(delta), reduction, out_dtype, backend)
+
+
+def smooth_l1_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    beta: float = 1.0,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused Smooth L1 loss; same arguments and results as :func:`torch.nn.functional.smooth_l1_loss`.
+
+    ``0.5 d^2 / beta`` where ``|d| < beta``, ``|d| - beta / 2`` elsewhere; ``beta = 0`` is exactly L1,
+    with gradient sign(d) (0 at d = 0). Broadcasting, dtype promotion and the deprecated
+    ``size_average``/``reduce`` as torch. ``backend`` as :func:`huber_loss`.
+    """
+    _backend.check_backend_name(backend)
+    if target.size() != input.size():
+        _warn_sizes_differ(input, target)
+    reduction = legacy_reduction(size_average, reduce, reduction)
+    x, y = torch.broadcast_tensors(input, target)
+    check_reduction(reduction)
+    l1 = beta == 0.0
+    if not l1 and not beta >= 0:  # also NaN
+        raise RuntimeError("smooth_l1_loss does not support negative values for beta.")
+    common = torch.promote_types(input.dtype, target.dtype)
+    if common not in FLOAT_DTYPES:
+        raise NotImplementedError(
+            f"smooth_l1_loss: input and target must promote to a floating-point dtype (float32, float64, "
+            f"float16 or bfloat16); got {input.dtype} and {target.dtype}"
+        )
+    check_same_device("smooth_l1_loss", input, target)
+
+    backend = _backend.resolve(backend, input.device)
+    if backend == "reference":
+        return reference.smooth_l1_loss(input, target, reduction, beta)
+    out_dtype = torch.promote_types(result_dtype(input.dtype, input.device), result_dtype(target.dtype, input.device))
+    if input.dtype not in FLOAT_DTYPES or acc_dtype(common) != acc_dtype(input.dtype):
+        # an integer input, or a float64 target: compute in the promoted dtype, as torch
+        x = input.to(common).expand(x.shape)
+    if target.dtype not in (x.dtype, acc_dtype(x.dtype)):
+        y = _storage(target, x.dtype).expand(x.shape)
+    mode = _huber.L1 if l1 else _huber.SMOOTH_L1
+    return _huber.HuberFunction.apply(x, y, None, mode, float(beta), reduction, out_dtype, backend)

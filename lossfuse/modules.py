@@ -8,7 +8,7 @@ import torch
 
 from . import _backend, functional
 
-__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "HuberLoss", "LinearCrossEntropyLoss", "SmoothL1Loss"]
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -95,3 +95,42 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
                 f"chunk_size={self.chunk_size}, backend={self.backend!r}")
+        return f"backend={self.backend!r}"
+
+
+class HuberLoss(torch.nn.HuberLoss):
+    """Drop-in for :class:`torch.nn.HuberLoss` running lossfuse's fused kernels.
+
+    Same constructor, plus keyword-only ``backend`` ("auto", "cpu", "triton", "reference").
+    """
+
+    def __init__(self, reduction: str = "mean", delta: float = 1.0, *, backend: str = "auto") -> None:
+        super().__init__(reduction, delta)
+        _backend.check_backend_name(backend)
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return functional.huber_loss(input, target, reduction=self.reduction, delta=self.delta, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class SmoothL1Loss(torch.nn.SmoothL1Loss):
+    """Drop-in for :class:`torch.nn.SmoothL1Loss` running lossfuse's fused kernels.
+
+    Same constructor, plus keyword-only ``backend`` ("auto", "cpu", "triton", "reference").
+    """
+
+    def __init__(
+        self, size_average=None, reduce=None, reduction: str = "mean", beta: float = 1.0, *, backend: str = "auto"
+    ) -> None:
+        super().__init__(size_average, reduce, reduction, beta)
+        _backend.check_backend_name(backend)
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return functional.smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"

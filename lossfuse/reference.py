@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import acc_dtype, result_dtype
+from ._utils import acc_dtype, result_dtype, weighted_result_dtype
 
 
 def _class_view(w: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -105,3 +105,58 @@ def cross_entropy(
         out = rows.sum() / torch.where(keep, wy, 0).sum()
     out = out.to(result_dtype(input.dtype, input.device))
     return (out, lse_out) if return_lse else out
+    return out.to(result_dtype(input.dtype, input.device))
+
+
+def _robust_elementwise(input, target, weight, reduction, threshold, mode, out_dtype):
+    """Huber ("huber"), SmoothL1 ("smooth_l1") or L1 ("l1") of d = input - target, broadcast."""
+    x, y = torch.broadcast_tensors(input, target)
+    acc = acc_dtype(torch.promote_types(torch.promote_types(x.dtype, y.dtype), out_dtype))
+    d = x.to(acc) - y.to(acc)
+    z = d.abs()
+    if mode == "l1":
+        loss = z  # abs's gradient is sgn(d): 0 at d = 0 (and at NaN), as torch's l1_loss
+    else:
+        # The quadratic branch never sees +-inf: where() hands it a zero gradient there, and 0 times
+        # its local derivative inf would be NaN. A NaN d stays: torch's gradient at NaN is NaN.
+        dq = torch.where(d.isinf(), 0, d)
+        quad = 0.5 * dq * dq
+        if mode == "huber":
+            loss = torch.where(z < threshold, quad, threshold * (z - 0.5 * threshold))
+        else:
+            loss = torch.where(z < threshold, quad / threshold, z - 0.5 * threshold)
+    if weight is not None:
+        loss = loss * weight.to(acc)
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        loss = loss.mean()  # 0 / 0 = NaN for an empty input, as torch
+    return loss.to(out_dtype)
+
+
+def huber_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str = "mean",
+    delta: float = 1.0,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DESIGN.md section 2: 0.5 d^2 if |d| < delta else delta (|d| - delta / 2), times the elementwise
+    weight. Result in the input's dtype (float32 under autocast), promoted by a floating weight."""
+    out_dtype = result_dtype(input.dtype, input.device)
+    if weight is not None:
+        out_dtype = weighted_result_dtype(out_dtype, max(input.dim(), target.dim()), weight)
+    return _robust_elementwise(input, target, weight, reduction, float(delta), "huber", out_dtype)
+
+
+def smooth_l1_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str = "mean",
+    beta: float = 1.0,
+) -> torch.Tensor:
+    """DESIGN.md section 2: 0.5 d^2 / beta if |d| < beta else |d| - beta / 2; beta = 0 is L1. Result
+    in the promoted dtype of input and target (float32 for fp16/bf16 under autocast)."""
+    out_dtype = torch.promote_types(result_dtype(input.dtype, input.device), result_dtype(target.dtype, input.device))
+    mode = "l1" if beta == 0 else "smooth_l1"
+    return _robust_elementwise(input, target, None, reduction, float(beta), mode, out_dtype)

@@ -1,0 +1,241 @@
+"""Huber, SmoothL1 (and L1, SmoothL1's beta = 0): the custom ops, their fake kernels, the layout rule
+and the autograd Function.
+
+One op pair serves the three losses, told apart by ``mode`` (HUBER, SMOOTH_L1, L1). SmoothL1(beta)
+equals Huber(delta=beta) / beta in exact arithmetic, but not after rounding: torch computes
+``z - 0.5 * beta`` and ``0.5 * z * z / beta`` directly, so the kernels do too.
+
+  lossfuse::huber_fwd(input, target, weight, mode, delta, block)
+      block == 0: the per-element loss (times weight), float32 (float64 for float64 input), laid out
+                  like the input (see iteration_order)
+      block >  0: float64 partial sums of the loss over blocks of ``block`` consecutive elements,
+                  ceil(numel / block) of them: all a mean or sum needs, and no N-element write
+  lossfuse::huber_fwd_grad(input, target, weight, mode, delta, block, scale, input_grad, target_grad)
+      -> (partials as huber_fwd, grad_input, grad_target): a reducing forward that also writes the
+         gradients for a scalar upstream gradient ``scale`` (1/N for mean, 1 for sum) in the same pass.
+         CPU, float32/float64 only (see HuberFunction for when it is used).
+  lossfuse::huber_bwd(grad, input, target, weight, mode, delta, input_grad, target_grad, weight_grad)
+      -> (grad_input, grad_target, grad_weight)  each laid out like the forward's per-element loss,
+         in its operand's dtype; a 0-element tensor where not requested.
+         grad: 0-dim (mean/sum, already divided by N for mean) or per element ('none'), in the
+         accumulation type; the kernels apply it in fp32 before the single cast.
+
+``input``, ``target`` and ``weight`` have one (broadcast) shape -- expanded views, nothing is
+materialised -- and any strides. ``target`` and ``weight`` are stored in the input's dtype or the
+accumulation type. CPU kernels are C++ (csrc/huber.cpp), CUDA kernels Triton (lossfuse/triton/huber.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .._utils import acc_dtype
+from ._common import register_triton, run
+
+HUBER, SMOOTH_L1, L1 = 0, 1, 2
+
+# Elements per partial sum of a reducing forward. The partials are float64, so the length of the fp32
+# runs inside a block is all that bounds the accumulation error.
+PARTIAL_BLOCK = 4096
+
+_lib = torch.library.Library("lossfuse", "FRAGMENT")
+_lib.define("huber_fwd(Tensor input, Tensor target, Tensor? weight, int mode, float delta, int block) -> Tensor")
+_lib.define(
+    "huber_bwd(Tensor grad, Tensor input, Tensor target, Tensor? weight, int mode, float delta, "
+    "bool input_grad, bool target_grad, bool weight_grad) -> (Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    "huber_fwd_grad(Tensor input, Tensor target, Tensor? weight, int mode, float delta, int block, float scale, "
+    "bool input_grad, bool target_grad) -> (Tensor, Tensor, Tensor)"
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout. The kernels walk the elements in an order fixed by the operands' strides, and write every
+# per-element output dense in that order: a transposed or channels-last input gives an output of the
+# same layout, read and written sequentially. csrc/huber.cpp implements the same rule; keep in step.
+# ----------------------------------------------------------------------------------------------
+
+
+def iteration_order(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> list[int]:
+    """Dims outermost first: decreasing stride of the first of (input, target, weight) whose stride in
+    that dim is nonzero; size-1 and all-zero-stride dims innermost; ties keep their order (stable)."""
+    keys = []
+    for d in range(x.dim()):
+        k = 0
+        if x.shape[d] != 1:
+            for t in (x, y, w):
+                if t is not None and t.stride(d) != 0:
+                    k = t.stride(d)
+                    break
+        keys.append(k)
+    return sorted(range(x.dim()), key=lambda d: -keys[d])
+
+
+def dense_strides(shape, order: list[int]) -> list[int]:
+    """Strides of a tensor of ``shape`` stored densely in ``order`` (outermost first)."""
+    strides = [0] * len(shape)
+    step = 1
+    for d in reversed(order):
+        strides[d] = step
+        step = step * max(shape[d], 1)
+    return strides
+
+
+def empty_like_walk(x, y, w, dtype) -> torch.Tensor:
+    """An uninitialised tensor of the operands' shape, dense in their iteration order."""
+    return x.new_empty_strided(x.shape, dense_strides(x.shape, iteration_order(x, y, w)), dtype=dtype)
+
+
+def collapse(x, y, w=None, g=None):
+    """The iteration space as the kernels see it: (sizes, [strides of x, y, w, g]), outermost dim first,
+    size-1 dims dropped and neighbours merged wherever every operand steps over them evenly. Absent
+    operands (and a 0-dim g) get zero strides."""
+    order = iteration_order(x, y, w)
+    ops = [x, y, w, g if g is not None and g.dim() > 0 else None]
+    sizes: list[int] = []
+    strides: list[list[int]] = [[] for _ in ops]  # innermost first while building
+    for d in reversed(order):
+        n = x.shape[d]
+        if n == 1:
+            continue
+        st = [t.stride(d) if t is not None else 0 for t in ops]
+        if sizes and all(s == ss[-1] * sizes[-1] for s, ss in zip(st, strides)):
+            sizes[-1] *= n
+            continue
+        sizes.append(n)
+        for s, ss in zip(st, strides):
+            ss.append(s)
+    if not sizes:
+        sizes = [x.numel()]
+        strides = [[0] for _ in ops]
+    return sizes[::-1], [ss[::-1] for ss in strides]
+
+
+def _fwd_fake(input, target, weight, mode, delta, block):
+    if block > 0:
+        return input.new_empty(((input.numel() + block - 1) // block,), dtype=torch.float64)
+    return empty_like_walk(input, target, weight, acc_dtype(input.dtype))
+
+
+def _bwd_fake(grad, input, target, weight, mode, delta, input_grad, target_grad, weight_grad):
+    gx = empty_like_walk(input, target, weight, input.dtype) if input_grad else input.new_empty((0,))
+    gy = empty_like_walk(input, target, weight, target.dtype) if target_grad else target.new_empty((0,))
+    if weight is not None and weight_grad:
+        gw = empty_like_walk(input, target, weight, weight.dtype)
+    else:
+        gw = (weight if weight is not None else input).new_empty((0,))
+    return gx, gy, gw
+
+
+def _fwd_grad_fake(input, target, weight, mode, delta, block, scale, input_grad, target_grad):
+    partials = _fwd_fake(input, target, weight, mode, delta, block)
+    gx, gy, _ = _bwd_fake(None, input, target, weight, mode, delta, input_grad, target_grad, False)
+    return partials, gx, gy
+
+
+torch.library.register_fake("lossfuse::huber_fwd", _fwd_fake, lib=_lib)
+torch.library.register_fake("lossfuse::huber_bwd", _bwd_fake, lib=_lib)
+torch.library.register_fake("lossfuse::huber_fwd_grad", _fwd_grad_fake, lib=_lib)
+
+register_triton(_lib, "huber_fwd", "huber", "huber_fwd")
+register_triton(_lib, "huber_bwd", "huber", "huber_bwd")
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd.
+# ----------------------------------------------------------------------------------------------
+
+
+# The CPU backend forms the input/target gradient during a reducing forward (lossfuse::huber_fwd_grad)
+# when the usual backward would be `grad_output = 1` (or another scalar): one pass over input and
+# target instead of two, 3 N instead of 5 N elements of memory traffic for a training step. Only in
+# eager mode (under torch.compile the backward must not branch on grad_output's value) and for
+# float32/float64 (an fp16/bf16 gradient must be cast after the loss scale is applied: it would
+# have to be kept in fp32, which costs more than it saves). Set False to always recompute.
+EAGER_GRADIENT = True
+
+
+def _eager_gradient(ctx, input, target, weight, reduction, backend) -> bool:
+    need = ctx.needs_input_grad
+    return (
+        EAGER_GRADIENT
+        and backend == "cpu"
+        and reduction != "none"
+        and (need[0] or need[1])
+        and not (weight is not None and need[2])
+        and input.dtype in (torch.float32, torch.float64)
+        and target.dtype == input.dtype
+        and not torch.compiler.is_compiling()
+    )
+
+
+class HuberFunction(torch.autograd.Function):
+    """Fused Huber / SmoothL1 / L1 as an autograd Function.
+
+    ``HuberFunction.apply(input, target, weight, mode, delta, reduction, out_dtype, backend)`` takes
+    operands already checked, converted and broadcast to one shape by :func:`lossfuse.huber_loss` /
+    :func:`lossfuse.smooth_l1_loss` (use those unless you compose Functions yourself); ``backend`` is a
+    resolved name, "cpu" or "triton". Gradients flow to input, target and weight, each formed in fp32
+    as grad_output x d(loss)/d(operand) and cast to the operand's dtype once.
+    """
+
+    @staticmethod
+    def forward(ctx, input, target, weight, mode, delta, reduction, out_dtype, backend):
+        n = input.numel()
+        ctx.eager_grads = None
+        if reduction == "none":
+            out = run(backend, "huber_fwd", "huber", "huber_fwd", input.device,
+                      input, target, weight, mode, float(delta), 0)
+        else:
+            if _eager_gradient(ctx, input, target, weight, reduction, backend):
+                scale = 1.0 / n if reduction == "mean" and n > 0 else 1.0
+                need = ctx.needs_input_grad
+                partials, gx, gy = run(backend, "huber_fwd_grad", "huber", "huber_fwd_grad", input.device,
+                                       input, target, weight, mode, float(delta), PARTIAL_BLOCK, scale,
+                                       need[0], need[1])
+                # Kept on ctx, not saved: they are not inputs or outputs, and backward hands them out once.
+                ctx.eager_grads = (gx, gy)
+            else:
+                partials = run(backend, "huber_fwd", "huber", "huber_fwd", input.device,
+                               input, target, weight, mode, float(delta), PARTIAL_BLOCK)
+            out = partials.sum()
+            if reduction == "mean":
+                out = out / n  # float64; 0 / 0 = NaN for an empty input, as torch
+        ctx.mode = mode
+        ctx.delta = float(delta)
+        ctx.reduction = reduction
+        ctx.backend = backend
+        ctx.numel = n
+        ctx.save_for_backward(input, target, weight)
+        return out.to(out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        input, target, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        want_w = weight is not None and need[2]
+        if not (need[0] or need[1] or want_w):
+            return (None,) * 8
+        if ctx.eager_grads is not None:
+            # Formed in the forward for grad_output 1; handed out once (a second backward through a
+            # retained graph recomputes below), scaled in place for any other grad_output.
+            gx, gy = ctx.eager_grads
+            ctx.eager_grads = None
+            g = grad_out.item()  # a CPU scalar: no device sync
+            if g != 1.0:
+                gx.mul_(g)
+                gy.mul_(g)
+            return (gx if need[0] else None, gy if need[1] else None, None, None, None, None, None, None)
+        g = grad_out.to(acc_dtype(input.dtype))
+        if ctx.reduction == "mean":
+            # In fp32 (fp64): the cast to the operands' dtypes happens once, inside the kernel.
+            g = g / ctx.numel
+        gx, gy, gw = run(
+            ctx.backend, "huber_bwd", "huber", "huber_bwd", input.device,
+            g, input, target, weight, ctx.mode, ctx.delta, need[0], need[1], want_w,
+        )
+        return (gx if need[0] else None, gy if need[1] else None, gw if want_w else None,
+                None, None, None, None, None)

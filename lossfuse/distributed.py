@@ -14,19 +14,26 @@ ONE ``all_gather`` of these few numbers per row is the only communication (two w
 not given: see ``vocab_sizes``). Every rank then forms the same loss from them:
 
     lse                = logsumexp_r l_r                    shifted by the largest l_r: stable
-    lse - x_y          = (lse - l_o) + nll_o                o the owner of y; both terms >= 0
+    lse - x_y          = (lse - l_o) + nll_o                o the owner of y; both terms >= 0,
+                                                            the first through log1p: see _combine
     sum_c (lse - x_c)  = sum_r [V_r (lse - l_r) + S_r]      every term >= 0: no cancellation
     loss               = (1 - eps) (lse - x_y) + eps / C * sum_c (lse - x_c)
 
 which is DESIGN.md section 2 with the GLOBAL C. Backward needs no communication: with the global lse
-saved, the gradient of the local slice is ``g * (exp(x - lse) - eps / C)``, less ``g * (1 - eps)`` at an
-owned target, formed in float32 and cast to the logits' dtype once.
+saved, the gradient of the local slice is ``g * (exp(x - lse) - eps / C)``, and
+``g * (expm1(-(lse - x_y)) + eps - eps / C)`` at an owned target, formed in float32 and cast to the
+logits' dtype once.
 
 Why one all_gather and not Megatron's max-then-sum all_reduces: the per-row statistics are a few floats
 (R x 3 or R x 4 per rank, R the number of rows), so the collective's latency, not its bytes, is its
 cost; an all_gather of every rank's partial log-sum-exp lets each rank reduce them itself, in one round.
 The bytes received grow with the group size (R x 4 x P floats); for tensor-parallel groups (P <= 8-64)
 that stays far below the logits.
+
+Limits: class-index targets only, no class weights. The slice statistics travel as float32 log-sum-exps,
+so probabilities carry the relative error eps * |lse| of a float32 lse -- as in torch and in
+single-process lossfuse, whose kernels save the same float32 lse for backward. A row whose whole local
+slice is -inf (a fully masked slice) gives NaN, as the kernels' log-sum-exp of an all -inf row does.
 """
 
 from __future__ import annotations
@@ -76,7 +83,9 @@ def vocab_parallel_cross_entropy(
 
     Args:
         local_logits: ``(N, V_local)`` or ``(N, V_local, d1, ..., dk)`` logits of this rank's classes
-            ``[start, start + V_local)`` (float32/64, float16, bfloat16). Slices may differ in size.
+            ``[start, start + V_local)`` (float32/64, float16, bfloat16); slices may differ in size.
+            Classes on dim 1, as torch: Megatron's ``(s, b, V_local)`` logits go in as
+            ``logits.view(-1, V_local)`` with ``target.view(-1)``.
         target: class indices into the GLOBAL vocabulary, ``(N)`` or ``(N, d1, ..., dk)``, int64 or
             uint8, the same on every rank.
         group: the process group the vocabulary is split over (default: the default group).
@@ -177,8 +186,8 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         if rows > 0:  # every rank has the same rows: all skip, or none does
             _all_gather(gathered, stats.reshape(rows, k), group, world)
         gathered = gathered.view(world, rows, k)
-        lse, loss = _combine(gathered, sizes_acc, num_classes, eps)
-        lse = lse.view_as(y)
+        lse, nll, loss = _combine(gathered, sizes_acc, num_classes, eps)
+        lse, nll = lse.view_as(y), nll.view_as(y)
         loss = torch.where(keep, loss.view_as(y), 0)
 
         if reduction == "none":
@@ -195,7 +204,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         ctx.reduction = reduction
         ctx.eps = eps
         ctx.eps_c = eps / num_classes if eps > 0 else 0.0  # a device scalar when C is one
-        ctx.save_for_backward(x3, torch.where(owned, y_loc, _NOT_OWNED), keep, lse, denom)
+        ctx.save_for_backward(x3, torch.where(owned, y_loc, _NOT_OWNED), keep, lse, nll, denom)
         return out.to(result_dtype(x.dtype, x.device))
 
     @staticmethod
@@ -203,7 +212,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
             return (None,) * 11
-        x3, y_own, keep, lse, denom = ctx.saved_tensors
+        x3, y_own, keep, lse, nll, denom = ctx.saved_tensors
         g = grad_out.to(lse.dtype)
         n, s = lse.shape
         if ctx.reduction == "none":
@@ -213,7 +222,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         else:
             g_rows = (g / denom).expand(n, s)
         g_rows = torch.where(keep, g_rows, 0)
-        gx3 = _local_grad(x3, lse, g_rows, y_own, ctx.eps, ctx.eps_c)
+        gx3 = _local_grad(x3, lse, nll, g_rows, y_own, ctx.eps, ctx.eps_c)
         return (ctx.shapes.from3d(gx3),) + (None,) * 10
 
 
@@ -262,22 +271,28 @@ def _local_stats(x3, y_loc, owned, eps, acc, backend):
 
 
 def _combine(gathered, sizes_acc, num_classes, eps):
-    """Every rank's (l_r, owned, nll_r, [S_r]) rows -> (global lse, loss) per row, both (R,)."""
+    """Every rank's (l_r, owned, nll_r, [S_r]) rows -> global (lse, lse - x_y, loss) per row, (R,)."""
     l_r = gathered[..., 0]
-    lse = torch.logsumexp(l_r, 0)
-    gap = lse - l_r  # >= 0: no rank's part of the sum exceeds the whole
+    # lse - l_r = (L - l_r) + log(1 + sum over the other ranks of exp(l_q - L)), L the largest l_q:
+    # with log1p, a target on the rank holding L keeps its tiny loss of a confident prediction,
+    # which lse - l_r, both rounded near L, would turn into rounding noise.
+    top, top_rank = l_r.max(0)
+    ranks = torch.arange(l_r.shape[0], device=l_r.device).unsqueeze(1)
+    log_s = torch.log1p(torch.where(ranks == top_rank, 0, torch.exp(l_r - top)).sum(0))
+    lse = top + log_s
+    gap = (top - l_r) + log_s  # lse - l_r, >= 0
     owned = gathered[..., 1] != 0
     nll = torch.where(owned, gap + gathered[..., 2], 0).sum(0)
     if eps == 0:
-        return lse, nll
+        return lse, nll, nll
     sizes = sizes_acc.unsqueeze(1)
     # A select, not V_r x gap: an empty slice has l_r = -inf, and 0 x inf is NaN.
     smooth = (torch.where(sizes > 0, sizes * gap, 0) + gathered[..., 3]).sum(0)
-    return lse, (1 - eps) * nll + (eps / num_classes) * smooth
+    return lse, nll, (1 - eps) * nll + (eps / num_classes) * smooth
 
 
-def _local_grad(x3, lse, g_rows, y_own, eps, eps_c):
-    """g * (exp(x - lse) - eps/C) - g * (1 - eps) [c = y], in ``lse``'s dtype, cast to x's once."""
+def _local_grad(x3, lse, nll, g_rows, y_own, eps, eps_c):
+    """g * (exp(x - lse) - eps/C - (1 - eps) [c = y]), in ``lse``'s dtype, cast to x's once."""
     out = empty_like_layout(x3)
     n, v, s = x3.shape
     if out.numel() == 0:
@@ -286,8 +301,11 @@ def _local_grad(x3, lse, g_rows, y_own, eps, eps_c):
     # In the accumulation dtype the gradient is formed in its own buffer; otherwise in a float32
     # scratch of a few row blocks, so bf16/fp16 logits never get a full float32 copy.
     step = n if x3.dtype == acc else max(1, _GRAD_CHUNK // max(1, v * s))
-    target_term = torch.where(y_own >= 0, -(1 - eps) * g_rows, 0).unsqueeze(1)
+    # At the target, p_y - 1 + eps - eps/C with p_y - 1 = expm1(-(lse - x_y)) from the forward's
+    # nll: exp(x_y - lse) - 1 would cancel to rounding noise for a confident prediction (p_y ~ 1).
+    owned = (y_own >= 0).unsqueeze(1)
     target_idx = y_own.clamp_min(0).unsqueeze(1)
+    target_grad = (g_rows * (torch.expm1(-nll) + (eps - eps_c))).unsqueeze(1)
     for i in range(0, n, step):
         rows = slice(i, i + step)
         if x3.dtype == acc:
@@ -298,8 +316,9 @@ def _local_grad(x3, lse, g_rows, y_own, eps, eps_c):
         if eps > 0:
             p.sub_(eps_c)
         p.mul_(g_rows[rows].unsqueeze(1))
-        # Rows without an owned target add 0 at class 0.
-        p.scatter_add_(1, target_idx[rows], target_term[rows])
+        idx = target_idx[rows]
+        # Rows without an owned target write class 0's own value back.
+        p.scatter_(1, idx, torch.where(owned[rows], target_grad[rows], p.gather(1, idx)))
         if x3.dtype != acc:
             out[rows].copy_(p)
     return out

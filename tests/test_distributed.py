@@ -47,6 +47,7 @@ def _cases() -> dict[str, dict]:
         "eps1.0": dict(eps=1.0, reduction="none"),
         "ignore_index-is-a-class": dict(ignore_index=2, eps=0.1, reduction="none"),
         "ignore_index-is-a-class-eps0": dict(ignore_index=2, reduction="sum"),
+        "uint8-target": dict(target_dtype="uint8", ignore_index=7, eps=0.1, reduction="none"),
         "spatial-(N,V,d)": dict(spatial=3, reduction="none", eps=0.1),
         "spatial-(N,V,d)-mean": dict(spatial=2),
         "column-major-logits": dict(column_major=True, reduction="none"),
@@ -65,6 +66,9 @@ def _cases() -> dict[str, dict]:
         "triton-backend": dict(backend="triton", dtype="bfloat16", reduction="sum"),
         "triton-backend-eps0.1": dict(backend="triton", reduction="none", eps=0.1),
         "autocast-bf16": dict(dtype="bfloat16", autocast=True, eps=0.1),
+        # The bf16 backward's float32 scratch in blocks of a few rows (normally 4M elements).
+        "bf16-backward-in-row-blocks": dict(dtype="bfloat16", reduction="none", eps=0.1, grad_chunk=64),
+        "bf16-spatial-backward-in-row-blocks": dict(dtype="bfloat16", spatial=3, eps=0.1, grad_chunk=100),
     })
     return cases
 
@@ -148,6 +152,7 @@ def _inputs(name, opts, rank, world):
         y[drop] = ignore_index
     if opts.get("all_ignored"):
         y.fill_(ignore_index)
+    y = y.to(getattr(torch, opts.get("target_dtype", "int64")))
     x = x.to(dtype)
     if opts.get("column_major"):
         x = x.t().contiguous().t()
@@ -246,11 +251,16 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
     counter = _Counter(dist)
     results = {}
     t0 = time.perf_counter()
+    import lossfuse.distributed
+
+    default_chunk = lossfuse.distributed._GRAD_CHUNK
     for name, opts in CASES.items():
+        lossfuse.distributed._GRAD_CHUNK = opts.get("grad_chunk", default_chunk)
         try:
             results[name] = _run_case(name, opts, rank, world, counter)
         except Exception:
             results[name] = {"error": traceback.format_exc()}
+    lossfuse.distributed._GRAD_CHUNK = default_chunk
     for name in ERRORS:
         try:
             results["error:" + name] = _run_error(name, rank, world, counter)

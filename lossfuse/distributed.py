@@ -250,7 +250,8 @@ def _local_stats(x3, y_loc, owned, eps, acc, backend):
         # would keep only the rounding of l_r.
         y_k = torch.where(owned, y_loc, _NOT_OWNED)
         nll, lse = run(backend, "cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd", x3.device,
-                       x3, y_k, None, _NOT_OWNED, 0.0)
+                       x3, y_k, None, _NOT_OWNED, 0.0, 0.0, 0.0)
+        lse = lse.to(acc)  # the kernel's lse is float64; the collective packs one dtype
         smooth = None
     else:
         # label_smoothing=1 turns the kernel's loss into (1/V) sum_c (l_r - x_c), for every row (each
@@ -259,7 +260,8 @@ def _local_stats(x3, y_loc, owned, eps, acc, backend):
         # the rounding of l_r, stays far below the loss's float32 resolution.
         y_k = torch.where(owned, y_loc, 0)
         mean_gap, lse = run(backend, "cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd", x3.device,
-                            x3, y_k, None, _NOT_OWNED, 1.0)
+                            x3, y_k, None, _NOT_OWNED, 1.0, 0.0, 0.0)
+        lse = lse.to(acc)
         x_y = x3.gather(1, y_k.unsqueeze(1)).squeeze(1).to(acc)
         nll = lse - x_y
         # A -inf logit makes the sum +inf; the kernel's 0 x (m - x_y) turned it into NaN.

@@ -32,3 +32,13 @@ __all__ = [
     "SmoothL1Loss",
     "HuberFunction",
 ]
+
+
+def __getattr__(name):
+    # `lossfuse.distributed` (vocab-parallel losses) on first use, so `import lossfuse` alone never
+    # pulls in process-group machinery.
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

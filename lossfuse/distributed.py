@@ -30,10 +30,10 @@ cost; an all_gather of every rank's partial log-sum-exp lets each rank reduce th
 The bytes received grow with the group size (R x 4 x P floats); for tensor-parallel groups (P <= 8-64)
 that stays far below the logits.
 
-Limits: class-index targets only, no class weights. The slice statistics travel as float32 log-sum-exps,
-so probabilities carry the relative error eps * |lse| of a float32 lse -- as in torch and in
-single-process lossfuse, whose kernels save the same float32 lse for backward. A row whose whole local
-slice is -inf (a fully masked slice) gives NaN, as the kernels' log-sum-exp of an all -inf row does.
+Limits: class-index targets only, no class weights, no z_loss/softcap. The slice statistics travel
+as float32 log-sum-exps, so probabilities carry the relative error eps * |lse| of a float32 lse, as in
+torch (single-process lossfuse keeps its lse in float64 for the backward; sending float64 statistics
+here would remove this too, at twice the collective's bytes).
 """
 
 from __future__ import annotations

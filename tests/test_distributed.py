@@ -54,6 +54,9 @@ def _cases() -> dict[str, dict]:
         "large-logits": dict(scale=1e3, reduction="none"),
         "large-logits-eps0.1": dict(scale=1e3, reduction="none", eps=0.1),
         "confident-rows": dict(confident=True, reduction="none"),
+        # A vocabulary shard masked to -inf for some rows (its lse is -inf: it adds nothing).
+        "masked-slice": dict(masked_slice=True, reduction="none"),
+        "masked-slice-mean": dict(masked_slice=True, dtype="bfloat16"),
         "empty-slice": dict(empty_slice=True, reduction="none", eps=0.1),
         "empty-slice-gathered": dict(empty_slice=True, sizes="gathered"),
         "all-ignored-mean": dict(all_ignored=True, eps=0.1),
@@ -150,6 +153,9 @@ def _inputs(name, opts, rank, world):
         drop = torch.rand(tshape, generator=gen) < 0.2
         drop.view(n, -1)[: len(owners)] = False
         y[drop] = ignore_index
+    if opts.get("masked_slice"):  # rank 1's slice all -inf on the last rows; their targets elsewhere
+        x[-3:, sizes[0]: sizes[0] + sizes[1]] = float("-inf")
+        y.view(n, -1)[-3:] = 0
     if opts.get("all_ignored"):
         y.fill_(ignore_index)
     y = y.to(getattr(torch, opts.get("target_dtype", "int64")))

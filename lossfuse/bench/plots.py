@@ -37,8 +37,9 @@ def _plt():
     return plt
 
 
-def _subtitle(meta: dict) -> str:
-    thr = f", {meta.get('torch_threads')} threads" if meta.get("device") == "cpu" else ""
+def _subtitle(meta: dict, threads: bool = True) -> str:
+    n = meta.get('torch_threads')
+    thr = f", {n} thread{'' if n == 1 else 's'}" if meta.get("device") == "cpu" and threads else ""
     return f"{meta.get('device_name')}{thr} · lossfuse {meta['versions'].get('lossfuse')} · {meta.get('date', '')[:10]}"
 
 
@@ -54,8 +55,17 @@ def _case_label(r) -> str:
 
 
 def _size_rows(rows):
-    """Rows of the size-comparison plots: not the thread sweep's re-runs."""
-    return [r for r in _ok(rows) if "threads" not in (r.get("sweeps") or "")]
+    """Rows of the size-comparison plots: the presets' cases, not the points of the scaling sweeps
+    (those have their own plots)."""
+    return [r for r in _ok(rows) if r.get("main", True)]
+
+
+def _tick(v: float) -> str:
+    """Axis label of a class or row count: binary k for multiples of 1024 (vocabulary sizes), else k/M."""
+    v = int(round(v))
+    if v >= 1024 and v % 1024 == 0:
+        return f"{v // 1024}k"
+    return _human(v)
 
 
 def _human(n: float) -> str:
@@ -217,16 +227,19 @@ def sweep_plot(rows, meta, copy_gbps, sweep: str, path: Path) -> Path | None:
     ax2.axhline(copy_gbps, color="black", ls="--", lw=1.2, label=f"copy bandwidth {copy_gbps:.1f} GB/s")
     other = rows[0]["shape"].split("x")[fixed]
     xlabel = f"classes C (rows N = {other})" if sweep == "classes" else f"rows N (classes C = {other})"
+    ticks = sorted({xval(r) for r in rows})
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _human(v)))
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick(v)))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel)
-        ax.legend()
+        ax.legend(loc="best")
     ax1.set_yscale("log")
+    ax1.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax1.set_ylabel("time per fwd+bwd, ms (lower is better)")
-    ax2.set_ylabel("effective bandwidth, GB/s")
-    ax2.set_ylim(bottom=0)
+    ax2.set_ylabel("effective bandwidth, GB/s (higher is better)")
+    ax2.set_ylim(0, max([copy_gbps] + [r["gbps"] for r in rows]) * 1.3)
     fig.suptitle(f"Cross-entropy fp32 fwd+bwd vs {sweep}\n{_subtitle(meta)}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
@@ -239,6 +252,8 @@ def threads_plot(rows, meta, path: Path) -> Path | None:
     if not rows:
         return None
     plt = _plt()
+    from matplotlib.ticker import FuncFormatter
+
     panels = list(dict.fromkeys((r["loss"], r["variant"], r["shape"], r["dtype"]) for r in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
     for ax, key in zip(axes.flat, panels):
@@ -249,11 +264,13 @@ def threads_plot(rows, meta, path: Path) -> Path | None:
         threads = sorted({r["threads"] for r in mine})
         ax.set_xticks(threads)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("CPU threads (torch.set_num_threads)")
         ax.set_ylabel("time per fwd+bwd, ms")
         ax.set_title(_case_label(mine[0]).replace("\n", ", "))
         ax.legend()
-    fig.suptitle(f"Time vs CPU threads (lower is better)\n{_subtitle(meta)}", fontsize=11)
+    fig.suptitle(f"Time vs CPU threads (lower is better)\n{_subtitle(meta, threads=False)}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -38,6 +38,7 @@ class Case:
     sweeps: tuple = ()                  # scaling sweeps this case is a point of: "classes", "rows", "threads"
     modes: tuple | None = None          # None: the run's modes
     target: str = ""                    # the project target this case is quoted for, if any
+    main: bool = True                   # False: a point of a scaling sweep only (kept out of the size plots)
 
     @property
     def entry(self):
@@ -135,12 +136,14 @@ def _thread_counts() -> tuple:
 
 def _sweeps() -> list:
     fwdbwd = ("fwd+bwd",)
-    out = [Case("ce", (SWEEP_ROWS_FIXED, c), F32, sweeps=("classes",), modes=fwdbwd) for c in SWEEP_CLASSES]
-    out += [Case("ce", (n, SWEEP_CLASSES_FIXED), F32, sweeps=("rows",), modes=fwdbwd) for n in SWEEP_ROWS]
+    out = [Case("ce", (SWEEP_ROWS_FIXED, c), F32, sweeps=("classes",), modes=fwdbwd, main=False)
+           for c in SWEEP_CLASSES]
+    out += [Case("ce", (n, SWEEP_CLASSES_FIXED), F32, sweeps=("rows",), modes=fwdbwd, main=False)
+            for n in SWEEP_ROWS]
     for t in _thread_counts():
         for loss, shape, variant in [("ce", (4096, 32000), ""), ("sigmoid_focal", (200000, 80), "float"),
                                      ("huber", (16777216,), "")]:
-            out.append(Case(loss, shape, F32, variant, threads=t, sweeps=("threads",), modes=fwdbwd))
+            out.append(Case(loss, shape, F32, variant, threads=t, sweeps=("threads",), modes=fwdbwd, main=False))
     return out
 
 
@@ -153,7 +156,7 @@ def _merge(cases) -> tuple:
             old = seen[k]
             modes = None if old.modes is None or c.modes is None else tuple(dict.fromkeys(old.modes + c.modes))
             seen[k] = replace(old, sweeps=tuple(dict.fromkeys(old.sweeps + c.sweeps)), modes=modes,
-                              target=old.target or c.target)
+                              target=old.target or c.target, main=old.main or c.main)
         else:
             seen[k] = c
     return tuple(seen.values())

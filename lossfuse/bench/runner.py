@@ -3,6 +3,7 @@ are right side by side, measure their peak memory, and collect one row per (case
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -46,6 +47,7 @@ COLUMNS = {
     "max_ms": "slowest round (ms)",
     "rounds": "interleaved rounds (each provider timed once per round)",
     "calls_per_round": "calls per timed block (CPU: one torch.utils.benchmark block per round)",
+    "input_sets": "input sets the calls rotate through (several when the inputs fit in the CPU's cache)",
     "speedup_vs_torch": "median over rounds of t(torch eager) / t(provider), same round",
     "speedup_vs_torch_q1": "25th percentile of those per-round ratios",
     "speedup_vs_torch_q3": "75th percentile of those per-round ratios",
@@ -272,12 +274,14 @@ def _base_row(case: Case, mode: str, threads: int) -> dict:
         "loss": case.loss, "title": entry.title, "variant": case.variant,
         "shape": "x".join(str(s) for s in case.shape), "size": case.size, "dtype": dtype_name(case.dtype),
         "mode": mode, "threads": threads, "sweeps": "+".join(case.sweeps), "target": case.target,
+        "main": case.main,  # not a column: plots keep sweep-only points out of the size comparisons
         "counted_bytes": entry.counted_bytes(case.shape, case.dtype, case.variant, mode),
     }
 
 
-def _fill_timing(row: dict, secs: list, number: int, rounds: int, copy_gbps: float) -> None:
+def _fill_timing(row: dict, secs: list, number: int, rounds: int, copy_gbps: float, sets: int) -> None:
     s = measure.summary(secs)
+    row["input_sets"] = sets
     row.update(median_ms=s["median"] * 1e3, q1_ms=s["q1"] * 1e3, q3_ms=s["q3"] * 1e3,
                min_ms=s["min"] * 1e3, max_ms=s["max"] * 1e3, rounds=rounds, calls_per_round=number)
     row["gbps"] = row["counted_bytes"] / s["median"] / 1e9
@@ -381,8 +385,8 @@ def _run_case(case, cfg, providers, device, copy_gbps, rounds, min_rounds, block
     _reset_compile_caches()  # a fresh compile per case: shapes and thread counts are baked into its code
     sets = make_sets(case, device, buffer_sets(case, device), cfg.seed)
     if len(sets) > 1:
-        note(f"inputs smaller than 4x the last-level cache rotate through several input sets "
-             f"(e.g. {case.label()}: {len(sets)} sets)")
+        note(f"inputs smaller than 4x the last-level cache ({llc_bytes() >> 20} MiB) rotate through several "
+             f"input sets, so that calls read memory, not cache (input_sets column)")
     clock("inputs")
     ref_loss, ref_grads = reference64(entry, sets[0])
     tol = TOLERANCE[case.dtype]
@@ -403,7 +407,7 @@ def _run_case(case, cfg, providers, device, copy_gbps, rounds, min_rounds, block
             loss, grads = run_once(made, mine[0], entry)
             le, ge = rel_errors(loss, grads, ref_loss, ref_grads)
         except Exception as exc:  # a provider that raises is reported, not fatal
-            status[name] = ("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", None, None)
+            status[name] = ("error", _why(exc), None, None)
             continue
         if not (le <= tol and ge <= tol):
             status[name] = ("WRONG", f"disagrees with float64: loss rel err {le:.2e}, grad rel err {ge:.2e} "
@@ -415,64 +419,25 @@ def _run_case(case, cfg, providers, device, copy_gbps, rounds, min_rounds, block
         clock(f"check {name}")
     del ref_grads
 
-    for mode in modes:
-        steps, mems = {}, {}
-        estimates = {}
-        for name, fn in fns.items():
-            try:
-                step, mem_call, prepare = make_step(fn, psets[name], entry, mode)
-                estimates[name] = measure.warm_up(step, device, threads)
-                steps[name] = step
-                mems[name] = (mem_call, prepare)
-            except Exception as exc:
-                status_mode = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                out.append({**_base_row(case, mode, threads), "provider": name, "status": "error",
-                            "note": f"{mode}: {status_mode}"})
-                clear_grads(psets[name], entry)
-        clock(f"{mode} warm-up")
-        times, number, r_count = ({}, {}, 0)
-        if steps:
-            times, number, r_count = measure.interleaved(
-                steps, estimates, device, threads, rounds=rounds, min_rounds=min_rounds, block_s=block_s,
-                budget_s=budget_s)
-        clock(f"{mode} timing")
-        mode_rows = []
-        for name in cfg.providers:
-            if name in steps:
-                row = {**_base_row(case, mode, threads), "provider": name, "status": "ok", "note": "",
-                       "loss_rel_err": status[name][2], "grad_rel_err": status[name][3], "tolerance": tol}
-                _fill_timing(row, times[name], number[name], r_count, copy_gbps)
-                if not mem_problem:
-                    mem_call, prepare = mems[name]
-                    prepare()
-                    try:
-                        peak = measure.peak_bytes(mem_call, device)
-                    finally:
-                        prepare()
-                    grad_bytes = 0 if mode == "fwd" else sum(
-                        psets[name][0][n].numel() * psets[name][0][n].element_size() for n in entry.grad_inputs)
-                    diff_bytes = sum(psets[name][0][n].numel() * psets[name][0][n].element_size()
-                                     for n in entry.grad_inputs)
-                    row["peak_mem_mb"] = peak / 2**20
-                    if device.type == "cuda" or diff_bytes >= MIN_RSS_INPUT_BYTES:
-                        row["extra_mem_pct"] = 100.0 * (peak - grad_bytes) / diff_bytes
-                    else:
-                        note(f"extra_mem_pct is left out for inputs under {MIN_RSS_INPUT_BYTES >> 20} MiB on "
-                             f"the CPU: resident pages are too coarse a measure there")
-                if name == "liger":
-                    row["note"] = "computes the gradient in its forward, in place into the logits"
-                mode_rows.append(row)
-            elif name in status and status[name][0] != "ok":
-                st, why, le, ge = status[name]
-                mode_rows.append({**_base_row(case, mode, threads), "provider": name, "status": st, "note": why,
-                                  "loss_rel_err": le, "grad_rel_err": ge,
-                                  "tolerance": tol if st == "WRONG" else None})
-        clock(f"{mode} memory")
-        _fill_speedups(mode_rows, times)
-        out.extend(mode_rows)
+    # bwd last: repeating a compiled backward needs a recompile without donated buffers, which the
+    # other modes must not inherit.
+    ctx = _ModeContext(case, entry, device, threads, copy_gbps, rounds, min_rounds, block_s, budget_s,
+                       mem_problem, note, clock, tol)
+    for mode in sorted(modes, key=lambda m: m == "bwd"):
+        with contextlib.ExitStack() as stack:
+            mode_fns = dict(fns)
+            compile_note = ""
+            if mode == "bwd" and COMPILE in fns:
+                try:
+                    compile_note = _recompile_for_repeated_backward(entry, mode_fns, psets, stack)
+                except Exception as exc:
+                    del mode_fns[COMPILE]
+                    out.append({**_base_row(case, mode, threads), "provider": COMPILE, "status": "error",
+                                "note": f"{mode}: {_why(exc)}"})
+            out.extend(_run_mode(ctx, mode, cfg.providers, mode_fns, psets, status,
+                                 {COMPILE: compile_note} if compile_note else {}))
         for name in fns:
             clear_grads(psets[name], entry)
-        del steps, mems
         bar.update(1)
 
     del fns, psets, sets
@@ -481,6 +446,104 @@ def _run_case(case, cfg, providers, device, copy_gbps, rounds, min_rounds, block
     _reset_compile_caches()
     clock("cleanup")
     return out
+
+
+@dataclass
+class _ModeContext:
+    case: Case
+    entry: object
+    device: torch.device
+    threads: int
+    copy_gbps: float
+    rounds: int
+    min_rounds: int
+    block_s: float
+    budget_s: float
+    mem_problem: str | None
+    note: Callable
+    clock: Callable
+    tol: float
+
+
+def _why(exc: BaseException) -> str:
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _run_mode(c: _ModeContext, mode: str, names: list, fns: dict, psets: dict, status: dict,
+              extra_notes: dict) -> list:
+    """Warm up, time interleaved, measure memory: the rows of one (case, mode)."""
+    case, entry, device = c.case, c.entry, c.device
+    rows: list = []
+    steps, mems, estimates = {}, {}, {}
+    for name, fn in fns.items():
+        try:
+            step, mem_call, prepare = make_step(fn, psets[name], entry, mode)
+            estimates[name] = measure.warm_up(step, device, c.threads)
+            steps[name] = step
+            mems[name] = (mem_call, prepare)
+        except Exception as exc:
+            rows.append({**_base_row(case, mode, c.threads), "provider": name, "status": "error",
+                         "note": f"{mode}: {_why(exc)}"})
+            clear_grads(psets[name], entry)
+    c.clock(f"{mode} warm-up")
+    times, number, r_count = ({}, {}, 0)
+    if steps:
+        times, number, r_count = measure.interleaved(
+            steps, estimates, device, c.threads, rounds=c.rounds, min_rounds=c.min_rounds, block_s=c.block_s,
+            budget_s=c.budget_s)
+    c.clock(f"{mode} timing")
+    for name in names:
+        if name in steps:
+            row = {**_base_row(case, mode, c.threads), "provider": name, "status": "ok", "note": "",
+                   "loss_rel_err": status[name][2], "grad_rel_err": status[name][3], "tolerance": c.tol}
+            _fill_timing(row, times[name], number[name], r_count, c.copy_gbps, len(psets[name]))
+            if not c.mem_problem:
+                _fill_memory(c, row, mode, mems[name], psets[name][0])
+            if name == "liger":
+                row["note"] = "computes the gradient in its forward, in place into the logits"
+            if name in extra_notes:
+                row["note"] = extra_notes[name]
+            rows.append(row)
+        elif name in status and status[name][0] != "ok":
+            st, why, le, ge = status[name]
+            rows.append({**_base_row(case, mode, c.threads), "provider": name, "status": st, "note": why,
+                         "loss_rel_err": le, "grad_rel_err": ge, "tolerance": c.tol if st == "WRONG" else None})
+    c.clock(f"{mode} memory")
+    _fill_speedups(rows, times)
+    return rows
+
+
+def _fill_memory(c: _ModeContext, row: dict, mode: str, mem: tuple, tensors: dict) -> None:
+    mem_call, prepare = mem
+    prepare()
+    try:
+        peak = measure.peak_bytes(mem_call, c.device)
+    finally:
+        prepare()
+    diff_bytes = sum(tensors[n].numel() * tensors[n].element_size() for n in c.entry.grad_inputs)
+    grad_bytes = 0 if mode == "fwd" else diff_bytes
+    row["peak_mem_mb"] = peak / 2**20
+    if c.device.type == "cuda" or diff_bytes >= MIN_RSS_INPUT_BYTES:
+        row["extra_mem_pct"] = 100.0 * (peak - grad_bytes) / diff_bytes
+    else:
+        c.note(f"extra_mem_pct is left out for inputs under {MIN_RSS_INPUT_BYTES >> 20} MiB on the CPU: "
+               f"resident pages are too coarse a measure there")
+
+
+def _recompile_for_repeated_backward(entry, fns: dict, psets: dict, context: contextlib.ExitStack) -> str:
+    """bwd mode runs backward again and again on one graph (retain_graph=True). torch.compile donates
+    saved buffers to its backward by default, which forbids that (and would overwrite them): compile
+    afresh without donation, bypassing the compiled-autograd cache, and keep the option on while the
+    mode runs (the backward is compiled lazily, and checked, on its first retain_graph call)."""
+    import torch._functorch.config as functorch_config
+
+    _reset_compile_caches()
+    context.enter_context(functorch_config.patch(donated_buffer=False, enable_autograd_cache=False))
+    fn = torch.compile(entry.torch_fn, dynamic=False)
+    run_once(fn, psets[COMPILE][0], entry)
+    fns[COMPILE] = fn
+    return "bwd: compiled with donated_buffer=False, so its backward can be repeated on one graph"
 
 
 def _reset_compile_caches() -> None:

@@ -235,3 +235,25 @@ def test_list_names_the_default_target_cases():
                   "softmax_focal (65536x1000) float32", "huber (16777216) float32", "smooth_l1 (16777216) float32"):
         assert label in text, label
     assert "lossfuse-cpu" in text and "torch.compile" in text and "lossfuse-triton" not in text
+
+
+def test_targets_are_evaluated_from_the_rows():
+    from lossfuse.bench.targets import evaluate, table
+
+    base = {"loss": "ce", "shape": "4096x32000", "dtype": "float32", "variant": "", "mode": "fwd+bwd",
+            "sweeps": "", "main": True, "note": ""}
+    rows = [
+        {**base, "provider": "lossfuse-cpu", "status": "ok", "speedup_vs_torch": 12.0,
+         "speedup_vs_compile": 5.0, "extra_mem_pct": 0.1, "median_ms": 100.0},
+        {**base, "provider": "torch", "status": "ok", "speedup_vs_torch": 1.0, "median_ms": 1200.0},
+        {**base, "loss": "huber", "shape": "16777216", "provider": "all", "status": "skipped", "note": "no huber"},
+    ]
+    got = {r["target"]: r for r in evaluate(rows, "cpu")}
+    assert got["cross-entropy (4096, 32000) fp32 fwd+bwd: >= 10x torch eager"]["met"] is True
+    assert got["cross-entropy (4096, 32000) fp32 fwd+bwd: >= 6x torch.compile"]["met"] is False
+    assert got["cross-entropy (4096, 32000) fp32 fwd+bwd: peak above logits + gradient <= 5% of the logits"]["met"]
+    assert got["Huber 16,777,216 fp32: >= 3x torch.compile"]["met"] is None
+    assert not any("sigmoid" in t for t in got)      # cases that did not run are left out
+    assert not evaluate(rows, "cuda")                 # GPU targets need GPU rows
+    text = table(list(got.values()))
+    assert "[MISS]" in text and "[met ]" in text and "[n/a ]" in text

@@ -141,6 +141,9 @@ def run_suite(argv=None, *, extra_providers=None, cases=None, echo_fn=echo, copy
     elapsed = time.perf_counter() - started
     meta["elapsed_s"] = round(elapsed, 1)
     meta["memory_short"] = "peak GPU memory allocated" if cfg.device.type == "cuda" else "peak RSS"
+    from .targets import evaluate, table
+
+    result.targets = evaluate(result.rows, cfg.device.type)
     plot_paths = []
     if not args.no_plots:
         try:
@@ -153,6 +156,8 @@ def run_suite(argv=None, *, extra_providers=None, cases=None, echo_fn=echo, copy
     paths = report.write_files(result, meta, out_dir)
     for i, p in enumerate(plot_paths):
         paths[f"plot{i}"] = p
+    if result.targets:
+        echo_fn(table(result.targets))
     if result.notes:
         echo_fn("notes:\n" + "\n".join(f"  - {n}" for n in result.notes))
     echo_fn(f"done in {elapsed:.0f} s; wrote {', '.join(str(p) for p in paths.values())}")

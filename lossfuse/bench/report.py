@@ -169,6 +169,11 @@ def full_table(result: RunResult) -> str:
     for g in group_rows(result.rows):
         parts.append(case_block(g))
         parts.append("")
+    if result.targets:
+        from .targets import table
+
+        parts.append(table(result.targets))
+        parts.append("")
     if result.notes:
         parts.append("notes:")
         parts.extend(f"  - {n}" for n in result.notes)
@@ -217,6 +222,7 @@ def write_files(result: RunResult, meta: dict, out_dir: Path) -> dict:
         "byte_formulas": {k: e.bytes_formula for k, e in LOSSES.items()},
         "columns": COLUMNS,
         "notes": result.notes,
+        "targets": result.targets,
         "phase_seconds": result.phases,
         "results": [{k: _clean(r.get(k)) for k in COLUMNS} for r in result.rows],
     }

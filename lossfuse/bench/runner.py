@@ -94,6 +94,7 @@ class RunResult:
     copy_bw: dict
     memory_method: str
     config: RunConfig
+    targets: list = field(default_factory=list)   # targets.evaluate(...) of the rows
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Measuring: interleaved timing, the copy bandwidth, and peak memory.
 
-Timing. Every provider is warmed up first (the correctness check before it ran each one once, which is
-where torch.compile compiles). Then the providers are timed in rounds, round-robin, the starting
-provider rotating from round to round, so a change in machine load during the run hits all of them
+Timing. Every provider has run once before (the correctness check, where torch.compile compiles);
+a first round of single calls warms up and sizes the blocks (see ``interleaved``). The providers are
+timed in rounds, round-robin, the starting provider rotating from round to round, so a change in machine load during the run hits all of them
 alike; a provider's time is the median over rounds, its spread the inter-quartile range and min/max,
 and a speed-up is the median of the per-round ratios, each taken from providers timed moments apart.
 
@@ -65,11 +65,22 @@ def paired_ratios(base, other) -> list:
 
 
 def _timer_once(step: Callable, number: int, threads: int) -> float:
-    """Seconds per call of ``step``, from one torch.utils.benchmark block of ``number`` calls."""
+    """Seconds per call of ``step``, from one torch.utils.benchmark block of ``number`` calls.
+
+    ``Timer.timeit(number)`` first makes max(number // 100, 2) untimed calls of its own, which would
+    triple the cost of a round of 2-second calls; the suite warms up itself, so it runs the Timer's
+    timed block alone (``Timer._timeit``: the same timer, statement and globals), and falls back to
+    ``timeit`` where a torch version lacks it. The thread count is the case's (set by the runner and
+    passed to the Timer)."""
     from torch.utils.benchmark import Timer
 
     t = Timer(stmt="step()", globals={"step": step}, num_threads=threads)
-    return t.timeit(number).mean
+    block = getattr(t, "_timeit", None)
+    if block is None:
+        return t.timeit(number).mean
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return block(number) / number
 
 
 def _cuda_once(step: Callable, rep_ms: float) -> float:
@@ -94,37 +105,41 @@ def _cuda_once(step: Callable, rep_ms: float) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
 
 
-def warm_up(step: Callable, device: torch.device, threads: int) -> float:
-    """One more call of ``step`` after the correctness check's (which compiled, for torch.compile),
-    timed to size the blocks; returns the estimate of one call in seconds."""
-    if device.type == "cuda":
-        step()
-        return _cuda_once(step, rep_ms=20)
-    return _timer_once(step, 1, threads)
-
-
-def interleaved(steps: dict, estimates: dict, device: torch.device, threads: int, *, rounds: int,
-                min_rounds: int, block_s: float, budget_s: float, progress=None) -> tuple:
+def interleaved(steps: dict, device: torch.device, threads: int, *, rounds: int, min_rounds: int,
+                block_s: float, budget_s: float) -> tuple:
     """Time every step of ``steps`` (name -> callable) in interleaved rounds.
 
-    Returns (per-provider list of per-round seconds per call, calls per block, rounds).
+    Every step has already run once (the correctness check, where torch.compile compiled). The first
+    round times one call of each; it sizes the blocks of the later rounds (``block_s`` each) and how
+    many rounds fit the budget. It counts as a round when every step is slow enough for one call per
+    block -- where calls take seconds, a separate warm-up round would cost as much as a measured one --
+    and is dropped as a warm-up otherwise.
+
+    Returns (per-provider list of per-round seconds per call, calls per block, rounds kept).
     """
     names = list(steps)
-    number = {n: max(1, min(10000, round(block_s / max(estimates[n], 1e-9)))) for n in names}
-    if device.type == "cuda":
-        number = {n: 1 for n in names}
-    round_s = sum(max(block_s, estimates[n] * number[n]) for n in names) or 1e-9
-    r_count = max(min_rounds, min(rounds, int(budget_s / round_s)))
-    times = {n: [] for n in names}
-    for r in range(r_count):
+
+    def one_round(r: int, number: dict, out: dict) -> None:
         k = r % len(names)
         for n in names[k:] + names[:k]:
             if device.type == "cuda":
-                times[n].append(_cuda_once(steps[n], rep_ms=max(10.0, block_s * 1e3)))
+                out[n].append(_cuda_once(steps[n], rep_ms=max(10.0, block_s * 1e3)))
             else:
-                times[n].append(_timer_once(steps[n], number[n], threads))
-            if progress is not None:
-                progress()
+                out[n].append(_timer_once(steps[n], number[n], threads))
+
+    first = {n: [] for n in names}
+    one_round(0, {n: 1 for n in names}, first)
+    est = {n: first[n][0] for n in names}
+    if device.type == "cuda":
+        number = {n: 1 for n in names}   # do_bench sizes its own repetitions
+    else:
+        number = {n: max(1, min(10000, round(block_s / max(est[n], 1e-9)))) for n in names}
+    keep_first = device.type != "cuda" and all(v == 1 for v in number.values())
+    round_s = sum(max(block_s, est[n] * number[n]) for n in names) or 1e-9
+    r_count = max(min_rounds, min(rounds, int(budget_s / round_s) + (1 if keep_first else 0)))
+    times = {n: list(first[n]) if keep_first else [] for n in names}
+    for r in range(1 if keep_first else 0, r_count):
+        one_round(r, number, times)
     return times, number, r_count
 
 

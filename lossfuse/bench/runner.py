@@ -182,22 +182,44 @@ def reference64(entry, tensors: dict) -> tuple:
     return run_once(entry.torch_fn, t64, entry)
 
 
-def rel_errors(loss, grads, ref_loss, ref_grads) -> tuple:
-    def rel(a, b):
-        a = a.detach().to(torch.float64)
-        b = b.detach().to(torch.float64)
-        if a.shape != b.shape:
-            return math.inf
-        if not bool(torch.isfinite(a).all()):
-            return math.inf
-        den = float(torch.linalg.vector_norm(b))
-        num = float(torch.linalg.vector_norm(a - b))
-        return num / den if den > 0 else num
+def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, accumulated in float64 through one reused chunk buffer: converting a
+    131M-element gradient whole would fault in a gigabyte of fresh pages per comparison. A NaN or inf
+    in ``a`` makes the result inf."""
+    if a.shape != b.shape:
+        return math.inf
+    a = a.detach().reshape(-1)
+    b = b.detach().reshape(-1)
+    chunk = max(1, min(a.numel(), 1 << 20))
+    buf = torch.empty(chunk, dtype=torch.float64, device=a.device)
+    num = torch.zeros((), dtype=torch.float64, device=a.device)
+    den = torch.zeros((), dtype=torch.float64, device=a.device)
+    # One thread: hundreds of small parallel regions stall badly when other processes hold the CPUs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(0, a.numel(), chunk):
+            n = min(chunk, a.numel() - i)
+            d = buf[:n]
+            d.copy_(a[i:i + n])
+            d.sub_(b[i:i + n])
+            num += torch.dot(d, d)
+            d.copy_(b[i:i + n])
+            den += torch.dot(d, d)
+    finally:
+        torch.set_num_threads(threads)
+    num, den = math.sqrt(float(num)), math.sqrt(float(den))
+    if not math.isfinite(num):
+        return math.inf
+    return num / den if den > 0 else num
 
-    le = rel(loss.reshape(()), ref_loss.reshape(()))
+
+def rel_errors(loss, grads, ref_loss, ref_grads) -> tuple:
+    """Relative errors of the loss and (the worst of) the gradients against the float64 reference."""
+    le = _rel_error(loss.reshape(()), ref_loss.reshape(()))
     ge = 0.0
     for name, g in grads.items():
-        ge = max(ge, math.inf if g is None else rel(g, ref_grads[name]))
+        ge = max(ge, math.inf if g is None else _rel_error(g, ref_grads[name]))
     return le, ge
 
 
@@ -476,22 +498,23 @@ def _run_mode(c: _ModeContext, mode: str, names: list, fns: dict, psets: dict, s
     """Warm up, time interleaved, measure memory: the rows of one (case, mode)."""
     case, entry, device = c.case, c.entry, c.device
     rows: list = []
-    steps, mems, estimates = {}, {}, {}
+    steps, mems = {}, {}
     for name, fn in fns.items():
         try:
             step, mem_call, prepare = make_step(fn, psets[name], entry, mode)
-            estimates[name] = measure.warm_up(step, device, c.threads)
+            if mode != "fwd+bwd":
+                step()  # the check ran fwd+bwd: one call in this mode before it is timed
             steps[name] = step
             mems[name] = (mem_call, prepare)
         except Exception as exc:
             rows.append({**_base_row(case, mode, c.threads), "provider": name, "status": "error",
                          "note": f"{mode}: {_why(exc)}"})
             clear_grads(psets[name], entry)
-    c.clock(f"{mode} warm-up")
+    c.clock(f"{mode} steps")
     times, number, r_count = ({}, {}, 0)
     if steps:
         times, number, r_count = measure.interleaved(
-            steps, estimates, device, c.threads, rounds=c.rounds, min_rounds=c.min_rounds, block_s=c.block_s,
+            steps, device, c.threads, rounds=c.rounds, min_rounds=c.min_rounds, block_s=c.block_s,
             budget_s=c.budget_s)
     c.clock(f"{mode} timing")
     for name in names:

@@ -124,7 +124,8 @@ def run_suite(argv=None, *, extra_providers=None, cases=None, echo_fn=echo, copy
 
     meta = report.environment(cfg.device, cfg.threads, ["lossfuse-bench", *(argv if argv is not None else sys.argv[1:])])
     echo_fn(f"lossfuse-bench: preset {cfg.preset.name} ({len(cfg.cases)} cases; {', '.join(cfg.modes)}) on "
-            f"{meta['device_name']}, {cfg.threads} threads; providers: {', '.join(cfg.providers)}")
+            f"{meta['device_name']}, {cfg.threads} thread{'' if cfg.threads == 1 else 's'}; "
+            f"providers: {', '.join(cfg.providers)}")
     echo_fn(f"  torch {meta['versions']['torch']}, triton {meta['versions']['triton']}, lossfuse "
             f"{meta['versions']['lossfuse']} (git {str(meta['git_commit'])[:10]}"
             f"{', modified' if meta['git_dirty'] else ''}); output: {out_dir}")
@@ -160,6 +161,9 @@ def run_suite(argv=None, *, extra_providers=None, cases=None, echo_fn=echo, copy
         echo_fn(table(result.targets))
     if result.notes:
         echo_fn("notes:\n" + "\n".join(f"  - {n}" for n in result.notes))
+    if result.copy_bw.get("gbps_at_end"):
+        echo_fn(f"copy bandwidth at the end of the run: {result.copy_bw['gbps_at_end']:.1f} GB/s "
+                f"(at the start: {result.copy_bw['gbps']:.1f} GB/s)")
     echo_fn(f"done in {elapsed:.0f} s; wrote {', '.join(str(p) for p in paths.values())}")
     return result, paths
 

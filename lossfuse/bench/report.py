@@ -109,6 +109,10 @@ def _fmt(v, spec, dash="-"):
     return format(v, spec)
 
 
+def _x(v):
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def _ms(v):
     if v is None:
         return "-"
@@ -117,7 +121,9 @@ def _ms(v):
 
 def legend(copy_bw: dict, memory_method: str) -> str:
     return "\n".join([
-        f"copy bandwidth {copy_bw['gbps']:.1f} GB/s ({copy_bw['method']}).",
+        f"copy bandwidth {copy_bw['gbps']:.1f} GB/s at the start"
+        + (f", {copy_bw['gbps_at_end']:.1f} GB/s at the end" if copy_bw.get("gbps_at_end") else "")
+        + f" ({copy_bw['method']}).",
         "median ms: median over interleaved rounds; IQR: inter-quartile range of the rounds;",
         "vs torch / vs compile: median of same-round time ratios (>1 = faster);",
         "GB/s: counted bytes / median time (inputs read once, gradients written once); %BW: of copy bandwidth;",
@@ -132,7 +138,7 @@ def case_block(rows: list, copy_bw: dict | None = None) -> str:
     head = f"{r0['title']} ({r0['shape']}) {r0['dtype']}"
     if r0["variant"]:
         head += f" [{LOSSES[r0['loss']].label_variant(r0['variant'])}]"
-    head += f"  {r0['mode']}  {r0['threads']} thr"
+    head += f"  {r0['mode']}  {r0['threads']} thread{'' if r0['threads'] == 1 else 's'}"
     if r0.get("target"):
         head += "  (target case)"
     lines = [head]
@@ -148,7 +154,7 @@ def case_block(rows: list, copy_bw: dict | None = None) -> str:
         iqr = (r["q3_ms"] - r["q1_ms"]) if r.get("q3_ms") is not None else None
         lines.append(
             f"  {r['provider']:<19}{_ms(r['median_ms']):>10}{_ms(iqr):>9}"
-            f"{_fmt(r.get('speedup_vs_torch'), '.2f') + 'x':>9}{_fmt(r.get('speedup_vs_compile'), '.2f') + 'x':>11}"
+            f"{_x(r.get('speedup_vs_torch')):>9}{_x(r.get('speedup_vs_compile')):>11}"
             f"{_fmt(r.get('gbps'), '.1f'):>8}{_fmt(100 * r['copy_bw_frac'] if r.get('copy_bw_frac') else None, '.0f'):>6}"
             f"{_fmt(r.get('peak_mem_mb'), ',.1f'):>10}{_fmt(r.get('extra_mem_pct'), '.1f'):>9}"
         )

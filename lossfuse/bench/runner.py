@@ -376,6 +376,10 @@ def run(cfg: RunConfig, on_case_done: Callable | None = None, on_start: Callable
         gc.unfreeze()
         bar.close()
         torch.set_num_threads(cfg.threads)
+    if rows:
+        # Again at the end: how far the machine drifted while the run went on.
+        end = measure.copy_bandwidth(device, cfg.threads, cfg.copy_bytes)
+        copy_bw["gbps_at_end"] = end["gbps"]
     return RunResult(rows=rows, notes=notes, phases=phases, copy_bw=copy_bw, memory_method=memory_method, config=cfg)
 
 

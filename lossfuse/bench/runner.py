@@ -20,10 +20,10 @@ from .presets import Case, Preset, dtype_name
 from .providers import COMPILE, EAGER, PROVIDERS, Provider
 
 # Relative error allowed against the float64 reference: |loss - ref| / |ref| for the loss,
-# ||g - g_ref|| / ||g_ref|| for each gradient. float32 arithmetic lands far below 1e-4; bf16/fp16
-# outputs carry their own rounding (2^-9 / 2^-12 relative) plus low-precision intermediate math in
-# torch's eager formulas.
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+# ||g - g_ref|| / ||g_ref|| for each gradient. float32 implementations land near 1e-7 on these sizes
+# (100x margin); bf16/fp16 outputs carry their own rounding (up to 2^-9 / 2^-12 relative) plus
+# low-precision intermediate math in torch's eager formulas (CE bf16 eager: 3e-3).
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 
 # Below this size of the differentiable inputs, page-granular RSS cannot resolve a percentage.
 MIN_RSS_INPUT_BYTES = 8 << 20

@@ -76,6 +76,9 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
+LINESTYLES = {"float32": "-", "bfloat16": "--", "float16": ":", "float64": "-."}
+
+
 def speedup_plot(rows, meta, mode, path: Path) -> Path | None:
     rows = [r for r in _size_rows(rows) if r["mode"] == mode and r["provider"] != "torch"
             and r.get("speedup_vs_torch") is not None]
@@ -87,19 +90,22 @@ def speedup_plot(rows, meta, mode, path: Path) -> Path | None:
     panels = list(dict.fromkeys((r["loss"], r["variant"]) for r in rows))
     ncol = min(3, len(panels))
     nrow = (len(panels) + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.6 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.8 * ncol, 3.5 * nrow + 0.9), squeeze=False)
+    handles: dict = {}
     for ax, (loss, variant) in zip(axes.flat, panels):
         mine = [r for r in rows if r["loss"] == loss and r["variant"] == variant]
         for provider, dtype in dict.fromkeys((r["provider"], r["dtype"]) for r in mine):
             pts = sorted((r["size"], r["speedup_vs_torch"]) for r in mine
                          if r["provider"] == provider and r["dtype"] == dtype)
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker=MARKERS.get(dtype, "o"), color=_color(provider), lw=1.6, ms=6,
-                    label=f"{provider} ({dtype})")
-            for x, y in pts:
-                ax.annotate(f"{y:.1f}x", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7,
-                            color=_color(provider))
-        ax.axhline(1.0, color=_color("torch"), ls="--", lw=1, label="torch eager (= 1)")
+            (line,) = ax.plot(xs, ys, marker=MARKERS.get(dtype, "o"), ls=LINESTYLES.get(dtype, "-"),
+                              color=_color(provider), lw=1.6, ms=6)
+            handles.setdefault(f"{provider} ({dtype})", line)
+            # One label per series, at its largest size: every point labelled would overlap.
+            ax.annotate(f"{ys[-1]:.1f}x", (xs[-1], ys[-1]), textcoords="offset points", xytext=(6, 0),
+                        va="center", fontsize=7.5, color=_color(provider))
+        base = ax.axhline(1.0, color=_color("torch"), ls="--", lw=1)
+        handles.setdefault("torch eager (= 1)", base)
         ax.set_xscale("log")
         ax.set_yscale("log", base=2)
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
@@ -107,21 +113,21 @@ def speedup_plot(rows, meta, mode, path: Path) -> Path | None:
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.yaxis.set_minor_formatter(NullFormatter())
         e = LOSSES[loss]
-        title = e.title + (f" — {e.label_variant(variant)}" if variant else "")
-        ax.set_title(title)
+        ax.set_title(e.title + (f" — {e.label_variant(variant)}" if variant else ""))
         ax.set_xlabel(f"size: {e.size_name}")
         ax.set_ylabel("speed-up over torch eager")
         xs = [r["size"] for r in mine]
-        if min(xs) == max(xs):
-            ax.set_xlim(min(xs) / 3, max(xs) * 3)
+        ax.set_xlim(min(xs) / 2.5, max(xs) * 3.5)  # room for the labels on the right
         lo = min([r["speedup_vs_torch"] for r in mine] + [1.0])
         hi = max([r["speedup_vs_torch"] for r in mine] + [1.0])
         ax.set_ylim(lo / 1.6, hi * 1.8)
-        ax.legend(loc="best")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
+    ncols = min(4, len(handles))
+    legend_rows = (len(handles) + ncols - 1) // ncols
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncols, frameon=False)
     fig.suptitle(f"Speed-up over torch eager, {mode} (higher is better)\n{_subtitle(meta)}", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.045 * legend_rows * 3.5 / fig.get_figheight() * 2, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -252,7 +258,7 @@ def threads_plot(rows, meta, path: Path) -> Path | None:
     if not rows:
         return None
     plt = _plt()
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     panels = list(dict.fromkeys((r["loss"], r["variant"], r["shape"], r["dtype"]) for r in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
@@ -264,8 +270,9 @@ def threads_plot(rows, meta, path: Path) -> Path | None:
         threads = sorted({r["threads"] for r in mine})
         ax.set_xticks(threads)
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("CPU threads (torch.set_num_threads)")
         ax.set_ylabel("time per fwd+bwd, ms")
         ax.set_title(_case_label(mine[0]).replace("\n", ", "))

@@ -380,6 +380,11 @@ def run(cfg: RunConfig, on_case_done: Callable | None = None, on_start: Callable
         # Again at the end: how far the machine drifted while the run went on.
         end = measure.copy_bandwidth(device, cfg.threads, cfg.copy_bytes)
         copy_bw["gbps_at_end"] = end["gbps"]
+        lo, hi = sorted((copy_bw["gbps"], end["gbps"]))
+        if hi > 1.25 * lo:
+            note(f"the copy bandwidth moved during the run ({copy_bw['gbps']:.1f} GB/s at the start, "
+                 f"{end['gbps']:.1f} at the end): the machine's load changed; copy_bw_frac is relative to "
+                 f"the start")
     return RunResult(rows=rows, notes=notes, phases=phases, copy_bw=copy_bw, memory_method=memory_method, config=cfg)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from . import report
 from .losses import LOSSES, MODES
-from .presets import DTYPE_NAMES, PRESET_NAMES, dtype_name, get_preset, select
+from .presets import DTYPE_NAMES, PRESET_NAMES, get_preset, select
 from .providers import ALIASES, PROVIDERS, default_names, resolve_names
 from .runner import RunConfig, echo, run
 
@@ -64,7 +64,7 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_config(args, extra_providers=None, cases=None, echo_fn=echo) -> RunConfig:
+def make_config(args, extra_providers=None, cases=None) -> RunConfig:
     device = _device(args.device)
     preset = get_preset(args.shapes)
     losses = _split(args.loss)
@@ -98,8 +98,7 @@ def make_config(args, extra_providers=None, cases=None, echo_fn=echo) -> RunConf
     threads = args.threads or torch.get_num_threads()
     return RunConfig(device=device, preset=preset, cases=list(cases), modes=modes, providers=names,
                      threads=threads, rounds=args.repeats, min_rounds=args.repeats, budget_s=args.budget,
-                     extra_providers=extra_providers, seed=args.seed, echo=echo_fn,
-                     progress=not args.no_progress)
+                     extra_providers=extra_providers, seed=args.seed, progress=not args.no_progress)
 
 
 def run_suite(argv=None, *, extra_providers=None, cases=None, echo_fn=echo, copy_bytes=None):
@@ -109,7 +108,7 @@ def run_suite(argv=None, *, extra_providers=None, cases=None, echo_fn=echo, copy
     size of the bandwidth copy) let tests and experiments add implementations or tiny shapes without
     touching the registry."""
     args = build_parser().parse_args(argv)
-    cfg = make_config(args, extra_providers, cases, echo_fn)
+    cfg = make_config(args, extra_providers, cases)
     cfg.copy_bytes = copy_bytes
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,4 +172,6 @@ def main(argv=None) -> int:
     if result is None:
         return 0
     # Exit status 1 when a provider was wrong: a benchmark run doubles as a check on the device at hand.
-    return 1 if any(r["status"] == "WRONG" for r in result.rows) else 0
+    if any(r["status"] == "WRONG" for r in result.rows):
+        return 1
+    return 130 if any(n.startswith("interrupted") for n in result.notes) else 0

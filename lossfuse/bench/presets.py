@@ -8,7 +8,7 @@ and finishes in about three minutes on a 2-core CPU (torch.compile's warm-up inc
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 

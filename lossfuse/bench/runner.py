@@ -82,7 +82,6 @@ class RunConfig:
     extra_providers: dict = field(default_factory=dict)   # name -> Provider (tests, experiments)
     seed: int = 0
     copy_bytes: int | None = None         # size of the bandwidth copy (None: 256 MiB CPU, 1 GiB CUDA)
-    echo: Callable = print                # prints each case's table block as it finishes
     progress: bool = True
 
 
@@ -367,8 +366,12 @@ def run(cfg: RunConfig, on_case_done: Callable | None = None, on_start: Callable
     gc.freeze()
     try:
         for case in cfg.cases:
-            case_rows = _run_case(case, cfg, providers, device, copy_bw["gbps"], rounds, min_rounds, block_s,
-                                  budget_s, mem_problem, note, bar, phases)
+            try:
+                case_rows = _run_case(case, cfg, providers, device, copy_bw["gbps"], rounds, min_rounds, block_s,
+                                      budget_s, mem_problem, note, bar, phases)
+            except KeyboardInterrupt:
+                note(f"interrupted during {case.label()}: the results hold the cases finished before it")
+                break
             rows.extend(case_rows)
             if on_case_done is not None:
                 on_case_done(case, case_rows)

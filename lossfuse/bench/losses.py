@@ -1,0 +1,256 @@
+"""The losses the suite knows: one small declarative entry each.
+
+An entry says, for one loss:
+
+* ``make_inputs(shape, dtype, variant, device, gen)``: the tensors of one call, in call order, random
+  (never zeros or constants: they hide unwritten outputs and can run faster than real data);
+* ``torch_fn(*tensors)``: what people use today, in plain PyTorch. It is timed as "torch" (eager), compiled
+  as "torch.compile", and evaluated on float64 copies of the inputs as the correctness oracle;
+* ``lossfuse_fn(fn, *tensors, backend=...)``: the lossfuse call (``fn`` is ``getattr(lossfuse, lossfuse_name)``,
+  so an entry whose function lossfuse does not have yet is skipped with a note, not an error);
+* ``counted_bytes(shape, dtype, variant, mode)`` and ``bytes_formula``: the bytes any implementation must
+  move: each input read once, each output written once (see ``_count``).
+
+Every loss is timed with ``reduction="mean"`` and the torch/torchvision defaults for its options.
+
+To add a loss: write its three callables and its byte formula, append a ``LossEntry`` to ``LOSSES``, and
+give it shapes in ``presets.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def numel(shape) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def _count(inputs_read: int, grads_written: int, mode: str) -> int:
+    """Counted bytes of one call.
+
+    fwd      reads every input once (the scalar loss it writes is ignored);
+    bwd      reads every input once and writes the gradient of each differentiable input once
+             (what an implementation saves for itself, e.g. a per-row log-sum-exp, is not counted);
+    fwd+bwd  the same: a fused single-pass implementation reads the inputs once and writes the
+             gradients once, so that is the floor the whole training step is measured against.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    return inputs_read if mode == "fwd" else inputs_read + grads_written
+
+
+@dataclass(frozen=True)
+class LossEntry:
+    key: str                    # the --loss name
+    title: str                  # for tables and plots
+    lossfuse_name: str          # the function in the top-level lossfuse namespace
+    make_inputs: Callable       # (shape, dtype, variant, device, generator) -> dict name -> tensor
+    torch_fn: Callable          # (*tensors) -> scalar loss: the torch code timed eager and compiled
+    lossfuse_fn: Callable       # (lossfuse function, *tensors, backend=str) -> scalar loss
+    counted_bytes: Callable     # (shape, dtype, variant, mode) -> int
+    bytes_formula: str          # the formula, as printed in the output and the README
+    grad_inputs: tuple = ("input",)     # the tensors that require grad (their gradients are outputs)
+    variants: dict = field(default_factory=lambda: {"": ""})   # variant -> description
+    size_name: str = "elements of the input"
+
+    def label_variant(self, variant: str) -> str:
+        return self.variants.get(variant, variant)
+
+
+def _randn(shape, dtype, device, gen, scale=1.0, shift=0.0):
+    x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    if scale != 1.0 or shift != 0.0:
+        x = x * scale + shift
+    return x.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cross-entropy: logits (N, C) or (N, C, d1, ..., dk), int64 class-index targets.
+# ---------------------------------------------------------------------------------------------------
+
+IGNORE_FRACTION = 0.05  # of the targets set to ignore_index in the "ignore_index" variant
+
+
+def _ce_inputs(shape, dtype, variant, device, gen):
+    x = _randn(shape, dtype, device, gen, scale=2.0)
+    tshape = (shape[0],) + tuple(shape[2:])
+    y = torch.randint(0, shape[1], tshape, generator=gen, device=device)
+    if variant == "ignore_index":
+        drop = torch.rand(tshape, generator=gen, device=device) < IGNORE_FRACTION
+        y = torch.where(drop, torch.full_like(y, -100), y)
+    return {"input": x, "target": y}
+
+
+def _ce_torch(x, y):
+    return F.cross_entropy(x, y)  # ignore_index=-100, torch's default, serves both variants
+
+
+def _ce_lossfuse(fn, x, y, *, backend):
+    return fn(x, y, backend=backend)
+
+
+def _ce_bytes(shape, dtype, variant, mode):
+    rows = numel(shape) // shape[1]        # N * d1 * ... * dk targets
+    logits = numel(shape) * itemsize(dtype)
+    return _count(logits + rows * 8, logits, mode)
+
+
+CE_FORMULA = ("fwd: N*C*b + R*8;  bwd, fwd+bwd: 2*N*C*b + R*8  "
+              "(b = bytes per logit, R = N*d1*...*dk int64 targets)")
+
+# ---------------------------------------------------------------------------------------------------
+# Sigmoid focal loss (torchvision.ops.sigmoid_focal_loss, alpha=0.25, gamma=2, mean):
+# logits (N, C); float 0/1 targets of the same shape, or int64 class indices (N,) with C = background.
+# ---------------------------------------------------------------------------------------------------
+
+POSITIVE_FRACTION = 0.01  # of the (N, C) target elements that are 1, in both target forms
+
+
+def _sigmoid_focal_inputs(shape, dtype, variant, device, gen):
+    n, c = shape
+    x = _randn(shape, dtype, device, gen, scale=2.0)
+    if variant == "index":
+        # Foreground rows with probability C * 1%, so both target forms hold 1% positives.
+        fg = torch.rand(n, generator=gen, device=device) < min(1.0, POSITIVE_FRACTION * c)
+        cls = torch.randint(0, c, (n,), generator=gen, device=device)
+        return {"input": x, "target": torch.where(fg, cls, torch.full_like(cls, c))}
+    t = (torch.rand(shape, generator=gen, device=device) < POSITIVE_FRACTION).to(dtype)
+    return {"input": x, "target": t}
+
+
+def _torchvision_sigmoid_focal(inputs, targets, alpha=0.25, gamma=2.0):
+    """torchvision.ops.sigmoid_focal_loss, reduction="mean", as torchvision writes it."""
+    p = torch.sigmoid(inputs)
+    ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce_loss * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+        loss = alpha_t * loss
+    return loss.mean()
+
+
+def _sigmoid_focal_torch(x, t):
+    if not t.is_floating_point():  # class indices: what torch users do, a one-hot first
+        t = F.one_hot(t, x.shape[1] + 1)[:, : x.shape[1]].to(x.dtype)
+    return _torchvision_sigmoid_focal(x, t)
+
+
+def _sigmoid_focal_lossfuse(fn, x, t, *, backend):
+    return fn(x, t, alpha=0.25, gamma=2.0, reduction="mean", backend=backend)
+
+
+def _sigmoid_focal_bytes(shape, dtype, variant, mode):
+    n, c = shape
+    x = n * c * itemsize(dtype)
+    t = n * 8 if variant == "index" else n * c * itemsize(dtype)
+    return _count(x + t, x, mode)
+
+
+SIGMOID_FOCAL_FORMULA = ("fwd: N*C*b + T;  bwd, fwd+bwd: 2*N*C*b + T  "
+                         "(T = N*C*b for float targets, N*8 for int64 class-index targets)")
+
+# ---------------------------------------------------------------------------------------------------
+# Softmax focal loss (gamma=2, alpha=None, mean): logits (N, C), int64 targets.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _softmax_focal_torch(x, y, gamma=2.0):
+    """loss_n = (1 - p_y)^gamma * (-log p_y), mean over rows: what people write in plain torch."""
+    logp = F.log_softmax(x, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
+    return ((1 - logp.exp()) ** gamma * -logp).mean()
+
+
+def _softmax_focal_lossfuse(fn, x, y, *, backend):
+    return fn(x, y, gamma=2.0, reduction="mean", backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Huber / SmoothL1 (delta = beta = 1, mean): input and target of the same shape; input requires grad.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _regression_inputs(shape, dtype, variant, device, gen):
+    return {"input": _randn(shape, dtype, device, gen, scale=2.0),
+            "target": _randn(shape, dtype, device, gen, scale=2.0)}
+
+
+def _huber_torch(x, y):
+    return F.huber_loss(x, y)
+
+
+def _huber_lossfuse(fn, x, y, *, backend):
+    return fn(x, y, reduction="mean", delta=1.0, backend=backend)
+
+
+def _smooth_l1_torch(x, y):
+    return F.smooth_l1_loss(x, y)
+
+
+def _smooth_l1_lossfuse(fn, x, y, *, backend):
+    return fn(x, y, reduction="mean", beta=1.0, backend=backend)
+
+
+def _regression_bytes(shape, dtype, variant, mode):
+    x = numel(shape) * itemsize(dtype)
+    return _count(2 * x, x, mode)
+
+
+REGRESSION_FORMULA = "fwd: 2*n*b;  bwd, fwd+bwd: 3*n*b  (n elements of input and of target, b bytes each)"
+
+
+LOSSES: dict[str, LossEntry] = {
+    e.key: e
+    for e in [
+        LossEntry(
+            key="ce", title="cross-entropy", lossfuse_name="cross_entropy",
+            make_inputs=_ce_inputs, torch_fn=_ce_torch, lossfuse_fn=_ce_lossfuse,
+            counted_bytes=_ce_bytes, bytes_formula=CE_FORMULA,
+            variants={"": "", "ignore_index": f"{IGNORE_FRACTION:.0%} of targets = ignore_index"},
+            size_name="logits (N*C*d1*...*dk)",
+        ),
+        LossEntry(
+            key="sigmoid_focal", title="sigmoid focal", lossfuse_name="sigmoid_focal_loss",
+            make_inputs=_sigmoid_focal_inputs, torch_fn=_sigmoid_focal_torch,
+            lossfuse_fn=_sigmoid_focal_lossfuse, counted_bytes=_sigmoid_focal_bytes,
+            bytes_formula=SIGMOID_FOCAL_FORMULA,
+            variants={"float": f"float targets, {POSITIVE_FRACTION:.0%} positives",
+                      "index": "int64 class-index targets (C = background)"},
+            size_name="logits (N*C)",
+        ),
+        LossEntry(
+            key="softmax_focal", title="softmax focal", lossfuse_name="softmax_focal_loss",
+            make_inputs=_ce_inputs, torch_fn=_softmax_focal_torch, lossfuse_fn=_softmax_focal_lossfuse,
+            counted_bytes=_ce_bytes, bytes_formula=CE_FORMULA, size_name="logits (N*C)",
+        ),
+        LossEntry(
+            key="huber", title="Huber", lossfuse_name="huber_loss",
+            make_inputs=_regression_inputs, torch_fn=_huber_torch, lossfuse_fn=_huber_lossfuse,
+            counted_bytes=_regression_bytes, bytes_formula=REGRESSION_FORMULA, size_name="elements",
+        ),
+        LossEntry(
+            key="smooth_l1", title="SmoothL1", lossfuse_name="smooth_l1_loss",
+            make_inputs=_regression_inputs, torch_fn=_smooth_l1_torch, lossfuse_fn=_smooth_l1_lossfuse,
+            counted_bytes=_regression_bytes, bytes_formula=REGRESSION_FORMULA, size_name="elements",
+        ),
+    ]
+}
+
+
+def lossfuse_function(entry: LossEntry):
+    """The lossfuse function of ``entry``, or None where this lossfuse does not have it (yet)."""
+    import lossfuse
+
+    return getattr(lossfuse, entry.lossfuse_name, None)

@@ -1,0 +1,133 @@
+"""Providers: the implementations a case is timed with.
+
+  lossfuse-cpu        lossfuse's C++/OpenMP kernels (CPU)
+  lossfuse-triton     lossfuse's Triton kernels (CUDA only: on the CPU Triton runs its interpreter,
+                      which is a testing tool, never timed)
+  lossfuse-reference  lossfuse's plain-PyTorch backend (slow; in the ``full`` preset or when asked)
+  torch               the loss entry's torch code, eager
+  torch.compile       the same torch code under torch.compile (its compile time is never timed)
+  liger               liger-kernel's cross-entropy (CUDA; an anchor, when it is installed)
+
+``Provider.make(entry, case, device)`` returns a callable ``fn(*tensors) -> loss``, or a string saying
+why the provider does not apply (shown as a note; nothing is timed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import losses as _losses
+from .. import _backend
+
+EAGER = "torch"
+COMPILE = "torch.compile"
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    make: Callable            # (entry, case, device) -> fn | str (why not)
+    mutates_inputs: bool = False   # writes into its inputs (liger's in-place gradient): gets private copies
+
+
+def _lossfuse(backend: str) -> Provider:
+    def make(entry, case, device):
+        fn = _losses.lossfuse_function(entry)
+        if fn is None:
+            return f"this lossfuse has no {entry.lossfuse_name}"
+        if backend == "triton" and device.type != "cuda":
+            return "Triton on the CPU is its interpreter (a testing tool): not timed"
+        if backend == "cpu" and device.type != "cpu":
+            return "the C++ kernels run on CPU tensors"
+        if backend == "cpu" and not _backend.cpu_kernels_available():
+            return f"lossfuse._C did not load ({_backend._C_ERROR})"
+        if backend == "triton" and not _backend.triton_installed():
+            return "triton is not installed"
+
+        def call(*tensors):
+            return entry.lossfuse_fn(fn, *tensors, backend=backend)
+
+        return call
+
+    return Provider(f"lossfuse-{backend}", make)
+
+
+def _eager_make(entry, case, device):
+    return entry.torch_fn
+
+
+def _compile_make(entry, case, device):
+    # dynamic=False: one specialised graph per shape, what a training loop with fixed shapes gets.
+    return torch.compile(entry.torch_fn, dynamic=False)
+
+
+def _liger_make(entry, case, device):
+    if entry.key != "ce":
+        return "liger-kernel anchors cross-entropy only"
+    if device.type != "cuda":
+        return "liger-kernel runs on CUDA only"
+    if len(case.shape) != 2:
+        return "liger-kernel's cross-entropy takes (N, C) logits only"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    try:
+        from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
+    except Exception as exc:  # an install that does not import is a note, not a crash
+        return f"liger-kernel does not import: {type(exc).__name__}: {exc}"
+    module = LigerCrossEntropyLoss()
+
+    def call(x, y):
+        out = module(x, y)
+        return out[0] if isinstance(out, tuple) else out
+
+    return call
+
+
+PROVIDERS = {
+    p.name: p
+    for p in [
+        _lossfuse("cpu"), _lossfuse("triton"), _lossfuse("reference"),
+        Provider(EAGER, _eager_make), Provider(COMPILE, _compile_make),
+        # liger writes the gradient into the logits during the forward: it gets its own copies.
+        Provider("liger", _liger_make, mutates_inputs=True),
+    ]
+}
+
+ALIASES = {
+    "cpu": "lossfuse-cpu", "triton": "lossfuse-triton", "reference": "lossfuse-reference",
+    "eager": EAGER, "compile": COMPILE, "liger-kernel": "liger",
+}
+
+
+def resolve_names(names) -> list:
+    out = []
+    for raw in names:
+        for n in str(raw).split(","):
+            n = n.strip()
+            if not n:
+                continue
+            n = ALIASES.get(n, n)
+            if n not in PROVIDERS:
+                raise ValueError(f"unknown provider {n!r}; choose from "
+                                 f"{', '.join(list(PROVIDERS) + list(ALIASES))}")
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def default_names(device: torch.device, with_reference: bool) -> list:
+    """Every lossfuse backend usable on ``device``, torch eager and compiled, and the anchors."""
+    if device.type == "cuda":
+        names = ["lossfuse-triton"]
+    else:
+        names = ["lossfuse-cpu"]
+    if with_reference:
+        names.append("lossfuse-reference")
+    names += [EAGER, COMPILE]
+    if device.type == "cuda":
+        names.append("liger")
+    return names

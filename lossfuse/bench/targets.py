@@ -1,0 +1,110 @@
+"""The project's stated targets (issues 3, 4, 5), checked against a run's rows and printed at its end.
+
+A target is met or missed only where its case ran on its kind of device; otherwise it is left out.
+These are the numbers the issues ask to quote from one run: ratios measured side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Target:
+    text: str
+    device: str            # "cpu" or "cuda"
+    loss: str
+    shape: tuple
+    dtype: torch.dtype
+    variant: str
+    metric: str            # a row column, or "speedup_vs_liger"
+    op: str                # ">=" or "<="
+    value: float
+    mode: str = "fwd+bwd"
+
+
+TARGETS = [
+    Target("cross-entropy (4096, 32000) fp32 fwd+bwd: >= 10x torch eager", "cpu", "ce", (4096, 32000), F32, "",
+           "speedup_vs_torch", ">=", 10),
+    Target("cross-entropy (4096, 32000) fp32 fwd+bwd: >= 6x torch.compile", "cpu", "ce", (4096, 32000), F32, "",
+           "speedup_vs_compile", ">=", 6),
+    Target("cross-entropy (4096, 32000) fp32 fwd+bwd: peak above logits + gradient <= 5% of the logits", "cpu",
+           "ce", (4096, 32000), F32, "", "extra_mem_pct", "<=", 5),
+    Target("sigmoid focal (200000, 80) fp32 float targets: >= 4x torch.compile", "cpu", "sigmoid_focal",
+           (200000, 80), F32, "float", "speedup_vs_compile", ">=", 4),
+    Target("sigmoid focal (200000, 80) fp32 class-index targets: >= 5x torch.compile", "cpu", "sigmoid_focal",
+           (200000, 80), F32, "index", "speedup_vs_compile", ">=", 5),
+    Target("softmax focal (65536, 1000) fp32: >= 8x torch eager", "cpu", "softmax_focal", (65536, 1000), F32, "",
+           "speedup_vs_torch", ">=", 8),
+    Target("softmax focal (65536, 1000) fp32: >= 4x torch.compile", "cpu", "softmax_focal", (65536, 1000), F32, "",
+           "speedup_vs_compile", ">=", 4),
+    Target("Huber 16,777,216 fp32: >= 3x torch.compile", "cpu", "huber", (16777216,), F32, "",
+           "speedup_vs_compile", ">=", 3),
+    Target("Huber 16,777,216 fp32: >= 6x torch eager", "cpu", "huber", (16777216,), F32, "",
+           "speedup_vs_torch", ">=", 6),
+    Target("SmoothL1 16,777,216 fp32: >= 3x torch.compile", "cpu", "smooth_l1", (16777216,), F32, "",
+           "speedup_vs_compile", ">=", 3),
+    Target("SmoothL1 16,777,216 fp32: >= 6x torch eager", "cpu", "smooth_l1", (16777216,), F32, "",
+           "speedup_vs_torch", ">=", 6),
+    Target("cross-entropy (4096, 32000) bf16 fwd+bwd: >= 80% of copy bandwidth", "cuda", "ce", (4096, 32000),
+           BF16, "", "copy_bw_frac", ">=", 0.8),
+    Target("cross-entropy (4096, 32000) bf16 fwd+bwd: at least as fast as liger-kernel", "cuda", "ce",
+           (4096, 32000), BF16, "", "speedup_vs_liger", ">=", 1.0),
+]
+
+
+def _shape(t: Target) -> str:
+    return "x".join(str(s) for s in t.shape)
+
+
+def _fmt(metric: str, v: float) -> str:
+    if metric == "extra_mem_pct":
+        return f"{v:.1f}%"
+    if metric == "copy_bw_frac":
+        return f"{100 * v:.0f}%"
+    return f"{v:.2f}x"
+
+
+def evaluate(rows: list, device_type: str) -> list:
+    """One dict per target whose case ran: text, measured value, met (bool), or a note why not."""
+    dtype_names = {F32: "float32", BF16: "bfloat16"}
+    provider = "lossfuse-triton" if device_type == "cuda" else "lossfuse-cpu"
+    out = []
+    for t in TARGETS:
+        if t.device != device_type:
+            continue
+        mine = [r for r in rows if r["loss"] == t.loss and r["shape"] == _shape(t) and r["mode"] == t.mode
+                and r["dtype"] == dtype_names[t.dtype] and r["variant"] == t.variant and r.get("main", True)
+                and "threads" not in (r.get("sweeps") or "")]
+        if not mine:
+            continue
+        row = next((r for r in mine if r["provider"] == provider), None)
+        if row is None or row["status"] != "ok":
+            why = "not run" if row is None else f"{row['status']}: {row['note']}"
+            out.append({"target": t.text, "measured": None, "met": None, "note": why})
+            continue
+        if t.metric == "speedup_vs_liger":
+            liger = next((r for r in mine if r["provider"] == "liger" and r["status"] == "ok"), None)
+            value = None if liger is None else liger["median_ms"] / row["median_ms"]
+        else:
+            value = row.get(t.metric)
+        if value is None:
+            out.append({"target": t.text, "measured": None, "met": None, "note": f"{t.metric} not measured"})
+            continue
+        met = value >= t.value if t.op == ">=" else value <= t.value
+        out.append({"target": t.text, "measured": _fmt(t.metric, value), "value": value, "met": met, "note": ""})
+    return out
+
+
+def table(results: list) -> str:
+    if not results:
+        return ""
+    lines = ["targets (this run):"]
+    for r in results:
+        state = "n/a " if r["met"] is None else ("met " if r["met"] else "MISS")
+        lines.append(f"  [{state}] {r['target']}: {r['measured'] or r['note']}")
+    return "\n".join(lines)

@@ -1,0 +1,259 @@
+"""The benchmark suite's machinery, fast: tiny shapes, few rounds, no torch.compile (its compile alone
+would take longer than these tests). No timing is asserted: only that the suite measures what it says,
+writes what it says, and refuses to time a provider that computes the wrong thing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import lossfuse
+from lossfuse.bench import LOSSES, Case, Provider, run_suite
+from lossfuse.bench.losses import numel
+from lossfuse.bench.runner import COLUMNS, make_sets
+
+from helpers import cpu_kernels_or_skip
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _wrong_provider(calls: list) -> Provider:
+    """The torch formula, 3% off: must be reported WRONG and never timed."""
+
+    def make(entry, case, device):
+        def call(*tensors):
+            calls.append(1)
+            return entry.torch_fn(*tensors) * 1.03
+
+        return call
+
+    return Provider("wrong", make)
+
+
+def _broken_provider() -> Provider:
+    def make(entry, case, device):
+        def call(*tensors):
+            raise RuntimeError("deliberately broken")
+
+        return call
+
+    return Provider("broken", make)
+
+
+def _run(tmp_path, argv, **kw):
+    lines: list = []
+    # One thread: these tests check the machinery, and a 2-thread parallel region on a loaded machine
+    # waits for CPUs other processes hold (milliseconds per region).
+    result, paths = run_suite(["--out", str(tmp_path), "--no-progress", "--repeats", "3", "--budget", "0.2",
+                               "--threads", "1",
+                               *argv], echo_fn=lines.append, copy_bytes=16 << 20, **kw)
+    return result, paths, "\n".join(lines)
+
+
+def _csv_rows(path: Path) -> tuple:
+    with open(path) as f:
+        comments = []
+        body = []
+        for line in f:
+            (comments if line.startswith("#") else body).append(line)
+    reader = csv.DictReader(body)
+    return comments, reader.fieldnames, list(reader)
+
+
+def test_quick_run_writes_files_and_flags_wrong_provider(tmp_path):
+    cpu_kernels_or_skip()
+    calls: list = []
+    cases = [Case("ce", (64, 100)), Case("ce", (2, 3, 8, 8), variant="ignore_index")]
+    result, paths, printed = _run(
+        tmp_path, ["--shapes", "quick", "--loss", "ce", "--providers", "cpu,torch,wrong,broken",
+                   "--mode", "fwd", "--mode", "fwd+bwd"],
+        extra_providers={"wrong": _wrong_provider(calls), "broken": _broken_provider()}, cases=cases)
+
+    # The wrong provider ran once per case (the check against float64), never in the timing loop.
+    assert len(calls) == len(cases)
+    rows = result.rows
+    assert len(rows) == len(cases) * 2 * 4
+    for r in rows:
+        if r["provider"] == "wrong":
+            assert r["status"] == "WRONG" and r.get("median_ms") is None and r["loss_rel_err"] > r["tolerance"]
+        elif r["provider"] == "broken":
+            assert r["status"] == "error" and "deliberately broken" in r["note"] and r.get("median_ms") is None
+        else:
+            assert r["status"] == "ok", r
+            assert r["median_ms"] > 0 and r["q1_ms"] <= r["median_ms"] <= r["q3_ms"]
+            assert r["min_ms"] <= r["q1_ms"] and r["q3_ms"] <= r["max_ms"] and r["rounds"] == 3
+            assert math.isclose(r["gbps"], r["counted_bytes"] / (r["median_ms"] / 1e3) / 1e9)
+            assert math.isclose(r["copy_bw_frac"], r["gbps"] / result.copy_bw["gbps"])
+            assert r["loss_rel_err"] <= r["tolerance"] and r["grad_rel_err"] <= r["tolerance"]
+            assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] >= 0
+            assert r["speedup_vs_torch"] > 0 and r.get("speedup_vs_compile") is None  # compile not run
+            if r["provider"] == "torch":
+                assert r["speedup_vs_torch"] == 1.0
+
+    # Files: CSV with the documented columns and the machine in its comment lines; JSON with metadata.
+    comments, header, csv_rows = _csv_rows(paths["csv"])
+    assert header == list(COLUMNS)
+    assert len(csv_rows) == len(rows)
+    assert {r["status"] for r in csv_rows} == {"ok", "WRONG", "error"}
+    assert all(r["median_ms"] == "" for r in csv_rows if r["status"] != "ok")
+    joined = "".join(comments)
+    for key in ("date", "device_name", "git_commit", "versions", "copy_bandwidth_gbps"):
+        assert f"# {key}:" in joined
+
+    doc = json.loads(Path(paths["json"]).read_text())
+    meta = doc["meta"]
+    for key in ("date", "device", "device_name", "cpu_model", "cpu_count", "torch_threads", "git_commit",
+                "preset", "elapsed_s"):
+        assert key in meta, key
+    for key in ("python", "torch", "triton", "lossfuse"):
+        assert key in meta["versions"]
+    assert meta["versions"]["lossfuse"] == lossfuse.__version__
+    assert doc["copy_bandwidth"]["gbps"] > 0
+    assert set(doc["byte_formulas"]) == set(LOSSES)
+    assert doc["columns"] == COLUMNS and len(doc["results"]) == len(rows)
+    assert "clear_refs" in doc["memory_method"]
+
+    for mode in ("fwd", "fwd_bwd"):
+        for kind in ("speedup", "bandwidth"):
+            png = tmp_path / f"{kind}_{mode}.png"
+            assert png.read_bytes()[:8] == PNG_MAGIC, png
+    assert (tmp_path / "table.txt").read_text().count("lossfuse-cpu") == len(cases) * 2
+    assert "WRONG" in printed and "median ms" in printed
+
+
+def test_backward_alone_reuses_the_graph(tmp_path):
+    """bwd mode: graphs built untimed, backward repeated with retain_graph; gradients still checked."""
+    result, _, _ = _run(tmp_path, ["--providers", "cpu,torch", "--mode", "bwd", "--no-plots"],
+                        cases=[Case("ce", (128, 50))])
+    assert [(r["provider"], r["mode"], r["status"]) for r in result.rows] == [
+        ("lossfuse-cpu", "bwd", "ok"), ("torch", "bwd", "ok")]
+    assert all(r["median_ms"] > 0 for r in result.rows)
+
+
+def test_fwd_bwd_memory_counts_the_gradient(tmp_path):
+    """torch eager's cross-entropy keeps log-softmax and its gradient: about 2x the logits beyond the
+    returned gradient. The measure must see that (big enough that RSS pages resolve it)."""
+    result, paths, _ = _run(tmp_path, ["--providers", "torch"], cases=[Case("ce", (1024, 4096))])
+    (row,) = result.rows
+    assert row["status"] == "ok"
+    assert (tmp_path / "memory_fwd_bwd.png").read_bytes()[:8] == PNG_MAGIC
+    logits_mib = 1024 * 4096 * 4 / 2**20
+    assert row["peak_mem_mb"] >= 2.5 * logits_mib          # gradient + two logits-sized temporaries
+    assert 150 <= row["extra_mem_pct"] <= 260
+
+
+def test_entry_is_skipped_while_lossfuse_lacks_the_function(tmp_path, monkeypatch):
+    monkeypatch.delattr(lossfuse, "huber_loss", raising=False)
+    result, _, printed = _run(tmp_path, ["--providers", "torch", "--no-plots"], cases=[Case("huber", (1000,))])
+    (row,) = result.rows
+    assert row["status"] == "skipped" and row["provider"] == "all"
+    assert "huber_loss" in row["note"] and "huber_loss" in printed
+    assert any("huber_loss" in n for n in result.notes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Counted bytes: the formulas the README states, checked by hand and against the tensors built
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
+def test_counted_bytes_by_hand(mode):
+    g = 0 if mode == "fwd" else 1  # the gradient is written in bwd and fwd+bwd
+    ce = LOSSES["ce"].counted_bytes
+    assert ce((4096, 32000), torch.float32, "", mode) == (1 + g) * 4096 * 32000 * 4 + 4096 * 8
+    assert ce((4096, 32000), torch.bfloat16, "", mode) == (1 + g) * 4096 * 32000 * 2 + 4096 * 8
+    seg = (8, 21, 256, 256)
+    assert ce(seg, torch.float32, "ignore_index", mode) == (1 + g) * numel(seg) * 4 + 8 * 256 * 256 * 8
+    sf = LOSSES["sigmoid_focal"].counted_bytes
+    assert sf((200000, 80), torch.float32, "float", mode) == (2 + g) * 200000 * 80 * 4
+    assert sf((200000, 80), torch.float32, "index", mode) == (1 + g) * 200000 * 80 * 4 + 200000 * 8
+    assert LOSSES["softmax_focal"].counted_bytes((65536, 1000), torch.float32, "", mode) == \
+        (1 + g) * 65536 * 1000 * 4 + 65536 * 8
+    for key in ("huber", "smooth_l1"):
+        assert LOSSES[key].counted_bytes((16777216,), torch.float32, "", mode) == (2 + g) * 16777216 * 4
+
+
+CASES_FOR_BYTES = [
+    Case("ce", (16, 10)), Case("ce", (2, 5, 4, 3), torch.bfloat16, "ignore_index"),
+    Case("sigmoid_focal", (16, 8), variant="float"), Case("sigmoid_focal", (16, 8), torch.float16, "index"),
+    Case("softmax_focal", (16, 10)), Case("huber", (4, 25)), Case("smooth_l1", (100,), torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", CASES_FOR_BYTES, ids=lambda c: c.label())
+def test_counted_bytes_match_the_inputs(case):
+    """Each input read once (every tensor the call takes), each gradient written once."""
+    entry = case.entry
+    (tensors,) = make_sets(case, torch.device("cpu"), 1, seed=0)
+    read = sum(t.numel() * t.element_size() for t in tensors.values())
+    grads = sum(tensors[n].numel() * tensors[n].element_size() for n in entry.grad_inputs)
+    assert entry.counted_bytes(case.shape, case.dtype, case.variant, "fwd") == read
+    assert entry.counted_bytes(case.shape, case.dtype, case.variant, "bwd") == read + grads
+    assert entry.counted_bytes(case.shape, case.dtype, case.variant, "fwd+bwd") == read + grads
+
+
+def test_readme_states_each_formula():
+    readme = (ROOT / "bench" / "README.md").read_text()
+    for entry in LOSSES.values():
+        assert entry.bytes_formula in readme, entry.key
+    for col in COLUMNS:
+        assert f"`{col}`" in readme, col
+
+
+def test_inputs_are_random_and_valid():
+    """Never zeros or constants; targets in range (or ignore_index / background as documented)."""
+    for case in CASES_FOR_BYTES:
+        (t,) = make_sets(case, torch.device("cpu"), 1, seed=1)
+        x = t["input"].detach()
+        assert x.float().std() > 0.5
+        y = t["target"]
+        if case.loss in ("ce", "softmax_focal"):
+            ok = ((y >= 0) & (y < case.shape[1])) | (y == -100)
+            assert bool(ok.all())
+        elif case.variant == "index":
+            assert bool(((y >= 0) & (y <= case.shape[1])).all())
+
+
+def test_bad_arguments_exit_cleanly():
+    for argv in (["--loss", "nope"], ["--dtype", "int8"], ["--mode", "sideways"], ["--providers", "nope"]):
+        with pytest.raises(SystemExit):
+            run_suite(argv + ["--list"], echo_fn=lambda s: None)
+
+
+def test_list_names_the_default_target_cases():
+    lines: list = []
+    run_suite(["--list", "--device", "cpu"], echo_fn=lines.append)
+    text = "\n".join(lines)
+    for label in ("ce (4096x32000) float32", "ce (4096x32000) bfloat16", "ce (8x21x256x256) float32 ignore_index",
+                  "sigmoid_focal (200000x80) float32 float", "sigmoid_focal (200000x80) float32 index",
+                  "softmax_focal (65536x1000) float32", "huber (16777216) float32", "smooth_l1 (16777216) float32"):
+        assert label in text, label
+    assert "lossfuse-cpu" in text and "torch.compile" in text and "lossfuse-triton" not in text
+
+
+def test_targets_are_evaluated_from_the_rows():
+    from lossfuse.bench.targets import evaluate, table
+
+    base = {"loss": "ce", "shape": "4096x32000", "dtype": "float32", "variant": "", "mode": "fwd+bwd",
+            "sweeps": "", "main": True, "note": ""}
+    rows = [
+        {**base, "provider": "lossfuse-cpu", "status": "ok", "speedup_vs_torch": 12.0,
+         "speedup_vs_compile": 5.0, "extra_mem_pct": 0.1, "median_ms": 100.0},
+        {**base, "provider": "torch", "status": "ok", "speedup_vs_torch": 1.0, "median_ms": 1200.0},
+        {**base, "loss": "huber", "shape": "16777216", "provider": "all", "status": "skipped", "note": "no huber"},
+    ]
+    got = {r["target"]: r for r in evaluate(rows, "cpu")}
+    assert got["cross-entropy (4096, 32000) fp32 fwd+bwd: >= 10x torch eager"]["met"] is True
+    assert got["cross-entropy (4096, 32000) fp32 fwd+bwd: >= 6x torch.compile"]["met"] is False
+    assert got["cross-entropy (4096, 32000) fp32 fwd+bwd: peak above logits + gradient <= 5% of the logits"]["met"]
+    assert got["Huber 16,777,216 fp32: >= 3x torch.compile"]["met"] is None
+    assert not any("sigmoid" in t for t in got)      # cases that did not run are left out
+    assert not evaluate(rows, "cuda")                 # GPU targets need GPU rows
+    text = table(list(got.values()))
+    assert "[MISS]" in text and "[met ]" in text and "[n/a ]" in text

@@ -40,6 +40,9 @@ struct CeArgs {
   void* gt;  // null when not wanted
   int64_t gt_sN, gt_sC, gt_sS;
   int nthreads;
+  // Rows (or tiles) per dynamically scheduled chunk: a thread whose core another process holds
+  // takes fewer chunks instead of holding up the whole call, as a static split would.
+  int64_t chunk;
 };
 
 }  // namespace lossfuse
@@ -145,6 +148,10 @@ Prepared prepare(const char* op, const at::Tensor& input, const at::Tensor& targ
   a.z_loss = z_loss;
   a.softcap = softcap;
   a.nthreads = kernel_threads(a.N * a.C * a.S);
+  {
+    const int64_t units = walks_classes(p.x) ? a.N * a.S : a.N * ((a.S + 15) / 16);  // rows or tiles
+    a.chunk = std::max<int64_t>(1, units / (int64_t(a.nthreads) * 32));
+  }
   return p;
 }
 

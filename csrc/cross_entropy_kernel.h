@@ -238,7 +238,7 @@ int ce_fwd_index_rows(const CeArgs& a) {
   const Consts<A> k(a);
   const SoftCap<A, CAP> cap(a.softcap);
   int bad = 0;
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = r / S, s = r - n * S;
     const T* x = X + n * a.x_sN + s * a.x_sS;
@@ -280,7 +280,7 @@ int ce_bwd_index_rows(const CeArgs& a) {
   const Consts<A> k(a);
   const SoftCap<A, CAP> cap(a.softcap);
   int bad = 0;
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = r / S, s = r - n * S;
     const T* x = X + n * a.x_sN + s * a.x_sS;
@@ -419,7 +419,7 @@ int ce_fwd_prob_rows(const CeArgs& a) {
   const Consts<A> k(a);
   const SoftCap<A, CAP> cap(a.softcap);
   const A ninf = -std::numeric_limits<A>::infinity();
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = r / S, s = r - n * S;
     const T* x = X + n * a.x_sN + s * a.x_sS;
@@ -472,7 +472,7 @@ int ce_bwd_prob_rows(const CeArgs& a) {
   const int64_t C = a.C, S = a.S, R = a.N * a.S;
   const Consts<A> k(a);
   const SoftCap<A, CAP> cap(a.softcap);
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = r / S, s = r - n * S;
     const T* x = X + n * a.x_sN + s * a.x_sS;
@@ -656,7 +656,7 @@ int ce_fwd_index_tiles(const CeArgs& a) {
   const Consts<A> k(a);
   const SoftCap<A, CAP> cap(a.softcap);
   int bad = 0;
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
@@ -715,7 +715,7 @@ int ce_bwd_index_tiles(const CeArgs& a) {
   const Consts<A> k(a);
   const SoftCap<A, CAP> cap(a.softcap);
   int bad = 0;
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
@@ -801,7 +801,7 @@ int ce_fwd_prob_tiles(const CeArgs& a) {
   const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
   const Consts<A> k(a);
   const SoftCap<A, CAP> cap(a.softcap);
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
@@ -864,7 +864,7 @@ int ce_bwd_prob_tiles(const CeArgs& a) {
   const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
   const Consts<A> k(a);
   const SoftCap<A, CAP> cap(a.softcap);
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;

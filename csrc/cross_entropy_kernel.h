@@ -169,17 +169,21 @@ inline void block_sums_index(const T* x, const A* w, int64_t n, A m, const SoftC
       }
     }
   }
-  double sd = double(hsum((s0 + s1) + (s2 + s3))), dd = double(hsum(d0 + d1));
-  double wd = HAS_W ? double(hsum(w0)) : double(c);
-  for (; c < n; ++c) {
-    const A e = cap(to_acc<A>(x[c])) - m;
-    sd += double(sexp(e));
+  // The rest in single vectors, the last one partial: short rows (C = 10 .. 100) would otherwise
+  // spend most of their time in scalar exp calls.
+  for (; c < n; c += W) {
+    const int k = n - c < W ? int(n - c) : W;
+    const typename V::Mask on = V::first(k);
+    const V e = cap(load_k(x + c, k, A(0))) - mv;
+    s0 = s0 + select(on, vexp_sum_term(e), V(A(0)));
     if (SMOOTH) {
-      const A wc = HAS_W ? w[c] : A(1);
-      dd += double(wc * e);
-      wd += double(wc);
+      const V wv = HAS_W ? load_k(w + c, k, A(0)) : V(A(1));
+      d0 = d0 + select(on, wv * e, V(A(0)));
+      if (HAS_W) w0 = w0 + select(on, wv, V(A(0)));
     }
   }
+  double sd = double(hsum((s0 + s1) + (s2 + s3))), dd = double(hsum(d0 + d1));
+  double wd = HAS_W ? double(hsum(w0)) : double(n);
   *sum += sd;
   *d += dd;
   *ws += wd;
@@ -360,7 +364,26 @@ int ce_bwd_index_rows(const CeArgs& a) {
         }
         rest += double(hsum(r0 + r1));
       }
-      for (; c < C; ++c) scalar_step(c);
+      // The rest in single vectors, the last one partial (short rows: no scalar exp calls).
+      V r0(A(0));
+      for (; c < C; c += W) {
+        const int k = C - c < W ? int(C - c) : W;
+        V xc, d;
+        cap.with_slope(load_k(x + c, k, A(0)), xc, d);
+        V p = vexp_fn((xc - hv) - lv);
+        V o = p * kpv;
+        if (SMOOTH) o = HAS_W ? fnmadd(kwv, load_k(w + c, k, A(0)), o) : o - kwv;
+        if (CAP) o = o * d;
+        store_k(o, gx + c, k);
+        if (c <= y && y < c + k) {
+          A b[W];
+          p.store(b);
+          b[y - c] = A(0);
+          p = V::load(b);
+        }
+        r0 = r0 + select(V::first(k), p, V(A(0)));
+      }
+      rest += double(hsum(r0));
     });
     // Streaming stores are weakly ordered: fence them before the target element is overwritten.
     if (a.stream) store_fence();
@@ -396,14 +419,18 @@ inline void block_sums_prob(const T* x, const TT* t, const A* w, int64_t n, A m,
     w0 = w0 + wt;
     d0 = fmadd(wt, e, d0);
   }
-  double sd = double(hsum(s0)), twd_ = double(hsum(d0)), tw_ = double(hsum(w0));
-  for (; c < n; ++c) {
-    const A e = cap(to_acc<A>(x[c])) - m;
-    sd += double(sexp(e));
-    const A wt = (to_acc<A>(t[c]) * k.keep + k.eps_c) * (HAS_W ? w[c] : A(1));
-    tw_ += double(wt);
-    twd_ += double(wt * e);
+  if (c < n) {  // the last, partial vector
+    const int kk = int(n - c);
+    const typename V::Mask on = V::first(kk);
+    const V e = cap(load_k(x + c, kk, A(0))) - mv;
+    s0 = s0 + select(on, vexp_sum_term(e), V(A(0)));
+    V wt = fmadd(load_k(t + c, kk, A(0)), keepv, epscv);
+    if (HAS_W) wt = wt * load_k(w + c, kk, A(0));
+    wt = select(on, wt, V(A(0)));
+    w0 = w0 + wt;
+    d0 = fmadd(wt, select(on, e, V(A(0))), d0);
   }
+  double sd = double(hsum(s0)), twd_ = double(hsum(d0)), tw_ = double(hsum(w0));
   *sum += sd;
   *tw += tw_;
   *twd += twd_;

@@ -65,6 +65,11 @@ struct Vec<float> {
     for (int i = 0; i < n; ++i) p[i] = buf[i];
   }
 
+  // Lanes [0, k) on.
+  static Mask first(int k) {
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(k), iota));
+  }
   static Mask mask(const bool* on) {
     alignas(32) int32_t b[W];
     for (int i = 0; i < W; ++i) b[i] = on[i] ? -1 : 0;
@@ -289,6 +294,7 @@ struct Vec<float> {
   void store_partial(T* p, int n) const { if (n > 0) put(p, v); }
   template <class T>
   void stream(T* p) const { put(p, v); }
+  static Mask first(int k) { return k > 0; }
   static Mask mask(const bool* on) { return on[0]; }
   float lane(int) const { return v; }
 };
@@ -335,6 +341,7 @@ struct Vec<double> {
   void store(double* p) const { *p = v; }
   void store_partial(double* p, int n) const { if (n > 0) *p = v; }
   void stream(double* p) const { *p = v; }
+  static Mask first(int k) { return k > 0; }
   static Mask mask(const bool* on) { return on[0]; }
   double lane(int) const { return v; }
 };

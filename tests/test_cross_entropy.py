@@ -176,6 +176,40 @@ def test_strided_inputs(shape, layout, prob, backend):
         assert_close(grads[1], grads_ref[1], torch.float32, "grad target")
 
 
+@pytest.mark.parametrize("layout", ["rows", "channels_last", "transposed_rows"])
+@pytest.mark.parametrize("opts", [{}, {"weight": True, "label_smoothing": 0.1, "ignore": -100}, {"prob": True, "weight": True}],
+                         ids=["plain", "weight_smooth_ignore", "prob"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_short_rows_in_tile_layout(layout, opts, inplace):
+    """Many rows of few classes (class stride 1): the CPU backend copies them into the tile layout."""
+    cpu_kernels_or_skip()
+    from lossfuse.ops import cross_entropy as ops_ce
+
+    shape = (700, 13) if layout != "channels_last" else (3, 13, 16, 15)
+    x0, target, kw = make_case(shape, torch.float32, opts)
+    if layout == "channels_last":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+        if target.is_floating_point():
+            target = target.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed_rows":  # class stride != 1: the existing transposed walk, no retile
+        x0 = x0.t().contiguous().t()
+    assert ops_ce._Shapes(x0, prefer_tiles=True).retile == (layout != "transposed_rows")
+    leaf = x0.clone().requires_grad_(True)
+    prob = target.is_floating_point()
+    tgt = target.clone().requires_grad_(True) if prob else target
+    out = lossfuse.cross_entropy(leaf * 1, tgt, reduction="none", inplace_backward=inplace, backend="cpu", **kw)
+    xd = x0.double().requires_grad_(True)
+    td = target.double().requires_grad_(True) if prob else target
+    ref = torch_f64(xd, td, "none", **kw)
+    assert_close(out, ref, torch.float32, "loss")
+    go = grad_output_for(ref)
+    grads = torch.autograd.grad(out, (leaf, tgt) if prob else (leaf,), go.float())
+    grads_ref = torch.autograd.grad(ref, (xd, td) if prob else (xd,), go)
+    assert_close(grads[0], grads_ref[0], torch.float32, "grad input")
+    if prob:
+        assert_close(grads[1], grads_ref[1], torch.float32, "grad target")
+
+
 def test_gradient_keeps_channels_last_layout():
     cpu_kernels_or_skip()
     x = torch.randn(2, 5, 4, 3).contiguous(memory_format=torch.channels_last).requires_grad_(True)

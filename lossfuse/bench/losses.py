@@ -9,7 +9,12 @@ An entry says, for one loss:
 * ``lossfuse_fn(fn, *tensors, backend=...)``: the lossfuse call (``fn`` is ``getattr(lossfuse, lossfuse_name)``,
   so an entry whose function lossfuse does not have yet is skipped with a note, not an error);
 * ``counted_bytes(shape, dtype, variant, mode)`` and ``bytes_formula``: the bytes any implementation must
-  move: each input read once, each output written once (see ``_count``).
+  move: each input read once, each output written once (see ``_count``);
+* optionally ``counted_flops(shape, dtype, variant, mode)`` and ``flops_formula``, for a loss whose
+  arithmetic, not its memory traffic, bounds its time (linear + cross-entropy: matmuls);
+* optionally ``mem_ref_bytes(shape, dtype, variant)`` and ``mem_ref_name``: what ``extra_mem_pct`` is a
+  percentage of (default: the size of the differentiable inputs);
+* optionally ``anchor``: the provider the loss's ``speedup_vs_anchor`` column compares with.
 
 Every loss is timed with ``reduction="mean"`` and the torch/torchvision defaults for its options.
 
@@ -64,6 +69,17 @@ class LossEntry:
     grad_inputs: tuple = ("input",)     # the tensors that require grad (their gradients are outputs)
     variants: dict = field(default_factory=lambda: {"": ""})   # variant -> description
     size_name: str = "elements of the input"
+    # extra_mem_pct = (peak - gradients returned) / mem_ref_bytes(shape, dtype, variant); None: the size
+    # of the differentiable inputs (the grad_inputs tensors).
+    mem_ref_bytes: Callable | None = None
+    mem_ref_name: str = "the differentiable inputs"
+    # Arithmetic a call must do, for losses bound by it rather than by memory traffic; None: not counted.
+    counted_flops: Callable | None = None   # (shape, dtype, variant, mode) -> int
+    flops_formula: str = ""
+    anchor: str | None = None   # provider of the speedup_vs_anchor column (an established fused implementation)
+    lossfuse_notes: dict = field(default_factory=dict)   # mode -> note on the lossfuse rows of that mode
+    modes: tuple = MODES        # the modes that can be measured; others get a skipped row with modes_note
+    modes_note: str = ""
 
     def label_variant(self, variant: str) -> str:
         return self.variants.get(variant, variant)
@@ -219,7 +235,7 @@ LOSSES: dict[str, LossEntry] = {
             make_inputs=_ce_inputs, torch_fn=_ce_torch, lossfuse_fn=_ce_lossfuse,
             counted_bytes=_ce_bytes, bytes_formula=CE_FORMULA,
             variants={"": "", "ignore_index": f"{IGNORE_FRACTION:.0%} of targets = ignore_index"},
-            size_name="logits (N*C*d1*...*dk)",
+            size_name="logits (N*C*d1*...*dk)", anchor="liger",
         ),
         LossEntry(
             key="sigmoid_focal", title="sigmoid focal", lossfuse_name="sigmoid_focal_loss",

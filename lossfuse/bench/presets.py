@@ -39,6 +39,7 @@ class Case:
     modes: tuple | None = None          # None: the run's modes
     target: str = ""                    # the project target this case is quoted for, if any
     main: bool = True                   # False: a point of a scaling sweep only (kept out of the size plots)
+    rounds: int | None = None           # at most this many interleaved rounds (calls of seconds); --repeats overrides
 
     @property
     def entry(self):

@@ -9,7 +9,8 @@
   liger               liger-kernel's cross-entropy (CUDA; an anchor, when it is installed)
 
 ``Provider.make(entry, case, device)`` returns a callable ``fn(*tensors) -> loss``, or a string saying
-why the provider does not apply (shown as a note; nothing is timed).
+why the provider does not apply (shown as a note; nothing is timed). An anchor that implements only some
+losses names them in ``Provider.losses``; cases of other losses leave it out without a row.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Provider:
     name: str
     make: Callable            # (entry, case, device) -> fn | str (why not)
     mutates_inputs: bool = False   # writes into its inputs (liger's in-place gradient): gets private copies
+    losses: tuple | None = None    # the loss entries it implements (an anchor's); None: all. Other
+                                   # losses leave it out without a row (a note would repeat on every case)
 
 
 def _lossfuse(backend: str) -> Provider:
@@ -93,7 +96,7 @@ PROVIDERS = {
         _lossfuse("cpu"), _lossfuse("triton"), _lossfuse("reference"),
         Provider(EAGER, _eager_make), Provider(COMPILE, _compile_make),
         # liger writes the gradient into the logits during the forward: it gets its own copies.
-        Provider("liger", _liger_make, mutates_inputs=True),
+        Provider("liger", _liger_make, mutates_inputs=True, losses=("ce",)),
     ]
 }
 

@@ -96,10 +96,10 @@ DEFAULT = (
     + _c("softmax_focal", (65536, 1000), target="softmax_focal")
     + _c("huber", (16777216,), target="huber")
     + _c("smooth_l1", (16777216,), target="smooth_l1")
-    # 9-16 s per fwd+bwd call for every provider on the shared 2 cores (402.7 GFLOP of matmuls), and each
-    # provider also runs once for the check and once for the memory: three rounds (the first, of single
-    # calls, counts as one) are the least that give a median, and still take ~2 min of a quiet machine
-    # (3.7 min under a load average of 3-4). --repeats overrides the cap.
+    # 5.5-16 s per fwd+bwd call for every provider on the shared 2 cores (402.7 GFLOP of matmuls), and
+    # each provider also runs once for the check and once for the memory: three rounds (the first, of
+    # single calls, counts as one) are the least that give a median, and the case still takes 2.8-3.7 min
+    # of the shared machine (load average 2-4). --repeats overrides the cap.
     + _c("lce", (4096, 512, 32000), target="lce", rounds=3)
 )
 

@@ -57,6 +57,10 @@ def test_loss(benchmark, case, provider, mode):
     p = providers.PROVIDERS[provider]
     torch.set_num_threads(case.threads or torch.get_num_threads())
     runner._reset_compile_caches()
+    if p.losses is not None and entry.key not in p.losses:
+        pytest.skip(f"{provider} implements {', '.join(p.losses)} only")
+    if mode not in entry.modes:
+        pytest.skip(f"{entry.key}: {mode} not measured: {entry.modes_note}")
     made = p.make(entry, case, DEVICE)
     if isinstance(made, str):
         pytest.skip(made)
@@ -84,6 +88,9 @@ def test_loss(benchmark, case, provider, mode):
                                 variant=case.variant, mode=mode, provider=provider, counted_bytes=counted,
                                 bytes_formula=entry.bytes_formula, device=str(DEVICE),
                                 threads=torch.get_num_threads())
-    benchmark.pedantic(step, rounds=PRESET.rounds, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=min(PRESET.rounds, case.rounds or PRESET.rounds), iterations=1, warmup_rounds=1)
     runner.clear_grads(sets, entry)
     benchmark.extra_info["gbps"] = counted / benchmark.stats.stats.median / 1e9
+    if entry.counted_flops is not None:
+        flops = entry.counted_flops(case.shape, case.dtype, case.variant, mode)
+        benchmark.extra_info.update(counted_flops=flops, gflops=flops / benchmark.stats.stats.median / 1e9)

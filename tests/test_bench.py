@@ -177,12 +177,20 @@ def test_counted_bytes_by_hand(mode):
         (1 + g) * 65536 * 1000 * 4 + 65536 * 8
     for key in ("huber", "smooth_l1"):
         assert LOSSES[key].counted_bytes((16777216,), torch.float32, "", mode) == (2 + g) * 16777216 * 4
+    # linear + CE: input (N, H) and weight (V, H) read once, their gradients written once, int64 targets.
+    lce = LOSSES["lce"]
+    n, h, v = 4096, 512, 32000
+    assert lce.counted_bytes((n, h, v), torch.float32, "", mode) == (1 + g) * (n * h + v * h) * 4 + n * 8
+    assert lce.counted_bytes((n, h, v), torch.bfloat16, "", mode) == (1 + g) * (n * h + v * h) * 2 + n * 8
+    matmuls = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+    assert lce.counted_flops((n, h, v), torch.float32, "", mode) == matmuls * 2 * n * h * v
 
 
 CASES_FOR_BYTES = [
     Case("ce", (16, 10)), Case("ce", (2, 5, 4, 3), torch.bfloat16, "ignore_index"),
     Case("sigmoid_focal", (16, 8), variant="float"), Case("sigmoid_focal", (16, 8), torch.float16, "index"),
     Case("softmax_focal", (16, 10)), Case("huber", (4, 25)), Case("smooth_l1", (100,), torch.bfloat16),
+    Case("lce", (16, 8, 10)), Case("lce", (12, 32, 50), torch.bfloat16),
 ]
 
 
@@ -202,6 +210,10 @@ def test_readme_states_each_formula():
     readme = (ROOT / "bench" / "README.md").read_text()
     for entry in LOSSES.values():
         assert entry.bytes_formula in readme, entry.key
+        if entry.counted_flops is not None:
+            assert entry.flops_formula in readme, entry.key
+        if entry.mem_ref_bytes is not None:
+            assert entry.mem_ref_name in readme, entry.key
     for col in COLUMNS:
         assert f"`{col}`" in readme, col
 
@@ -218,6 +230,10 @@ def test_inputs_are_random_and_valid():
             assert bool(ok.all())
         elif case.variant == "index":
             assert bool(((y >= 0) & (y <= case.shape[1])).all())
+        elif case.loss == "lce":
+            assert bool(((y >= 0) & (y < case.shape[2])).all())
+            logits = t["input"].detach().float() @ t["linear_weight"].detach().float().T
+            assert 0.5 < logits.std() < 10     # weights scaled by 1/sqrt(H): O(1) logits
 
 
 def test_bad_arguments_exit_cleanly():
@@ -232,9 +248,11 @@ def test_list_names_the_default_target_cases():
     text = "\n".join(lines)
     for label in ("ce (4096x32000) float32", "ce (4096x32000) bfloat16", "ce (8x21x256x256) float32 ignore_index",
                   "sigmoid_focal (200000x80) float32 float", "sigmoid_focal (200000x80) float32 index",
-                  "softmax_focal (65536x1000) float32", "huber (16777216) float32", "smooth_l1 (16777216) float32"):
+                  "softmax_focal (65536x1000) float32", "huber (16777216) float32", "smooth_l1 (16777216) float32",
+                  "lce (4096x512x32000) float32"):
         assert label in text, label
     assert "lossfuse-cpu" in text and "torch.compile" in text and "lossfuse-triton" not in text
+    assert "torch-chunked" in text
 
 
 def test_targets_are_evaluated_from_the_rows():
@@ -253,7 +271,108 @@ def test_targets_are_evaluated_from_the_rows():
     assert got["cross-entropy (4096, 32000) fp32 fwd+bwd: >= 6x torch.compile"]["met"] is False
     assert got["cross-entropy (4096, 32000) fp32 fwd+bwd: peak above logits + gradient <= 5% of the logits"]["met"]
     assert got["Huber 16,777,216 fp32: >= 3x torch.compile"]["met"] is None
+    assert not any("linear+CE" in t for t in got)
     assert not any("sigmoid" in t for t in got)      # cases that did not run are left out
     assert not evaluate(rows, "cuda")                 # GPU targets need GPU rows
     text = table(list(got.values()))
     assert "[MISS]" in text and "[met ]" in text and "[n/a ]" in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Linear + cross-entropy: torch's chunked version as the anchor, memory relative to the full logits
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_lce_runs_in_quick_preset_with_torch_chunked_anchor(tmp_path):
+    cpu_kernels_or_skip()
+    result, paths, printed = _run(tmp_path, ["--shapes", "quick", "--loss", "lce",
+                                             "--providers", "cpu,torch,torch-chunked", "--no-plots"])
+    rows = result.rows
+    assert {r["loss"] for r in rows} == {"lce"} and len(rows) == 3
+    by = {r["provider"]: r for r in rows}
+    assert by["lossfuse-cpu"]["status"] == by["torch"]["status"] == "ok"
+    chunked = by["torch-chunked"]
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        assert chunked["status"] == "skipped" and "2.13" in chunked["note"]
+        return
+    assert chunked["status"] == "ok", chunked
+    for r in rows:
+        assert r["anchor"] == "torch-chunked" and r["speedup_vs_anchor"] > 0
+        assert r["counted_flops"] == 3 * 2 * 256 * 64 * 2000
+        assert math.isclose(r["gflops"], r["counted_flops"] / (r["median_ms"] / 1e3) / 1e9)
+    assert chunked["speedup_vs_anchor"] == 1.0
+    # The comparisons the issue asks for: against torch eager and against torch's chunked version.
+    assert "lossfuse-cpu against torch: speed-up" in printed and "against torch-chunked: speed-up" in printed
+    assert "vs torch-chunked" in printed and "GFLOP/s" in printed
+    _, header, csv_rows = _csv_rows(paths["csv"])
+    assert "speedup_vs_anchor" in header and all(r["anchor"] == "torch-chunked" for r in csv_rows)
+
+
+def test_torch_chunked_anchors_lce_only_and_notes_an_old_torch(tmp_path, monkeypatch):
+    cpu_kernels_or_skip()
+    result, _, _ = _run(tmp_path, ["--providers", "torch,torch-chunked", "--no-plots"], cases=[Case("ce", (64, 100))])
+    assert [r["provider"] for r in result.rows] == ["torch"]     # no row at all for the other losses
+    monkeypatch.delattr(torch.nn, "LinearCrossEntropyOptions", raising=False)
+    result, _, _ = _run(tmp_path, ["--providers", "torch,torch-chunked", "--no-plots"],
+                        cases=[Case("lce", (32, 16, 100))])
+    by = {r["provider"]: r for r in result.rows}
+    assert by["torch"]["status"] == "ok"
+    assert by["torch-chunked"]["status"] == "skipped" and "torch >= 2.13" in by["torch-chunked"]["note"]
+
+
+def test_lce_extra_memory_is_relative_to_the_logits(tmp_path):
+    """extra_mem_pct = (peak - grad_input - grad_W) / (N*V*itemsize), by hand; logits of 16 MiB so that
+    RSS pages resolve it. torch eager keeps the logits, their log-softmax and a gradient of that size."""
+    cpu_kernels_or_skip()
+    n, h, v = 1024, 64, 4096
+    result, _, printed = _run(tmp_path, ["--providers", "cpu,torch", "--no-plots"], cases=[Case("lce", (n, h, v))])
+    logits = n * v * 4
+    grads = (n * h + v * h) * 4
+    for r in result.rows:
+        assert r["status"] == "ok", r
+        assert r["mem_ref_bytes"] == logits
+        assert math.isclose(r["extra_mem_pct"], 100 * (r["peak_mem_mb"] * 2**20 - grads) / logits)
+    torch_row = next(r for r in result.rows if r["provider"] == "torch")
+    assert torch_row["extra_mem_pct"] >= 150
+    assert "extra % is of the full logits (N*V*b) = 16.0 MiB" in printed
+
+
+def test_lce_backward_alone_is_skipped_with_a_note(tmp_path):
+    result, _, _ = _run(tmp_path, ["--providers", "cpu,torch", "--mode", "bwd", "--no-plots"],
+                        cases=[Case("lce", (32, 16, 100))])
+    (row,) = result.rows
+    assert row["status"] == "skipped" and row["provider"] == "all" and "retain_graph" in row["note"]
+
+
+def test_a_case_caps_its_rounds(tmp_path):
+    """The default preset's linear + CE case takes seconds per call: its own cap of three rounds, which
+    --repeats overrides."""
+    from lossfuse.bench.presets import get_preset
+
+    (lce,) = [c for c in get_preset("default").cases if c.loss == "lce"]
+    assert lce.shape == (4096, 512, 32000) and lce.dtype == torch.float32 and lce.target == "lce"
+    assert lce.rounds == 3
+    cases = [Case("ce", (64, 100), rounds=2)]
+    argv = ["--providers", "torch", "--no-plots", "--no-progress", "--threads", "1", "--shapes", "quick",
+            "--budget", "0.2", "--out", str(tmp_path)]
+    result, _ = run_suite(argv, echo_fn=lambda s: None, copy_bytes=16 << 20, cases=cases)
+    assert [r["rounds"] for r in result.rows] == [2]
+    result, _ = run_suite(argv + ["--repeats", "3"], echo_fn=lambda s: None, copy_bytes=16 << 20, cases=cases)
+    assert [r["rounds"] for r in result.rows] == [3]
+
+
+def test_lce_targets_from_the_rows():
+    from lossfuse.bench.targets import evaluate
+
+    base = {"loss": "lce", "shape": "4096x512x32000", "dtype": "float32", "variant": "", "mode": "fwd+bwd",
+            "sweeps": "", "main": True, "note": ""}
+    rows = [{**base, "provider": "lossfuse-cpu", "status": "ok", "speedup_vs_torch": 0.9, "extra_mem_pct": 9.0,
+             "median_ms": 1000.0}]
+    got = {r["target"]: r for r in evaluate(rows, "cpu")}
+    mem = got["linear+CE (4096, 512, 32000) fp32 fwd+bwd: peak above inputs + gradients <= 8% of the logits"]
+    time_ = got["linear+CE (4096, 512, 32000) fp32 fwd+bwd: time <= 1.2x torch eager"]
+    assert mem["met"] is False and mem["measured"] == "9.0%"
+    assert time_["met"] is True and math.isclose(time_["value"], 1 / 0.9)
+    rows[0]["speedup_vs_torch"] = 0.8     # 1.25x torch eager's time
+    got = {r["target"]: r for r in evaluate(rows, "cpu")}
+    assert got["linear+CE (4096, 512, 32000) fp32 fwd+bwd: time <= 1.2x torch eager"]["met"] is False

@@ -9,7 +9,12 @@ An entry says, for one loss:
 * ``lossfuse_fn(fn, *tensors, backend=...)``: the lossfuse call (``fn`` is ``getattr(lossfuse, lossfuse_name)``,
   so an entry whose function lossfuse does not have yet is skipped with a note, not an error);
 * ``counted_bytes(shape, dtype, variant, mode)`` and ``bytes_formula``: the bytes any implementation must
-  move: each input read once, each output written once (see ``_count``).
+  move: each input read once, each output written once (see ``_count``);
+* optionally ``counted_flops(shape, dtype, variant, mode)`` and ``flops_formula``, for a loss whose
+  arithmetic, not its memory traffic, bounds its time (linear + cross-entropy: matmuls);
+* optionally ``mem_ref_bytes(shape, dtype, variant)`` and ``mem_ref_name``: what ``extra_mem_pct`` is a
+  percentage of (default: the size of the differentiable inputs);
+* optionally ``anchor``: the provider the loss's ``speedup_vs_anchor`` column compares with.
 
 Every loss is timed with ``reduction="mean"`` and the torch/torchvision defaults for its options.
 
@@ -64,6 +69,17 @@ class LossEntry:
     grad_inputs: tuple = ("input",)     # the tensors that require grad (their gradients are outputs)
     variants: dict = field(default_factory=lambda: {"": ""})   # variant -> description
     size_name: str = "elements of the input"
+    # extra_mem_pct = (peak - gradients returned) / mem_ref_bytes(shape, dtype, variant); None: the size
+    # of the differentiable inputs (the grad_inputs tensors).
+    mem_ref_bytes: Callable | None = None
+    mem_ref_name: str = "the differentiable inputs"
+    # Arithmetic a call must do, for losses bound by it rather than by memory traffic; None: not counted.
+    counted_flops: Callable | None = None   # (shape, dtype, variant, mode) -> int
+    flops_formula: str = ""
+    anchor: str | None = None   # provider of the speedup_vs_anchor column (an established fused implementation)
+    lossfuse_notes: dict = field(default_factory=dict)   # mode -> note on the lossfuse rows of that mode
+    modes: tuple = MODES        # the modes that can be measured; others get a skipped row with modes_note
+    modes_note: str = ""
 
     def label_variant(self, variant: str) -> str:
         return self.variants.get(variant, variant)
@@ -210,6 +226,54 @@ def _regression_bytes(shape, dtype, variant, mode):
 
 REGRESSION_FORMULA = "fwd: 2*n*b;  bwd, fwd+bwd: 3*n*b  (n elements of input and of target, b bytes each)"
 
+# ---------------------------------------------------------------------------------------------------
+# Linear + cross-entropy (mean): hidden states (N, H), the projection's weight (V, H), int64 targets
+# (N,); input and weight require grad. Shape (N, H, V). The (N, V) logits are an intermediate: a fused
+# implementation never holds them whole, so the memory reference is their size, not the inputs'.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _lce_inputs(shape, dtype, variant, device, gen):
+    n, h, v = shape
+    # Weight std 2/sqrt(H): logits of std ~2 (as the cross-entropy entry's), max over the vocabulary ~8-10.
+    return {"input": _randn((n, h), dtype, device, gen),
+            "linear_weight": _randn((v, h), dtype, device, gen, scale=2.0 / math.sqrt(h)),
+            "target": torch.randint(0, v, (n,), generator=gen, device=device)}
+
+
+def _lce_torch(x, w, y):
+    return F.cross_entropy(F.linear(x, w), y)
+
+
+def _lce_lossfuse(fn, x, w, y, *, backend):
+    return fn(x, w, y, backend=backend)
+
+
+def _lce_bytes(shape, dtype, variant, mode):
+    n, h, v = shape
+    b = itemsize(dtype)
+    return _count((n * h + v * h) * b + n * 8, (n * h + v * h) * b, mode)
+
+
+def _lce_flops(shape, dtype, variant, mode):
+    """The projection's matmuls: logits = x W^T (fwd), grad_x = G W and grad_W = G^T x (bwd), 2*N*H*V
+    each; the softmax's O(N*V) work is left out (H times smaller)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    n, h, v = shape
+    return {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode] * 2 * n * h * v
+
+
+def _lce_logits_bytes(shape, dtype, variant):
+    n, _, v = shape
+    return n * v * itemsize(dtype)
+
+
+LCE_FORMULA = ("fwd: (N*H + V*H)*b + N*8;  bwd, fwd+bwd: 2*(N*H + V*H)*b + N*8  (input (N, H), weight (V, H), "
+               "b bytes each; int64 targets; the (N, V) logits are not counted). The matmul FLOPs dominate "
+               "(fwd+bwd: 3 x 2*N*H*V): GB/s is not the lens here, GFLOP/s is")
+LCE_FLOPS_FORMULA = "fwd: 2*N*H*V;  bwd: 2 x 2*N*H*V;  fwd+bwd: 3 x 2*N*H*V  (the projection's matmuls)"
+
 
 LOSSES: dict[str, LossEntry] = {
     e.key: e
@@ -219,7 +283,7 @@ LOSSES: dict[str, LossEntry] = {
             make_inputs=_ce_inputs, torch_fn=_ce_torch, lossfuse_fn=_ce_lossfuse,
             counted_bytes=_ce_bytes, bytes_formula=CE_FORMULA,
             variants={"": "", "ignore_index": f"{IGNORE_FRACTION:.0%} of targets = ignore_index"},
-            size_name="logits (N*C*d1*...*dk)",
+            size_name="logits (N*C*d1*...*dk)", anchor="liger",
         ),
         LossEntry(
             key="sigmoid_focal", title="sigmoid focal", lossfuse_name="sigmoid_focal_loss",
@@ -244,6 +308,22 @@ LOSSES: dict[str, LossEntry] = {
             key="smooth_l1", title="SmoothL1", lossfuse_name="smooth_l1_loss",
             make_inputs=_regression_inputs, torch_fn=_smooth_l1_torch, lossfuse_fn=_smooth_l1_lossfuse,
             counted_bytes=_regression_bytes, bytes_formula=REGRESSION_FORMULA, size_name="elements",
+        ),
+        LossEntry(
+            key="lce", title="linear + cross-entropy", lossfuse_name="linear_cross_entropy",
+            make_inputs=_lce_inputs, torch_fn=_lce_torch, lossfuse_fn=_lce_lossfuse,
+            counted_bytes=_lce_bytes, bytes_formula=LCE_FORMULA,
+            grad_inputs=("input", "linear_weight"),
+            size_name="N*H*V (multiply-adds of the projection)",
+            mem_ref_bytes=_lce_logits_bytes, mem_ref_name="the full logits (N*V*b)",
+            counted_flops=_lce_flops, flops_formula=LCE_FLOPS_FORMULA,
+            anchor="torch-chunked",
+            lossfuse_notes={
+                "fwd": "computes the gradients in its forward when the inputs require grad (three matmuls)"},
+            modes=("fwd", "fwd+bwd"),
+            modes_note=("lossfuse and torch's chunked version compute the gradients in the forward and "
+                        "refuse a second backward through one graph (retain_graph), which bwd repeats; "
+                        "fwd+bwd is the measure"),
         ),
     ]
 }

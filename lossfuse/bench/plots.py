@@ -2,7 +2,8 @@
 
   speedup_<mode>.png      speed-up over torch eager vs input size, one panel per loss
   bandwidth_<mode>.png    effective GB/s per case and provider, against the measured copy bandwidth
-  memory_<mode>.png       peak memory beyond the inputs and gradients, % of the input's size
+  memory_<mode>.png       peak memory beyond the inputs and gradients, % of the differentiable inputs'
+                          size (linear + cross-entropy: of the full logits')
   scaling_classes.png     (full) time and GB/s vs number of classes, cross-entropy
   scaling_rows.png        (full) time and GB/s vs number of rows, cross-entropy
   threads.png             (full, CPU) time vs CPU threads
@@ -16,7 +17,7 @@ from .losses import LOSSES
 
 COLORS = {
     "lossfuse-cpu": "#1f63b4", "lossfuse-triton": "#1f63b4", "lossfuse-reference": "#8fb8e0",
-    "torch": "#6e6e6e", "torch.compile": "#e8790c", "liger": "#2a9d3c",
+    "torch": "#6e6e6e", "torch.compile": "#e8790c", "liger": "#2a9d3c", "torch-chunked": "#8e44ad",
 }
 MARKERS = {"float32": "o", "bfloat16": "s", "float16": "^", "float64": "D"}
 
@@ -201,7 +202,8 @@ def memory_plot(rows, meta, mode, path: Path) -> Path | None:
     top = max(r["extra_mem_pct"] for r in rows)
     ax.set_xlim(min(0, min(r["extra_mem_pct"] for r in rows)), max(10, top) * 1.45)
     what = "gradients" if mode != "fwd" else "nothing returned but the loss"
-    ax.set_xlabel(f"peak memory beyond the inputs and {what}, % of the differentiable input's size")
+    ax.set_xlabel(f"peak memory beyond the inputs and {what}, % of the differentiable inputs' size\n"
+                  f"(linear + cross-entropy: % of the full logits' size, N*V*b)")
     ax.set_title(f"Extra memory, {mode} (lower is better; {meta.get('memory_short', '')})\n{_subtitle(meta)}")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", visible=False)

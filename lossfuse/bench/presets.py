@@ -39,6 +39,7 @@ class Case:
     modes: tuple | None = None          # None: the run's modes
     target: str = ""                    # the project target this case is quoted for, if any
     main: bool = True                   # False: a point of a scaling sweep only (kept out of the size plots)
+    rounds: int | None = None           # at most this many interleaved rounds (calls of seconds); --repeats overrides
 
     @property
     def entry(self):
@@ -84,6 +85,7 @@ QUICK = (
     _c("ce", (512, 1000)) + _c("ce", (2, 5, 32, 32), variant="ignore_index")
     + _c("sigmoid_focal", (4096, 80), variant="float") + _c("sigmoid_focal", (4096, 80), variant="index")
     + _c("softmax_focal", (2048, 100)) + _c("huber", (262144,)) + _c("smooth_l1", (262144,))
+    + _c("lce", (256, 64, 2000))
 )
 
 DEFAULT = (
@@ -94,6 +96,11 @@ DEFAULT = (
     + _c("softmax_focal", (65536, 1000), target="softmax_focal")
     + _c("huber", (16777216,), target="huber")
     + _c("smooth_l1", (16777216,), target="smooth_l1")
+    # 5.5-16 s per fwd+bwd call for every provider on the shared 2 cores (402.7 GFLOP of matmuls), and
+    # each provider also runs once for the check and once for the memory: three rounds (the first, of
+    # single calls, counts as one) are the least that give a median, and the case still takes 2.8-3.7 min
+    # of the shared machine (load average 2-4). --repeats overrides the cap.
+    + _c("lce", (4096, 512, 32000), target="lce", rounds=3)
 )
 
 LLM = (
@@ -101,7 +108,12 @@ LLM = (
     + _c("ce", (2048, 50257), (BF16,))
     + _c("ce", (1024, 128256), (BF16,))
     + _c("ce", (512, 256000), (BF16,))
+    + _c("lce", (4096, 512, 32000), rounds=3)
 )
+
+# Too big for the llm preset on a CPU: the float64 oracle alone holds several (4096, 128256) float64
+# logits-sized tensors (4.2 GB each) and takes minutes; in ``full`` only.
+LLM_LARGE = _c("lce", (4096, 1024, 128256), (BF16,), rounds=3)
 
 VISION = (
     _c("ce", (256, 1000)) + _c("ce", (4096, 1000))
@@ -176,7 +188,7 @@ PRESETS = {
 
 
 def full_preset() -> Preset:
-    cases = _merge(DEFAULT + LLM + VISION + DETECTION + _sweeps())
+    cases = _merge(DEFAULT + LLM + LLM_LARGE + VISION + DETECTION + _sweeps())
     return Preset("full", cases, modes=("fwd", "bwd", "fwd+bwd"), rounds=9, min_rounds=5, budget_s=15.0,
                   with_reference=True,
                   description="every preset, three modes, the reference backend, and the scaling sweeps "

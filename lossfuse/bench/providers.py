@@ -7,9 +7,12 @@
   torch               the loss entry's torch code, eager
   torch.compile       the same torch code under torch.compile (its compile time is never timed)
   liger               liger-kernel's cross-entropy (CUDA; an anchor, when it is installed)
+  torch-chunked       torch's own chunked linear + cross-entropy, ``F.linear_cross_entropy(...,
+                      options=torch.nn.LinearCrossEntropyOptions())`` (torch >= 2.13; the anchor of ``lce``)
 
 ``Provider.make(entry, case, device)`` returns a callable ``fn(*tensors) -> loss``, or a string saying
-why the provider does not apply (shown as a note; nothing is timed).
+why the provider does not apply (shown as a note; nothing is timed). An anchor that implements only some
+losses names them in ``Provider.losses``; cases of other losses leave it out without a row.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class Provider:
     name: str
     make: Callable            # (entry, case, device) -> fn | str (why not)
     mutates_inputs: bool = False   # writes into its inputs (liger's in-place gradient): gets private copies
+    losses: tuple | None = None    # the loss entries it implements (an anchor's); None: all. Other
+                                   # losses leave it out without a row (a note would repeat on every case)
 
 
 def _lossfuse(backend: str) -> Provider:
@@ -87,19 +92,37 @@ def _liger_make(entry, case, device):
     return call
 
 
+def _torch_chunked_make(entry, case, device):
+    if entry.key != "lce":
+        return "torch's chunked linear_cross_entropy anchors linear + cross-entropy only"
+    fn = getattr(torch.nn.functional, "linear_cross_entropy", None)
+    options_cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if fn is None or options_cls is None:
+        return (f"torch {torch.__version__} has no chunked F.linear_cross_entropy "
+                f"(options=torch.nn.LinearCrossEntropyOptions(): torch >= 2.13)")
+    # The zero-argument options: chunking method and accumulation picked by torch per (device, dtype).
+    options = options_cls()
+
+    def call(x, w, y):
+        return fn(x, w, y, options=options)
+
+    return call
+
+
 PROVIDERS = {
     p.name: p
     for p in [
         _lossfuse("cpu"), _lossfuse("triton"), _lossfuse("reference"),
         Provider(EAGER, _eager_make), Provider(COMPILE, _compile_make),
         # liger writes the gradient into the logits during the forward: it gets its own copies.
-        Provider("liger", _liger_make, mutates_inputs=True),
+        Provider("liger", _liger_make, mutates_inputs=True, losses=("ce",)),
+        Provider("torch-chunked", _torch_chunked_make, losses=("lce",)),
     ]
 }
 
 ALIASES = {
     "cpu": "lossfuse-cpu", "triton": "lossfuse-triton", "reference": "lossfuse-reference",
-    "eager": EAGER, "compile": COMPILE, "liger-kernel": "liger",
+    "eager": EAGER, "compile": COMPILE, "liger-kernel": "liger", "chunked": "torch-chunked",
 }
 
 
@@ -130,4 +153,5 @@ def default_names(device: torch.device, with_reference: bool) -> list:
     names += [EAGER, COMPILE]
     if device.type == "cuda":
         names.append("liger")
+    names.append("torch-chunked")   # on lce cases only (Provider.losses); a note where torch lacks it
     return names

@@ -125,10 +125,12 @@ def legend(copy_bw: dict, memory_method: str) -> str:
         + (f", {copy_bw['gbps_at_end']:.1f} GB/s at the end" if copy_bw.get("gbps_at_end") else "")
         + f" ({copy_bw['method']}).",
         "median ms: median over interleaved rounds; IQR: inter-quartile range of the rounds;",
-        "vs torch / vs compile: median of same-round time ratios (>1 = faster);",
+        "vs torch / vs compile / vs <anchor>: median of same-round time ratios (>1 = faster);",
         "GB/s: counted bytes / median time (inputs read once, gradients written once); %BW: of copy bandwidth;",
+        "GFLOP/s (linear+CE): the projection's matmul FLOPs / median time;",
         f"peak MiB: memory above the inputs during the call ({memory_method});",
-        "extra %: peak minus the gradients returned, as % of the differentiable input's size.",
+        "extra %: peak minus the gradients returned, as % of the differentiable inputs' size",
+        "  (linear+CE: % of the full logits' size, N*V*b; stated per case).",
     ])
 
 
@@ -142,11 +144,23 @@ def case_block(rows: list, copy_bw: dict | None = None) -> str:
     if r0.get("target"):
         head += "  (target case)"
     lines = [head]
+    entry = LOSSES[r0["loss"]]
     counted = r0["counted_bytes"]
-    formula = LOSSES[r0["loss"]].bytes_formula
-    lines.append(f"  counted {counted / 1e6:,.1f} MB   [{formula}]")
+    lines.append(f"  counted {counted / 1e6:,.1f} MB   [{entry.bytes_formula}]")
+    if r0.get("counted_flops") is not None:
+        lines.append(f"  counted {r0['counted_flops'] / 1e9:,.3g} GFLOP   [{entry.flops_formula}]")
+    ref = next((r["mem_ref_bytes"] for r in rows if r.get("mem_ref_bytes")), None)
+    if entry.mem_ref_bytes is not None and ref:
+        lines.append(f"  extra % is of {entry.mem_ref_name} = {ref / 2**20:,.1f} MiB, not of the inputs")
+    anchor = r0.get("anchor")
+    with_anchor = bool(anchor) and any(r.get("speedup_vs_anchor") is not None for r in rows)
+    with_flops = any(r.get("gflops") is not None for r in rows)
+    vs_anchor = f"vs {anchor}" if with_anchor else ""
+    aw = max(11, len(vs_anchor) + 2) if with_anchor else 0
     lines.append(f"  {'provider':<19}{'median ms':>10}{'IQR ms':>9}{'vs torch':>9}{'vs compile':>11}"
-                 f"{'GB/s':>8}{'%BW':>6}{'peak MiB':>10}{'extra %':>9}")
+                 + (f"{vs_anchor:>{aw}}" if with_anchor else "")
+                 + (f"{'GFLOP/s':>9}" if with_flops else "")
+                 + f"{'GB/s':>8}{'%BW':>6}{'peak MiB':>10}{'extra %':>9}")
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"  {r['provider']:<19}{r['status']}: {r['note']}")
@@ -155,10 +169,37 @@ def case_block(rows: list, copy_bw: dict | None = None) -> str:
         lines.append(
             f"  {r['provider']:<19}{_ms(r['median_ms']):>10}{_ms(iqr):>9}"
             f"{_x(r.get('speedup_vs_torch')):>9}{_x(r.get('speedup_vs_compile')):>11}"
-            f"{_fmt(r.get('gbps'), '.1f'):>8}{_fmt(100 * r['copy_bw_frac'] if r.get('copy_bw_frac') else None, '.0f'):>6}"
+            + (f"{_x(r.get('speedup_vs_anchor')):>{aw}}" if with_anchor else "")
+            + (f"{_fmt(r.get('gflops'), '.1f'):>9}" if with_flops else "")
+            + f"{_fmt(r.get('gbps'), '.1f'):>8}{_fmt(100 * r['copy_bw_frac'] if r.get('copy_bw_frac') else None, '.0f'):>6}"
             f"{_fmt(r.get('peak_mem_mb'), ',.1f'):>10}{_fmt(r.get('extra_mem_pct'), '.1f'):>9}"
         )
+    lines.extend(_comparisons(rows))
     return "\n".join(lines)
+
+
+def _comparisons(rows: list) -> list:
+    """For a loss with an anchor (linear + cross-entropy: torch's chunked version), one line per lossfuse
+    provider: its speed-up and extra memory against torch eager and against the anchor, side by side."""
+    anchor = rows[0].get("anchor")
+    ok = {r["provider"]: r for r in rows if r["status"] == "ok"}
+    if not anchor or anchor not in ok:
+        return []
+    out = []
+    for name, r in ok.items():
+        if not name.startswith("lossfuse-"):
+            continue
+        parts = []
+        for base, col in (("torch", "speedup_vs_torch"), (anchor, "speedup_vs_anchor")):
+            if base not in ok or r.get(col) is None:
+                continue
+            part = f"against {base}: speed-up {_x(r[col])}"
+            if r.get("extra_mem_pct") is not None and ok[base].get("extra_mem_pct") is not None:
+                part += f", extra memory {r['extra_mem_pct']:.1f}% vs {ok[base]['extra_mem_pct']:.1f}%"
+            parts.append(part)
+        if parts:
+            out.append(f"  {name} " + "; ".join(parts))
+    return out
 
 
 def group_rows(rows: list) -> list:

@@ -54,11 +54,18 @@ COLUMNS = {
     "speedup_vs_compile": "median over rounds of t(torch.compile) / t(provider), same round",
     "speedup_vs_compile_q1": "25th percentile of those per-round ratios",
     "speedup_vs_compile_q3": "75th percentile of those per-round ratios",
+    "anchor": "the loss's anchor provider (ce: liger, lce: torch-chunked), where the loss has one",
+    "speedup_vs_anchor": "median over rounds of t(anchor) / t(provider), same round",
+    "speedup_vs_anchor_q1": "25th percentile of those per-round ratios",
+    "speedup_vs_anchor_q3": "75th percentile of those per-round ratios",
     "counted_bytes": "bytes the call must move: inputs read once, gradients written once (bytes_formula)",
     "gbps": "counted_bytes / median time, GB/s (1e9 bytes/s)",
     "copy_bw_frac": "gbps / the device's copy bandwidth measured at the start of the run",
+    "counted_flops": "arithmetic the call must do, where its loss counts it (lce: the matmuls; flops_formula)",
+    "gflops": "counted_flops / median time, GFLOP/s (1e9 FLOP/s)",
     "peak_mem_mb": "peak memory above what existed before the call (inputs; for bwd the saved graph), MiB",
-    "extra_mem_pct": "(peak_mem - gradients the call returns) / size of the differentiable inputs, %",
+    "extra_mem_pct": "(peak_mem - gradients the call returns) / mem_ref_bytes, %",
+    "mem_ref_bytes": "what extra_mem_pct is relative to: the differentiable inputs' size (lce: the full logits, N*V*b)",
     "loss_rel_err": "|loss - loss64| / |loss64| on the check inputs",
     "grad_rel_err": "||grad - grad64|| / ||grad64||, worst differentiable input",
     "tolerance": "largest relative error accepted for this dtype",
@@ -292,13 +299,25 @@ def make_step(fn: Callable, sets: list, entry, mode: str) -> tuple:
 
 def _base_row(case: Case, mode: str, threads: int) -> dict:
     entry = case.entry
-    return {
+    row = {
         "loss": case.loss, "title": entry.title, "variant": case.variant,
         "shape": "x".join(str(s) for s in case.shape), "size": case.size, "dtype": dtype_name(case.dtype),
         "mode": mode, "threads": threads, "sweeps": "+".join(case.sweeps), "target": case.target,
         "main": case.main,  # not a column: plots keep sweep-only points out of the size comparisons
         "counted_bytes": entry.counted_bytes(case.shape, case.dtype, case.variant, mode),
+        "anchor": entry.anchor,
     }
+    if entry.counted_flops is not None:
+        row["counted_flops"] = entry.counted_flops(case.shape, case.dtype, case.variant, mode)
+    return row
+
+
+def mem_ref_bytes(entry, case: Case, tensors: dict) -> int:
+    """What ``extra_mem_pct`` is a percentage of: the entry's reference size (linear + cross-entropy: the
+    full logits, which a fused implementation never holds), else the size of the differentiable inputs."""
+    if entry.mem_ref_bytes is not None:
+        return int(entry.mem_ref_bytes(case.shape, case.dtype, case.variant))
+    return sum(tensors[n].numel() * tensors[n].element_size() for n in entry.grad_inputs)
 
 
 def _fill_timing(row: dict, secs: list, number: int, rounds: int, copy_gbps: float, sets: int) -> None:
@@ -308,6 +327,8 @@ def _fill_timing(row: dict, secs: list, number: int, rounds: int, copy_gbps: flo
                min_ms=s["min"] * 1e3, max_ms=s["max"] * 1e3, rounds=rounds, calls_per_round=number)
     row["gbps"] = row["counted_bytes"] / s["median"] / 1e9
     row["copy_bw_frac"] = row["gbps"] / copy_gbps if copy_gbps else None
+    if row.get("counted_flops") is not None:
+        row["gflops"] = row["counted_flops"] / s["median"] / 1e9
 
 
 def _fill_speedups(rows: list, times: dict) -> None:
@@ -315,8 +336,10 @@ def _fill_speedups(rows: list, times: dict) -> None:
         mine = times.get(row["provider"])
         if mine is None:
             continue
-        for base, col in ((EAGER, "speedup_vs_torch"), (COMPILE, "speedup_vs_compile")):
-            if base in times:
+        anchor = row.get("anchor")
+        for base, col in ((EAGER, "speedup_vs_torch"), (COMPILE, "speedup_vs_compile"),
+                          (anchor, "speedup_vs_anchor")):
+            if base and base in times:
                 r = measure.paired_ratios(times[base], mine)
                 if r:
                     row[col] = measure.quantile(r, 0.5)
@@ -328,7 +351,7 @@ def run(cfg: RunConfig, on_case_done: Callable | None = None, on_start: Callable
     device = cfg.device
     preset = cfg.preset
     rounds = cfg.rounds or preset.rounds
-    min_rounds = min(cfg.min_rounds or preset.min_rounds, rounds)
+    min_rounds = cfg.min_rounds or preset.min_rounds
     block_s = cfg.block_s if cfg.block_s is not None else preset.block_s
     budget_s = cfg.budget_s if cfg.budget_s is not None else preset.budget_s
     providers = {**PROVIDERS, **cfg.extra_providers}
@@ -415,6 +438,22 @@ def _run_case(case, cfg, providers, device, copy_gbps, rounds, min_rounds, block
             bar.update(1)
         return out
 
+    skipped_modes = [m for m in modes if m not in entry.modes]
+    if skipped_modes:
+        why = f"{entry.key}: {', '.join(skipped_modes)} not measured: {entry.modes_note}"
+        note(why)
+        for mode in skipped_modes:
+            out.append({**_base_row(case, mode, threads), "provider": "all", "status": "skipped", "note": why})
+            bar.update(1)
+        modes = tuple(m for m in modes if m in entry.modes)
+        if not modes:
+            return out
+
+    if case.rounds and not cfg.rounds:
+        # The case's own cap (its calls take seconds): --repeats still overrides it.
+        rounds, min_rounds = min(rounds, case.rounds), min(min_rounds, case.rounds)
+    min_rounds = min(min_rounds, rounds)
+
     clock = _Clock(case.label(), phases)
     torch.set_num_threads(threads)
     _reset_compile_caches()  # a fresh compile per case: shapes and thread counts are baked into its code
@@ -433,6 +472,8 @@ def _run_case(case, cfg, providers, device, copy_gbps, rounds, min_rounds, block
     status: dict = {}
     for name in cfg.providers:
         p: Provider = providers[name]
+        if p.losses is not None and entry.key not in p.losses:
+            continue  # an anchor of other losses: no row
         made = p.make(entry, case, device)
         if isinstance(made, str):
             status[name] = ("skipped", made, None, None)
@@ -538,6 +579,8 @@ def _run_mode(c: _ModeContext, mode: str, names: list, fns: dict, psets: dict, s
                 _fill_memory(c, row, mode, mems[name], psets[name][0])
             if name == "liger":
                 row["note"] = "computes the gradient in its forward, in place into the logits"
+            elif name.startswith("lossfuse-") and mode in entry.lossfuse_notes:
+                row["note"] = entry.lossfuse_notes[mode]
             if name in extra_notes:
                 row["note"] = extra_notes[name]
             rows.append(row)
@@ -559,12 +602,15 @@ def _fill_memory(c: _ModeContext, row: dict, mode: str, mem: tuple, tensors: dic
         prepare()
     diff_bytes = sum(tensors[n].numel() * tensors[n].element_size() for n in c.entry.grad_inputs)
     grad_bytes = 0 if mode == "fwd" else diff_bytes
+    ref = mem_ref_bytes(c.entry, c.case, tensors)
     row["peak_mem_mb"] = peak / 2**20
-    if c.device.type == "cuda" or diff_bytes >= MIN_RSS_INPUT_BYTES:
-        row["extra_mem_pct"] = 100.0 * (peak - grad_bytes) / diff_bytes
+    row["mem_ref_bytes"] = ref
+    if c.device.type == "cuda" or ref >= MIN_RSS_INPUT_BYTES:
+        row["extra_mem_pct"] = 100.0 * (peak - grad_bytes) / ref
     else:
-        c.note(f"extra_mem_pct is left out for inputs under {MIN_RSS_INPUT_BYTES >> 20} MiB on the CPU: "
-               f"resident pages are too coarse a measure there")
+        c.note(f"extra_mem_pct is left out where its reference size (the differentiable inputs; linear + "
+               f"cross-entropy: the logits) is under {MIN_RSS_INPUT_BYTES >> 20} MiB on the CPU: resident "
+               f"pages are too coarse a measure there")
 
 
 def _recompile_for_repeated_backward(entry, fns: dict, psets: dict, context: contextlib.ExitStack) -> str:

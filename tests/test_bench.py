@@ -248,11 +248,14 @@ def test_list_names_the_default_target_cases():
     text = "\n".join(lines)
     for label in ("ce (4096x32000) float32", "ce (4096x32000) bfloat16", "ce (8x21x256x256) float32 ignore_index",
                   "sigmoid_focal (200000x80) float32 float", "sigmoid_focal (200000x80) float32 index",
-                  "softmax_focal (65536x1000) float32", "huber (16777216) float32", "smooth_l1 (16777216) float32",
-                  "lce (4096x512x32000) float32"):
+                  "softmax_focal (65536x1000) float32", "huber (16777216) float32", "smooth_l1 (16777216) float32"):
         assert label in text, label
     assert "lossfuse-cpu" in text and "torch.compile" in text and "lossfuse-triton" not in text
-    assert "torch-chunked" in text
+    # The linear + cross-entropy target case lives in the llm preset (it alone takes ~3 minutes here).
+    lines.clear()
+    run_suite(["--list", "--device", "cpu", "--shapes", "llm"], echo_fn=lines.append)
+    text = "\n".join(lines)
+    assert "lce (4096x512x32000) float32" in text and "torch-chunked" in text
 
 
 def test_targets_are_evaluated_from_the_rows():
@@ -345,11 +348,11 @@ def test_lce_backward_alone_is_skipped_with_a_note(tmp_path):
 
 
 def test_a_case_caps_its_rounds(tmp_path):
-    """The default preset's linear + CE case takes seconds per call: its own cap of three rounds, which
+    """The llm preset's linear + CE case takes seconds per call: its own cap of three rounds, which
     --repeats overrides."""
     from lossfuse.bench.presets import get_preset
 
-    (lce,) = [c for c in get_preset("default").cases if c.loss == "lce"]
+    (lce,) = [c for c in get_preset("llm").cases if c.loss == "lce" and c.target == "lce"]
     assert lce.shape == (4096, 512, 32000) and lce.dtype == torch.float32 and lce.target == "lce"
     assert lce.rounds == 3
     cases = [Case("ce", (64, 100), rounds=2)]

@@ -53,23 +53,6 @@ struct CeArgs {
 namespace lossfuse {
 namespace {
 
-bool walks_classes(const at::Tensor& x3) { return x3.size(1) == 1 || x3.stride(1) == 1; }
-
-// The layout every backend gives outputs of shape (N, C, S): see empty_like_layout in
-// lossfuse/ops/cross_entropy.py, which the fake kernels use. Keep the two in step.
-at::Tensor empty_walk_layout(const at::Tensor& x3, at::ScalarType dtype) {
-  const int64_t N = x3.size(0), C = x3.size(1), S = x3.size(2);
-  const auto opts = x3.options().dtype(dtype);
-  if (walks_classes(x3)) return empty_output({N, S, C}, opts).transpose(1, 2);
-  return empty_output({N, C, S}, opts);
-}
-
-// Logits in a layout the kernels walk in place; anything else is copied once.
-at::Tensor walkable_input(const at::Tensor& x3) {
-  if (walks_classes(x3) || x3.size(2) == 1 || x3.stride(2) == 1) return x3;
-  return x3.contiguous();
-}
-
 // A probability target in the logits' walk order (class stride 1 or spatial stride 1 like x3).
 at::Tensor walkable_target(const at::Tensor& t3, const at::Tensor& x3) {
   if (walks_classes(x3)) {
@@ -78,17 +61,6 @@ at::Tensor walkable_target(const at::Tensor& t3, const at::Tensor& x3) {
   }
   if (t3.size(2) == 1 || t3.stride(2) == 1) return t3;
   return t3.contiguous();
-}
-
-[[noreturn]] void report_bad_target(const at::Tensor& y, int64_t C, int64_t ignore_index) {
-  // The kernels only flag that some row was bad; name the first one, as torch does.
-  const at::Tensor yc = y.contiguous();
-  const int64_t* p = yc.data_ptr<int64_t>();
-  for (int64_t i = 0; i < yc.numel(); ++i) {
-    const int64_t v = p[i];
-    if (v != ignore_index && (v < 0 || v >= C)) TORCH_CHECK_INDEX(false, "Target ", v, " is out of bounds.");
-  }
-  TORCH_CHECK(false, "cross_entropy: a target is out of bounds");
 }
 
 struct Prepared {
@@ -180,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& input
   at::Tensor lse = at::empty({a.N, a.S}, input.options().dtype(at::kDouble));
   a.loss = loss.data_ptr();
   a.lse = lse.data_ptr<double>();
-  if (a.N * a.S > 0 && run_forward(a)) report_bad_target(p.y, a.C, ignore_index);
+  if (a.N * a.S > 0 && run_forward(a)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
   return {loss, lse};
 }
 
@@ -241,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cpu(const at::Tensor& grad,
     a.stream = gx.nbytes() >= kStreamBytes;
   }
   if (target_grad && prob) set_target_grad(a, gt);
-  if ((a.gx || a.gt) && a.N * a.S > 0 && run_backward(a)) report_bad_target(p.y, a.C, ignore_index);
+  if ((a.gx || a.gt) && a.N * a.S > 0 && run_backward(a)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
   if (a.gt && gt.scalar_type() != target.scalar_type()) gt = gt.to(target.scalar_type());
   return {gx, gt};
 }
@@ -266,7 +238,7 @@ at::Tensor cross_entropy_bwd_inplace_cpu(const at::Tensor& grad, at::Tensor& inp
   a.gx_sC = a.x_sC;
   a.gx_sS = a.x_sS;
   if (target_grad && prob) set_target_grad(a, gt);
-  if (a.N * a.S > 0 && run_backward(a)) report_bad_target(p.y, a.C, ignore_index);
+  if (a.N * a.S > 0 && run_backward(a)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
   if (a.gt && gt.scalar_type() != target.scalar_type()) gt = gt.to(target.scalar_type());
   return gt;
 }

@@ -1,14 +1,9 @@
-// Cross-entropy CPU kernels. Compiled once per instruction set by isa_instantiate.h (no include guard,
-// no #include: see vec.h). CeArgs is defined in cross_entropy.cpp.
+// Cross-entropy CPU kernels. Compiled once per instruction set by isa_instantiate.h (no include guard;
+// the only #include is walk.h, pasted into the same namespace like vec.h). CeArgs is defined in
+// cross_entropy.cpp. The two walk orders (rows / tiles) and the online log-sum-exp are in walk.h.
 //
-// Logits are (N, C, S) with arbitrary strides; row r = n * S + s. Two walk orders:
-//   rows:  class stride 1 ((N, C), channels-last) -- vectorised along the classes of one row;
-//   tiles: spatial stride 1 ((N, C, H, W))        -- vectorised across 2 x W neighbouring rows, so
-//          the usual segmentation layout is read in place instead of through a transposed copy.
 // Forward: log-sum-exp (plus what label smoothing or a probability target needs) in one pass over
 // memory; backward recomputes p = exp(x - lse) rather than storing an N x C softmax.
-// Every sum is in fp32 lanes (fp64 for double) folded into a double every kBlock elements, so a
-// 256k-class row keeps the rounding error of a 4k-class one.
 //
 // Options: label smoothing eps, class weights w, z-loss z * lse^2 (PaLM), logit soft-capping
 // x' = cap * tanh(x / cap) (Gemma; all formulas below then hold for x'), and an in-place backward
@@ -18,26 +13,7 @@
 // two floats. A single fp32 lse would carry half an ulp of |lse| (5e-4 at |lse| = 1e4) into every
 // probability of the row.
 
-constexpr int64_t kBlock = 4096;
-
-template <class T, class A>
-inline Vec<A> load_k(const T* p, int k, A fill) {
-  return k == Vec<A>::W ? Vec<A>::load(p) : Vec<A>::load_partial(p, k, fill);
-}
-template <class T, class A>
-inline void store_k(Vec<A> v, T* p, int k) {
-  if (k == Vec<A>::W)
-    v.store(p);
-  else
-    v.store_partial(p, k);
-}
-
-template <class F>
-inline int with_bool(bool b, F&& f) {
-  return b ? f(std::true_type{}) : f(std::false_type{});
-}
-
-inline void flag_bad(int* bad) { __atomic_store_n(bad, 1, __ATOMIC_RELAXED); }
+#include "walk.h"
 
 template <class A>
 struct Consts {
@@ -50,47 +26,12 @@ struct Consts {
         z(A(a.z_loss)) {}
 };
 
-// Logit soft-capping x -> cap * tanh(x / cap), and its derivative 1 - tanh^2, when CAP.
-template <class A, bool CAP>
-struct SoftCap {
-  using V = Vec<A>;
-  A cap, inv;
-  explicit SoftCap(double c) : cap(A(c)), inv(CAP ? A(1) / A(c) : A(0)) {}
-  V operator()(V x) const { return CAP ? V(cap) * vtanh(x * V(inv)) : x; }
-  A operator()(A x) const { return CAP ? cap * stanh(x * inv) : x; }
-  // x' and d x'/d x
-  void with_slope(V x, V& xc, V& slope) const {
-    if (CAP) {
-      const V t = vtanh(x * V(inv));
-      xc = V(cap) * t;
-      slope = fnmadd(t, t, V(A(1)));
-    } else {
-      xc = x;
-    }
-  }
-  A slope(A x) const {
-    if (!CAP) return A(1);
-    const A t = stanh(x * inv);
-    return A(1) - t * t;
-  }
-};
-
 // lse = hi + lo, both in the accumulation type.
 template <class A>
 inline void split_lse(double lse, A* hi, A* lo) {
   const A h = A(lse);
   *hi = h;
   *lo = std::isfinite(double(h)) ? A(lse - double(h)) : A(0);
-}
-
-// Runs `pass(exp_fn)` with the fast exp, and again with the exact one if some lane underflowed below
-// the normal range -- rare (logits spread by more than 87), and then those outputs must hold the
-// true subnormal or zero values.
-template <class V, class Pass>
-inline void with_exact_redo(Pass&& pass) {
-  auto oob = mask_none(V());
-  pass([&](V e) { return vexp_normal(e, oob); });
-  if (mask_any(oob)) pass([](V e) { return vexp(e); });
 }
 
 // In place the logits are gone once written, so a pass cannot be redone: the exact exp is taken per
@@ -114,124 +55,6 @@ inline void run_backward_pass(bool inplace, Pass&& pass) {
 // Row walk: one row at a time, vectorised along classes.
 // ------------------------------------------------------------------------------------------------
 
-template <class T, class A>
-inline A block_max(const T* x, int64_t n) {
-  using V = Vec<A>;
-  constexpr int W = V::W;
-  const A ninf = -std::numeric_limits<A>::infinity();
-  V m0(ninf), m1(ninf), m2(ninf), m3(ninf);
-  int64_t c = 0;
-  for (; c + 4 * W <= n; c += 4 * W) {
-    m0 = vmax(m0, V::load(x + c));
-    m1 = vmax(m1, V::load(x + c + W));
-    m2 = vmax(m2, V::load(x + c + 2 * W));
-    m3 = vmax(m3, V::load(x + c + 3 * W));
-  }
-  for (; c + W <= n; c += W) m0 = vmax(m0, V::load(x + c));
-  A m = hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
-  for (; c < n; ++c) {
-    const A v = to_acc<A>(x[c]);
-    m = v > m ? v : m;
-  }
-  return m;
-}
-
-// Sums over one block relative to the (capped) max m: exp(x' - m) and, with SMOOTH, w_c (x'_c - m)
-// and w_c.
-template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
-inline void block_sums_index(const T* x, const A* w, int64_t n, A m, const SoftCap<A, CAP>& cap, double* sum,
-                             double* d, double* ws) {
-  using V = Vec<A>;
-  constexpr int W = V::W;
-  const V mv(m);
-  V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0)), d0(A(0)), d1(A(0)), w0(A(0));
-  int64_t c = 0;
-  for (; c + 4 * W <= n; c += 4 * W) {
-    // Pull the next block towards L2 while this one is summed from L1: the memory reads and the exp
-    // arithmetic then overlap instead of taking turns (x + kBlock past the row end is the next row).
-    __builtin_prefetch(x + c + kBlock, 0, 2);
-    __builtin_prefetch(reinterpret_cast<const char*>(x + c + kBlock) + 64, 0, 2);
-    const V e0 = cap(V::load(x + c)) - mv, e1 = cap(V::load(x + c + W)) - mv;
-    const V e2 = cap(V::load(x + c + 2 * W)) - mv, e3 = cap(V::load(x + c + 3 * W)) - mv;
-    s0 = s0 + vexp_sum_term(e0);
-    s1 = s1 + vexp_sum_term(e1);
-    s2 = s2 + vexp_sum_term(e2);
-    s3 = s3 + vexp_sum_term(e3);
-    if (SMOOTH) {
-      if (HAS_W) {
-        const V wa = V::load(w + c), wb = V::load(w + c + W), wc = V::load(w + c + 2 * W), wd = V::load(w + c + 3 * W);
-        d0 = fmadd(wa, e0, fmadd(wc, e2, d0));
-        d1 = fmadd(wb, e1, fmadd(wd, e3, d1));
-        w0 = w0 + ((wa + wb) + (wc + wd));
-      } else {
-        d0 = d0 + (e0 + e2);
-        d1 = d1 + (e1 + e3);
-      }
-    }
-  }
-  // The rest in single vectors, the last one partial: short rows (C = 10 .. 100) would otherwise
-  // spend most of their time in scalar exp calls.
-  for (; c < n; c += W) {
-    const int k = n - c < W ? int(n - c) : W;
-    const typename V::Mask on = V::first(k);
-    const V e = cap(load_k(x + c, k, A(0))) - mv;
-    s0 = s0 + select(on, vexp_sum_term(e), V(A(0)));
-    if (SMOOTH) {
-      const V wv = HAS_W ? load_k(w + c, k, A(0)) : V(A(1));
-      d0 = d0 + select(on, wv * e, V(A(0)));
-      if (HAS_W) w0 = w0 + select(on, wv, V(A(0)));
-    }
-  }
-  double sd = double(hsum((s0 + s1) + (s2 + s3))), dd = double(hsum(d0 + d1));
-  double wd = HAS_W ? double(hsum(w0)) : double(n);
-  *sum += sd;
-  *d += dd;
-  *ws += wd;
-}
-
-// log-sum-exp statistics of one row in a single pass over memory: each kBlock-class block is read
-// from memory once for its max and again from L1 for its sums, which are rescaled whenever the
-// running max grows (online softmax). Returns the (capped) max m, sum_c exp(x'_c - m) and, with
-// SMOOTH, sum_c w_c (x'_c - m). A block that is all -inf (masked vocabulary) would make x - m
-// undefined while m is still -inf, so such rows take the plain two passes. tanh is increasing, so the
-// capped max is the cap of the raw max.
-template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
-inline void row_stats_index(const T* x, const A* w, int64_t C, const SoftCap<A, CAP>& cap, A* m_out,
-                            double* sum_out, double* d_out) {
-  const A ninf = -std::numeric_limits<A>::infinity();
-  A m = ninf;
-  double sum = 0, d = 0, ws = 0;
-  bool online = true;
-  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-    const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
-    const A bm = cap(block_max<T, A>(x + c0, n));
-    if (bm == ninf) {
-      online = false;
-      break;
-    }
-    if (bm > m) {
-      if (m != ninf) {
-        sum *= std::exp(double(m) - double(bm));
-        if (SMOOTH) d += (double(m) - double(bm)) * ws;
-      }
-      m = bm;
-    }
-    block_sums_index<T, A, HAS_W, SMOOTH, CAP>(x + c0, HAS_W ? w + c0 : w, n, m, cap, &sum, &d, &ws);
-  }
-  if (!online) {
-    m = cap(block_max<T, A>(x, C));
-    sum = d = ws = 0;
-    // A row of only -inf has lse = -inf (as torch.logsumexp); its loss is NaN either way, as torch's.
-    for (int64_t c0 = 0; c0 < C && m != ninf; c0 += kBlock) {
-      const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
-      block_sums_index<T, A, HAS_W, SMOOTH, CAP>(x + c0, HAS_W ? w + c0 : w, n, m, cap, &sum, &d, &ws);
-    }
-  }
-  *m_out = m;
-  *sum_out = sum;
-  *d_out = d;
-}
-
 template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
 int ce_fwd_index_rows(const CeArgs& a) {
   const T* X = static_cast<const T*>(a.x);
@@ -247,9 +70,8 @@ int ce_fwd_index_rows(const CeArgs& a) {
     const int64_t n = r / S, s = r - n * S;
     const T* x = X + n * a.x_sN + s * a.x_sS;
     A m;
-    double sum, dsum;
-    row_stats_index<T, A, HAS_W, SMOOTH, CAP>(x, w, C, cap, &m, &sum, &dsum);
-    const double logsum_d = std::log(sum);
+    double logsum_d, dsum;
+    row_stats_index<T, A, HAS_W, SMOOTH, CAP>(x, w, C, cap, &m, &logsum_d, &dsum);
     const double lse = double(m) + logsum_d;
     const A logsum = A(logsum_d);
     lse_out[r] = lse;
@@ -405,15 +227,15 @@ int ce_bwd_index_rows(const CeArgs& a) {
 //   loss = sum_c w_c t'_c (lse - x'_c) = log(sum) * sum_c w_c t'_c - sum_c w_c t'_c (x'_c - m).
 template <class T, class TT, class A, bool HAS_W, bool CAP>
 inline void block_sums_prob(const T* x, const TT* t, const A* w, int64_t n, A m, const Consts<A>& k,
-                            const SoftCap<A, CAP>& cap, double* sum, double* tw, double* twd) {
+                            const SoftCap<A, CAP>& cap, double* sum, double* top, double* tw, double* twd) {
   using V = Vec<A>;
   constexpr int W = V::W;
   const V mv(m), keepv(k.keep), epscv(k.eps_c);
-  V s0(A(0)), w0(A(0)), d0(A(0));
+  V s0(A(0)), t0(A(0)), w0(A(0)), d0(A(0));
   int64_t c = 0;
   for (; c + W <= n; c += W) {
     const V e = cap(V::load(x + c)) - mv;
-    s0 = s0 + vexp_sum_term(e);
+    add_exp_term(e, s0, t0);
     V wt = fmadd(V::load(t + c), keepv, epscv);
     if (HAS_W) wt = wt * V::load(w + c);
     w0 = w0 + wt;
@@ -423,7 +245,7 @@ inline void block_sums_prob(const T* x, const TT* t, const A* w, int64_t n, A m,
     const int kk = int(n - c);
     const typename V::Mask on = V::first(kk);
     const V e = cap(load_k(x + c, kk, A(0))) - mv;
-    s0 = s0 + select(on, vexp_sum_term(e), V(A(0)));
+    add_exp_term(e, s0, t0, on);
     V wt = fmadd(load_k(t + c, kk, A(0)), keepv, epscv);
     if (HAS_W) wt = wt * load_k(w + c, kk, A(0));
     wt = select(on, wt, V(A(0)));
@@ -432,6 +254,7 @@ inline void block_sums_prob(const T* x, const TT* t, const A* w, int64_t n, A m,
   }
   double sd = double(hsum(s0)), twd_ = double(hsum(d0)), tw_ = double(hsum(w0));
   *sum += sd;
+  *top += double(hsum(count_value(t0)));
   *tw += tw_;
   *twd += twd_;
 }
@@ -452,7 +275,7 @@ int ce_fwd_prob_rows(const CeArgs& a) {
     const T* x = X + n * a.x_sN + s * a.x_sS;
     const TT* t = TG + n * a.t_sN + s * a.t_sS;
     A m = ninf;
-    double sum = 0, tw = 0, twd = 0;
+    double sum = 0, top = 0, tw = 0, twd = 0;
     bool online = true;  // as row_stats_index
     for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
       const int64_t nb = C - c0 < kBlock ? C - c0 : kBlock;
@@ -463,22 +286,23 @@ int ce_fwd_prob_rows(const CeArgs& a) {
       }
       if (bm > m) {
         if (m != ninf) {
-          sum *= std::exp(double(m) - double(bm));
+          sum = (sum + top) * std::exp(double(m) - double(bm));
+          top = 0;
           twd += (double(m) - double(bm)) * tw;
         }
         m = bm;
       }
-      block_sums_prob<T, TT, A, HAS_W, CAP>(x + c0, t + c0, HAS_W ? w + c0 : w, nb, m, k, cap, &sum, &tw, &twd);
+      block_sums_prob<T, TT, A, HAS_W, CAP>(x + c0, t + c0, HAS_W ? w + c0 : w, nb, m, k, cap, &sum, &top, &tw, &twd);
     }
     if (!online) {
       m = cap(block_max<T, A>(x, C));
-      sum = tw = twd = 0;
+      sum = top = tw = twd = 0;
       for (int64_t c0 = 0; c0 < C && m != ninf; c0 += kBlock) {
         const int64_t nb = C - c0 < kBlock ? C - c0 : kBlock;
-        block_sums_prob<T, TT, A, HAS_W, CAP>(x + c0, t + c0, HAS_W ? w + c0 : w, nb, m, k, cap, &sum, &tw, &twd);
+        block_sums_prob<T, TT, A, HAS_W, CAP>(x + c0, t + c0, HAS_W ? w + c0 : w, nb, m, k, cap, &sum, &top, &tw, &twd);
       }
     }
-    const double logsum = std::log(sum);
+    const double logsum = log_sum(sum, top);
     const double lse = double(m) + logsum;
     a.lse[r] = lse;
     loss_out[r] = A(logsum * tw - twd + double(k.z) * lse * lse);
@@ -562,48 +386,8 @@ int ce_bwd_prob_rows(const CeArgs& a) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Tile walk: kU vectors of neighbouring rows (spatial positions) at once, one class at a time. Each
-// lane is a row, so the per-row math (log, expm1, the loss) is vector math too. kU = 2 makes a tile
-// one 64-byte line of fp32 per class.
+// Tile walk (Tile, tile_max, fold / unfold: walk.h).
 // ------------------------------------------------------------------------------------------------
-
-constexpr int kU = 2;
-
-template <class A>
-struct Tile {
-  static constexpr int W = Vec<A>::W;
-  static constexpr int L = kU * W;  // lanes
-  int64_t n, s0;
-  int k;  // live lanes
-  int kv(int u) const {  // live lanes in vector u
-    const int v = k - u * W;
-    return v < 0 ? 0 : (v > W ? W : v);
-  }
-};
-
-template <class A>
-inline Tile<A> tile_at(int64_t tix, int64_t per_n, int64_t S) {
-  Tile<A> t;
-  t.n = tix / per_n;
-  t.s0 = (tix - t.n * per_n) * Tile<A>::L;
-  const int64_t left = S - t.s0;
-  t.k = int(left < Tile<A>::L ? left : Tile<A>::L);
-  return t;
-}
-
-// Adds the lanes of v into acc (fp32 block sums into double running sums).
-template <class A>
-inline void fold(Vec<A> v, double* acc) {
-  A b[Vec<A>::W];
-  v.store(b);
-  for (int j = 0; j < Vec<A>::W; ++j) acc[j] += double(b[j]);
-}
-template <class A>
-inline Vec<A> unfold(const double* acc) {
-  A b[Vec<A>::W];
-  for (int j = 0; j < Vec<A>::W; ++j) b[j] = A(acc[j]);
-  return Vec<A>::load(b);
-}
 
 // lse of the tile's lanes, split as in split_lse.
 template <class A>
@@ -617,33 +401,6 @@ inline void tile_lse(const double* lse, const Tile<A>& tl, int u, Vec<A>* hi, Ve
   *hi = Vec<A>::load(h);
   *lo = Vec<A>::load(l);
   *full = Vec<A>::load(f);
-}
-
-// A tile reads one short run from each of C class planes -- more concurrent streams than the hardware
-// prefetchers follow -- so the first pass over a tile asks for the same runs kPrefetchTiles tiles on.
-constexpr int kPrefetchTiles = 4;
-
-template <class T, class A>
-inline void prefetch_tile_ahead(const T* x, int64_t c, int64_t sC, bool write = false) {
-  const char* p = reinterpret_cast<const char*>(x + c * sC + kPrefetchTiles * Tile<A>::L);
-  if (write)
-    __builtin_prefetch(p, 1, 2);
-  else
-    __builtin_prefetch(p, 0, 2);
-  if (sizeof(T) * Tile<A>::L > 64) __builtin_prefetch(p + 64, write ? 1 : 0, 2);
-}
-
-template <class T, class A, bool CAP>
-inline void tile_max(const T* x, int64_t C, int64_t sC, const Tile<A>& tl, const SoftCap<A, CAP>& cap,
-                     Vec<A>* m) {
-  using V = Vec<A>;
-  for (int u = 0; u < kU; ++u) m[u] = V(-std::numeric_limits<A>::infinity());
-  for (int64_t c = 0; c < C; ++c) {
-    prefetch_tile_ahead<T, A>(x, c, sC);
-    for (int u = 0; u < kU; ++u)
-      if (tl.kv(u)) m[u] = vmax(m[u], load_k(x + c * sC + u * V::W, tl.kv(u), A(0)));
-  }
-  for (int u = 0; u < kU; ++u) m[u] = cap(m[u]);
 }
 
 // Per-lane class-index bookkeeping of a tile: target, its raw logit, its weight, whether the row counts.
@@ -689,21 +446,22 @@ int ce_fwd_index_tiles(const CeArgs& a) {
     const T* x = X + tl.n * a.x_sN + tl.s0;
     V m[kU];
     tile_max<T, A, CAP>(x, C, sC, tl, cap, m);
-    double sum[L] = {}, dsum[L] = {};
+    double sum[L] = {}, top[L] = {}, dsum[L] = {};
     for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
       const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
-      V sv[kU], dv[kU];
-      for (int u = 0; u < kU; ++u) sv[u] = dv[u] = V(A(0));
+      V sv[kU], tv[kU], dv[kU];
+      for (int u = 0; u < kU; ++u) sv[u] = tv[u] = dv[u] = V(A(0));
       for (int64_t c = c0; c < c1; ++c) {
         for (int u = 0; u < kU; ++u) {
           if (!tl.kv(u)) continue;
           const V e = cap(load_k(x + c * sC + u * W, tl.kv(u), A(0))) - m[u];
-          sv[u] = sv[u] + vexp_sum_term(e);
+          add_exp_term(e, sv[u], tv[u]);
           if (SMOOTH) dv[u] = HAS_W ? fmadd(V(w[c]), e, dv[u]) : dv[u] + e;
         }
       }
       for (int u = 0; u < kU; ++u) {
         fold(sv[u], sum + u * W);
+        fold(count_value(tv[u]), top + u * W);
         if (SMOOTH) fold(dv[u], dsum + u * W);
       }
     }
@@ -712,7 +470,7 @@ int ce_fwd_index_tiles(const CeArgs& a) {
     for (int u = 0; u < kU; ++u) {
       const int kv = tl.kv(u);
       if (!kv) continue;
-      const V logsum = vlog(unfold<A>(sum + u * W));
+      const V logsum = log_sum(unfold<A>(sum + u * W), unfold<A>(top + u * W));
       const int64_t r0 = tl.n * S + tl.s0 + u * W;
       A mb[W], lb[W];
       m[u].store(mb);
@@ -835,17 +593,17 @@ int ce_fwd_prob_tiles(const CeArgs& a) {
     const TT* t = TG + tl.n * a.t_sN + tl.s0;
     V m[kU];
     tile_max<T, A, CAP>(x, C, sC, tl, cap, m);
-    double sum[L] = {}, tw[L] = {}, twd[L] = {};
+    double sum[L] = {}, top[L] = {}, tw[L] = {}, twd[L] = {};
     for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
       const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
-      V sv[kU], wv[kU], dv[kU];
-      for (int u = 0; u < kU; ++u) sv[u] = wv[u] = dv[u] = V(A(0));
+      V sv[kU], tv[kU], wv[kU], dv[kU];
+      for (int u = 0; u < kU; ++u) sv[u] = tv[u] = wv[u] = dv[u] = V(A(0));
       for (int64_t c = c0; c < c1; ++c) {
         for (int u = 0; u < kU; ++u) {
           const int kv = tl.kv(u);
           if (!kv) continue;
           const V e = cap(load_k(x + c * sC + u * W, kv, A(0))) - m[u];
-          sv[u] = sv[u] + vexp_sum_term(e);
+          add_exp_term(e, sv[u], tv[u]);
           V wt = fmadd(load_k(t + c * tsC + u * W, kv, A(0)), V(k.keep), V(k.eps_c));
           if (HAS_W) wt = wt * V(w[c]);
           wv[u] = wv[u] + wt;
@@ -854,6 +612,7 @@ int ce_fwd_prob_tiles(const CeArgs& a) {
       }
       for (int u = 0; u < kU; ++u) {
         fold(sv[u], sum + u * W);
+        fold(count_value(tv[u]), top + u * W);
         fold(wv[u], tw + u * W);
         fold(dv[u], twd + u * W);
       }
@@ -864,7 +623,7 @@ int ce_fwd_prob_tiles(const CeArgs& a) {
       const int64_t r0 = tl.n * S + tl.s0 + u * W;
       A mb[W], lb[W];
       m[u].store(mb);
-      vlog(unfold<A>(sum + u * W)).store(lb);
+      log_sum(unfold<A>(sum + u * W), unfold<A>(top + u * W)).store(lb);
       for (int j = 0; j < kv; ++j) {
         const int l = u * W + j;
         const double logsum = double(lb[j]);

@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <optional>
+
 #include "common.h"
 
 namespace lossfuse {
@@ -29,6 +31,39 @@ size_t cache_bytes();
 size_t cache_limit();
 void set_cache_limit(size_t bytes);
 void empty_cache();
+
+// (N, C, S) layouts of the softmax-family kernels (walk.h): walked along the classes (class stride 1)
+// or across neighbouring rows (spatial stride 1). empty_like_layout in lossfuse/ops/cross_entropy.py
+// gives the fake kernels the same strides: keep the two in step.
+inline bool walks_classes(const at::Tensor& x3) { return x3.size(1) == 1 || x3.stride(1) == 1; }
+
+// An (N, C, S) output laid out the way the kernels walk x3.
+inline at::Tensor empty_walk_layout(const at::Tensor& x3, at::ScalarType dtype) {
+  const int64_t N = x3.size(0), C = x3.size(1), S = x3.size(2);
+  const auto opts = x3.options().dtype(dtype);
+  if (walks_classes(x3)) return empty_output({N, S, C}, opts).transpose(1, 2);
+  return empty_output({N, C, S}, opts);
+}
+
+// Logits in a layout the kernels walk in place; anything else is copied once.
+inline at::Tensor walkable_input(const at::Tensor& x3) {
+  if (walks_classes(x3) || x3.size(2) == 1 || x3.stride(2) == 1) return x3;
+  return x3.contiguous();
+}
+
+// The kernels only flag that some class index was bad; name the first one, as torch does: a value
+// outside [0, upper) that is not `ignore_index` (when there is one).
+[[noreturn]] inline void report_bad_target(const at::Tensor& y, int64_t upper, std::optional<int64_t> ignore_index,
+                                           const char* op) {
+  const at::Tensor yc = y.contiguous();
+  const int64_t* p = yc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < yc.numel(); ++i) {
+    const int64_t v = p[i];
+    if (ignore_index && v == *ignore_index) continue;
+    if (v < 0 || v >= upper) TORCH_CHECK_INDEX(false, "Target ", v, " is out of bounds.");
+  }
+  TORCH_CHECK(false, op, ": a target is out of bounds");
+}
 
 // Streaming (non-temporal) stores pay off for outputs far larger than the caches.
 constexpr size_t kStreamBytes = size_t(32) << 20;

@@ -358,6 +358,34 @@ def test_confident_prediction_keeps_small_gradient():
     assert_close(x.grad, xd.grad, torch.float32, "grad")
 
 
+def confident_rows(shape, gen=None):
+    """Logits whose target holds the row max by a margin of ~9 or more: losses of 1e-6 .. 1e-3, with
+    a few rows of ties (every logit equal: the loss is log C) and one row of two maxima."""
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    n, c = shape[0], shape[1]
+    y = torch.randint(0, c, (n,) + tuple(shape[2:]), generator=gen)
+    x.scatter_(1, y.unsqueeze(1), 18.0)
+    x[0] = 5.0
+    x[1].select(0, (int(y.view(n, -1)[1, 0]) + 1) % c).fill_(18.0)
+    return x.float(), y
+
+
+@pytest.mark.parametrize("prob", [False, True])
+@pytest.mark.parametrize("shape", [(37, 19), (600, 23), (37, 1000), (4, 37, 20)], ids=str)
+def test_confident_rows_keep_their_tiny_loss(shape, prob):
+    """A confident prediction's loss log(1 + sum_{c != y} e^(x_c - x_y)) ~ 1e-6 to float32 precision
+    (relative 1e-6), where 1 + rest summed in float32 keeps only its rounding: torch's float32 kernels
+    miss such losses by up to 50%. Covers the row walk, short rows retiled, and the spatial tile walk."""
+    cpu_kernels_or_skip()
+    x, y = confident_rows(shape)
+    t = F.one_hot(y, shape[1]).movedim(-1, 1).float() if prob else y
+    ref = F.cross_entropy(x.double(), t.double() if prob else t, reduction="none")
+    out = lossfuse.cross_entropy(x, t, reduction="none", backend="cpu")
+    assert ref.min() < 1e-3  # the case is there
+    rel = ((out.double() - ref) / ref).abs().max().item()
+    assert rel < 4e-6, f"worst relative error {rel:.3g}"
+
+
 # ------------------------------------------------------------------------------------------------
 # Mixed precision: the loss scale is applied before the single cast
 # ------------------------------------------------------------------------------------------------

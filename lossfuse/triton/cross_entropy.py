@@ -82,6 +82,15 @@ def _expm1(d):
 
 
 @triton.jit
+def _log1p(u):
+    """log(1 + u), exact for tiny u (Triton has no log1p): log(w) * u / (w - 1) with w = 1 + u
+    cancels w's rounding (Goldberg's trick). u = -1 gives -inf, as log(0)."""
+    w = 1.0 + u
+    safe = (w != 1.0) & (w != float("inf"))
+    return tl.where(safe, tl.log(w) * (u / tl.where(safe, w - 1.0, 1.0)), tl.where(w == 1.0, u, tl.log(w)))
+
+
+@triton.jit
 def _tanh(u):
     """tanh(u) = expm1(2u) / (expm1(2u) + 2), no cancellation near 0; |u| clamped at 9 (tanh is +-1
     there in fp32, and expm1 would overflow)."""
@@ -128,10 +137,13 @@ def _ce_fwd_kernel(
 
     # Running statistics relative to a finite shift `ref`: the running max once one is finite, 0
     # before (a row whose first chunks are all -inf, a masked vocabulary, would otherwise compute
-    # -inf - -inf = NaN). `m` is the true running max and only rescales sum_exp.
+    # -inf - -inf = NaN). `m` is the true running max and only rescales the sums.
     m = tl.full([BLOCK_R], _NEG_INF, ACC)
     ref = tl.zeros([BLOCK_R], ACC)
-    sum_exp = tl.zeros([BLOCK_R], ACC)  # sum_c exp(x_c - ref)
+    # sum_c exp(x_c - ref) as rest + top: top counts the terms at the max (exactly 1 each), rest sums
+    # the others, so a confident row's log-sum is log1p(rest), not the rounding of 1 + rest.
+    rest = tl.zeros([BLOCK_R], ACC)
+    top = tl.zeros([BLOCK_R], ACC)
     acc_w = tl.zeros([BLOCK_R], ACC)  # sum_c w_c (smoothing) or sum_c w_c t'_c (probabilities)
     acc_wd = tl.zeros([BLOCK_R], ACC)  # the same weights times (x_c - ref)
     for c0 in range(0, C, BLOCK_C):
@@ -146,7 +158,11 @@ def _ce_fwd_kernel(
         e = x - ref_new[:, None]  # masked lanes: -inf, exp -> 0
         # m - ref_new, not ref - ref_new: while m is -inf the sum is 0 and must stay 0 (exp(-inf) = 0),
         # where exp(0 - ref_new) could overflow to inf and make 0 * inf = NaN.
-        sum_exp = sum_exp * tl.exp(m - ref_new) + tl.sum(tl.exp(e), axis=1)
+        scale = tl.exp(m - ref_new)
+        grown = m_new > m  # the old max's terms join the rest: e^(m - m_new) < 1 now
+        at_max = e == 0.0
+        rest = rest * scale + tl.where(grown, top * scale, 0.0) + tl.sum(tl.where(at_max, 0.0, tl.exp(e)), axis=1)
+        top = tl.where(grown, 0.0, top) + tl.sum(tl.where(at_max, 1.0, 0.0), axis=1)
         if PROB_TARGET:
             t = tl.load(t_row[:, None] + cols[None, :] * t_sC, mask=mask, other=0.0).to(ACC)
             wt = t * keep + eps_c
@@ -167,7 +183,7 @@ def _ce_fwd_kernel(
         m = m_new
         ref = ref_new
 
-    logsum = tl.log(tl.where(row_ok, sum_exp, 1.0))  # (rows past the end: no log(0))
+    logsum = _log1p(tl.where(row_ok, rest + (top - 1.0), 0.0))  # (rows past the end: no log(0))
     lse = ref + logsum
     lse64 = ref.to(tl.float64) + logsum.to(tl.float64)  # exact: the pair, not its fp32 rounding
     if PROB_TARGET:

@@ -1,0 +1,289 @@
+// The row and tile walks shared by the softmax-family CPU kernels (cross-entropy, softmax focal): the
+// online log-sum-exp of a row, the tile of neighbouring rows, and small load/store helpers. Pasted into
+// each instruction-set namespace by the kernel headers that include it, like vec.h (no include guard, no
+// system #include: see isa_instantiate.h); a translation unit includes at most one such kernel header.
+// Nothing here knows a loss's arguments.
+//
+// Logits are (N, C, S) with arbitrary strides; row r = n * S + s. Two walk orders:
+//   rows:  class stride 1 ((N, C), channels-last) -- vectorised along the classes of one row;
+//   tiles: spatial stride 1 ((N, C, H, W))        -- vectorised across 2 x W neighbouring rows, so
+//          the usual segmentation layout is read in place instead of through a transposed copy.
+// Every sum is in fp32 lanes (fp64 for double) folded into a double every kBlock elements, so a
+// 256k-class row keeps the rounding error of a 4k-class one.
+
+constexpr int64_t kBlock = 4096;
+
+template <class T, class A>
+inline Vec<A> load_k(const T* p, int k, A fill) {
+  return k == Vec<A>::W ? Vec<A>::load(p) : Vec<A>::load_partial(p, k, fill);
+}
+template <class T, class A>
+inline void store_k(Vec<A> v, T* p, int k) {
+  if (k == Vec<A>::W)
+    v.store(p);
+  else
+    v.store_partial(p, k);
+}
+
+template <class F>
+inline int with_bool(bool b, F&& f) {
+  return b ? f(std::true_type{}) : f(std::false_type{});
+}
+
+inline void flag_bad(int* bad) { __atomic_store_n(bad, 1, __ATOMIC_RELAXED); }
+
+// Logit soft-capping x -> cap * tanh(x / cap), and its derivative 1 - tanh^2, when CAP.
+template <class A, bool CAP>
+struct SoftCap {
+  using V = Vec<A>;
+  A cap, inv;
+  explicit SoftCap(double c) : cap(A(c)), inv(CAP ? A(1) / A(c) : A(0)) {}
+  V operator()(V x) const { return CAP ? V(cap) * vtanh(x * V(inv)) : x; }
+  A operator()(A x) const { return CAP ? cap * stanh(x * inv) : x; }
+  // x' and d x'/d x
+  void with_slope(V x, V& xc, V& slope) const {
+    if (CAP) {
+      const V t = vtanh(x * V(inv));
+      xc = V(cap) * t;
+      slope = fnmadd(t, t, V(A(1)));
+    } else {
+      xc = x;
+    }
+  }
+  A slope(A x) const {
+    if (!CAP) return A(1);
+    const A t = stanh(x * inv);
+    return A(1) - t * t;
+  }
+};
+
+// Runs `pass(exp_fn)` with the fast exp, and again with the exact one if some lane underflowed below
+// the normal range -- rare (logits spread by more than 87), and then those outputs must hold the
+// true subnormal or zero values.
+template <class V, class Pass>
+inline void with_exact_redo(Pass&& pass) {
+  auto oob = mask_none(V());
+  pass([&](V e) { return vexp_normal(e, oob); });
+  if (mask_any(oob)) pass([](V e) { return vexp(e); });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Row walk: one row at a time, vectorised along classes.
+// ------------------------------------------------------------------------------------------------
+
+template <class T, class A>
+inline A block_max(const T* x, int64_t n) {
+  using V = Vec<A>;
+  constexpr int W = V::W;
+  const A ninf = -std::numeric_limits<A>::infinity();
+  V m0(ninf), m1(ninf), m2(ninf), m3(ninf);
+  int64_t c = 0;
+  for (; c + 4 * W <= n; c += 4 * W) {
+    m0 = vmax(m0, V::load(x + c));
+    m1 = vmax(m1, V::load(x + c + W));
+    m2 = vmax(m2, V::load(x + c + 2 * W));
+    m3 = vmax(m3, V::load(x + c + 3 * W));
+  }
+  for (; c + W <= n; c += W) m0 = vmax(m0, V::load(x + c));
+  A m = hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
+  for (; c < n; ++c) {
+    const A v = to_acc<A>(x[c]);
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+// Softmax denominators are kept as (rest, top): top counts the terms at the row max (x = m, whose
+// exp is exactly 1) and rest sums the others. A confident row's log-sum is then
+// log1p(rest + (top - 1)) = log1p(rest), exact to its last bit, where 1 + rest summed in fp32 lanes
+// would keep only the rounding of the 1: its tiny loss (say 1e-6) would come out with a relative
+// error of 10% -- as in torch's fp32 kernels, but not here.
+template <class V>
+inline void add_exp_term(V e, V& rest, V& top) {
+  const auto at_max = cmp_eq(e, V(0));
+  rest = rest + zero_where(at_max, vexp_sum_term(e));
+  top = count_add(top, at_max);  // an integer count in the lanes' bits: read with count_value
+}
+// The same for the lanes `on` only (a partial vector; the others may hold anything, even e = 0).
+template <class V>
+inline void add_exp_term(V e, V& rest, V& top, typename V::Mask on) {
+  const auto at_max = mask_and(on, cmp_eq(e, V(0)));
+  rest = rest + zero_where(at_max, select(on, vexp_sum_term(e), V(0)));
+  top = count_add(top, at_max);
+}
+// log(top + rest) as above: no top (a row of -inf: rest = 0 too) gives log1p(-1) = -inf, as log(0).
+inline double log_sum(double rest, double top) { return std::log1p(rest + (top - 1.0)); }
+template <class V>
+inline V log_sum(V rest, V top) {
+  return vlog1p(rest + (top - V(1)));
+}
+
+// Sums over one block relative to the (capped) max m: exp(x' - m) as (rest, top) and, with SMOOTH, w_c (x'_c - m)
+// and w_c.
+template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
+inline void block_sums_index(const T* x, const A* w, int64_t n, A m, const SoftCap<A, CAP>& cap, double* sum,
+                             double* top, double* d, double* ws) {
+  using V = Vec<A>;
+  constexpr int W = V::W;
+  const V mv(m);
+  V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0)), t0(A(0)), d0(A(0)), d1(A(0)), w0(A(0));
+  int64_t c = 0;
+  for (; c + 4 * W <= n; c += 4 * W) {
+    // Pull the next block towards L2 while this one is summed from L1: the memory reads and the exp
+    // arithmetic then overlap instead of taking turns (x + kBlock past the row end is the next row).
+    __builtin_prefetch(x + c + kBlock, 0, 2);
+    __builtin_prefetch(reinterpret_cast<const char*>(x + c + kBlock) + 64, 0, 2);
+    const V e0 = cap(V::load(x + c)) - mv, e1 = cap(V::load(x + c + W)) - mv;
+    const V e2 = cap(V::load(x + c + 2 * W)) - mv, e3 = cap(V::load(x + c + 3 * W)) - mv;
+    add_exp_term(e0, s0, t0);
+    add_exp_term(e1, s1, t0);
+    add_exp_term(e2, s2, t0);
+    add_exp_term(e3, s3, t0);
+    if (SMOOTH) {
+      if (HAS_W) {
+        const V wa = V::load(w + c), wb = V::load(w + c + W), wc = V::load(w + c + 2 * W), wd = V::load(w + c + 3 * W);
+        d0 = fmadd(wa, e0, fmadd(wc, e2, d0));
+        d1 = fmadd(wb, e1, fmadd(wd, e3, d1));
+        w0 = w0 + ((wa + wb) + (wc + wd));
+      } else {
+        d0 = d0 + (e0 + e2);
+        d1 = d1 + (e1 + e3);
+      }
+    }
+  }
+  // The rest in single vectors, the last one partial: short rows (C = 10 .. 100) would otherwise
+  // spend most of their time in scalar exp calls.
+  for (; c < n; c += W) {
+    const int k = n - c < W ? int(n - c) : W;
+    const typename V::Mask on = V::first(k);
+    const V e = cap(load_k(x + c, k, A(0))) - mv;
+    add_exp_term(e, s0, t0, on);
+    if (SMOOTH) {
+      const V wv = HAS_W ? load_k(w + c, k, A(0)) : V(A(1));
+      d0 = d0 + select(on, wv * e, V(A(0)));
+      if (HAS_W) w0 = w0 + select(on, wv, V(A(0)));
+    }
+  }
+  double sd = double(hsum((s0 + s1) + (s2 + s3))), dd = double(hsum(d0 + d1));
+  double wd = HAS_W ? double(hsum(w0)) : double(n);
+  *sum += sd;
+  *top += double(hsum(count_value(t0)));
+  *d += dd;
+  *ws += wd;
+}
+
+// log-sum-exp statistics of one row in a single pass over memory: each kBlock-class block is read
+// from memory once for its max and again from L1 for its sums, which are rescaled whenever the
+// running max grows (online softmax). Returns the (capped) max m, log sum_c exp(x'_c - m) and, with
+// SMOOTH, sum_c w_c (x'_c - m). A block that is all -inf (masked vocabulary) would make x - m
+// undefined while m is still -inf, so such rows take the plain two passes. tanh is increasing, so the
+// capped max is the cap of the raw max.
+template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
+inline void row_stats_index(const T* x, const A* w, int64_t C, const SoftCap<A, CAP>& cap, A* m_out,
+                            double* logsum_out, double* d_out) {
+  const A ninf = -std::numeric_limits<A>::infinity();
+  A m = ninf;
+  double sum = 0, top = 0, d = 0, ws = 0;
+  bool online = true;
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
+    const A bm = cap(block_max<T, A>(x + c0, n));
+    if (bm == ninf) {
+      online = false;
+      break;
+    }
+    if (bm > m) {
+      if (m != ninf) {
+        // The old max's terms join the rest: e^(m - bm) < 1 now.
+        sum = (sum + top) * std::exp(double(m) - double(bm));
+        top = 0;
+        if (SMOOTH) d += (double(m) - double(bm)) * ws;
+      }
+      m = bm;
+    }
+    block_sums_index<T, A, HAS_W, SMOOTH, CAP>(x + c0, HAS_W ? w + c0 : w, n, m, cap, &sum, &top, &d, &ws);
+  }
+  if (!online) {
+    m = cap(block_max<T, A>(x, C));
+    sum = top = d = ws = 0;
+    // A row of only -inf has lse = -inf (as torch.logsumexp); its loss is NaN either way, as torch's.
+    for (int64_t c0 = 0; c0 < C && m != ninf; c0 += kBlock) {
+      const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
+      block_sums_index<T, A, HAS_W, SMOOTH, CAP>(x + c0, HAS_W ? w + c0 : w, n, m, cap, &sum, &top, &d, &ws);
+    }
+  }
+  *m_out = m;
+  *logsum_out = log_sum(sum, top);
+  *d_out = d;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tile walk: kU vectors of neighbouring rows (spatial positions) at once, one class at a time. Each
+// lane is a row, so the per-row math (log, expm1, the loss) is vector math too. kU = 2 makes a tile
+// one 64-byte line of fp32 per class.
+// ------------------------------------------------------------------------------------------------
+
+constexpr int kU = 2;
+
+template <class A>
+struct Tile {
+  static constexpr int W = Vec<A>::W;
+  static constexpr int L = kU * W;  // lanes
+  int64_t n, s0;
+  int k;  // live lanes
+  int kv(int u) const {  // live lanes in vector u
+    const int v = k - u * W;
+    return v < 0 ? 0 : (v > W ? W : v);
+  }
+};
+
+template <class A>
+inline Tile<A> tile_at(int64_t tix, int64_t per_n, int64_t S) {
+  Tile<A> t;
+  t.n = tix / per_n;
+  t.s0 = (tix - t.n * per_n) * Tile<A>::L;
+  const int64_t left = S - t.s0;
+  t.k = int(left < Tile<A>::L ? left : Tile<A>::L);
+  return t;
+}
+
+// Adds the lanes of v into acc (fp32 block sums into double running sums).
+template <class A>
+inline void fold(Vec<A> v, double* acc) {
+  A b[Vec<A>::W];
+  v.store(b);
+  for (int j = 0; j < Vec<A>::W; ++j) acc[j] += double(b[j]);
+}
+template <class A>
+inline Vec<A> unfold(const double* acc) {
+  A b[Vec<A>::W];
+  for (int j = 0; j < Vec<A>::W; ++j) b[j] = A(acc[j]);
+  return Vec<A>::load(b);
+}
+
+// A tile reads one short run from each of C class planes -- more concurrent streams than the hardware
+// prefetchers follow -- so the first pass over a tile asks for the same runs kPrefetchTiles tiles on.
+constexpr int kPrefetchTiles = 4;
+
+template <class T, class A>
+inline void prefetch_tile_ahead(const T* x, int64_t c, int64_t sC, bool write = false) {
+  const char* p = reinterpret_cast<const char*>(x + c * sC + kPrefetchTiles * Tile<A>::L);
+  if (write)
+    __builtin_prefetch(p, 1, 2);
+  else
+    __builtin_prefetch(p, 0, 2);
+  if (sizeof(T) * Tile<A>::L > 64) __builtin_prefetch(p + 64, write ? 1 : 0, 2);
+}
+
+template <class T, class A, bool CAP>
+inline void tile_max(const T* x, int64_t C, int64_t sC, const Tile<A>& tl, const SoftCap<A, CAP>& cap,
+                     Vec<A>* m) {
+  using V = Vec<A>;
+  for (int u = 0; u < kU; ++u) m[u] = V(-std::numeric_limits<A>::infinity());
+  for (int64_t c = 0; c < C; ++c) {
+    prefetch_tile_ahead<T, A>(x, c, sC);
+    for (int u = 0; u < kU; ++u)
+      if (tl.kv(u)) m[u] = vmax(m[u], load_k(x + c * sC + u * V::W, tl.kv(u), A(0)));
+  }
+  for (int u = 0; u < kU; ++u) m[u] = cap(m[u]);
+}

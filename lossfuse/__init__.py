@@ -5,14 +5,30 @@ Drop-in replacements for torch's losses: same signatures, same results, less tim
     import lossfuse
     criterion = lossfuse.CrossEntropyLoss()          # was torch.nn.CrossEntropyLoss()
     loss = lossfuse.cross_entropy(logits, target)    # was torch.nn.functional.cross_entropy
+    loss = lossfuse.sigmoid_focal_loss(logits, targets, reduction="mean")  # was torchvision.ops.sigmoid_focal_loss
 """
 
 from ._version import __version__
 from . import ops  # noqa: F401  (defines the lossfuse:: custom ops; loads lossfuse._C)
 from ._backend import available_backends, cpu_kernels_available
-from .functional import cross_entropy, huber_loss, linear_cross_entropy, smooth_l1_loss
-from .modules import CrossEntropyLoss, HuberLoss, LinearCrossEntropyLoss, SmoothL1Loss
+from .functional import (
+    cross_entropy,
+    huber_loss,
+    linear_cross_entropy,
+    sigmoid_focal_loss,
+    smooth_l1_loss,
+    softmax_focal_loss,
+)
+from .modules import (
+    CrossEntropyLoss,
+    HuberLoss,
+    LinearCrossEntropyLoss,
+    SigmoidFocalLoss,
+    SmoothL1Loss,
+    SoftmaxFocalLoss,
+)
 from .ops.cross_entropy import CrossEntropyFunction
+from .ops.focal import SigmoidFocalFunction, SoftmaxFocalFunction
 from .ops.huber import HuberFunction
 from .ops.linear_cross_entropy import LinearCrossEntropyFunction
 
@@ -31,6 +47,12 @@ __all__ = [
     "HuberLoss",
     "SmoothL1Loss",
     "HuberFunction",
+    "sigmoid_focal_loss",
+    "softmax_focal_loss",
+    "SigmoidFocalLoss",
+    "SoftmaxFocalLoss",
+    "SigmoidFocalFunction",
+    "SoftmaxFocalFunction",
 ]
 
 

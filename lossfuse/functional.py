@@ -25,8 +25,16 @@ from ._utils import (
 from .ops import huber as _huber
 from .ops.cross_entropy import CrossEntropyFunction
 from .ops.linear_cross_entropy import LinearCrossEntropyFunction, default_chunk_size
+from .ops.focal import SigmoidFocalFunction, SoftmaxFocalFunction, fused_gradient
 
-__all__ = ["cross_entropy", "huber_loss", "linear_cross_entropy", "smooth_l1_loss"]
+__all__ = [
+    "cross_entropy",
+    "huber_loss",
+    "linear_cross_entropy",
+    "sigmoid_focal_loss",
+    "smooth_l1_loss",
+    "softmax_focal_loss",
+]
 
 # torch's names for scalar types, as its error messages print them.
 _TORCH_TYPE_NAMES = {
@@ -394,3 +402,143 @@ def smooth_l1_loss(
         y = _storage(target, x.dtype).expand(x.shape)
     mode = _huber.L1 if l1 else _huber.SMOOTH_L1
     return _huber.HuberFunction.apply(x, y, None, mode, float(beta), reduction, out_dtype, backend)
+
+
+def _check_gamma(name: str, gamma) -> None:
+    if not gamma >= 0:  # NaN fails too
+        raise ValueError(f"{name}: gamma must be >= 0; got {gamma}")
+
+
+def _check_alpha_value(name: str, alpha, negative_disables: bool) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"{name}: alpha must be a float; got {type(alpha).__name__}")
+    if negative_disables and alpha < 0:
+        return
+    if not 0 <= alpha <= 1:
+        hint = " (a negative alpha disables the alpha term)" if negative_disables else ""
+        raise ValueError(f"{name}: alpha must be in [0, 1]{hint}; got {alpha}")
+
+
+def sigmoid_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused sigmoid focal loss (RetinaNet); same arguments and results as
+    :func:`torchvision.ops.sigmoid_focal_loss`, without its NaN gradients at saturated logits.
+
+    ``inputs`` are logits of any shape (float32/64, float16, bfloat16). ``targets`` is either a float
+    tensor of the same shape (binary labels or soft targets in [0, 1]) or, for ``(N, C)`` inputs, an
+    int64 tensor of ``N`` class indices in ``[0, C]``, index ``C`` meaning background (every class
+    negative): the kernels then never build the one-hot. Both forms give the same result.
+    ``alpha`` in [0, 1] weights positives (``alpha * t + (1 - alpha) * (1 - t)``); a negative alpha
+    disables it. ``gamma >= 0``. ``reduction``: ``"none"`` | ``"mean"`` | ``"sum"``.
+
+    Float targets that require grad are differentiated through the reference backend (torchvision's
+    formula in plain PyTorch); the kernels compute the gradient of ``inputs`` only.
+    """
+    name = "sigmoid_focal_loss"
+    check_reduction(reduction)
+    _backend.check_backend_name(backend)
+    check_float_input(name, inputs, "inputs")
+    _check_gamma(name, gamma)
+    _check_alpha_value(name, alpha, negative_disables=True)
+    check_same_device(name, inputs, targets)
+    index = not targets.is_floating_point()
+    if not index:
+        if targets.shape != inputs.shape:  # torch's binary_cross_entropy_with_logits message
+            raise ValueError(f"Target size ({targets.size()}) must be the same as input size ({inputs.size()})")
+    elif targets.dtype != torch.int64:
+        raise RuntimeError(
+            f"{name}: targets must be floating point (the inputs' shape) or int64 class indices of shape "
+            f"(N,); got {_type_name(targets.dtype)}"
+        )
+    elif inputs.dim() != 2 or targets.dim() != 1 or targets.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"{name}: int64 class-index targets must have shape (N,) for inputs of shape (N, C); got "
+            f"inputs of shape {list(inputs.shape)} and targets of shape {list(targets.shape)}"
+        )
+
+    backend = _backend.resolve(backend, inputs.device)
+    if backend == "reference" or (not index and targets.requires_grad and torch.is_grad_enabled()):
+        return reference.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
+    if index:
+        num_classes = inputs.shape[1]
+        if inputs.device.type == "cuda":
+            ok = (targets >= 0) & (targets <= num_classes)
+            torch._assert_async(ok.all(), f"{name}: a class index is out of bounds [0, C]")
+        elif backend != "cpu":  # the C++ kernels check the indices themselves
+            reference.check_targets_in_range(targets, num_classes + 1)
+    fused = fused_gradient(backend, reduction, inputs)
+    return SigmoidFocalFunction.apply(inputs, targets, float(alpha), float(gamma), reduction, backend, fused)
+
+
+def _check_focal_alpha_tensor(name: str, alpha: torch.Tensor, num_classes: int) -> None:
+    if not alpha.is_floating_point():
+        raise RuntimeError(f"{name}: alpha must be a floating-point tensor; got {alpha.dtype}")
+    if alpha.dim() != 1 or alpha.numel() != num_classes:
+        raise ValueError(
+            f"{name}: a per-class alpha must have one value for each of the {num_classes} classes; got "
+            f"alpha of shape {list(alpha.shape)}"
+        )
+    outside = (alpha < 0) | (alpha > 1) | torch.isnan(alpha)
+    if alpha.device.type == "cuda" or torch.compiler.is_compiling():  # no host sync / graph break
+        torch._assert_async(~outside.any(), f"{name}: alpha values must be in [0, 1]")
+    elif bool(outside.any()):
+        raise ValueError(f"{name}: alpha values must be in [0, 1]; got {alpha[outside][0].item()}")
+
+
+def softmax_focal_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float | torch.Tensor | None = None,
+    gamma: float = 2.0,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused multi-class (softmax) focal loss:
+    ``loss_n = alpha_y * w_y * (1 - p_y)**gamma * (-log p_y)``, ``p = softmax(input)`` over dim 1.
+
+    ``input`` is ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` logits, ``target`` class indices
+    (int64 or uint8), ``weight`` per-class weights and ``ignore_index`` exactly as in
+    :func:`torch.nn.functional.cross_entropy`. ``alpha``: None (1), a float in [0, 1], or a length-C
+    tensor of per-class values in [0, 1]. ``gamma >= 0``. ``reduction="mean"`` divides by the summed
+    weight of the targets not ignored, so ``gamma=0, alpha=None`` is exactly
+    :func:`lossfuse.cross_entropy`.
+    """
+    name = "softmax_focal_loss"
+    check_reduction(reduction)
+    _backend.check_backend_name(backend)
+    check_float_input(name, input)
+    _check_gamma(name, gamma)
+    alpha_tensor = torch.is_tensor(alpha)
+    if alpha is not None and not alpha_tensor:
+        _check_alpha_value(name, alpha, negative_disables=False)
+    check_same_device(name, input, target, weight, alpha if alpha_tensor else None)
+    if input.dim() == 0:
+        raise RuntimeError(f"{name}: input must have a class dimension; got a 0-dim tensor")
+    num_classes = input.shape[0 if input.dim() == 1 else 1]
+    _check_class_index_target(input, target)
+    _check_class_weight(weight, num_classes)
+    if alpha_tensor:
+        _check_focal_alpha_tensor(name, alpha, num_classes)
+
+    backend = _backend.resolve(backend, input.device)
+    if backend == "reference":
+        return reference.softmax_focal_loss(input, target, alpha, gamma, weight, ignore_index, reduction)
+    if input.device.type == "cuda":
+        ok = ((target >= 0) & (target < num_classes)) | (target == ignore_index)
+        torch._assert_async(ok.all(), f"{name}: a target is out of bounds [0, C)")
+    elif backend != "cpu":  # the C++ kernels check targets themselves
+        reference.check_targets_in_range(target, num_classes, ignore_index)
+    fused = fused_gradient(backend, reduction, input)
+    return SoftmaxFocalFunction.apply(
+        input, target, alpha, float(gamma), weight, ignore_index, reduction, backend, fused
+    )

@@ -7,8 +7,16 @@ from __future__ import annotations
 import torch
 
 from . import _backend, functional
+from ._utils import check_reduction
 
-__all__ = ["CrossEntropyLoss", "HuberLoss", "LinearCrossEntropyLoss", "SmoothL1Loss"]
+__all__ = [
+    "CrossEntropyLoss",
+    "HuberLoss",
+    "LinearCrossEntropyLoss",
+    "SigmoidFocalLoss",
+    "SmoothL1Loss",
+    "SoftmaxFocalLoss",
+]
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -134,3 +142,75 @@ class SmoothL1Loss(torch.nn.SmoothL1Loss):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
+
+
+class SigmoidFocalLoss(torch.nn.Module):
+    """Module form of :func:`lossfuse.sigmoid_focal_loss` (torchvision has only the function).
+
+    Note the default ``reduction="mean"``, the usual choice for a criterion (the function's default is
+    torchvision's ``"none"``). Arguments are checked here, at construction.
+    """
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "mean", *, backend: str = "auto"):
+        super().__init__()
+        check_reduction(reduction)
+        functional._check_gamma("SigmoidFocalLoss", gamma)
+        functional._check_alpha_value("SigmoidFocalLoss", alpha, negative_disables=True)
+        _backend.check_backend_name(backend)
+        self.alpha = float(alpha)
+        self.gamma = float(gamma)
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return functional.sigmoid_focal_loss(
+            inputs, targets, alpha=self.alpha, gamma=self.gamma, reduction=self.reduction, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class SoftmaxFocalLoss(torch.nn.Module):
+    """Module form of :func:`lossfuse.softmax_focal_loss`. ``weight`` and a per-class ``alpha`` tensor
+    are buffers (they move with ``.to()`` and are saved in the ``state_dict``), as
+    :class:`torch.nn.CrossEntropyLoss` keeps its weight."""
+
+    def __init__(
+        self,
+        alpha: float | torch.Tensor | None = None,
+        gamma: float = 2.0,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        name = "SoftmaxFocalLoss"
+        check_reduction(reduction)
+        functional._check_gamma(name, gamma)
+        if alpha is not None and not torch.is_tensor(alpha):
+            functional._check_alpha_value(name, alpha, negative_disables=False)
+            alpha = float(alpha)
+        _backend.check_backend_name(backend)
+        self.register_buffer("weight", weight)
+        if torch.is_tensor(alpha):
+            self.register_buffer("alpha", alpha)
+        else:
+            self.alpha = alpha
+        self.gamma = float(gamma)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return functional.softmax_focal_loss(
+            input, target, alpha=self.alpha, gamma=self.gamma, weight=self.weight,
+            ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        alpha = "tensor" if torch.is_tensor(self.alpha) else self.alpha
+        return (f"alpha={alpha}, gamma={self.gamma}, ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")

@@ -29,9 +29,11 @@ def _log_sum_exp(x: torch.Tensor, dim: int) -> torch.Tensor:
     return m + torch.log(torch.exp(x - m).sum(dim, keepdim=True))
 
 
-def check_targets_in_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+def check_targets_in_range(target: torch.Tensor, num_classes: int, ignore_index: int | None = None) -> None:
     """torch's "Target 7 is out of bounds." for class indices outside [0, C) that are not ignored."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    bad = (target < 0) | (target >= num_classes)
+    if ignore_index is not None:
+        bad &= target != ignore_index
     if bool(bad.any()):
         raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
 
@@ -105,7 +107,6 @@ def cross_entropy(
         out = rows.sum() / torch.where(keep, wy, 0).sum()
     out = out.to(result_dtype(input.dtype, input.device))
     return (out, lse_out) if return_lse else out
-    return out.to(result_dtype(input.dtype, input.device))
 
 
 def _robust_elementwise(input, target, weight, reduction, threshold, mode, out_dtype):
@@ -160,3 +161,82 @@ def smooth_l1_loss(
     out_dtype = torch.promote_types(result_dtype(input.dtype, input.device), result_dtype(target.dtype, input.device))
     mode = "l1" if beta == 0 else "smooth_l1"
     return _robust_elementwise(input, target, None, reduction, float(beta), mode, out_dtype)
+
+
+def sigmoid_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+) -> torch.Tensor:
+    """torchvision.ops.sigmoid_focal_loss, written out (torchvision itself need not be installed).
+
+    Its formula exactly, NaN gradients included: at a saturated logit (p_t rounded to 1) with
+    gamma < 1 autograd forms 0 * inf there; the kernels give the finite limit. Class-index targets
+    (N,) of an (N, C) input become the one-hot they stand for, index C an all-zero row.
+    """
+    acc = acc_dtype(inputs.dtype)
+    x = inputs.to(acc)
+    if targets.is_floating_point():
+        t = targets.to(acc)
+        out_dtype = torch.promote_types(inputs.dtype, targets.dtype)
+        if out_dtype != torch.float64 and torch.is_autocast_enabled(inputs.device.type):
+            out_dtype = torch.float32
+    else:
+        num_classes = inputs.shape[1]
+        check_targets_in_range(targets, num_classes + 1)
+        t = torch.nn.functional.one_hot(targets.long(), num_classes + 1)[:, :num_classes].to(acc)
+        out_dtype = result_dtype(inputs.dtype, inputs.device)
+    p = torch.sigmoid(x)
+    ce_loss = torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = ce_loss * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        alpha_t = alpha * t + (1 - alpha) * (1 - t)
+        loss = alpha_t * loss
+    if reduction == "mean":
+        loss = loss.mean()
+    elif reduction == "sum":
+        loss = loss.sum()
+    return loss.to(out_dtype)
+
+
+def softmax_focal_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float | torch.Tensor | None = None,
+    gamma: float = 2.0,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """loss_n = alpha_y w_y (1 - p_y)^gamma (-log p_y); mean divides by the summed w_y of the rows not
+    ignored, so gamma = 0 with alpha None is cross_entropy."""
+    acc = acc_dtype(input.dtype)
+    cdim = 0 if input.dim() == 1 else 1
+    num_classes = input.shape[cdim]
+    x = input.to(acc)
+    logp = x - _log_sum_exp(x, cdim)
+    y = target.long()
+    check_targets_in_range(y, num_classes, ignore_index)
+    keep = y != ignore_index
+    y_safe = torch.where(keep, y, 0)
+    logp_y = logp.gather(cdim, y_safe.unsqueeze(cdim)).squeeze(cdim)
+    p_y = logp_y.exp()
+    wy = torch.ones_like(logp_y) if weight is None else weight.to(acc)[y_safe]
+    if alpha is None:
+        k = wy
+    elif torch.is_tensor(alpha):
+        k = alpha.to(acc)[y_safe] * wy
+    else:
+        k = float(alpha) * wy
+    rows = k * (1 - p_y) ** gamma * (-logp_y)
+    rows = torch.where(keep, rows, 0)
+    if reduction == "none":
+        out = rows
+    elif reduction == "sum":
+        out = rows.sum()
+    else:
+        out = rows.sum() / torch.where(keep, wy, 0).sum()
+    return out.to(result_dtype(input.dtype, input.device))

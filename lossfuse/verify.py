@@ -72,7 +72,80 @@ def cross_entropy_cases() -> list[Case]:
     return cases
 
 
-REGISTRY: dict[str, Callable[[], list[Case]]] = {"cross_entropy": cross_entropy_cases}
+def _focal_inputs(shape, dtype, index=False, softmax=False):
+    def make(device):
+        n, c = shape[0], shape[1]
+        x = (torch.randn(shape, device=device, dtype=torch.float64) * 3).to(dtype)
+        if softmax:
+            t = torch.randint(0, c, (n,) + tuple(shape[2:]), device=device)
+            t[torch.rand(t.shape, device=device) < 0.1] = -100
+            return x, t, {"gamma": 2.0, "alpha": 0.25}
+        labels = torch.randint(0, c, (n,), device=device)
+        labels[torch.rand(n, device=device) < 0.7] = c  # background: no positive class
+        if index:
+            return x, labels, {"reduction": "mean"}
+        t = torch.nn.functional.one_hot(labels, c + 1)[:, :c].to(dtype)
+        return x, t, {"reduction": "mean"}
+
+    return make
+
+
+def _sigmoid_focal_torch(x, t, **kw):
+    from . import reference
+
+    if not t.is_floating_point():  # class indices: torchvision needs the one-hot
+        t = torch.nn.functional.one_hot(t, x.shape[1] + 1)[:, : x.shape[1]]
+    return reference.sigmoid_focal_loss(x, t.double(), **kw)
+
+
+def _softmax_focal_torch(x, t, **kw):
+    from . import reference
+
+    return reference.softmax_focal_loss(x, t, **kw)
+
+
+def focal_cases() -> list[Case]:
+    sig = lambda backend, x, t, **kw: lossfuse.sigmoid_focal_loss(x, t, backend=backend, **kw)  # noqa: E731
+    soft = lambda backend, x, t, **kw: lossfuse.softmax_focal_loss(x, t, backend=backend, **kw)  # noqa: E731
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        cases.append(Case("sigmoid_focal", "(20000, 80) float targets", dtype,
+                          _focal_inputs((20000, 80), dtype), sig, _sigmoid_focal_torch))
+        cases.append(Case("sigmoid_focal", "(20000, 80) class-index targets", dtype,
+                          _focal_inputs((20000, 80), dtype, index=True), sig, _sigmoid_focal_torch))
+        cases.append(Case("softmax_focal", "(4096, 1000) alpha+ignore", dtype,
+                          _focal_inputs((4096, 1000), dtype, softmax=True), soft, _softmax_focal_torch))
+        cases.append(Case("softmax_focal", "(2, 21, 64, 64) segmentation", dtype,
+                          _focal_inputs((2, 21, 64, 64), dtype, softmax=True), soft, _softmax_focal_torch))
+    return cases
+
+
+def _regression_inputs(shape, dtype, **kw):
+    def make(device):
+        x = (torch.randn(shape, device=device, dtype=torch.float64) * 2).to(dtype)
+        t = (torch.randn(shape, device=device, dtype=torch.float64) * 2).to(dtype)
+        return x, t, dict(kw)
+
+    return make
+
+
+def huber_cases() -> list[Case]:
+    hub = lambda backend, x, t, **kw: lossfuse.huber_loss(x, t, backend=backend, **kw)  # noqa: E731
+    sl1 = lambda backend, x, t, **kw: lossfuse.smooth_l1_loss(x, t, backend=backend, **kw)  # noqa: E731
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        cases.append(Case("huber", "(1048576,) delta=1", dtype, _regression_inputs((1048576,), dtype, delta=1.0),
+                          hub, lambda x, t, **kw: F.huber_loss(x, t.double(), **kw)))
+        cases.append(Case("smooth_l1", "(65536, 4) beta=1/9", dtype, _regression_inputs((65536, 4), dtype, beta=1 / 9),
+                          sl1, lambda x, t, **kw: F.smooth_l1_loss(x, t.double(), **kw)))
+    return cases
+
+
+REGISTRY: dict[str, Callable[[], list[Case]]] = {
+    "cross_entropy": cross_entropy_cases,
+    "focal": focal_cases,
+    "huber": huber_cases,
+}
 
 
 def _rel_err(a: torch.Tensor, e: torch.Tensor) -> float:
@@ -87,10 +160,13 @@ def run_case(case: Case, backend: str, device: torch.device) -> tuple[float, flo
     x, t, kw = case.make(device)
     xr = x.clone().requires_grad_(True)
     out = case.ours(backend, xr, t, **kw)
-    out.backward()
+    # float16 gradients of a mean over a million elements sit below fp16's normal range: scaled as a
+    # GradScaler would (2^10 here, so that a float16 loss itself cannot overflow), the reference alike.
+    scale = 1024.0 if case.dtype == torch.float16 else 1.0
+    out.backward(torch.tensor(scale, dtype=out.dtype, device=out.device))
     xd = x.double().requires_grad_(True)
     ref = case.torch_fn(xd, t, **kw)
-    ref.backward()
+    ref.backward(torch.tensor(scale, dtype=ref.dtype, device=ref.device))
     return _rel_err(out.detach(), ref.detach()), _rel_err(xr.grad, xd.grad)
 
 

@@ -1,0 +1,273 @@
+"""Focal losses: the custom ops, their fake kernels and the autograd Functions.
+
+Sigmoid focal loss, elementwise (torchvision.ops.sigmoid_focal_loss):
+
+  lossfuse::sigmoid_focal_fwd(input, target, alpha, gamma, sum_block, grad_scale) -> (loss, grad_input)
+      sum_block == 0: the per-element loss, shaped like input; sum_block > 0: one partial sum per
+      sum_block consecutive elements (flat order), shape (ceil(numel / sum_block),). float32 (float64
+      for float64 input). Summing in fixed blocks keeps the result independent of the thread count.
+      grad_scale None: grad_input is a 0-element tensor; else the gradient for the upstream gradient
+      grad_scale on every element (the backward op's result for a scalar grad), from the same pass.
+  lossfuse::sigmoid_focal_bwd(grad, input, target, alpha, gamma) -> grad_input (contiguous, input's dtype)
+      grad: 0-dim (one upstream gradient for every element: mean/sum) or shaped like input.
+
+  ``input`` is contiguous; ``target`` is a float tensor of input's shape (soft targets allowed), or
+  int64 class indices (N,) of an (N, C) input where index C means background (all negatives) -- the
+  one-hot is never materialised. alpha < 0 disables the alpha term.
+
+Softmax focal loss, per row, over logits viewed as (N, C, S) exactly as cross-entropy's:
+
+  lossfuse::softmax_focal_fwd(input, target, scale, alpha, gamma, ignore_index, grad_scale)
+      -> (loss, lse, dscale, grad_input)
+      loss, lse, dscale: (N, S) float32 (float64 for float64 input). The class factor of row n is
+      K = alpha * scale[y_n] (scale None: alpha): ``scale`` holds alpha_c * w_c. dscale is the
+      per-row factor of the gradient, d loss / d x_c = dscale * (p_c - [c = y]) (csrc/focal_kernel.h).
+      grad_input as in the sigmoid op: empty, or the gradient for the upstream gradient grad_scale
+      on every row, written while each row is still in cache.
+  lossfuse::softmax_focal_bwd(grad, input, target, lse, dscale, ignore_index) -> grad_input
+      laid out as empty_like_layout(input); grad is the (N, S) upstream gradient per row.
+
+CPU kernels are C++ (csrc/focal.cpp), CUDA kernels Triton (lossfuse/triton/focal.py). Reductions and
+their denominators are computed here, once, for every backend.
+
+The fused path (CPU, float32/float64, mean or sum, input requiring grad): the forward op also writes
+the gradient for grad_output = 1, sharing one pass over the input -- and its transcendental work --
+with the loss. backward() hands that tensor back as it is when grad_output is 1 (``loss.backward()``),
+else scales it: one extra float32 rounding, which is why float16/bfloat16 inputs (whose gradient
+must be scaled before its single cast, DESIGN.md section 3) never take this path, nor does CUDA
+(where checking grad_output == 1 would be a host sync) or torch.compile.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .._utils import acc_dtype, result_dtype
+from ._common import register_triton, run
+from .cross_entropy import _mean_denominator, _Shapes, empty_like_layout
+
+# Elements per partial sum of a reduced sigmoid focal loss (every backend sums in these blocks).
+SUM_BLOCK = 4096
+
+_lib = torch.library.Library("lossfuse", "FRAGMENT")
+_lib.define(
+    "sigmoid_focal_fwd(Tensor input, Tensor target, float alpha, float gamma, int sum_block, "
+    "float? grad_scale) -> (Tensor, Tensor)"
+)
+_lib.define("sigmoid_focal_bwd(Tensor grad, Tensor input, Tensor target, float alpha, float gamma) -> Tensor")
+_lib.define(
+    "softmax_focal_fwd(Tensor input, Tensor target, Tensor? scale, float alpha, float gamma, "
+    "int ignore_index, float? grad_scale) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    "softmax_focal_bwd(Tensor grad, Tensor input, Tensor target, Tensor lse, Tensor dscale, "
+    "int ignore_index) -> Tensor"
+)
+
+
+def _sigmoid_fwd_fake(input, target, alpha, gamma, sum_block, grad_scale):
+    acc = acc_dtype(input.dtype)
+    if sum_block == 0:
+        loss = input.new_empty(input.shape, dtype=acc)
+    else:
+        loss = input.new_empty((-(-input.numel() // sum_block),), dtype=acc)
+    return loss, input.new_empty(input.shape if grad_scale is not None else (0,))
+
+
+def _sigmoid_bwd_fake(grad, input, target, alpha, gamma):
+    return input.new_empty(input.shape)
+
+
+def _softmax_fwd_fake(input, target, scale, alpha, gamma, ignore_index, grad_scale):
+    n, _, s = input.shape
+    acc = acc_dtype(input.dtype)
+    gx = empty_like_layout(input) if grad_scale is not None else input.new_empty((0,))
+    return tuple(input.new_empty((n, s), dtype=acc) for _ in range(3)) + (gx,)
+
+
+def _softmax_bwd_fake(grad, input, target, lse, dscale, ignore_index):
+    return empty_like_layout(input)
+
+
+torch.library.register_fake("lossfuse::sigmoid_focal_fwd", _sigmoid_fwd_fake, lib=_lib)
+torch.library.register_fake("lossfuse::sigmoid_focal_bwd", _sigmoid_bwd_fake, lib=_lib)
+torch.library.register_fake("lossfuse::softmax_focal_fwd", _softmax_fwd_fake, lib=_lib)
+torch.library.register_fake("lossfuse::softmax_focal_bwd", _softmax_bwd_fake, lib=_lib)
+
+for _op in ("sigmoid_focal_fwd", "sigmoid_focal_bwd", "softmax_focal_fwd", "softmax_focal_bwd"):
+    register_triton(_lib, _op, "focal", _op)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sigmoid focal loss.
+# ----------------------------------------------------------------------------------------------
+
+
+def fused_gradient(backend: str, reduction: str, input: torch.Tensor) -> bool:
+    """Whether the forward should also write the gradient (the fused path, see the module docstring).
+    Called outside the autograd Function: inside its forward grad mode is always off."""
+    return (
+        backend == "cpu"
+        and reduction != "none"
+        and input.dtype in (torch.float32, torch.float64)
+        and input.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _take_fused_gradient(ctx, grad_out):
+    """The gradient the fused forward wrote, for this grad_output; None when there is none (not fused,
+    or already used by an earlier backward through a retained graph)."""
+    gx = ctx.fused_grad
+    if gx is None:
+        return None
+    ctx.fused_grad = None  # ours was the last reference: autograd can adopt it as .grad without a copy
+    if grad_out.item() == 1.0:  # CPU only: no device sync
+        return gx
+    return gx * grad_out.to(gx.dtype)
+
+
+class SigmoidFocalFunction(torch.autograd.Function):
+    """Fused sigmoid focal loss as an autograd Function.
+
+    ``SigmoidFocalFunction.apply(inputs, targets, alpha, gamma, reduction, backend, fused)`` takes
+    arguments already checked by :func:`lossfuse.sigmoid_focal_loss` (use that unless you compose
+    Functions yourself); ``backend`` is a resolved name, "cpu" or "triton"; ``fused`` is
+    :func:`fused_gradient`'s answer. Gradient: ``inputs`` only (the functional routes float targets
+    that require grad to the reference backend). The gradient is formed in float32 as
+    grad_output x d(loss)/d(input) and cast to the input's dtype once.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, targets, alpha, gamma, reduction, backend, fused):
+        x = inputs.contiguous()
+        acc = acc_dtype(inputs.dtype)
+        if targets.is_floating_point():
+            t = targets if targets.dtype in (inputs.dtype, acc) else targets.to(acc)
+            out_dtype = torch.promote_types(inputs.dtype, targets.dtype)
+            if out_dtype != torch.float64 and torch.is_autocast_enabled(inputs.device.type):
+                out_dtype = torch.float32
+        else:
+            t = targets
+            out_dtype = result_dtype(inputs.dtype, inputs.device)
+        t = t.contiguous()
+        alpha, gamma = float(alpha), float(gamma)
+        op = ("sigmoid_focal_fwd", "focal", "sigmoid_focal_fwd", x.device)
+        if reduction == "none":
+            out, _ = run(backend, *op, x, t, alpha, gamma, 0, None)
+        else:
+            # The mean's 1/numel goes into the fused gradient in float64, rounded once.
+            scale = (1.0 / x.numel() if reduction == "mean" and x.numel() else 1.0) if fused else None
+            partial, ctx.fused_grad = run(backend, *op, x, t, alpha, gamma, SUM_BLOCK, scale)
+            out = partial.sum()
+            if reduction == "mean":
+                out = out / x.numel()  # 0 / 0 = NaN for an empty input, as torchvision's .mean()
+        if not fused:
+            ctx.fused_grad = None
+        ctx.alpha, ctx.gamma, ctx.reduction, ctx.backend = alpha, gamma, reduction, backend
+        ctx.save_for_backward(x, t)
+        return out.to(out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, t = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        gx = _take_fused_gradient(ctx, grad_out)
+        if gx is not None:
+            return gx, None, None, None, None, None, None
+        acc = acc_dtype(x.dtype)
+        if ctx.reduction == "none":
+            if grad_out.dim() and all(st == 0 for st in grad_out.stride()):
+                grad_out = grad_out.as_strided((), ())  # an expanded scalar (e.g. from .sum()): no copy
+            grad = grad_out.to(acc)
+            grad = grad if grad.dim() == 0 else grad.contiguous()
+        elif ctx.reduction == "sum":
+            grad = grad_out.to(acc)
+        else:
+            # float32 division: the cast to the input's dtype happens once, inside the kernel.
+            grad = grad_out.to(acc) / x.numel()
+        gx = run(ctx.backend, "sigmoid_focal_bwd", "focal", "sigmoid_focal_bwd", x.device,
+                 grad, x, t, ctx.alpha, ctx.gamma)
+        return gx, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Softmax focal loss.
+# ----------------------------------------------------------------------------------------------
+
+
+def class_scale(alpha, weight, acc):
+    """(scale, alpha) for the ops: K_y = alpha * scale[y] = alpha_y * w_y.
+
+    alpha None keeps the weight itself as the scale (so K_y is w_y bit for bit, as in cross-entropy);
+    a float alpha stays a scalar; a per-class alpha is multiplied into the weight once, here.
+    """
+    if alpha is None or not torch.is_tensor(alpha):
+        return weight, 1.0 if alpha is None else float(alpha)
+    a = alpha.to(acc)
+    return (a if weight is None else a * weight.to(acc)), 1.0
+
+
+class SoftmaxFocalFunction(torch.autograd.Function):
+    """Fused softmax focal loss as an autograd Function.
+
+    ``SoftmaxFocalFunction.apply(input, target, alpha, gamma, weight, ignore_index, reduction,
+    backend, fused)`` takes arguments already checked by :func:`lossfuse.softmax_focal_loss`.
+    Gradient: ``input``. Mean divides by the summed weight of the rows not ignored (cross-entropy's
+    rule).
+    """
+
+    @staticmethod
+    def forward(ctx, input, target, alpha, gamma, weight, ignore_index, reduction, backend, fused):
+        shapes = _Shapes(input)
+        x3 = shapes.input3d(input)
+        t3 = shapes.rows2d(target if target.dtype == torch.int64 else target.long())
+        acc = acc_dtype(input.dtype)
+        scale, alpha_f = class_scale(alpha, weight, acc)
+        denom = _mean_denominator(t3, weight, ignore_index, False, acc) if reduction == "mean" else None
+        grad_scale = None
+        if fused:
+            # 1 / denom in float32 (float64), the value the unfused backward would divide out.
+            grad_scale = float(torch.ones((), dtype=acc) / denom) if denom is not None else 1.0
+        loss, lse, dscale, ctx.fused_grad = run(
+            backend, "softmax_focal_fwd", "focal", "softmax_focal_fwd", x3.device,
+            x3, t3, scale, alpha_f, float(gamma), ignore_index, grad_scale,
+        )
+        if not fused:
+            ctx.fused_grad = None
+        if reduction == "none":
+            out = loss.reshape(shapes.row_shape())
+        elif reduction == "sum":
+            out = loss.sum()
+        else:
+            out = loss.sum() / denom
+        ctx.shapes = shapes
+        ctx.reduction = reduction
+        ctx.ignore_index = ignore_index
+        ctx.backend = backend
+        ctx.save_for_backward(x3, t3, lse, dscale, denom)
+        return out.to(result_dtype(input.dtype, input.device))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x3, t3, lse, dscale, denom = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        gx3 = _take_fused_gradient(ctx, grad_out)
+        if gx3 is None:
+            g = grad_out.to(lse.dtype)
+            n, s = lse.shape
+            if ctx.reduction == "none":
+                grad_rows = g.reshape(n, s)
+            elif ctx.reduction == "sum":
+                grad_rows = g.expand(n, s)
+            else:
+                grad_rows = (g / denom).expand(n, s)  # float32; cast to the input's dtype once, in the kernel
+            gx3 = run(ctx.backend, "softmax_focal_bwd", "focal", "softmax_focal_bwd", x3.device,
+                      grad_rows, x3, t3, lse, dscale, ctx.ignore_index)
+        return ctx.shapes.from3d(gx3), None, None, None, None, None, None, None, None

@@ -1,0 +1,410 @@
+"""Focal-loss Triton kernels and their launchers: the CUDA implementation of the lossfuse:: ops
+(lossfuse/ops/focal.py), and with TRITON_INTERPRET=1 a CPU one for testing.
+
+  sigmoid_focal_fwd(input, target, alpha, gamma, sum_block, grad_scale) -> (loss, grad_input)
+  sigmoid_focal_bwd(grad, input, target, alpha, gamma) -> grad_input
+  softmax_focal_fwd(input, target, scale, alpha, gamma, ignore_index, grad_scale) -> (loss, lse, dscale, grad_input)
+  softmax_focal_bwd(grad, input, target, lse, dscale, ignore_index) -> grad_input
+
+(grad_scale: the ops' fused gradient, which the autograd Functions request on the CPU only; here it is
+the backward kernel launched right after the forward.)
+
+The math and its derivation are those of the C++ kernels (csrc/focal_kernel.h): the sigmoid focal
+term in log space from a log-sigmoid, the closed-form gradients without a (1 - p_t)^(gamma - 1) factor,
+branches chosen with tl.where. Sigmoid: one program per block of elements of the flat input (class-index
+targets compare the class with the row's index: no one-hot in memory). Softmax: one program per row
+(n, s) of logits viewed as (N, C, S), looping over the classes with an online max / sum-exp. Loads in
+the input dtype, upcast at once to fp32 (fp64 for fp64 input, interpreter only); gradients formed whole
+in fp32 and cast once, at the store. Offsets are int64. Core ``tl`` ops only (Triton 3.x).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._utils import acc_dtype
+from ..ops.cross_entropy import empty_like_layout
+from ._math import expm1, log1p
+
+__all__ = ["sigmoid_focal_fwd", "sigmoid_focal_bwd", "softmax_focal_fwd", "softmax_focal_bwd"]
+
+_NEG_INF = tl.constexpr(float("-inf"))
+_NAN = tl.constexpr(float("nan"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sigmoid focal loss.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sigmoid_focal_terms(x, t, gamma):
+    """The pieces loss and gradient share; csrc/focal_kernel.h has the derivation.
+
+    e = exp(-|x|); the target seen from the logit's side, (u, v) = (1 - t, t) for x >= 0 else (t, 1 - t);
+    ce = u |x| + log1p(e); log q = log w - log1p(e) with w = u + v e (log w = -|x| where u = 0);
+    f = q^gamma = exp(gamma log q).
+    """
+    t1 = 1.0 - t
+    pos = x >= 0.0
+    u = tl.where(pos, t1, t)
+    v = tl.where(pos, t, t1)
+    a = tl.abs(x)
+    e = tl.exp(-a)
+    l1 = log1p(e)
+    ce = u * a + l1
+    agree = u == 0.0
+    w = u + v * e
+    logw = tl.where(agree, -a, tl.log(tl.where(agree, 1.0, w)))
+    f = tl.exp(gamma * (logw - l1))
+    return pos, u, v, e, ce, agree, w, f
+
+
+@triton.jit
+def _sigmoid_targets(t_ptr, offs, mask, C, INDEX: tl.constexpr, ACC: tl.constexpr):
+    """Targets of the elements at ``offs`` (float), and whether they are valid."""
+    if INDEX:
+        n = offs // C
+        y = tl.load(t_ptr + n, mask=mask, other=0)
+        t = tl.where((offs - n * C) == y, 1.0, 0.0).to(ACC)
+        valid = (y >= 0) & (y <= C)  # y == C: background
+    else:
+        t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(ACC)
+        valid = offs == offs
+    return t, valid
+
+
+@triton.jit
+def _sigmoid_focal_fwd_kernel(
+    x_ptr, t_ptr, out_ptr,
+    numel, C, alpha, gamma,
+    SUM_BLOCK,
+    HAS_ALPHA: tl.constexpr,
+    INDEX: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    ACC = out_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    start = pid * SUM_BLOCK
+    acc = tl.zeros([BLOCK], ACC)
+    for off in range(0, SUM_BLOCK, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK).to(tl.int64)
+        mask = (offs < numel) & (off + tl.arange(0, BLOCK) < SUM_BLOCK)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        t, valid = _sigmoid_targets(t_ptr, offs, mask, C, INDEX, ACC)
+        pos, u, v, e, ce, agree, w, f = _sigmoid_focal_terms(x, t, gamma)
+        loss = ce * f
+        if HAS_ALPHA:
+            loss = (alpha * t + (1.0 - alpha) * (1.0 - t)) * loss
+        loss = tl.where(valid, loss, _NAN)  # a class index out of [0, C] is a loud NaN, not a 0
+        if PARTIAL:
+            acc += tl.where(mask, loss, 0.0)
+        else:
+            tl.store(out_ptr + offs, loss.to(ACC), mask=mask)
+    if PARTIAL:
+        tl.store(out_ptr + pid, tl.sum(acc, axis=0).to(ACC))
+
+
+@triton.jit
+def _sigmoid_focal_bwd_kernel(
+    g_ptr, x_ptr, t_ptr, gx_ptr,
+    numel, C, alpha, gamma,
+    HAS_ALPHA: tl.constexpr,
+    INDEX: tl.constexpr,
+    GRAD_SCALAR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    ACC = g_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    t, valid = _sigmoid_targets(t_ptr, offs, mask, C, INDEX, ACC)
+    pos, u, v, e, ce, agree, w, f = _sigmoid_focal_terms(x, t, gamma)
+    # d loss / dx = s alpha_t f [ (u - v e) d + gamma ce (u - v) r ], r = sigma'/q = e d / w (= d where u = 0)
+    d = 1.0 / (1.0 + e)
+    r = tl.where(agree, d, e * d / tl.where(agree, 1.0, w))
+    inner = (u - v * e) * d + gamma * ce * (u - v) * r
+    grad = f * inner
+    if HAS_ALPHA:
+        grad = (alpha * t + (1.0 - alpha) * (1.0 - t)) * grad
+    grad = tl.where(pos, grad, -grad)
+    if GRAD_SCALAR:
+        g = tl.load(g_ptr).to(ACC)
+    else:
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
+    o = tl.where(valid, g * grad, _NAN)
+    tl.store(gx_ptr + offs, o.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Softmax focal loss.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softmax_focal_fwd_kernel(
+    x_ptr, y_ptr, scale_ptr, loss_ptr, lse_ptr, d_ptr,
+    C, S,
+    x_sN, x_sC, x_sS,
+    y_sN, y_sS,
+    alpha, gamma, ignore_index,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    ACC = lse_ptr.dtype.element_ty
+    r = tl.program_id(0).to(tl.int64)
+    n = r // S
+    s = r - n * S
+    x_row = x_ptr + (n * x_sN + s * x_sS)
+    # Online max / sum-exp relative to a finite shift: the running max, or 0 while every logit so far
+    # is -inf (a masked vocabulary), so -inf - -inf is never formed. exp(m - ref_new) is 0 while m is
+    # -inf and the sum is still 0: no 0 * inf.
+    m = tl.max(tl.full([BLOCK_C], _NEG_INF, ACC), axis=0)  # a scalar -inf in ACC
+    sum_exp = tl.zeros([BLOCK_C], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        x = tl.load(x_row + cols * x_sC, mask=cols < C, other=_NEG_INF).to(ACC)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        ref_new = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        sum_exp = sum_exp * tl.exp(m - ref_new) + tl.exp(x - ref_new)
+        m = m_new
+    ref = tl.where(m == _NEG_INF, 0.0, m)
+    logsum = tl.log(tl.sum(sum_exp, axis=0))
+    lse = ref + logsum
+
+    y = tl.load(y_ptr + (n * y_sN + s * y_sS))
+    valid = (y >= 0) & (y < C)
+    live = valid & (y != ignore_index)
+    y_safe = tl.where(valid, y, 0)
+    x_y = tl.load(x_row + y_safe * x_sC, mask=valid, other=0.0).to(ACC)
+    if HAS_SCALE:
+        k = alpha * tl.load(scale_ptr + y_safe, mask=valid, other=0.0).to(ACC)
+    else:
+        k = alpha
+    # nl = -log p_y, q = 1 - p_y; loss = K q^gamma nl, dscale = K q^gamma (1 + gamma p_y nl / q).
+    nl = (ref - x_y) + logsum
+    q = -expm1(-nl)
+    # q^gamma = exp(gamma log q): 0 where q is 0 (p_y rounded to 1), exactly 1 for gamma = 0.
+    f = tl.where(q > 0.0, tl.exp(gamma * tl.log(tl.where(q > 0.0, q, 1.0))), 0.0)
+    f = tl.where(gamma == 0.0, 1.0, f)
+    p = tl.exp(-nl)
+    ratio = tl.where(q > 0.0, nl / tl.where(q > 0.0, q, 1.0), 1.0)
+    pnl = tl.where(p > 0.0, p * ratio, 0.0)
+    loss = k * f * nl
+    dscale = k * f * (1.0 + gamma * pnl)
+    fill = tl.where(y == ignore_index, 0.0, _NAN)  # out of range and not ignored: a loud NaN
+    tl.store(loss_ptr + r, tl.where(live, loss, fill).to(ACC))
+    tl.store(d_ptr + r, tl.where(live, dscale, fill).to(ACC))
+    tl.store(lse_ptr + r, lse.to(ACC))
+
+
+@triton.jit
+def _softmax_focal_bwd_kernel(
+    g_ptr, x_ptr, y_ptr, lse_ptr, d_ptr, gx_ptr,
+    C, S,
+    g_sN, g_sS,
+    x_sN, x_sC, x_sS,
+    y_sN, y_sS,
+    gx_sN, gx_sC, gx_sS,
+    ignore_index,
+    BLOCK_C: tl.constexpr,
+):
+    ACC = lse_ptr.dtype.element_ty
+    r = tl.program_id(0).to(tl.int64)
+    n = r // S
+    s = r - n * S
+    x_row = x_ptr + (n * x_sN + s * x_sS)
+    gx_row = gx_ptr + (n * gx_sN + s * gx_sS)
+    g = tl.load(g_ptr + (n * g_sN + s * g_sS)).to(ACC)
+    lse = tl.load(lse_ptr + r).to(ACC)
+    kp = g * tl.load(d_ptr + r).to(ACC)  # g * dscale, applied in fp32 before the single cast
+    y = tl.load(y_ptr + (n * y_sN + s * y_sS))
+    valid = (y >= 0) & (y < C)
+    live = valid & (y != ignore_index)
+    y_safe = tl.where(valid, y, 0)
+    x_y = tl.load(x_row + y_safe * x_sC, mask=valid, other=0.0).to(ACC)
+    gy = kp * expm1(x_y - lse)  # dscale (p_y - 1)
+    # Rows that do not count: exact zeros when ignored (a select: NaN logits cannot leak in), NaN
+    # when the target is out of range.
+    fill = tl.where(y == ignore_index, 0.0, _NAN).to(ACC)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        cmask = cols < C
+        x = tl.load(x_row + cols * x_sC, mask=cmask, other=0.0).to(ACC)
+        o = tl.exp(x - lse) * kp
+        o = tl.where(cols == y, gy, o)
+        o = tl.where(live, o, fill)
+        tl.store(gx_row + cols * gx_sC, o.to(gx_ptr.dtype.element_ty), mask=cmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration and checks.
+# ----------------------------------------------------------------------------------------------
+
+_BLOCK = 1024  # sigmoid: elements per program (per loop step when summing)
+_MAX_BLOCK_C = 4096  # softmax: classes per loop step
+# Under the interpreter every block op is a numpy call per program: small class chunks, so that small
+# test shapes still go through the online rescaling and the masked tails.
+_INTERPRET_MAX_BLOCK_C = 32
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_device(input: torch.Tensor, who: str) -> None:
+    if input.device.type == "cuda":
+        if input.dtype == torch.float64:
+            raise NotImplementedError(
+                f"{who}: the Triton kernels do not support float64 on CUDA; use backend='reference' (or float32)"
+            )
+    elif not (input.device.type == "cpu" and _interpreting()):
+        raise RuntimeError(
+            f"{who}: the Triton kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
+            f"got a tensor on {input.device}"
+        )
+    if input.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"{who}: input must be float32, float16, bfloat16 (or float64); got {input.dtype}")
+
+
+def _num_warps(block: int) -> int:
+    return min(16, max(4, block // 256))
+
+
+def _sigmoid_prepare(input, target, who):
+    """Contiguous input and target, (is_index, C)."""
+    _check_device(input, who)
+    acc = acc_dtype(input.dtype)
+    x = input.contiguous()
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise ValueError(f"{who}: a float target must have the input's shape {list(input.shape)}")
+        t = target if target.dtype in (input.dtype, acc) else target.to(acc)
+        return x, t.contiguous(), False, 1
+    if target.dtype != torch.int64:
+        raise TypeError(f"{who}: class-index targets must be int64; got {target.dtype}")
+    if input.dim() != 2 or target.shape != (input.shape[0],):
+        raise ValueError(f"{who}: class-index targets must be (N,) for an (N, C) input")
+    return x, target.contiguous(), True, max(1, input.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (the op implementations).
+# ----------------------------------------------------------------------------------------------
+
+
+def sigmoid_focal_fwd(input, target, alpha, gamma, sum_block, grad_scale=None):
+    x, t, index, c = _sigmoid_prepare(input, target, "sigmoid_focal_fwd")
+    if sum_block < 0:
+        raise ValueError(f"sigmoid_focal_fwd: sum_block must be >= 0; got {sum_block}")
+    acc = acc_dtype(input.dtype)
+    numel = x.numel()
+    partial = sum_block > 0
+    if partial:
+        out = torch.empty((triton.cdiv(numel, sum_block),), dtype=acc, device=input.device)
+        block = min(_BLOCK, triton.next_power_of_2(sum_block))
+        span = sum_block
+    else:
+        out = torch.empty(input.shape, dtype=acc, device=input.device)
+        block = span = _BLOCK
+    if grad_scale is None:
+        gx = input.new_empty((0,))
+    else:
+        gx = sigmoid_focal_bwd(torch.tensor(float(grad_scale), dtype=acc, device=input.device),
+                               input, target, alpha, gamma)
+    if numel == 0:
+        return out, gx
+    _sigmoid_focal_fwd_kernel[(triton.cdiv(numel, span),)](
+        x, t, out, numel, c, float(alpha), float(gamma), span,
+        HAS_ALPHA=alpha >= 0, INDEX=index, PARTIAL=partial, BLOCK=block, num_warps=_num_warps(block),
+    )
+    return out, gx
+
+
+def sigmoid_focal_bwd(grad, input, target, alpha, gamma):
+    x, t, index, c = _sigmoid_prepare(input, target, "sigmoid_focal_bwd")
+    acc = acc_dtype(input.dtype)
+    if grad.dim() != 0 and grad.shape != input.shape:
+        raise ValueError("sigmoid_focal_bwd: grad must be a scalar or have the input's shape")
+    g = grad.to(acc).contiguous()
+    gx = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    numel = x.numel()
+    if numel == 0:
+        return gx
+    _sigmoid_focal_bwd_kernel[(triton.cdiv(numel, _BLOCK),)](
+        g, x, t, gx, numel, c, float(alpha), float(gamma),
+        HAS_ALPHA=alpha >= 0, INDEX=index, GRAD_SCALAR=grad.dim() == 0, BLOCK=_BLOCK,
+        num_warps=_num_warps(_BLOCK),
+    )
+    return gx
+
+
+def _softmax_check(input, target, who):
+    _check_device(input, who)
+    if input.dim() != 3:
+        raise ValueError(f"{who}: input must be viewed as (N, C, S); got shape {list(input.shape)}")
+    n, _, s = input.shape
+    if target.dtype != torch.int64 or tuple(target.shape) != (n, s):
+        raise ValueError(f"{who}: targets must be int64 of shape {[n, s]}; got {target.dtype} {list(target.shape)}")
+
+
+def _block_c(c: int) -> int:
+    return min(triton.next_power_of_2(max(c, 1)), _INTERPRET_MAX_BLOCK_C if _interpreting() else _MAX_BLOCK_C)
+
+
+def softmax_focal_fwd(input, target, scale, alpha, gamma, ignore_index, grad_scale=None):
+    _softmax_check(input, target, "softmax_focal_fwd")
+    n, c, s = input.shape
+    acc = acc_dtype(input.dtype)
+    loss, lse, dscale = (torch.empty((n, s), dtype=acc, device=input.device) for _ in range(3))
+    if n * s == 0:
+        gx = empty_like_layout(input) if grad_scale is not None else input.new_empty((0,))
+        return loss, lse, dscale, gx
+    if scale is not None:
+        if scale.shape != (c,):
+            raise ValueError(f"softmax_focal_fwd: scale must have shape ({c},); got {list(scale.shape)}")
+        scale = scale.to(acc).contiguous()
+    block_c = _block_c(c)
+    _softmax_focal_fwd_kernel[(n * s,)](
+        input, target, scale if scale is not None else lse, loss, lse, dscale,
+        c, s,
+        input.stride(0), input.stride(1), input.stride(2),
+        target.stride(0), target.stride(1),
+        float(alpha), float(gamma), int(ignore_index),
+        HAS_SCALE=scale is not None, BLOCK_C=block_c, num_warps=_num_warps(block_c),
+    )
+    if grad_scale is None:
+        return loss, lse, dscale, input.new_empty((0,))
+    g = torch.full((1, 1), float(grad_scale), dtype=acc, device=input.device).expand(n, s)
+    return loss, lse, dscale, softmax_focal_bwd(g, input, target, lse, dscale, ignore_index)
+
+
+def softmax_focal_bwd(grad, input, target, lse, dscale, ignore_index):
+    _softmax_check(input, target, "softmax_focal_bwd")
+    n, c, s = input.shape
+    gi = empty_like_layout(input)  # as the fake kernel (ops/focal.py)
+    if n * s * c == 0:
+        return gi
+    for name, t in (("grad", grad), ("lse", lse), ("dscale", dscale)):
+        if tuple(t.shape) != (n, s):
+            raise ValueError(f"softmax_focal_bwd: {name} must have shape {[n, s]}; got {list(t.shape)}")
+    lse = lse.contiguous()
+    dscale = dscale.contiguous()
+    block_c = _block_c(c)
+    _softmax_focal_bwd_kernel[(n * s,)](
+        grad, input, target, lse, dscale, gi,
+        c, s,
+        grad.stride(0), grad.stride(1),
+        input.stride(0), input.stride(1), input.stride(2),
+        target.stride(0), target.stride(1),
+        gi.stride(0), gi.stride(1), gi.stride(2),
+        int(ignore_index),
+        BLOCK_C=block_c, num_warps=_num_warps(block_c),
+    )
+    return gi

@@ -758,21 +758,9 @@ int ce_backward_t(const CeArgs& a) {
 }
 
 inline int ce_forward(const CeArgs& a) {
-  switch (a.dtype) {
-    case Dtype::F32: return ce_forward_t<float, float>(a);
-    case Dtype::F16: return ce_forward_t<half_t, float>(a);
-    case Dtype::BF16: return ce_forward_t<bf16_t, float>(a);
-    case Dtype::F64: return ce_forward_t<double, double>(a);
-  }
-  return 0;
+  return with_dtype(a.dtype, [&](auto t, auto acc) { return ce_forward_t<decltype(t), decltype(acc)>(a); });
 }
 
 inline int ce_backward(const CeArgs& a) {
-  switch (a.dtype) {
-    case Dtype::F32: return ce_backward_t<float, float>(a);
-    case Dtype::F16: return ce_backward_t<half_t, float>(a);
-    case Dtype::BF16: return ce_backward_t<bf16_t, float>(a);
-    case Dtype::F64: return ce_backward_t<double, double>(a);
-  }
-  return 0;
+  return with_dtype(a.dtype, [&](auto t, auto acc) { return ce_backward_t<decltype(t), decltype(acc)>(a); });
 }

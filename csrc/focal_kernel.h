@@ -370,13 +370,7 @@ int sigmoid_run_t(const SigmoidFocalArgs& a, bool bwd) {
 }
 
 inline int sigmoid_run(const SigmoidFocalArgs& a, bool bwd) {
-  switch (a.dtype) {
-    case Dtype::F32: return sigmoid_run_t<float, float>(a, bwd);
-    case Dtype::F16: return sigmoid_run_t<half_t, float>(a, bwd);
-    case Dtype::BF16: return sigmoid_run_t<bf16_t, float>(a, bwd);
-    case Dtype::F64: return sigmoid_run_t<double, double>(a, bwd);
-  }
-  return 0;
+  return with_dtype(a.dtype, [&](auto t, auto acc) { return sigmoid_run_t<decltype(t), decltype(acc)>(a, bwd); });
 }
 
 // ================================================================================================
@@ -855,23 +849,11 @@ int sf_backward_t(const SoftmaxFocalArgs& a) {
 }
 
 inline int softmax_forward(const SoftmaxFocalArgs& a) {
-  switch (a.dtype) {
-    case Dtype::F32: return sf_forward_t<float, float>(a);
-    case Dtype::F16: return sf_forward_t<half_t, float>(a);
-    case Dtype::BF16: return sf_forward_t<bf16_t, float>(a);
-    case Dtype::F64: return sf_forward_t<double, double>(a);
-  }
-  return 0;
+  return with_dtype(a.dtype, [&](auto t, auto acc) { return sf_forward_t<decltype(t), decltype(acc)>(a); });
 }
 
 inline int softmax_backward(const SoftmaxFocalArgs& a) {
-  switch (a.dtype) {
-    case Dtype::F32: return sf_backward_t<float, float>(a);
-    case Dtype::F16: return sf_backward_t<half_t, float>(a);
-    case Dtype::BF16: return sf_backward_t<bf16_t, float>(a);
-    case Dtype::F64: return sf_backward_t<double, double>(a);
-  }
-  return 0;
+  return with_dtype(a.dtype, [&](auto t, auto acc) { return sf_backward_t<decltype(t), decltype(acc)>(a); });
 }
 
 #undef LF_FOCAL_INLINE

@@ -362,19 +362,9 @@ void backward_t(const HuberArgs& a) {
 }  // namespace huber
 
 inline void huber_forward(const HuberArgs& a) {
-  switch (a.dtype) {
-    case Dtype::F32: return huber::forward_t<float, float>(a);
-    case Dtype::F16: return huber::forward_t<half_t, float>(a);
-    case Dtype::BF16: return huber::forward_t<bf16_t, float>(a);
-    case Dtype::F64: return huber::forward_t<double, double>(a);
-  }
+  return with_dtype(a.dtype, [&](auto t, auto acc) { return huber::forward_t<decltype(t), decltype(acc)>(a); });
 }
 
 inline void huber_backward(const HuberArgs& a) {
-  switch (a.dtype) {
-    case Dtype::F32: return huber::backward_t<float, float>(a);
-    case Dtype::F16: return huber::backward_t<half_t, float>(a);
-    case Dtype::BF16: return huber::backward_t<bf16_t, float>(a);
-    case Dtype::F64: return huber::backward_t<double, double>(a);
-  }
+  return with_dtype(a.dtype, [&](auto t, auto acc) { return huber::backward_t<decltype(t), decltype(acc)>(a); });
 }

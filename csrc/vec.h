@@ -400,3 +400,17 @@ inline float sexpm1(float x) { return std::expm1(x); }
 inline float stanh(float x) { return std::tanh(x); }
 inline double stanh(double x) { return std::tanh(x); }
 inline double sexpm1(double x) { return std::expm1(x); }
+
+// The kernels' entry points by dtype: f(T{}, A{}) with T the storage type and A its accumulation type
+// (float for float/half/bf16, double for double), e.g.
+//   with_dtype(a.dtype, [&](auto t, auto acc) { return kernel<decltype(t), decltype(acc)>(a); })
+template <class F>
+inline decltype(auto) with_dtype(Dtype d, F&& f) {
+  switch (d) {
+    case Dtype::F16: return f(half_t{}, float{});
+    case Dtype::BF16: return f(bf16_t{}, float{});
+    case Dtype::F64: return f(double{}, double{});
+    case Dtype::F32: break;
+  }
+  return f(float{}, float{});
+}

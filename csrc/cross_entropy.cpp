@@ -134,6 +134,13 @@ int run_forward(const CeArgs& a) {
   return base::ce_forward(a);
 }
 
+int run_fused(const CeArgs& a) {
+#ifdef LF_HAVE_AVX2_BUILD
+  if (use_avx2()) return avx2::ce_fused(a);
+#endif
+  return base::ce_fused(a);
+}
+
 int run_backward(const CeArgs& a) {
 #ifdef LF_HAVE_AVX2_BUILD
   if (use_avx2()) return avx2::ce_backward(a);
@@ -154,6 +161,33 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& input
   a.lse = lse.data_ptr<double>();
   if (a.N * a.S > 0 && run_forward(a)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
   return {loss, lse};
+}
+
+// The forward and, from the same walk, the input gradient for the upstream gradient grad_scale on
+// every row (the fused path of lossfuse/ops/cross_entropy.py): (loss, lse, grad_input).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fused_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, double z_loss, double softcap, double grad_scale) {
+  Prepared p = prepare("lossfuse::cross_entropy_fused", input, target, weight, ignore_index, label_smoothing, z_loss,
+                       softcap);
+  CeArgs& a = p.a;
+  const auto acc = acc_type(input.scalar_type());
+  at::Tensor loss = at::empty({a.N, a.S}, input.options().dtype(acc));
+  at::Tensor lse = at::empty({a.N, a.S}, input.options().dtype(at::kDouble));
+  at::Tensor gx = empty_walk_layout(p.x, input.scalar_type());
+  at::Tensor g = at::full({1}, grad_scale, input.options().dtype(acc));
+  a.loss = loss.data_ptr();
+  a.lse = lse.data_ptr<double>();
+  a.lse_in = a.lse;  // for the layouts that run the forward and the backward kernels in turn
+  a.g = g.data_ptr();
+  a.g_sN = a.g_sS = 0;
+  a.gx = gx.data_ptr();
+  a.gx_sN = gx.stride(0);
+  a.gx_sC = gx.stride(1);
+  a.gx_sS = gx.stride(2);
+  a.stream = gx.nbytes() >= kStreamBytes;
+  if (a.N * a.S > 0 && run_fused(a)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
+  return {loss, lse, gx};
 }
 
 // Shared by the out-of-place and the in-place backward: checks, the upstream gradient, the saved lse.
@@ -248,6 +282,7 @@ at::Tensor cross_entropy_bwd_inplace_cpu(const at::Tensor& grad, at::Tensor& inp
 TORCH_LIBRARY_IMPL(lossfuse, CPU, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
+  m.impl("cross_entropy_fused", &cross_entropy_fused_cpu);
   m.impl("cross_entropy_bwd_inplace", &cross_entropy_bwd_inplace_cpu);
 }
 

@@ -55,52 +55,175 @@ inline void run_backward_pass(bool inplace, Pass&& pass) {
 // Row walk: one row at a time, vectorised along classes.
 // ------------------------------------------------------------------------------------------------
 
+// One row's loss and lse; false for a target out of range (the loss then 0).
+template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
+inline bool fwd_index_row(const CeArgs& a, const Consts<A>& k, const SoftCap<A, CAP>& cap, const T* x, int64_t y,
+                          A* loss_out, double* lse_out) {
+  const A* w = static_cast<const A*>(a.w);
+  const int64_t C = a.C;
+  A m;
+  double logsum_d, dsum;
+  row_stats_index<T, A, HAS_W, SMOOTH, CAP>(x, w, C, cap, &m, &logsum_d, &dsum);
+  const double lse = double(m) + logsum_d;
+  const A logsum = A(logsum_d);
+  *lse_out = lse;
+  A loss = 0;
+  bool ok = true;
+  if (y != a.ignore_index) {
+    if (y < 0 || y >= C) {
+      ok = false;
+    } else {
+      const A wy = HAS_W ? w[y] : A(1);
+      // (m - x_y) + log(sum) rather than lse - x_y: exact when the target holds the max logit.
+      loss = k.keep * wy * ((m - cap(to_acc<A>(x[y]))) + logsum);
+      // sum_c w_c (lse - x_c) = W (lse - m) - sum_c w_c (x_c - m): no cancellation of large logits.
+      if (SMOOTH) loss += k.eps_c * (k.wsum * logsum - A(dsum));
+      loss += A(double(k.z) * lse * lse);
+    }
+  }
+  *loss_out = loss;
+  return ok;
+}
+
 template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
 int ce_fwd_index_rows(const CeArgs& a) {
   const T* X = static_cast<const T*>(a.x);
-  const A* w = static_cast<const A*>(a.w);
   A* loss_out = static_cast<A*>(a.loss);
-  double* lse_out = a.lse;
-  const int64_t C = a.C, S = a.S, R = a.N * a.S;
+  const int64_t S = a.S, R = a.N * a.S;
   const Consts<A> k(a);
   const SoftCap<A, CAP> cap(a.softcap);
   int bad = 0;
 #pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = r / S, s = r - n * S;
-    const T* x = X + n * a.x_sN + s * a.x_sS;
-    A m;
-    double logsum_d, dsum;
-    row_stats_index<T, A, HAS_W, SMOOTH, CAP>(x, w, C, cap, &m, &logsum_d, &dsum);
-    const double lse = double(m) + logsum_d;
-    const A logsum = A(logsum_d);
-    lse_out[r] = lse;
-    const int64_t y = a.y[n * a.y_sN + s * a.y_sS];
-    A loss = 0;
-    if (y != a.ignore_index) {
-      if (y < 0 || y >= C) {
-        flag_bad(&bad);
-      } else {
-        const A wy = HAS_W ? w[y] : A(1);
-        // (m - x_y) + log(sum) rather than lse - x_y: exact when the target holds the max logit.
-        loss = k.keep * wy * ((m - cap(to_acc<A>(x[y]))) + logsum);
-        // sum_c w_c (lse - x_c) = W (lse - m) - sum_c w_c (x_c - m): no cancellation of large logits.
-        if (SMOOTH) loss += k.eps_c * (k.wsum * logsum - A(dsum));
-        loss += A(double(k.z) * lse * lse);
-      }
-    }
-    loss_out[r] = loss;
+    if (!fwd_index_row<T, A, HAS_W, SMOOTH, CAP>(a, k, cap, X + n * a.x_sN + s * a.x_sS,
+                                                 a.y[n * a.y_sN + s * a.y_sS], loss_out + r, a.lse + r))
+      flag_bad(&bad);
   }
   return bad;
 }
 
+// The gradient of one counted row (0 <= y < C) for the upstream gradient g and the row's lse.
 template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
-int ce_bwd_index_rows(const CeArgs& a) {
+inline void bwd_index_row(const CeArgs& a, const Consts<A>& k, const SoftCap<A, CAP>& cap, const T* x, T* gx,
+                          int64_t y, A g, double lse_d) {
   using V = Vec<A>;
   constexpr int W = V::W;
+  const A* w = static_cast<const A*>(a.w);
+  const int64_t C = a.C;
+  A hi, lo;
+  split_lse(lse_d, &hi, &lo);
+  const A lse = A(lse_d);
+  const A wy = HAS_W ? w[y] : A(1);
+  const A xy_raw = to_acc<A>(x[y]);  // before the loop: in place, the loop overwrites it
+  // d loss / d x'_c = p_c * kp - kw * w_c, less g * keep * wy at the target (patched below);
+  // z-loss adds 2 z lse p_c. With soft-capping, times d x'/d x = 1 - tanh^2.
+  const A kp = g * (k.keep * wy + (SMOOTH ? k.eps_c * k.wsum : A(0)) + A(2) * k.z * lse);
+  const A kw = g * k.eps_c;
+  const V kpv(kp), kwv(kw), hv(hi), lv(lo);
+  // For p_y near 1, p_y - 1 is formed as -sum_{c != y} p_c from the same p_c this loop writes: no
+  // cancellation. (x_y - lse rounds to 0 once lse absorbs a tiny log-sum, and a confident, correct
+  // prediction would get a zero gradient -- as it does in torch.)
+  double rest = 0;
+  auto scalar_step = [&](int64_t c) {
+    const A xr = to_acc<A>(x[c]);
+    const A p = sexp((cap(xr) - hi) - lo);
+    if (c != y) rest += double(p);
+    A o = SMOOTH ? p * kp - kw * (HAS_W ? w[c] : A(1)) : p * kp;
+    if (CAP) o *= cap.slope(xr);
+    put(gx + c, o);
+  };
+  run_backward_pass<V>(a.inplace, [&](auto&& vexp_fn) {
+    rest = 0;
+    int64_t c = 0;
+    if (a.stream)  // peel to the alignment streaming stores need
+      for (; c < C && (reinterpret_cast<uintptr_t>(gx + c) % (W * sizeof(T))) != 0; ++c) scalar_step(c);
+    while (c + 2 * W <= C) {
+      const int64_t end = c + kBlock < C ? c + kBlock : C;
+      V r0(A(0)), r1(A(0));
+      for (; c + 2 * W <= end; c += 2 * W) {
+        V x0, x1, d0, d1;
+        cap.with_slope(V::load(x + c), x0, d0);
+        cap.with_slope(V::load(x + c + W), x1, d1);
+        V p0 = vexp_fn((x0 - hv) - lv);
+        V p1 = vexp_fn((x1 - hv) - lv);
+        V o0 = p0 * kpv, o1 = p1 * kpv;
+        if (SMOOTH) {
+          o0 = HAS_W ? fnmadd(kwv, V::load(w + c), o0) : o0 - kwv;
+          o1 = HAS_W ? fnmadd(kwv, V::load(w + c + W), o1) : o1 - kwv;
+        }
+        if (CAP) {
+          o0 = o0 * d0;
+          o1 = o1 * d1;
+        }
+        if (a.stream) {
+          o0.stream(gx + c);
+          o1.stream(gx + c + W);
+        } else {
+          o0.store(gx + c);
+          o1.store(gx + c + W);
+        }
+        if (c <= y && y < c + 2 * W) {  // leave the target's own p out of the sum
+          A b[2 * W];
+          p0.store(b);
+          p1.store(b + W);
+          b[y - c] = A(0);
+          p0 = V::load(b);
+          p1 = V::load(b + W);
+        }
+        r0 = r0 + p0;
+        r1 = r1 + p1;
+      }
+      rest += double(hsum(r0 + r1));
+    }
+    // The rest in single vectors, the last one partial (short rows: no scalar exp calls).
+    V r0(A(0));
+    for (; c < C; c += W) {
+      const int k = C - c < W ? int(C - c) : W;
+      V xc, d;
+      cap.with_slope(load_k(x + c, k, A(0)), xc, d);
+      V p = vexp_fn((xc - hv) - lv);
+      V o = p * kpv;
+      if (SMOOTH) o = HAS_W ? fnmadd(kwv, load_k(w + c, k, A(0)), o) : o - kwv;
+      if (CAP) o = o * d;
+      store_k(o, gx + c, k);
+      if (c <= y && y < c + k) {
+        A b[W];
+        p.store(b);
+        b[y - c] = A(0);
+        p = V::load(b);
+      }
+      r0 = r0 + select(V::first(k), p, V(A(0)));
+    }
+    rest += double(hsum(r0));
+  });
+  // Streaming stores are weakly ordered: fence them before the target element is overwritten.
+  if (a.stream) store_fence();
+  // The target's own element, formed whole in fp32 and cast once. p_y - 1 two ways, each where it
+  // is better conditioned: -sum_{c != y} p_c carries lse's rounding relative to (1 - p_y), expm1
+  // relative to p_y.
+  const A dy = (cap(xy_raw) - hi) - lo;
+  const A py = sexp(dy);
+  const A py_minus_1 = py > A(0.5) ? -A(rest) : sexpm1(dy);
+  A gy = g * (k.keep * wy * py_minus_1 + A(2) * k.z * lse * py);
+  if (SMOOTH) gy += kw * (py * k.wsum - wy);
+  if (CAP) gy *= cap.slope(xy_raw);
+  put(gx + y, gy);
+}
+
+template <class T, class A>
+inline void zero_grad_row(T* gx, int64_t C) {
+  using V = Vec<A>;
+  const V z(A(0));
+  int64_t c = 0;
+  for (; c + V::W <= C; c += V::W) z.store(gx + c);
+  for (; c < C; ++c) put(gx + c, A(0));
+}
+
+template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
+int ce_bwd_index_rows(const CeArgs& a) {
   const T* X = static_cast<const T*>(a.x);
   T* GX = static_cast<T*>(a.gx);
-  const A* w = static_cast<const A*>(a.w);
   const A* G = static_cast<const A*>(a.g);
   const int64_t C = a.C, S = a.S, R = a.N * a.S;
   const Consts<A> k(a);
@@ -109,116 +232,79 @@ int ce_bwd_index_rows(const CeArgs& a) {
 #pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = r / S, s = r - n * S;
-    const T* x = X + n * a.x_sN + s * a.x_sS;
     T* gx = GX + n * a.gx_sN + s * a.gx_sS;
     const int64_t y = a.y[n * a.y_sN + s * a.y_sS];
     if (y == a.ignore_index || y < 0 || y >= C) {
       if (y != a.ignore_index) flag_bad(&bad);
-      const V z(A(0));
-      int64_t c = 0;
-      for (; c + W <= C; c += W) z.store(gx + c);
-      for (; c < C; ++c) put(gx + c, A(0));
+      zero_grad_row<T, A>(gx, C);
       continue;
     }
-    const A g = G[n * a.g_sN + s * a.g_sS];
-    A hi, lo;
-    split_lse(a.lse_in[r], &hi, &lo);
-    const A lse = A(a.lse_in[r]);
-    const A wy = HAS_W ? w[y] : A(1);
-    const A xy_raw = to_acc<A>(x[y]);  // before the loop: in place, the loop overwrites it
-    // d loss / d x'_c = p_c * kp - kw * w_c, less g * keep * wy at the target (patched below);
-    // z-loss adds 2 z lse p_c. With soft-capping, times d x'/d x = 1 - tanh^2.
-    const A kp = g * (k.keep * wy + (SMOOTH ? k.eps_c * k.wsum : A(0)) + A(2) * k.z * lse);
-    const A kw = g * k.eps_c;
-    const V kpv(kp), kwv(kw), hv(hi), lv(lo);
-    // For p_y near 1, p_y - 1 is formed as -sum_{c != y} p_c from the same p_c this loop writes: no
-    // cancellation. (x_y - lse rounds to 0 once lse absorbs a tiny log-sum, and a confident, correct
-    // prediction would get a zero gradient -- as it does in torch.)
-    double rest = 0;
-    auto scalar_step = [&](int64_t c) {
-      const A xr = to_acc<A>(x[c]);
-      const A p = sexp((cap(xr) - hi) - lo);
-      if (c != y) rest += double(p);
-      A o = SMOOTH ? p * kp - kw * (HAS_W ? w[c] : A(1)) : p * kp;
-      if (CAP) o *= cap.slope(xr);
-      put(gx + c, o);
-    };
-    run_backward_pass<V>(a.inplace, [&](auto&& vexp_fn) {
-      rest = 0;
-      int64_t c = 0;
-      if (a.stream)  // peel to the alignment streaming stores need
-        for (; c < C && (reinterpret_cast<uintptr_t>(gx + c) % (W * sizeof(T))) != 0; ++c) scalar_step(c);
-      while (c + 2 * W <= C) {
-        const int64_t end = c + kBlock < C ? c + kBlock : C;
-        V r0(A(0)), r1(A(0));
-        for (; c + 2 * W <= end; c += 2 * W) {
-          V x0, x1, d0, d1;
-          cap.with_slope(V::load(x + c), x0, d0);
-          cap.with_slope(V::load(x + c + W), x1, d1);
-          V p0 = vexp_fn((x0 - hv) - lv);
-          V p1 = vexp_fn((x1 - hv) - lv);
-          V o0 = p0 * kpv, o1 = p1 * kpv;
-          if (SMOOTH) {
-            o0 = HAS_W ? fnmadd(kwv, V::load(w + c), o0) : o0 - kwv;
-            o1 = HAS_W ? fnmadd(kwv, V::load(w + c + W), o1) : o1 - kwv;
-          }
-          if (CAP) {
-            o0 = o0 * d0;
-            o1 = o1 * d1;
-          }
-          if (a.stream) {
-            o0.stream(gx + c);
-            o1.stream(gx + c + W);
-          } else {
-            o0.store(gx + c);
-            o1.store(gx + c + W);
-          }
-          if (c <= y && y < c + 2 * W) {  // leave the target's own p out of the sum
-            A b[2 * W];
-            p0.store(b);
-            p1.store(b + W);
-            b[y - c] = A(0);
-            p0 = V::load(b);
-            p1 = V::load(b + W);
-          }
-          r0 = r0 + p0;
-          r1 = r1 + p1;
-        }
-        rest += double(hsum(r0 + r1));
+    bwd_index_row<T, A, HAS_W, SMOOTH, CAP>(a, k, cap, X + n * a.x_sN + s * a.x_sS, gx, y, G[n * a.g_sN + s * a.g_sS],
+                                            a.lse_in[r]);
+  }
+  return bad;
+}
+
+// Forward and gradient in one walk (the fused path, lossfuse/ops/cross_entropy.py): the gradient for
+// the upstream gradient a.g (one value for every row) written while the row is still in cache, so the
+// logits are read from memory once instead of twice. float32 and bfloat16 rows of up to
+// kFusedMaxClasses classes without smoothing or soft-capping also take one exp per element
+// (fused_row); every other row runs the forward and backward row bodies back to back -- for float64
+// the same bits as the unfused kernels (gradcheck compares a retained graph's second backward, which
+// is unfused, with the first).
+template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
+int ce_fused_index_rows(const CeArgs& a) {
+  const T* X = static_cast<const T*>(a.x);
+  T* GX = static_cast<T*>(a.gx);
+  const A* w = static_cast<const A*>(a.w);
+  A* loss_out = static_cast<A*>(a.loss);
+  const int64_t C = a.C, S = a.S, R = a.N * a.S;
+  const Consts<A> k(a);
+  const SoftCap<A, CAP> cap(a.softcap);
+  const A g = static_cast<const A*>(a.g)[0];
+  int bad = 0;
+#pragma omp parallel num_threads(a.nthreads)
+  {
+  // fused_row's scratch row, one per thread and call (a thread_local in a shared library costs a
+  // __tls_get_addr call per use, which GCC does not hoist out of loops).
+  constexpr bool kOneExpType = !std::is_same_v<T, double> && !std::is_same_v<A, double>;
+  const bool one_exp = kOneExpType && !SMOOTH && !CAP && C <= kFusedMaxClasses;
+  std::unique_ptr<A[]> scratch(one_exp ? new A[C + Vec<A>::W] : nullptr);
+#pragma omp for schedule(dynamic, a.chunk)
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = r / S, s = r - n * S;
+    const T* x = X + n * a.x_sN + s * a.x_sS;
+    T* gx = GX + n * a.gx_sN + s * a.gx_sS;
+    const int64_t y = a.y[n * a.y_sN + s * a.y_sS];
+    const bool live = y != a.ignore_index && y >= 0 && y < C;
+    if (one_exp && live) {
+      const T* next = r + 1 < R ? X + (r + 1) / S * a.x_sN + (r + 1) % S * a.x_sS : nullptr;
+      const A wy = HAS_W ? w[y] : A(1);
+      const A xy = to_acc<A>(x[y]);
+      A m, loss = 0;
+      double logsum, rest, top, lse = 0;
+      const bool done = fused_row<T, A>(x, gx, scratch.get(), C, a.stream, next, &m, &logsum, &rest, &top,
+                                        [&](A mm, double ls) {
+        lse = double(mm) + ls;
+        // As fwd_index_row and bwd_index_row (no smoothing, no cap: keep = 1 - eps = 1).
+        loss = k.keep * wy * ((mm - xy) + A(ls)) + A(double(k.z) * lse * lse);
+        return g * (k.keep * wy + A(2) * k.z * A(lse));
+      });
+      if (done) {
+        const A py_minus_1 = fused_py_minus_1<A>(xy, m, logsum, rest, top);
+        const A py = fused_py<A>(xy, m, logsum, rest, top);
+        put(gx + y, g * (k.keep * wy * py_minus_1 + A(2) * k.z * A(lse) * py));
+        loss_out[r] = loss;
+        a.lse[r] = lse;
+        continue;
       }
-      // The rest in single vectors, the last one partial (short rows: no scalar exp calls).
-      V r0(A(0));
-      for (; c < C; c += W) {
-        const int k = C - c < W ? int(C - c) : W;
-        V xc, d;
-        cap.with_slope(load_k(x + c, k, A(0)), xc, d);
-        V p = vexp_fn((xc - hv) - lv);
-        V o = p * kpv;
-        if (SMOOTH) o = HAS_W ? fnmadd(kwv, load_k(w + c, k, A(0)), o) : o - kwv;
-        if (CAP) o = o * d;
-        store_k(o, gx + c, k);
-        if (c <= y && y < c + k) {
-          A b[W];
-          p.store(b);
-          b[y - c] = A(0);
-          p = V::load(b);
-        }
-        r0 = r0 + select(V::first(k), p, V(A(0)));
-      }
-      rest += double(hsum(r0));
-    });
-    // Streaming stores are weakly ordered: fence them before the target element is overwritten.
-    if (a.stream) store_fence();
-    // The target's own element, formed whole in fp32 and cast once. p_y - 1 two ways, each where it
-    // is better conditioned: -sum_{c != y} p_c carries lse's rounding relative to (1 - p_y), expm1
-    // relative to p_y.
-    const A dy = (cap(xy_raw) - hi) - lo;
-    const A py = sexp(dy);
-    const A py_minus_1 = py > A(0.5) ? -A(rest) : sexpm1(dy);
-    A gy = g * (k.keep * wy * py_minus_1 + A(2) * k.z * lse * py);
-    if (SMOOTH) gy += kw * (py * k.wsum - wy);
-    if (CAP) gy *= cap.slope(xy_raw);
-    put(gx + y, gy);
+    }
+    if (!fwd_index_row<T, A, HAS_W, SMOOTH, CAP>(a, k, cap, x, y, loss_out + r, a.lse + r)) flag_bad(&bad);
+    if (live)
+      bwd_index_row<T, A, HAS_W, SMOOTH, CAP>(a, k, cap, x, gx, y, g, a.lse[r]);
+    else
+      zero_grad_row<T, A>(gx, C);
+  }
   }
   return bad;
 }
@@ -755,6 +841,27 @@ int ce_backward_t(const CeArgs& a) {
       });
     });
   });
+}
+
+// The fused walk exists for the row walk and class-index targets; other layouts and probability
+// targets run the forward and the backward kernels one after the other (same results, no saving).
+template <class T, class A>
+int ce_fused_t(const CeArgs& a) {
+  if (a.t || !walk_rows(a)) {
+    const int bad = ce_forward_t<T, A>(a);
+    return ce_backward_t<T, A>(a) | bad;
+  }
+  return with_bool(a.w != nullptr, [&](auto HW) {
+    return with_bool(a.softcap > 0, [&](auto CP) {
+      return with_bool(a.eps > 0, [&](auto SM) {
+        return ce_fused_index_rows<T, A, decltype(HW)::value, decltype(SM)::value, decltype(CP)::value>(a);
+      });
+    });
+  });
+}
+
+inline int ce_fused(const CeArgs& a) {
+  return with_dtype(a.dtype, [&](auto t, auto acc) { return ce_fused_t<decltype(t), decltype(acc)>(a); });
 }
 
 inline int ce_forward(const CeArgs& a) {

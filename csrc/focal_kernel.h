@@ -486,82 +486,6 @@ inline void grad_row(const T* x, T* gx, int64_t C, int64_t y, A kp, A lse, bool 
   put(gx + y, kp * py_minus_1);
 }
 
-// The fused forward of a row of at most kBlock classes (one block of the online walk): one exp per element
-// instead of two. The exps e_c = exp(x_c - m) go into a per-thread scratch row while they are summed,
-// and a second sweep scales them by kp / S (S = sum_c e_c) into gx -- grad_row would recompute every
-// exp from the lse. (The scratch `buf`, C elements, not gx: a first store into gx would read its lines
-// from memory.)
-// Returns false, having written nothing, if some exp left the normal range (logits spread by more
-// than 87: grad_row's exact redo then handles the row). On success, *m_out and *logsum_out are the
-// row statistics and kp = kp_of(m, logsum).
-template <class T, class A, class KpOf>
-inline bool fused_short_row(const T* x, T* gx, A* buf, int64_t C, int64_t y, bool stream, A* m_out,
-                            double* logsum_out, KpOf&& kp_of) {
-  using V = Vec<A>;
-  constexpr int W = V::W;
-  const A m = block_max<T, A>(x, C);
-  if (!(m > -std::numeric_limits<A>::infinity() && m < std::numeric_limits<A>::infinity())) return false;
-  const V mv(m);
-  auto oob = mask_none(V());
-  // The sums in block_sums_index's order, with the same exp (vexp_sum_term is vexp_normal in the
-  // normal range): the statistics, and so the saved lse, are the unfused forward's bits.
-  V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0)), t0(A(0));
-  int64_t c = 0;
-  for (; c + 4 * W <= C; c += 4 * W) {
-    const V e0 = V::load(x + c) - mv, e1 = V::load(x + c + W) - mv;
-    const V e2 = V::load(x + c + 2 * W) - mv, e3 = V::load(x + c + 3 * W) - mv;
-    const V p0 = vexp_normal(e0, oob), p1 = vexp_normal(e1, oob);
-    const V p2 = vexp_normal(e2, oob), p3 = vexp_normal(e3, oob);
-    p0.store(buf + c);
-    p1.store(buf + c + W);
-    p2.store(buf + c + 2 * W);
-    p3.store(buf + c + 3 * W);
-    const auto a0 = cmp_eq(e0, V(A(0))), a1 = cmp_eq(e1, V(A(0)));
-    const auto a2 = cmp_eq(e2, V(A(0))), a3 = cmp_eq(e3, V(A(0)));
-    s0 = s0 + zero_where(a0, p0);
-    s1 = s1 + zero_where(a1, p1);
-    s2 = s2 + zero_where(a2, p2);
-    s3 = s3 + zero_where(a3, p3);
-    t0 = count_add(count_add(count_add(count_add(t0, a0), a1), a2), a3);
-  }
-  for (; c < C; c += W) {  // single vectors, the last one partial (buf has room for a whole one)
-    const int k = C - c < W ? int(C - c) : W;
-    const typename V::Mask on = V::first(k);
-    const V e = select(on, load_k(x + c, k, A(0)) - mv, V(A(-1)));  // off lanes: any normal exp
-    const V p = vexp_normal(e, oob);
-    p.store(buf + c);
-    const auto at_max = mask_and(on, cmp_eq(e, V(A(0))));
-    s0 = s0 + zero_where(at_max, select(on, p, V(A(0))));
-    t0 = count_add(t0, at_max);
-  }
-  const double rest = double(hsum((s0 + s1) + (s2 + s3))), top = double(hsum(count_value(t0)));
-  if (mask_any(oob)) return false;
-  const double logsum = log_sum(rest, top);
-  *m_out = m;
-  *logsum_out = logsum;
-  const A kp = kp_of(m, logsum);
-  const A f = A(double(kp) / (rest + top));
-  const V fv(f);
-  c = 0;
-  if (stream)  // peel to the alignment streaming stores need
-    for (; c < C && (reinterpret_cast<uintptr_t>(gx + c) % (W * sizeof(T))) != 0; ++c) put(gx + c, buf[c] * f);
-  for (; c + W <= C; c += W) {
-    const V o = V::load(buf + c) * fv;
-    if (stream)
-      o.stream(gx + c);
-    else
-      o.store(gx + c);
-  }
-  for (; c < C; ++c) put(gx + c, buf[c] * f);
-  if (stream) store_fence();  // order the streamed row before the target element's store
-  // p_y - 1: -(S - 1) / S = -(rest + top - 1) / S when the target holds the max, exact from the sum
-  // of the other terms; otherwise p_y < 1/2 (another class has more) and expm1 has no cancellation.
-  const A xy = to_acc<A>(x[y]);
-  const A py_minus_1 = xy == m ? A(-(rest + (top - 1.0)) / (rest + top)) : sexpm1(A((double(xy) - double(m)) - logsum));
-  put(gx + y, kp * py_minus_1);
-  return true;
-}
-
 // Forward; with a.gx (the fused path) also the gradient for a per-row upstream gradient a.grad_scale,
 // written while the row is still in cache.
 template <class T, class A, bool HAS_SCALE>
@@ -578,9 +502,10 @@ int sf_fwd_rows(const SoftmaxFocalArgs& a) {
   const int64_t grain = dynamic_grain(C);
 #pragma omp parallel num_threads(a.nthreads)
   {
-  // fused_short_row's per-thread scratch row, on this thread's stack (a thread_local in a shared
-  // library costs a __tls_get_addr call per use, which GCC does not hoist out of loops).
-  alignas(64) A scratch[kBlock + Vec<A>::W];
+  // fused_row's scratch row, one per thread, allocated per call (a thread_local in a shared library
+  // costs a __tls_get_addr call per use, which GCC does not hoist out of loops).
+  const bool one_exp = std::is_same_v<T, float> && GX && C <= kFusedMaxClasses;
+  std::unique_ptr<A[]> scratch(one_exp ? new A[C + Vec<A>::W] : nullptr);
 #pragma omp for schedule(dynamic, grain)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = r / S, s = r - n * S;
@@ -590,16 +515,19 @@ int sf_fwd_rows(const SoftmaxFocalArgs& a) {
     A loss = 0, dscale = 0;
     // float32 only: float64 keeps one formula for the fused and the unfused gradient, bit for bit
     // (gradcheck runs a retained graph's backward twice and asks for the same bits).
-    if (std::is_same_v<T, float> && GX && live && C <= kBlock) {
+    if (one_exp && live) {
       T* gx = GX + n * a.gx_sN + s * a.gx_sS;
+      const T* next = r + 1 < R ? X + (r + 1) / S * a.x_sN + (r + 1) % S * a.x_sS : nullptr;
       A m;
-      double logsum_d;
-      const bool done = fused_short_row<T, A>(x, gx, scratch, C, y, a.stream, &m, &logsum_d, [&](A mm, double ls) {
+      double logsum_d, rest, top;
+      const bool done = fused_row<T, A>(x, gx, scratch.get(), C, a.stream, next, &m, &logsum_d, &rest, &top,
+                                        [&](A mm, double ls) {
         const A nl = (mm - to_acc<A>(x[y])) + A(ls);
         focal_row<A>(class_factor<A, HAS_SCALE>(a, scale, y), nl, a.gamma, &loss, &dscale);
         return gs * dscale;
       });
       if (done) {
+        put(gx + y, gs * dscale * fused_py_minus_1<A>(to_acc<A>(x[y]), m, logsum_d, rest, top));
         lse_out[r] = m + A(logsum_d);
         loss_out[r] = loss;
         d_out[r] = dscale;

@@ -287,3 +287,112 @@ inline void tile_max(const T* x, int64_t C, int64_t sC, const Tile<A>& tl, const
   }
   for (int u = 0; u < kU; ++u) m[u] = cap(m[u]);
 }
+
+// ------------------------------------------------------------------------------------------------
+// The fused forward and gradient of one row (class stride 1), one exp per element.
+// ------------------------------------------------------------------------------------------------
+
+// Classes a fused row may have. Its exps sit in a per-thread scratch row (4 bytes a class) which,
+// with the row itself, must stay in L2 between the passes (256 KiB + 256 KiB at the limit; Zen 3 has
+// 512 KiB a core, recent Intel cores 1-2 MiB). Longer rows recompute their exps from the lse instead.
+constexpr int64_t kFusedMaxClasses = 65536;
+
+// A row's softmax statistics and its gradient with one exp per element instead of two (one for the
+// sums, one again for the gradient): e_c = exp(x_c - m), m the row max, go into `buf` (C + W elements)
+// while they are summed, and a second sweep writes gx_c = e_c * kp / S (S = sum_c e_c) with
+// kp = kp_of(m, logsum), logsum = log S -- the gradient's factor, which may depend on the loss.
+//
+// The sums run in block_sums_index's order and with its exp (vexp_sum_term is vexp_normal in the
+// normal range), folded into doubles every kBlock classes: a row of at most kBlock classes gets the
+// bits of row_stats_index (its one block's max is the row max). A longer row is summed against the
+// row max where row_stats_index uses a running one, which may round differently in the last bit.
+//
+// `next` (or null): the row this thread is likely to take next, pulled towards L2 while this one is
+// in the exp pass, whose arithmetic would otherwise leave the memory bus idle.
+//
+// Returns false, having written nothing to gx, when m is not finite or some exp left the normal range
+// (logits spread by more than 87): the caller's two-exp path, with its exact redo, takes the row.
+// The target element is the caller's to write, from *rest_out / *top_out (fused_py_minus_1); the
+// streamed stores are fenced before this returns, so that a plain store to gx[y] lands after them.
+template <class T, class A, class KpOf>
+inline bool fused_row(const T* x, T* gx, A* buf, int64_t C, bool stream, const T* next, A* m_out,
+                      double* logsum_out, double* rest_out, double* top_out, KpOf&& kp_of) {
+  using V = Vec<A>;
+  constexpr int W = V::W;
+  const A m = block_max<T, A>(x, C);
+  if (!(m > -std::numeric_limits<A>::infinity() && m < std::numeric_limits<A>::infinity())) return false;
+  const V mv(m);
+  auto oob = mask_none(V());
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
+  double rest = 0, top = 0;
+  int64_t c = 0;
+  for (int64_t c0 = 0; c0 < C; c0 = c) {
+    const int64_t end = c0 + kBlock < C ? c0 + kBlock : C;
+    V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0)), t0(A(0));
+    for (; c + 4 * W <= end; c += 4 * W) {
+      if (next)
+        for (int64_t l = 0; l < 4 * W; l += kLine) __builtin_prefetch(next + c + l, 0, 2);
+      const V e0 = V::load(x + c) - mv, e1 = V::load(x + c + W) - mv;
+      const V e2 = V::load(x + c + 2 * W) - mv, e3 = V::load(x + c + 3 * W) - mv;
+      const V p0 = vexp_normal(e0, oob), p1 = vexp_normal(e1, oob);
+      const V p2 = vexp_normal(e2, oob), p3 = vexp_normal(e3, oob);
+      p0.store(buf + c);
+      p1.store(buf + c + W);
+      p2.store(buf + c + 2 * W);
+      p3.store(buf + c + 3 * W);
+      const auto a0 = cmp_eq(e0, V(A(0))), a1 = cmp_eq(e1, V(A(0)));
+      const auto a2 = cmp_eq(e2, V(A(0))), a3 = cmp_eq(e3, V(A(0)));
+      s0 = s0 + zero_where(a0, p0);
+      s1 = s1 + zero_where(a1, p1);
+      s2 = s2 + zero_where(a2, p2);
+      s3 = s3 + zero_where(a3, p3);
+      t0 = count_add(count_add(count_add(count_add(t0, a0), a1), a2), a3);
+    }
+    for (; c < end; c += W) {  // single vectors, the last one partial (buf has room for a whole one)
+      const int k = end - c < W ? int(end - c) : W;
+      const typename V::Mask on = V::first(k);
+      const V e = select(on, load_k(x + c, k, A(0)) - mv, V(A(-1)));  // off lanes: any normal exp
+      const V p = vexp_normal(e, oob);
+      p.store(buf + c);
+      const auto at_max = mask_and(on, cmp_eq(e, V(A(0))));
+      s0 = s0 + zero_where(at_max, select(on, p, V(A(0))));
+      t0 = count_add(t0, at_max);
+    }
+    rest += double(hsum((s0 + s1) + (s2 + s3)));
+    top += double(hsum(count_value(t0)));
+  }
+  if (mask_any(oob)) return false;
+  const double logsum = log_sum(rest, top);
+  *m_out = m;
+  *logsum_out = logsum;
+  *rest_out = rest;
+  *top_out = top;
+  const A f = A(double(kp_of(m, logsum)) / (rest + top));
+  const V fv(f);
+  c = 0;
+  if (stream)  // peel to the alignment streaming stores need
+    for (; c < C && (reinterpret_cast<uintptr_t>(gx + c) % (W * sizeof(T))) != 0; ++c) put(gx + c, buf[c] * f);
+  for (; c + W <= C; c += W) {
+    const V o = V::load(buf + c) * fv;
+    if (stream)
+      o.stream(gx + c);
+    else
+      o.store(gx + c);
+  }
+  for (; c < C; ++c) put(gx + c, buf[c] * f);
+  if (stream) store_fence();  // order the streamed row before the caller's store of the target element
+  return true;
+}
+
+// p_y - 1 of a row fused_row summed: -(S - 1) / S = -(rest + top - 1) / S when the target holds the
+// max, exact from the sum of the other terms; otherwise p_y < 1/2 (another class has more) and expm1
+// has no cancellation.
+template <class A>
+inline A fused_py_minus_1(A xy, A m, double logsum, double rest, double top) {
+  return xy == m ? A(-(rest + (top - 1.0)) / (rest + top)) : sexpm1(A((double(xy) - double(m)) - logsum));
+}
+// p_y itself, to the same relative precision.
+template <class A>
+inline A fused_py(A xy, A m, double logsum, double rest, double top) {
+  return xy == m ? A(1.0 / (rest + top)) : sexp(A((double(xy) - double(m)) - logsum));
+}

@@ -23,9 +23,9 @@ from ._utils import (
     weighted_result_dtype,
 )
 from .ops import huber as _huber
-from .ops.cross_entropy import CrossEntropyFunction
+from .ops.cross_entropy import CrossEntropyFunction, fused_gradient
 from .ops.linear_cross_entropy import LinearCrossEntropyFunction, default_chunk_size
-from .ops.focal import SigmoidFocalFunction, SoftmaxFocalFunction, fused_gradient
+from .ops.focal import SigmoidFocalFunction, SoftmaxFocalFunction
 
 __all__ = [
     "cross_entropy",
@@ -165,9 +165,12 @@ def cross_entropy(
             torch._assert_async(ok.all(), "cross_entropy: a target is out of bounds [0, C)")
         elif backend != "cpu":  # the C++ kernels check targets themselves
             reference.check_targets_in_range(target, num_classes, ignore_index)
+    # float16 is left out of the fused path: its users scale the loss (see ops/cross_entropy.py).
+    fused = not target.is_floating_point() and fused_gradient(
+        backend, reduction, input, (torch.float32, torch.float64, torch.bfloat16))
     loss, lse = CrossEntropyFunction.apply(
         input, target, weight, ignore_index, reduction, label_smoothing, float(z_loss),
-        float(softcap or 0.0), bool(inplace_backward), backend,
+        float(softcap or 0.0), bool(inplace_backward), backend, fused,
     )
     return (loss, lse) if return_lse else loss
 
@@ -269,7 +272,6 @@ def linear_cross_entropy(
         float(z_loss), float(softcap or 0.0), chunk, backend,
     )
     return out.reshape(lead) if reduction == "none" else out
-    return CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing, backend)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -525,6 +525,148 @@ def test_ops_reject_out_of_range_target_directly():
         torch.ops.lossfuse.cross_entropy_bwd(torch.ones(3, 1), x, t, None, lse, -100, 0.0, 0.0, 0.0, True, False)
 
 
+# ------------------------------------------------------------------------------------------------
+# The fused path: the forward also writes the gradient (ops/cross_entropy.py)
+# ------------------------------------------------------------------------------------------------
+
+FUSED_OPTIONS = {
+    "plain": {},
+    "weight_ignore": {"weight": True, "ignore": -100},
+    "zloss": {"z_loss": 1e-3},
+    "smoothing": {"label_smoothing": 0.1, "weight": True},
+    "softcap": {"softcap": 20.0},
+}
+
+
+def _unfused(x, y, reduction, kw):
+    """The same loss through the autograd Function without the fused path: forward and backward kernels."""
+    return lossfuse.CrossEntropyFunction.apply(
+        x, y, kw.get("weight"), kw.get("ignore_index", -100), reduction, kw.get("label_smoothing", 0.0),
+        float(kw.get("z_loss", 0.0)), float(kw.get("softcap") or 0.0), False, "cpu", False)[0]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("option", list(FUSED_OPTIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(300, 40), (24, 9000), (6, 3, 5)], ids=str)
+def test_fused_gradient_matches_backward_kernel(shape, dtype, option, reduction):
+    """The gradient the fused forward writes (loss.backward()) against the backward kernel's: float64
+    bit for bit; float32 and bfloat16 -- whose short rows take one exp per element, p_c from the exps
+    summed rather than from the lse -- as close to float64 as the backward kernel's, on average and at
+    worst within a few ulps. grad_output != 1 and a retained graph's second use agree too."""
+    cpu_kernels_or_skip()
+    opts = dict(FUSED_OPTIONS[option])
+    extra = {k: opts.pop(k) for k in ("z_loss", "softcap") if k in opts}
+    x, y, kw = make_case(shape, dtype, opts)
+    kw.update(extra)
+    x.requires_grad_(True)
+    (g_unfused,) = torch.autograd.grad(_unfused(x, y, reduction, kw), x)
+    out = lossfuse.cross_entropy(x, y, reduction=reduction, **kw)
+    if dtype == torch.float64:
+        assert torch.equal(out.detach(), _unfused(x, y, reduction, kw).detach())
+    (g1,) = torch.autograd.grad(out, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(out * 3.0, x, retain_graph=True)
+    (g3,) = torch.autograd.grad(out, x)
+    (g_unfused3,) = torch.autograd.grad(_unfused(x, y, reduction, kw) * 3.0, x)
+    if dtype == torch.float64:
+        assert torch.equal(g1, g_unfused)
+        assert torch.equal(g3, g_unfused)  # the retained graph's second use runs the backward kernel
+    else:
+        xd = x.detach().double().requires_grad_(True)
+        kw64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+        ref = lossfuse.reference.cross_entropy(xd, y, kw64.get("weight"), kw64.get("ignore_index", -100), reduction,
+                                               kw64.get("label_smoothing", 0.0), z_loss=kw64.get("z_loss", 0.0),
+                                               softcap=kw64.get("softcap"))
+        (g64,) = torch.autograd.grad(ref, xd)
+        assert_close(g1, g64, dtype, "fused")
+        unfused_err = ulps_apart(g_unfused, g64, dtype)
+        fused_err = ulps_apart(g1, g64, dtype)
+        assert fused_err.mean() <= unfused_err.mean() * 1.05 + 0.01
+        assert fused_err.max() <= unfused_err.max() + 4
+        # The retained graph's second use runs the backward kernel, on the fused forward's lse: up to
+        # 4096 classes the unfused forward's bits; over it, summed against the row max rather than a
+        # running one, an lse apart by rounding (the gradients then by as much as either is from float64).
+        if shape[1] <= 4096:
+            assert torch.equal(g3, g_unfused)
+        else:
+            assert ulps_apart(g3, g64, dtype).max() <= unfused_err.max() + 4
+    if dtype == torch.bfloat16:
+        # A bfloat16 gradient must be scaled before its one cast: grad_output 3 runs the backward kernel.
+        if shape[1] <= 4096:
+            assert torch.equal(g2, g_unfused3)
+        else:
+            assert_close(g2, g_unfused3.double(), dtype, "scaled")
+    else:
+        assert_close(g2, 3 * g_unfused.double(), dtype, "scaled")
+
+
+def test_fused_gradient_keeps_the_losses_bits():
+    """Rows of at most 4096 classes: the fused forward's statistics are the unfused forward's, so the
+    loss is bit for bit the same (float32 and bfloat16; float64 everywhere)."""
+    cpu_kernels_or_skip()
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y, kw = make_case((257, 1000), dtype, {"weight": True, "ignore": -100})
+        x.requires_grad_(True)
+        assert torch.equal(lossfuse.cross_entropy(x, y, **kw), _unfused(x, y, "mean", kw))
+
+
+def test_fused_rows_with_a_spread_beyond_the_normal_range():
+    """Logits spread by more than 87 (exps below float32's normal range) and rows of -inf: the fused
+    walk hands such rows to the two-exp path, whose exact redo keeps the subnormal probabilities."""
+    cpu_kernels_or_skip()
+    x = torch.randn(16, 5000) * 3
+    x[3, 7] = 95.0                       # every other exp of the row is subnormal or 0
+    x[5, :100] = -100.0                  # some exps of the row underflow below the normal range
+    x[9, 2000:] = float("-inf")          # a masked part of the vocabulary
+    y = torch.randint(0, 2000, (16,))
+    y[3] = 7
+    x.requires_grad_(True)
+    loss = lossfuse.cross_entropy(x, y)
+    loss.backward()
+    xd = x.detach().double().requires_grad_(True)
+    ref = F.cross_entropy(xd, y)
+    ref.backward()
+    assert_close(loss, ref, torch.float32, "loss")
+    assert_close(x.grad, xd.grad, torch.float32, "grad")
+    tiny = torch.finfo(torch.float32).tiny
+    nz = (xd.grad.abs() > tiny * 2.0**-20) & (xd.grad.abs() < tiny)  # subnormal in float32, not rounding to 0
+    assert nz.any() and (x.grad[nz] != 0).all()  # subnormal gradients are kept, not flushed
+
+
+def test_fused_path_reports_a_bad_target():
+    cpu_kernels_or_skip()
+    x = torch.randn(4, 10, requires_grad=True)
+    with pytest.raises(IndexError, match="Target 10 is out of bounds"):
+        lossfuse.cross_entropy(x, torch.tensor([1, 10, 2, 3]))
+
+
+def test_fused_gradient_is_adopted_without_a_copy():
+    """loss.backward(): .grad is the very tensor the fused forward wrote (no clone by autograd)."""
+    cpu_kernels_or_skip()
+    x = torch.randn(64, 1000, requires_grad=True)
+    ptrs = []
+    x.register_hook(lambda g: ptrs.append(g.data_ptr()))  # keeps no reference to the tensor
+    lossfuse.cross_entropy(x, torch.randint(0, 1000, (64,))).backward()
+    assert x.grad.data_ptr() == ptrs[-1]
+
+
+@pytest.mark.parametrize("prob", [False, True])
+@pytest.mark.parametrize("layout", ["classes", "spatial"])
+def test_opcheck_fused(prob, layout):
+    cpu_kernels_or_skip()
+    x, t, w = _op_args(prob, layout)
+    op = torch.ops.lossfuse.cross_entropy_fused
+    torch.library.opcheck(op, (x, t, w, -100, 0.1, 1e-3, 0.0, 0.25))
+    torch.library.opcheck(op, (x, t, None, -100, 0.0, 0.0, 5.0, 1.0))
+    loss, lse, gx = op(x, t, w, -100, 0.1, 1e-3, 0.0, 0.25)
+    loss2, lse2 = torch.ops.lossfuse.cross_entropy_fwd(x, t, w, -100, 0.1, 1e-3, 0.0)
+    gx2, _ = torch.ops.lossfuse.cross_entropy_bwd(torch.tensor(0.25).expand(4, 5), x, t, w, lse2, -100, 0.1, 1e-3,
+                                                 0.0, True, False)
+    assert torch.equal(loss, loss2) and torch.equal(lse, lse2)
+    torch.testing.assert_close(gx, gx2, atol=1e-6, rtol=1e-5)
+    assert gx.stride() == gx2.stride()
+
+
 @pytest.mark.parametrize("prob", [False, True])
 def test_torch_compile_fullgraph(prob):
     cpu_kernels_or_skip()

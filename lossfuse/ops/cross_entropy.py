@@ -10,12 +10,24 @@ Three ops carry the work, over logits viewed as (N, C, S) -- S the product of an
   lossfuse::cross_entropy_bwd_inplace(grad, input!, target, weight, lse, ignore_index,
                                       label_smoothing, z_loss, softcap, target_grad) -> grad_target
       the input gradient written over the logits (no second N x C buffer)
+  lossfuse::cross_entropy_fused(input, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                                grad_scale) -> (loss, lse, grad_input)
+      the forward, and from the same walk the input gradient for the upstream gradient grad_scale on
+      every row: the logits are read from memory once instead of twice (the fused path, below)
 
 ``target`` is int64 (N, S) class indices or a floating (N, C, S) probability target. ``softcap`` 0
 means none. lse is saved in float64 so that the backward can form x - lse without the rounding of a
 float32 lse (half an ulp of |lse|). CPU kernels are C++ (csrc/cross_entropy.cpp), CUDA kernels Triton
 (lossfuse/triton/cross_entropy.py). Reductions and their denominators are computed here, once, for
 every backend.
+
+The fused path (CPU backend, class-index targets, mean or sum, float32 / float64 / bfloat16 logits
+requiring grad, not in place, not under torch.compile): the forward calls cross_entropy_fused with
+the gradient's scale for grad_output = 1, and backward() hands that tensor back when grad_output is
+1 (``loss.backward()``, a training loop without a GradScaler). Any other grad_output: float32 and
+float64 scale it (one extra rounding in the accumulation type), bfloat16 -- whose gradient must be
+scaled before its one cast (DESIGN.md section 3) -- discards it and runs the backward kernel.
+float16 never takes the path: its users scale the loss (GradScaler), and the work would be wasted.
 """
 
 from __future__ import annotations
@@ -35,6 +47,10 @@ _lib.define(
     "cross_entropy_bwd(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
     "int ignore_index, float label_smoothing, float z_loss, float softcap, bool input_grad, "
     "bool target_grad) -> (Tensor, Tensor)"
+)
+_lib.define(
+    "cross_entropy_fused(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+    "float label_smoothing, float z_loss, float softcap, float grad_scale) -> (Tensor, Tensor, Tensor)"
 )
 _lib.define(
     "cross_entropy_bwd_inplace(Tensor grad, Tensor(a!) input, Tensor target, Tensor? weight, Tensor lse, "
@@ -90,13 +106,19 @@ def _bwd_inplace_fake(grad, input, target, weight, lse, ignore_index, label_smoo
     return _target_grad_fake(input, target, target_grad)
 
 
+def _fused_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale):
+    return _fwd_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap) + (empty_like_layout(input),)
+
+
 torch.library.register_fake("lossfuse::cross_entropy_fwd", _fwd_fake, lib=_lib)
+torch.library.register_fake("lossfuse::cross_entropy_fused", _fused_fake, lib=_lib)
 torch.library.register_fake("lossfuse::cross_entropy_bwd", _bwd_fake, lib=_lib)
 torch.library.register_fake("lossfuse::cross_entropy_bwd_inplace", _bwd_inplace_fake, lib=_lib)
 
 register_triton(_lib, "cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd")
 register_triton(_lib, "cross_entropy_bwd", "cross_entropy", "cross_entropy_bwd")
 register_triton(_lib, "cross_entropy_bwd_inplace", "cross_entropy", "cross_entropy_bwd_inplace")
+register_triton(_lib, "cross_entropy_fused", "cross_entropy", "cross_entropy_fused")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,6 +217,36 @@ def _prod(xs) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def fused_gradient(backend: str, reduction: str, input: torch.Tensor,
+                   dtypes=(torch.float32, torch.float64)) -> bool:
+    """Whether a forward should also write the gradient (the fused paths here and in ops/focal.py).
+    Called outside the autograd Function: inside its forward grad mode is always off. CUDA never
+    fuses: checking grad_output == 1 would be a host sync."""
+    return (
+        backend == "cpu"
+        and reduction != "none"
+        and input.dtype in dtypes
+        and input.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def take_fused_gradient(ctx, grad_out):
+    """The gradient the fused forward wrote, for this grad_output; None when there is none (not fused,
+    already used by an earlier backward through a retained graph, or a float16/bfloat16 gradient
+    that grad_output would have to scale after its cast: the caller then runs the backward kernel)."""
+    gx = ctx.fused_grad
+    if gx is None:
+        return None
+    ctx.fused_grad = None  # ours was the last reference: autograd can adopt it as .grad without a copy
+    if grad_out.item() == 1.0:  # CPU only: no device sync
+        return gx
+    if gx.dtype in (torch.float32, torch.float64):
+        return gx * grad_out.to(gx.dtype)
+    return None
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Fused cross-entropy as an autograd Function.
 
@@ -214,7 +266,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                inplace_backward, backend):
+                inplace_backward, backend, fused=False):
         shapes = _Shapes(input, prefer_tiles=backend == "cpu")
         x3 = shapes.input3d(input)
         prob = target.is_floating_point()
@@ -224,17 +276,26 @@ class CrossEntropyFunction(torch.autograd.Function):
             t3 = shapes.target3d(t, x3)
         else:
             t3 = shapes.rows2d(target if target.dtype == torch.int64 else target.long())
-        loss, lse = run(backend, "cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd", x3.device,
-                        x3, t3, weight, ignore_index, float(label_smoothing), float(z_loss), float(softcap))
+        # The fused walk pays off where rows are walked along their classes (and is only asked for
+        # class-index targets: see the module docstring).
+        fused = bool(fused) and not prob and not inplace_backward and classes_contiguous(x3) and not shapes.retile
+        denom = _mean_denominator(t3, weight, ignore_index, prob, acc) if reduction == "mean" else None
+        opts = (ignore_index, float(label_smoothing), float(z_loss), float(softcap))
+        ctx.fused_grad = None
+        if fused:
+            # 1 / denom in the accumulation type: the value the unfused backward would scale by.
+            grad_scale = float(torch.ones((), dtype=acc) / denom) if denom is not None else 1.0
+            loss, lse, ctx.fused_grad = run(backend, "cross_entropy_fused", "cross_entropy", "cross_entropy_fused",
+                                            x3.device, x3, t3, weight, *opts, grad_scale)
+        else:
+            loss, lse = run(backend, "cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd", x3.device,
+                            x3, t3, weight, *opts)
 
         if reduction == "none":
             out = loss.reshape(shapes.row_shape())
-            denom = None
         elif reduction == "sum":
             out = loss.sum()
-            denom = None
         else:
-            denom = _mean_denominator(t3, weight, ignore_index, prob, acc)
             out = loss.sum() / denom
 
         if prob:
@@ -246,7 +307,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
         ctx.shapes = shapes
         ctx.reduction = reduction
-        ctx.opts = (ignore_index, float(label_smoothing), float(z_loss), float(softcap))
+        ctx.opts = opts
         ctx.inplace = bool(inplace_backward)
         ctx.backend = backend
         ctx.prob = prob
@@ -263,9 +324,12 @@ class CrossEntropyFunction(torch.autograd.Function):
         shapes = ctx.shapes
         need_input = ctx.needs_input_grad[0]
         need_target = ctx.prob and ctx.needs_input_grad[1]
-        none = (None,) * 8
+        none = (None,) * 9
         if not (need_input or need_target):
             return (None, None) + none
+        gx3 = take_fused_gradient(ctx, grad_out) if need_input else None
+        if gx3 is not None:  # the fused path: class-index targets, so no target gradient
+            return (shapes.from3d(gx3), None) + none
         acc = acc_dtype(x3.dtype)
         g = grad_out.to(acc)
         n, s = lse.shape

@@ -45,7 +45,7 @@ from torch.autograd.function import once_differentiable
 
 from .._utils import acc_dtype, result_dtype
 from ._common import register_triton, run
-from .cross_entropy import _mean_denominator, _Shapes, empty_like_layout
+from .cross_entropy import _mean_denominator, _Shapes, empty_like_layout, take_fused_gradient
 
 # Elements per partial sum of a reduced sigmoid focal loss (every backend sums in these blocks).
 SUM_BLOCK = 4096
@@ -104,31 +104,6 @@ for _op in ("sigmoid_focal_fwd", "sigmoid_focal_bwd", "softmax_focal_fwd", "soft
 # ----------------------------------------------------------------------------------------------
 
 
-def fused_gradient(backend: str, reduction: str, input: torch.Tensor) -> bool:
-    """Whether the forward should also write the gradient (the fused path, see the module docstring).
-    Called outside the autograd Function: inside its forward grad mode is always off."""
-    return (
-        backend == "cpu"
-        and reduction != "none"
-        and input.dtype in (torch.float32, torch.float64)
-        and input.requires_grad
-        and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-    )
-
-
-def _take_fused_gradient(ctx, grad_out):
-    """The gradient the fused forward wrote, for this grad_output; None when there is none (not fused,
-    or already used by an earlier backward through a retained graph)."""
-    gx = ctx.fused_grad
-    if gx is None:
-        return None
-    ctx.fused_grad = None  # ours was the last reference: autograd can adopt it as .grad without a copy
-    if grad_out.item() == 1.0:  # CPU only: no device sync
-        return gx
-    return gx * grad_out.to(gx.dtype)
-
-
 class SigmoidFocalFunction(torch.autograd.Function):
     """Fused sigmoid focal loss as an autograd Function.
 
@@ -176,7 +151,7 @@ class SigmoidFocalFunction(torch.autograd.Function):
         x, t = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 7
-        gx = _take_fused_gradient(ctx, grad_out)
+        gx = take_fused_gradient(ctx, grad_out)
         if gx is not None:
             return gx, None, None, None, None, None, None
         acc = acc_dtype(x.dtype)
@@ -258,7 +233,7 @@ class SoftmaxFocalFunction(torch.autograd.Function):
         x3, t3, lse, dscale, denom = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 9
-        gx3 = _take_fused_gradient(ctx, grad_out)
+        gx3 = take_fused_gradient(ctx, grad_out)
         if gx3 is None:
             g = grad_out.to(lse.dtype)
             n, s = lse.shape

@@ -32,7 +32,7 @@ import triton.language as tl
 from .._utils import acc_dtype
 from ..ops.cross_entropy import classes_contiguous, empty_like_layout
 
-__all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_inplace"]
+__all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_inplace", "cross_entropy_fused"]
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _NAN = tl.constexpr(float("nan"))
@@ -560,3 +560,15 @@ def cross_entropy_bwd_inplace(grad, input, target, weight, lse, ignore_index, la
     _launch_bwd(grad, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap, input, gt,
                 True, bool(target_grad) and prob)
     return gt
+
+
+def cross_entropy_fused(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale):
+    """The fused op's contract (loss, lse, grad_input for grad_scale on every row) as the two kernels in
+    turn. The autograd Function asks for the fused op on the CPU only; this keeps the op complete on
+    CUDA for whoever calls it directly."""
+    loss, lse = cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+    n, _, s = input.shape
+    g = torch.full((1, 1), float(grad_scale), dtype=acc_dtype(input.dtype), device=input.device).expand(n, s)
+    gi, _ = cross_entropy_bwd(g, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
+                              True, False)
+    return loss, lse, gi

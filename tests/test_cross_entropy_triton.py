@@ -607,3 +607,21 @@ def test_confident_rows_keep_their_tiny_loss(shape, prob):
     assert ref.min() < 1e-3
     rel = ((out.double() - ref) / ref).abs().max().item()
     assert rel < 4e-6, f"worst relative error {rel:.3g}"
+
+
+def test_fused_op_is_the_two_kernels():
+    """lossfuse::cross_entropy_fused on CUDA (asked for only on the CPU by the autograd Function, but
+    public): the forward, and the backward kernel for grad_scale on every row."""
+    x3 = torch.randn(5, 11, 1, device=DEVICE) * 3
+    y = torch.randint(0, 11, (5, 1), device=DEVICE)
+    y[2, 0] = -100
+    w = torch.rand(11, device=DEVICE) + 0.5
+    loss, lse, gx = tk.cross_entropy_fused(x3, y, w, -100, 0.1, 1e-3, 0.0, 0.25)
+    loss2, lse2 = tk.cross_entropy_fwd(x3, y, w, -100, 0.1, 1e-3, 0.0)
+    gx2, _ = tk.cross_entropy_bwd(torch.full((5, 1), 0.25, device=DEVICE), x3, y, w, lse2, -100, 0.1, 1e-3, 0.0,
+                                  True, False)
+    assert torch.equal(loss, loss2) and torch.equal(lse, lse2) and torch.equal(gx, gx2)
+    xd = x3.double().squeeze(2).requires_grad_(True)
+    ref = reference.cross_entropy(xd, y.squeeze(1), w.double(), -100, "sum", 0.1, z_loss=1e-3)
+    (g64,) = torch.autograd.grad(ref * 0.25, xd)
+    assert_close(gx.squeeze(2), g64, *TOL[torch.float32]["grad"], "grad")

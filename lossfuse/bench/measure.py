@@ -3,7 +3,8 @@
 Timing. Every provider has run once before (the correctness check, where torch.compile compiles);
 a first round of single calls warms up and sizes the blocks (see ``interleaved``). The providers are
 timed in rounds, round-robin, the starting provider rotating from round to round, so a change in machine load during the run hits all of them
-alike; a provider's time is the median over rounds, its spread the inter-quartile range and min/max,
+alike; before each block the gradients left on the shared inputs are dropped, untimed;
+a provider's time is the median over rounds, its spread the inter-quartile range and min/max,
 and a speed-up is the median of the per-round ratios, each taken from providers timed moments apart.
 
   CPU   one round = one ``torch.utils.benchmark.Timer(...).timeit(number)`` block per provider
@@ -106,7 +107,7 @@ def _cuda_once(step: Callable, rep_ms: float) -> float:
 
 
 def interleaved(steps: dict, device: torch.device, threads: int, *, rounds: int, min_rounds: int,
-                block_s: float, budget_s: float) -> tuple:
+                block_s: float, budget_s: float, setup: dict | None = None) -> tuple:
     """Time every step of ``steps`` (name -> callable) in interleaved rounds.
 
     Every step has already run once (the correctness check, where torch.compile compiled). The first
@@ -115,6 +116,11 @@ def interleaved(steps: dict, device: torch.device, threads: int, *, rounds: int,
     block -- where calls take seconds, a separate warm-up round would cost as much as a measured one --
     and is dropped as a warm-up otherwise.
 
+    ``setup`` (name -> callable, optional) runs untimed before each of that step's blocks. Providers
+    share their input tensors, so the runner uses it to drop the gradients the previous provider left
+    on them: freeing those (torch's 500 MB gradient returned to the OS, say) is not the next
+    provider's cost.
+
     Returns (per-provider list of per-round seconds per call, calls per block, rounds kept).
     """
     names = list(steps)
@@ -122,6 +128,8 @@ def interleaved(steps: dict, device: torch.device, threads: int, *, rounds: int,
     def one_round(r: int, number: dict, out: dict) -> None:
         k = r % len(names)
         for n in names[k:] + names[:k]:
+            if setup and n in setup:
+                setup[n]()
             if device.type == "cuda":
                 out[n].append(_cuda_once(steps[n], rep_ms=max(10.0, block_s * 1e3)))
             else:

@@ -568,7 +568,7 @@ def _run_mode(c: _ModeContext, mode: str, names: list, fns: dict, psets: dict, s
     if steps:
         times, number, r_count = measure.interleaved(
             steps, device, c.threads, rounds=c.rounds, min_rounds=c.min_rounds, block_s=c.block_s,
-            budget_s=c.budget_s)
+            budget_s=c.budget_s, setup={name: mems[name][1] for name in steps})
     c.clock(f"{mode} timing")
     for name in names:
         if name in steps:

@@ -211,15 +211,6 @@ inline void bwd_index_row(const CeArgs& a, const Consts<A>& k, const SoftCap<A, 
   put(gx + y, gy);
 }
 
-template <class T, class A>
-inline void zero_grad_row(T* gx, int64_t C) {
-  using V = Vec<A>;
-  const V z(A(0));
-  int64_t c = 0;
-  for (; c + V::W <= C; c += V::W) z.store(gx + c);
-  for (; c < C; ++c) put(gx + c, A(0));
-}
-
 template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
 int ce_bwd_index_rows(const CeArgs& a) {
   const T* X = static_cast<const T*>(a.x);
@@ -236,7 +227,7 @@ int ce_bwd_index_rows(const CeArgs& a) {
     const int64_t y = a.y[n * a.y_sN + s * a.y_sS];
     if (y == a.ignore_index || y < 0 || y >= C) {
       if (y != a.ignore_index) flag_bad(&bad);
-      zero_grad_row<T, A>(gx, C);
+      zero_row<T, A>(gx, C);
       continue;
     }
     bwd_index_row<T, A, HAS_W, SMOOTH, CAP>(a, k, cap, X + n * a.x_sN + s * a.x_sS, gx, y, G[n * a.g_sN + s * a.g_sS],
@@ -303,7 +294,7 @@ int ce_fused_index_rows(const CeArgs& a) {
     if (live)
       bwd_index_row<T, A, HAS_W, SMOOTH, CAP>(a, k, cap, x, gx, y, g, a.lse[r]);
     else
-      zero_grad_row<T, A>(gx, C);
+      zero_row<T, A>(gx, C);
   }
   }
   return bad;

@@ -412,15 +412,6 @@ inline A class_factor(const SoftmaxFocalArgs& a, const A* scale, int64_t y) {
 
 // ---- Row walk (class stride 1) -------------------------------------------------------------------
 
-template <class T, class A>
-inline void zero_row(T* gx, int64_t C) {
-  using V = Vec<A>;
-  const V z(A(0));
-  int64_t c = 0;
-  for (; c + V::W <= C; c += V::W) z.store(gx + c);
-  for (; c < C; ++c) put(gx + c, A(0));
-}
-
 // The gradient of one counted row: kp p_c off the target, kp (p_y - 1) at it, kp = g D formed in fp32
 // and applied to every element before its single cast.
 template <class T, class A>

@@ -93,6 +93,16 @@ inline A block_max(const T* x, int64_t n) {
   return m;
 }
 
+// A gradient row of exact zeros (an ignored target).
+template <class T, class A>
+inline void zero_row(T* gx, int64_t C) {
+  using V = Vec<A>;
+  const V z(A(0));
+  int64_t c = 0;
+  for (; c + V::W <= C; c += V::W) z.store(gx + c);
+  for (; c < C; ++c) put(gx + c, A(0));
+}
+
 // Softmax denominators are kept as (rest, top): top counts the terms at the row max (x = m, whose
 // exp is exactly 1) and rest sums the others. A confident row's log-sum is then
 // log1p(rest + (top - 1)) = log1p(rest), exact to its last bit, where 1 + rest summed in fp32 lanes

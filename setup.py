@@ -19,7 +19,7 @@ cmdclass = {}
 if os.environ.get("LOSSFUSE_NO_EXT", "0") in ("", "0"):
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    compile_args = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    compile_args = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
     ext_modules.append(
         CppExtension(
             name="lossfuse._C",

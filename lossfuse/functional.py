@@ -23,7 +23,8 @@ from ._utils import (
     weighted_result_dtype,
 )
 from .ops import huber as _huber
-from .ops.cross_entropy import CrossEntropyFunction, fused_gradient
+from .ops._common import fused_gradient
+from .ops.cross_entropy import CrossEntropyFunction
 from .ops.linear_cross_entropy import LinearCrossEntropyFunction, default_chunk_size
 from .ops.focal import SigmoidFocalFunction, SoftmaxFocalFunction
 

@@ -1,6 +1,6 @@
 """Reference implementations in plain PyTorch: the test oracle and the fallback backend.
 
-Each function is written from the formulas in DESIGN.md section 2, independently of the kernels, and
+Each function is written from the formulas in docs/design.md ("What each loss computes"), independently of the kernels, and
 its gradient comes from autograd rather than from a hand-derived backward -- so a test that compares
 a kernel with it checks the kernel's derivative too. Inputs are assumed already validated by
 ``lossfuse.functional``; math runs in float32 (float64 for float64 inputs).
@@ -142,7 +142,7 @@ def huber_loss(
     delta: float = 1.0,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DESIGN.md section 2: 0.5 d^2 if |d| < delta else delta (|d| - delta / 2), times the elementwise
+    """docs/design.md: 0.5 d^2 if |d| < delta else delta (|d| - delta / 2), times the elementwise
     weight. Result in the input's dtype (float32 under autocast), promoted by a floating weight."""
     out_dtype = result_dtype(input.dtype, input.device)
     if weight is not None:
@@ -156,7 +156,7 @@ def smooth_l1_loss(
     reduction: str = "mean",
     beta: float = 1.0,
 ) -> torch.Tensor:
-    """DESIGN.md section 2: 0.5 d^2 / beta if |d| < beta else |d| - beta / 2; beta = 0 is L1. Result
+    """docs/design.md: 0.5 d^2 / beta if |d| < beta else |d| - beta / 2; beta = 0 is L1. Result
     in the promoted dtype of input and target (float32 for fp16/bf16 under autocast)."""
     out_dtype = torch.promote_types(result_dtype(input.dtype, input.device), result_dtype(target.dtype, input.device))
     mode = "l1" if beta == 0 else "smooth_l1"

@@ -77,3 +77,17 @@ def ulps_apart(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtyp
     mag = expected64.to(dtype).abs().to(torch.float64).clamp_min(info.smallest_normal)
     spacing = torch.exp2(torch.floor(torch.log2(mag))) * info.eps
     return (actual.to(torch.float64) - expected64).abs() / spacing
+
+
+def spy_ops(monkeypatch, module, calls: list) -> None:
+    """Replace every ``lossfuse::`` op object of an ops module (lossfuse/ops/_common.py, Op) with a
+    wrapper that records ``(op name, args)`` in ``calls`` and then runs the op."""
+    from lossfuse.ops._common import Op
+
+    for attr, op in list(vars(module).items()):
+        if isinstance(op, Op):
+            def spy(backend, *args, _op=op):
+                calls.append((_op.name, args))
+                return _op(backend, *args)
+
+            monkeypatch.setattr(module, attr, spy)

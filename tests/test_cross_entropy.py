@@ -185,7 +185,7 @@ def test_strided_inputs(shape, layout, prob, backend):
 def test_short_rows_in_tile_layout(layout, opts, inplace):
     """Many rows of few classes (class stride 1): the CPU backend copies them into the tile layout."""
     cpu_kernels_or_skip()
-    from lossfuse.ops import cross_entropy as ops_ce
+    from lossfuse._layout import RowShapes
 
     shape = (700, 13) if layout != "channels_last" else (3, 13, 16, 15)
     x0, target, kw = make_case(shape, torch.float32, opts)
@@ -195,7 +195,7 @@ def test_short_rows_in_tile_layout(layout, opts, inplace):
             target = target.contiguous(memory_format=torch.channels_last)
     elif layout == "transposed_rows":  # class stride != 1: the existing transposed walk, no retile
         x0 = x0.t().contiguous().t()
-    assert ops_ce._Shapes(x0, prefer_tiles=True).retile == (layout != "transposed_rows")
+    assert RowShapes(x0, prefer_tiles=True).retile == (layout != "transposed_rows")
     leaf = x0.clone().requires_grad_(True)
     prob = target.is_floating_point()
     tgt = target.clone().requires_grad_(True) if prob else target

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .._utils import acc_dtype
-from ..ops.cross_entropy import classes_contiguous, empty_like_layout
+from .._layout import classes_contiguous, empty_like_layout
 
 __all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_inplace", "cross_entropy_fused"]
 

@@ -1,4 +1,8 @@
-"""The losses the suite knows: one small declarative entry each.
+"""One description per loss, used by ``python -m lossfuse.verify``, the benchmark suite
+(``lossfuse-bench``) and the tests: how to make its inputs for a shape, the plain-PyTorch code it
+replaces (timed as torch eager and torch.compile, and evaluated in float64 as the oracle), the lossfuse
+call, the bytes it must move, and -- in ``TOLERANCES`` -- how close to the float64 result each dtype
+must come.
 
 An entry says, for one loss:
 
@@ -14,9 +18,12 @@ An entry says, for one loss:
   arithmetic, not its memory traffic, bounds its time (linear + cross-entropy: matmuls);
 * optionally ``mem_ref_bytes(shape, dtype, variant)`` and ``mem_ref_name``: what ``extra_mem_pct`` is a
   percentage of (default: the size of the differentiable inputs);
-* optionally ``anchor``: the provider the loss's ``speedup_vs_anchor`` column compares with.
+* optionally ``anchor``: the provider the loss's ``speedup_vs_anchor`` column compares with;
+* optionally ``options``: keyword arguments per variant, passed to both ``torch_fn`` and ``lossfuse_fn``
+  (``torch_call(variant)`` / ``lossfuse_call(variant)`` bind them).
 
-Every loss is timed with ``reduction="mean"`` and the torch/torchvision defaults for its options.
+Every loss is timed with ``reduction="mean"`` and, unless a variant says otherwise, the torch/torchvision
+defaults for its options.
 
 To add a loss: write its three callables and its byte formula, append a ``LossEntry`` to ``LOSSES``, and
 give it shapes in ``presets.py``.
@@ -24,6 +31,7 @@ give it shapes in ``presets.py``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -32,6 +40,62 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tolerances: the one table. A lossfuse result is compared with the float64 result element by element,
+# |actual - expected| <= atol * max|expected| + rtol * |expected|: atol scales with the largest value, so
+# one row serves losses of size 10 and gradients of size 1e-5; rtol allows one rounding of the output
+# dtype (half an ulp is 2^-11 for float16, 2^-8 for bfloat16) with room for the accumulation order.
+# ``norm`` bounds ||actual - expected|| / ||expected||, the check every benchmark provider passes before
+# it is timed -- torch's own low-precision code included, which rounds in more places than lossfuse.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    norm: float
+
+
+TOLERANCES = {
+    torch.float64: Tolerance(atol=1e-12, rtol=1e-10, norm=1e-9),
+    torch.float32: Tolerance(atol=2e-6, rtol=2e-5, norm=1e-5),
+    torch.float16: Tolerance(atol=2e-3, rtol=2 ** -10, norm=5e-3),
+    torch.bfloat16: Tolerance(atol=1.6e-2, rtol=2 ** -7, norm=1e-2),
+}
+
+
+def mismatches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, rtol: float | None = None):
+    """(bad, err, tol): the elements of ``actual`` outside ``dtype``'s tolerance around the float64
+    ``expected``. Non-finite expected values must be matched exactly (NaN where NaN, the same infinity);
+    NaN in ``actual`` where the expected value is finite is a mismatch."""
+    tol_row = TOLERANCES[dtype]
+    rtol = tol_row.rtol if rtol is None else rtol
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    finite = torch.isfinite(e)
+    same_nonfinite = (torch.isnan(a) & torch.isnan(e)) | (a == e)
+    bad = ~finite & ~same_nonfinite
+    scale = e[finite].abs().max().item() if finite.any() else 0.0
+    # Floor the scale: where every expected value is 0 (C = 1), roundoff still needs some room.
+    scale = max(scale, 1e-3)
+    tol = tol_row.atol * scale + rtol * e.abs()
+    err = (a - e).abs()
+    bad |= finite & ~(err <= tol)
+    return bad, err, tol
+
+
+def error_ratio(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> float:
+    """The worst element's error as a multiple of its tolerance: <= 1 passes; inf for a non-finite
+    mismatch (NaN against a number, or a wrong infinity)."""
+    bad, err, tol = mismatches(actual, expected, dtype)
+    finite = torch.isfinite(expected.detach().to(torch.float64).cpu())
+    if (bad & ~(finite & torch.isfinite(err))).any():
+        return math.inf
+    ratio = err[finite] / tol[finite]
+    return float(ratio.max()) if ratio.numel() else 0.0
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -81,8 +145,20 @@ class LossEntry:
     modes: tuple = MODES        # the modes that can be measured; others get a skipped row with modes_note
     modes_note: str = ""
 
+    options: dict = field(default_factory=dict)   # variant -> keyword arguments of both calls
+
     def label_variant(self, variant: str) -> str:
         return self.variants.get(variant, variant)
+
+    def torch_call(self, variant: str = "") -> Callable:
+        """``torch_fn`` with the variant's options bound: (*tensors) -> loss."""
+        kw = self.options.get(variant)
+        return functools.partial(self.torch_fn, **kw) if kw else self.torch_fn
+
+    def lossfuse_call(self, variant: str = "") -> Callable:
+        """``lossfuse_fn`` with the variant's options bound: (fn, *tensors, backend=...) -> loss."""
+        kw = self.options.get(variant)
+        return functools.partial(self.lossfuse_fn, **kw) if kw else self.lossfuse_fn
 
 
 def _randn(shape, dtype, device, gen, scale=1.0, shift=0.0):
@@ -102,29 +178,39 @@ IGNORE_FRACTION = 0.05  # of the targets set to ignore_index in the "ignore_inde
 def _ce_inputs(shape, dtype, variant, device, gen):
     x = _randn(shape, dtype, device, gen, scale=2.0)
     tshape = (shape[0],) + tuple(shape[2:])
+    if variant == "probability":
+        t = torch.softmax(torch.randn(shape, generator=gen, device=device), 1).to(dtype)
+        return {"input": x, "target": t}
     y = torch.randint(0, shape[1], tshape, generator=gen, device=device)
-    if variant == "ignore_index":
+    if variant in ("ignore_index", "weight+smoothing", "alpha+ignore"):
         drop = torch.rand(tshape, generator=gen, device=device) < IGNORE_FRACTION
         y = torch.where(drop, torch.full_like(y, -100), y)
+    if variant == "weight+smoothing":
+        w = (torch.rand(shape[1], generator=gen, device=device) + 0.1).to(dtype)
+        return {"input": x, "target": y, "weight": w}
     return {"input": x, "target": y}
 
 
-def _ce_torch(x, y):
-    return F.cross_entropy(x, y)  # ignore_index=-100, torch's default, serves both variants
+def _ce_torch(x, y, weight=None, label_smoothing=0.0):
+    # ignore_index=-100, torch's default, serves the ignore variants
+    return F.cross_entropy(x, y, weight=weight, label_smoothing=label_smoothing)
 
 
-def _ce_lossfuse(fn, x, y, *, backend):
-    return fn(x, y, backend=backend)
+def _ce_lossfuse(fn, x, y, weight=None, *, backend, label_smoothing=0.0):
+    return fn(x, y, weight=weight, label_smoothing=label_smoothing, backend=backend)
 
 
 def _ce_bytes(shape, dtype, variant, mode):
     rows = numel(shape) // shape[1]        # N * d1 * ... * dk targets
     logits = numel(shape) * itemsize(dtype)
-    return _count(logits + rows * 8, logits, mode)
+    targets = logits if variant == "probability" else rows * 8
+    weight = shape[1] * itemsize(dtype) if variant == "weight+smoothing" else 0
+    return _count(logits + targets + weight, logits, mode)
 
 
 CE_FORMULA = ("fwd: N*C*b + R*8;  bwd, fwd+bwd: 2*N*C*b + R*8  "
-              "(b = bytes per logit, R = N*d1*...*dk int64 targets)")
+              "(b = bytes per logit, R = N*d1*...*dk int64 targets; probability targets: N*C*b instead "
+              "of R*8; class weights add C*b)")
 
 # ---------------------------------------------------------------------------------------------------
 # Sigmoid focal loss (torchvision.ops.sigmoid_focal_loss, alpha=0.25, gamma=2, mean):
@@ -183,14 +269,19 @@ SIGMOID_FOCAL_FORMULA = ("fwd: N*C*b + T;  bwd, fwd+bwd: 2*N*C*b + T  "
 # ---------------------------------------------------------------------------------------------------
 
 
-def _softmax_focal_torch(x, y, gamma=2.0):
-    """loss_n = (1 - p_y)^gamma * (-log p_y), mean over rows: what people write in plain torch."""
-    logp = F.log_softmax(x, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
-    return ((1 - logp.exp()) ** gamma * -logp).mean()
+def _softmax_focal_torch(x, y, alpha=None, gamma=2.0):
+    """loss_n = alpha (1 - p_y)^gamma * (-log p_y), mean over the rows not ignored: what people write in
+    plain torch."""
+    keep = y != -100
+    logp = F.log_softmax(x, dim=1).gather(1, torch.where(keep, y, 0).unsqueeze(1)).squeeze(1)
+    loss = (1 - logp.exp()) ** gamma * -logp
+    if alpha is not None:
+        loss = alpha * loss
+    return torch.where(keep, loss, 0).sum() / keep.sum()
 
 
-def _softmax_focal_lossfuse(fn, x, y, *, backend):
-    return fn(x, y, gamma=2.0, reduction="mean", backend=backend)
+def _softmax_focal_lossfuse(fn, x, y, *, backend, alpha=None):
+    return fn(x, y, alpha=alpha, gamma=2.0, reduction="mean", backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,12 +302,12 @@ def _huber_lossfuse(fn, x, y, *, backend):
     return fn(x, y, reduction="mean", delta=1.0, backend=backend)
 
 
-def _smooth_l1_torch(x, y):
-    return F.smooth_l1_loss(x, y)
+def _smooth_l1_torch(x, y, beta=1.0):
+    return F.smooth_l1_loss(x, y, beta=beta)
 
 
-def _smooth_l1_lossfuse(fn, x, y, *, backend):
-    return fn(x, y, reduction="mean", beta=1.0, backend=backend)
+def _smooth_l1_lossfuse(fn, x, y, *, backend, beta=1.0):
+    return fn(x, y, reduction="mean", beta=beta, backend=backend)
 
 
 def _regression_bytes(shape, dtype, variant, mode):
@@ -282,7 +373,10 @@ LOSSES: dict[str, LossEntry] = {
             key="ce", title="cross-entropy", lossfuse_name="cross_entropy",
             make_inputs=_ce_inputs, torch_fn=_ce_torch, lossfuse_fn=_ce_lossfuse,
             counted_bytes=_ce_bytes, bytes_formula=CE_FORMULA,
-            variants={"": "", "ignore_index": f"{IGNORE_FRACTION:.0%} of targets = ignore_index"},
+            variants={"": "", "ignore_index": f"{IGNORE_FRACTION:.0%} of targets = ignore_index",
+                      "weight+smoothing": f"class weights, label_smoothing 0.1, {IGNORE_FRACTION:.0%} ignored",
+                      "probability": "probability targets, label_smoothing 0.05"},
+            options={"weight+smoothing": {"label_smoothing": 0.1}, "probability": {"label_smoothing": 0.05}},
             size_name="logits (N*C*d1*...*dk)", anchor="liger",
         ),
         LossEntry(
@@ -298,6 +392,8 @@ LOSSES: dict[str, LossEntry] = {
             key="softmax_focal", title="softmax focal", lossfuse_name="softmax_focal_loss",
             make_inputs=_ce_inputs, torch_fn=_softmax_focal_torch, lossfuse_fn=_softmax_focal_lossfuse,
             counted_bytes=_ce_bytes, bytes_formula=CE_FORMULA, size_name="logits (N*C)",
+            variants={"": "", "alpha+ignore": f"alpha 0.25, {IGNORE_FRACTION:.0%} of targets = ignore_index"},
+            options={"alpha+ignore": {"alpha": 0.25}},
         ),
         LossEntry(
             key="huber", title="Huber", lossfuse_name="huber_loss",
@@ -308,6 +404,7 @@ LOSSES: dict[str, LossEntry] = {
             key="smooth_l1", title="SmoothL1", lossfuse_name="smooth_l1_loss",
             make_inputs=_regression_inputs, torch_fn=_smooth_l1_torch, lossfuse_fn=_smooth_l1_lossfuse,
             counted_bytes=_regression_bytes, bytes_formula=REGRESSION_FORMULA, size_name="elements",
+            variants={"": "", "beta=1/9": "beta 1/9 (the detection default)"}, options={"beta=1/9": {"beta": 1 / 9}},
         ),
         LossEntry(
             key="lce", title="linear + cross-entropy", lossfuse_name="linear_cross_entropy",

@@ -14,7 +14,7 @@ import torch
 
 import lossfuse
 from lossfuse.bench import LOSSES, Case, Provider, run_suite
-from lossfuse.bench.losses import numel
+from lossfuse.catalog import numel
 from lossfuse.bench.runner import COLUMNS, make_sets
 
 from helpers import cpu_kernels_or_skip

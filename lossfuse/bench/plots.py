@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .losses import LOSSES
+from ..catalog import LOSSES
 
 COLORS = {
     "lossfuse-cpu": "#1f63b4", "lossfuse-triton": "#1f63b4", "lossfuse-reference": "#8fb8e0",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .losses import LOSSES, numel
+from ..catalog import LOSSES, numel
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 

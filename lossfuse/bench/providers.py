@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from . import losses as _losses
+from .. import catalog as _losses
 from .. import _backend
 
 EAGER = "torch"
@@ -53,8 +53,10 @@ def _lossfuse(backend: str) -> Provider:
         if backend == "triton" and not _backend.triton_installed():
             return "triton is not installed"
 
+        lossfuse_fn = entry.lossfuse_call(case.variant)
+
         def call(*tensors):
-            return entry.lossfuse_fn(fn, *tensors, backend=backend)
+            return lossfuse_fn(fn, *tensors, backend=backend)
 
         return call
 
@@ -62,17 +64,19 @@ def _lossfuse(backend: str) -> Provider:
 
 
 def _eager_make(entry, case, device):
-    return entry.torch_fn
+    return entry.torch_call(case.variant)
 
 
 def _compile_make(entry, case, device):
     # dynamic=False: one specialised graph per shape, what a training loop with fixed shapes gets.
-    return torch.compile(entry.torch_fn, dynamic=False)
+    return torch.compile(entry.torch_call(case.variant), dynamic=False)
 
 
 def _liger_make(entry, case, device):
     if entry.key != "ce":
         return "liger-kernel anchors cross-entropy only"
+    if case.variant not in ("", "ignore_index"):
+        return "liger-kernel is timed on class-index targets without weights or smoothing"
     if device.type != "cuda":
         return "liger-kernel runs on CUDA only"
     if len(case.shape) != 2:

@@ -39,13 +39,29 @@ def _fresh_generator() -> torch.Generator:
     return gen
 
 
+def _check_compiled(fn, x, rest, what: str = "") -> None:
+    """torch.compile(fullgraph=True) of ``2 * fn(x, *rest)`` equals eager, loss and input gradient."""
+    torch._dynamo.reset()
+
+    def step(x, *rest):
+        return fn(x, *rest) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    eager, out = step(xe, *rest), compiled(xc, *rest)
+    torch.testing.assert_close(out, eager, msg=lambda m: f"{what}: {m}")
+    eager.backward()
+    out.backward()
+    torch.testing.assert_close(xc.grad, xe.grad, msg=lambda m: f"{what}: {m}")
+
+
 class LossContract:
     """Subclass with ``key`` (a lossfuse/catalog.py entry), ``shape`` (a small (N, C) shape),
     ``module`` (the lossfuse nn.Module, default-constructed in the model test), ``function`` (the
     autograd Function) and ``ops_module`` (the lossfuse.ops module whose Op objects the path calls)."""
 
     key: str
-    shape: tuple
+    shape: tuple = (24, 7)
     module: type
     function: type
     ops_module: object
@@ -116,21 +132,20 @@ class LossContract:
             args = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
             torch.library.opcheck(getattr(torch.ops.lossfuse, name).default, args)
 
+    def compile_cases(self) -> dict:
+        """Loss-specific calls the compile contract runs too, beside the catalog's variants:
+        name -> (x, rest, fn) with ``fn(x, *rest)`` the loss. Override to add layouts or options."""
+        return {}
+
     def test_torch_compile_fullgraph(self, variant):
         cpu_kernels_or_skip()
-        torch._dynamo.reset()
         x, rest = self.inputs(variant, torch.float32)
+        _check_compiled(lambda x, *rest: self.call(x, rest, variant, "cpu"), x, rest)
 
-        def step(x, *rest):
-            return self.call(x, rest, variant, "cpu") * 2.0
-
-        compiled = torch.compile(step, fullgraph=True)
-        xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        eager, out = step(xe, *rest), compiled(xc, *rest)
-        torch.testing.assert_close(out, eager)
-        eager.backward()
-        out.backward()
-        torch.testing.assert_close(xc.grad, xe.grad)
+    def test_torch_compile_fullgraph_extra_cases(self):
+        cpu_kernels_or_skip()
+        for name, (x, rest, fn) in self.compile_cases().items():
+            _check_compiled(fn, x, rest, name)
 
     def test_module_compiled_in_a_model(self):
         cpu_kernels_or_skip()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 import lossfuse
 from contracts import LossContract
 from lossfuse.ops import cross_entropy as ce_ops
@@ -16,40 +18,37 @@ def pytest_generate_tests(metafunc):
 
 
 class TestCrossEntropy(LossContract):
-    key = "ce"
-    shape = (24, 7)
-    module = lossfuse.CrossEntropyLoss
-    function = lossfuse.CrossEntropyFunction
-    ops_module = ce_ops
+    key, module, function, ops_module = "ce", lossfuse.CrossEntropyLoss, lossfuse.CrossEntropyFunction, ce_ops
+
+    def compile_cases(self):
+        # The (N, C, S) segmentation layout with class weights and smoothing, both target kinds.
+        x = torch.randn(8, 2, 33)
+        w = torch.rand(2) + 0.1
+        y = torch.randint(0, 2, (8, 33))
+        p = torch.softmax(torch.randn(8, 2, 33), 1)
+        ce = lambda x, t, w: lossfuse.cross_entropy(x, t, weight=w, label_smoothing=0.1)  # noqa: E731
+        return {"spatial index": (x, (y, w), ce), "spatial probability": (x, (p, w), ce)}
 
 
 class TestSigmoidFocal(LossContract):
-    key = "sigmoid_focal"
-    shape = (24, 7)
-    module = lossfuse.SigmoidFocalLoss
-    function = lossfuse.SigmoidFocalFunction
-    ops_module = focal_ops
+    key, module, function, ops_module = "sigmoid_focal", lossfuse.SigmoidFocalLoss, lossfuse.SigmoidFocalFunction, focal_ops
 
 
 class TestSoftmaxFocal(LossContract):
-    key = "softmax_focal"
-    shape = (24, 7)
-    module = lossfuse.SoftmaxFocalLoss
-    function = lossfuse.SoftmaxFocalFunction
-    ops_module = focal_ops
+    key, module, function, ops_module = "softmax_focal", lossfuse.SoftmaxFocalLoss, lossfuse.SoftmaxFocalFunction, focal_ops
+
+    def compile_cases(self):
+        x = torch.randn(8, 5, 6)
+        y = torch.randint(0, 5, (8, 6))
+        y[0, :2] = -100
+        alpha, w = torch.rand(5), torch.rand(5) + 0.1
+        sf = lambda x, y, a, w: lossfuse.softmax_focal_loss(x, y, alpha=a, weight=w)  # noqa: E731
+        return {"spatial, alpha and weight tensors": (x, (y, alpha, w), sf)}
 
 
 class TestHuber(LossContract):
-    key = "huber"
-    shape = (24, 7)
-    module = lossfuse.HuberLoss
-    function = lossfuse.HuberFunction
-    ops_module = huber_ops
+    key, module, function, ops_module = "huber", lossfuse.HuberLoss, lossfuse.HuberFunction, huber_ops
 
 
 class TestSmoothL1(LossContract):
-    key = "smooth_l1"
-    shape = (24, 7)
-    module = lossfuse.SmoothL1Loss
-    function = lossfuse.HuberFunction
-    ops_module = huber_ops
+    key, module, function, ops_module = "smooth_l1", lossfuse.SmoothL1Loss, lossfuse.HuberFunction, huber_ops

@@ -50,6 +50,7 @@ from . import _backend
 from ._utils import acc_dtype, check_float_input, check_reduction, check_same_device, result_dtype
 from .functional import _check_class_index_target
 from ._layout import RowShapes, empty_like_layout
+from .ops._common import reduce_rows, row_grads
 from .ops.cross_entropy import CE_FWD
 from .reference import check_targets_in_range
 
@@ -190,15 +191,8 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         lse, nll = lse.view_as(y), nll.view_as(y)
         loss = torch.where(keep, loss.view_as(y), 0)
 
-        if reduction == "none":
-            out = loss.reshape(shapes.row_shape())
-            denom = None
-        elif reduction == "sum":
-            out = loss.sum()
-            denom = None
-        else:
-            denom = keep.sum().to(acc)
-            out = loss.sum() / denom
+        denom = keep.sum().to(acc) if reduction == "mean" else None
+        out = reduce_rows(loss, reduction, denom, shapes.row_shape())
 
         ctx.shapes = shapes
         ctx.reduction = reduction
@@ -213,14 +207,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * 11
         x3, y_own, keep, lse, nll, denom = ctx.saved_tensors
-        g = grad_out.to(lse.dtype)
-        n, s = lse.shape
-        if ctx.reduction == "none":
-            g_rows = g.reshape(n, s)
-        elif ctx.reduction == "sum":
-            g_rows = g.expand(n, s)
-        else:
-            g_rows = (g / denom).expand(n, s)
+        g_rows = row_grads(grad_out, ctx.reduction, denom, lse.shape, lse.dtype)
         g_rows = torch.where(keep, g_rows, 0)
         gx3 = _local_grad(x3, lse, nll, g_rows, y_own, ctx.eps, ctx.eps_c)
         return (ctx.shapes.from3d(gx3),) + (None,) * 10

@@ -38,6 +38,16 @@ def check_targets_in_range(target: torch.Tensor, num_classes: int, ignore_index:
         raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
 
 
+def _reduce_kept(rows, keep, wy, reduction):
+    """Per-row losses of the kept rows reduced as torch does: the mean divides by their summed weight."""
+    rows = torch.where(keep, rows, 0)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / torch.where(keep, wy, 0).sum()
+
+
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -98,13 +108,7 @@ def cross_entropy(
         rows = rows + (eps / num_classes) * smooth
     if z_term is not None:
         rows = rows + z_term  # per kept row, unweighted (PaLM's z-loss), reduced like the loss
-    rows = torch.where(keep, rows, 0)
-    if reduction == "none":
-        out = rows
-    elif reduction == "sum":
-        out = rows.sum()
-    else:
-        out = rows.sum() / torch.where(keep, wy, 0).sum()
+    out = _reduce_kept(rows, keep, wy, reduction)
     out = out.to(result_dtype(input.dtype, input.device))
     return (out, lse_out) if return_lse else out
 
@@ -232,11 +236,5 @@ def softmax_focal_loss(
     else:
         k = float(alpha) * wy
     rows = k * (1 - p_y) ** gamma * (-logp_y)
-    rows = torch.where(keep, rows, 0)
-    if reduction == "none":
-        out = rows
-    elif reduction == "sum":
-        out = rows.sum()
-    else:
-        out = rows.sum() / torch.where(keep, wy, 0).sum()
+    out = _reduce_kept(rows, keep, wy, reduction)
     return out.to(result_dtype(input.dtype, input.device))

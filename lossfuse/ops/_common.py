@@ -97,3 +97,29 @@ def take_fused_gradient(ctx, grad_out):
     if gx.dtype in (torch.float32, torch.float64):
         return gx * grad_out.to(gx.dtype)
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reductions of per-row losses (cross-entropy, softmax focal, the vocab-parallel cross-entropy).
+# ----------------------------------------------------------------------------------------------
+
+
+def reduce_rows(loss: torch.Tensor, reduction: str, denom, row_shape) -> torch.Tensor:
+    """The (N, S) per-row losses reduced as torch does; ``denom`` is the mean's denominator."""
+    if reduction == "none":
+        return loss.reshape(row_shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / denom
+
+
+def row_grads(grad_out: torch.Tensor, reduction: str, denom, shape, dtype) -> torch.Tensor:
+    """The upstream gradient of each of the (N, S) rows, in the accumulation ``dtype``. The mean's
+    division happens here in that dtype; the cast to the input's dtype happens once, in the kernel
+    (docs/design.md, "Mixed precision")."""
+    g = grad_out.to(dtype)
+    if reduction == "none":
+        return g.reshape(shape)
+    if reduction == "sum":
+        return g.expand(shape)
+    return (g / denom).expand(shape)

@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from .._utils import acc_dtype, result_dtype
 from .._layout import RowShapes, classes_contiguous, empty_like_layout, mean_denominator
-from ._common import Op, take_fused_gradient
+from ._common import Op, reduce_rows, row_grads, take_fused_gradient
 
 _lib = torch.library.Library("lossfuse", "FRAGMENT")
 
@@ -148,12 +148,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             loss, lse = CE_FWD(backend, x3, t3, weight, *opts)
 
-        if reduction == "none":
-            out = loss.reshape(shapes.row_shape())
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss.sum() / denom
+        out = reduce_rows(loss, reduction, denom, shapes.row_shape())
 
         if prob:
             out_dtype = torch.promote_types(input.dtype, target.dtype)
@@ -187,16 +182,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         gx3 = take_fused_gradient(ctx, grad_out) if need_input else None
         if gx3 is not None:  # the fused path: class-index targets, so no target gradient
             return (shapes.from3d(gx3), None) + none
-        acc = acc_dtype(x3.dtype)
-        g = grad_out.to(acc)
-        n, s = lse.shape
-        if ctx.reduction == "none":
-            grad_rows = g.reshape(n, s)
-        elif ctx.reduction == "sum":
-            grad_rows = g.expand(n, s)
-        else:
-            # float32 division: the cast to the input's dtype happens once, inside the kernel.
-            grad_rows = (g / denom).expand(n, s)
+        grad_rows = row_grads(grad_out, ctx.reduction, denom, lse.shape, acc_dtype(x3.dtype))
         if ctx.inplace and need_input:
             gt3 = CE_BWD_INPLACE(ctx.backend, grad_rows, x3, t3, weight, lse, *ctx.opts, need_target)
             # The logits now hold their gradient. Bumping their version makes autograd refuse any

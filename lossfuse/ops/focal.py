@@ -45,7 +45,7 @@ from torch.autograd.function import once_differentiable
 
 from .._utils import acc_dtype, result_dtype
 from .._layout import RowShapes, empty_like_layout, mean_denominator
-from ._common import Op, take_fused_gradient
+from ._common import Op, reduce_rows, row_grads, take_fused_gradient
 
 # Elements per partial sum of a reduced sigmoid focal loss (every backend sums in these blocks).
 SUM_BLOCK = 4096
@@ -216,12 +216,7 @@ class SoftmaxFocalFunction(torch.autograd.Function):
         )
         if not fused:
             ctx.fused_grad = None
-        if reduction == "none":
-            out = loss.reshape(shapes.row_shape())
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss.sum() / denom
+        out = reduce_rows(loss, reduction, denom, shapes.row_shape())
         ctx.shapes = shapes
         ctx.reduction = reduction
         ctx.ignore_index = ignore_index
@@ -237,13 +232,6 @@ class SoftmaxFocalFunction(torch.autograd.Function):
             return (None,) * 9
         gx3 = take_fused_gradient(ctx, grad_out)
         if gx3 is None:
-            g = grad_out.to(lse.dtype)
-            n, s = lse.shape
-            if ctx.reduction == "none":
-                grad_rows = g.reshape(n, s)
-            elif ctx.reduction == "sum":
-                grad_rows = g.expand(n, s)
-            else:
-                grad_rows = (g / denom).expand(n, s)  # float32; cast to the input's dtype once, in the kernel
+            grad_rows = row_grads(grad_out, ctx.reduction, denom, lse.shape, lse.dtype)
             gx3 = SOFTMAX_FOCAL_BWD(ctx.backend, grad_rows, x3, t3, lse, dscale, ctx.ignore_index)
         return ctx.shapes.from3d(gx3), None, None, None, None, None, None, None, None

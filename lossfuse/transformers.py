@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import types
 import typing
 import warnings
 
@@ -49,7 +50,21 @@ from .functional import cross_entropy, linear_cross_entropy
 __all__ = ["apply", "remove", "is_applied"]
 
 _PATCH_ATTR = "_lossfuse_patch"
-_MISSING = object()
+class _Missing:
+    """Marks an instance attribute that did not exist before apply(); one object through copies and
+    pickles of a patched model (compared with ``is``)."""
+
+    def __repr__(self):
+        return "<missing>"
+
+    def __reduce__(self):
+        return "_MISSING"
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+_MISSING = _Missing()
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # The placeholder the stand-in lm_head returns: well inside tanh's linear range for any soft-cap, and
 # not a fixed point of the scalings families apply to logits (x * s, x / s).
@@ -224,9 +239,16 @@ class _PatchedForward:
     """``model.forward`` of a model patched with ``fused_linear=True``; reports the original's
     signature, which transformers inspects (Trainer's loss-kwargs check, ``generate``'s inputs)."""
 
-    def __init__(self, model, original):
+    def __init__(self, model):
         self._model = model
-        self._original = original
+
+    @property
+    def _original(self):
+        # Looked up at each call rather than kept as a bound method, so that copy.deepcopy and pickle
+        # of a patched model see only plain references.
+        model = self._model
+        saved = model.__dict__[_PATCH_ATTR].saved["forward"]
+        return types.MethodType(type(model).forward, model) if saved is _MISSING else saved
 
     @property
     def __signature__(self):
@@ -365,13 +387,13 @@ def apply(model, *, fused_linear: bool = True, backend: str = "auto"):
     _check_model(model, fused_linear)
     names = ("forward", "_loss_function") if fused_linear else ("_loss_function",)
     saved = {n: model.__dict__.get(n, _MISSING) for n in names}
-    original = model.forward  # what runs now: the class's forward, or a wrapper someone installed
-    patch = _Patch(fused_linear, backend, saved, inspect.signature(original))
+    # What runs now: the class's forward, or a wrapper someone installed on the instance.
+    patch = _Patch(fused_linear, backend, saved, inspect.signature(model.forward))
     patch.lm_head = None
     model.__dict__[_PATCH_ATTR] = patch
     model.__dict__["_loss_function"] = _CausalLMLoss(model)
     if fused_linear:
-        model.__dict__["forward"] = _PatchedForward(model, original)
+        model.__dict__["forward"] = _PatchedForward(model)
     return model
 
 
@@ -384,6 +406,13 @@ def remove(model):
                          f"lossfuse.transformers.apply")
     if patch.capture is not None:
         raise RuntimeError("lossfuse.transformers.remove: called during a fused forward")
+    ours = {"_loss_function": _CausalLMLoss, "forward": _PatchedForward}
+    for name in patch.saved:
+        if not isinstance(model.__dict__.get(name), ours[name]):
+            # Something (a user, accelerate's hooks) replaced it after apply(): putting back what was
+            # there before apply() would silently drop that.
+            raise RuntimeError(f"lossfuse.transformers.remove: model.{name.lstrip('_')} was replaced after "
+                               f"apply(); restore it first, then call remove()")
     for name, value in patch.saved.items():
         if value is _MISSING:
             model.__dict__.pop(name, None)

@@ -416,6 +416,32 @@ def test_remove_restores_instance_attributes_set_before():
     lt.remove(model)
     assert model.loss_function is custom_loss and model.__dict__["_loss_function"] is custom_loss
 
+    # Replaced after apply(): remove() refuses rather than drop the newer one.
+    lt.apply(model, fused_linear=False)
+    model.loss_function = ForCausalLMLoss
+    with pytest.raises(RuntimeError, match="replaced after"):
+        lt.remove(model)
+
+
+def test_copies_of_a_patched_model_are_patched_and_independent():
+    import io
+
+    torch.manual_seed(0)
+    base = make_model("qwen3")
+    ids, labels = batch(torch.Generator().manual_seed(2))
+    model = lt.apply(copy.deepcopy(base))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        assert lt.is_applied(twin) and twin.forward._model is twin
+        out = twin.train()(input_ids=ids, labels=labels)
+        assert out.logits is None
+        lt.remove(twin)
+        assert lt.is_applied(model) and not lt.is_applied(twin)
+        ref = base.train()(input_ids=ids, labels=labels)
+        assert torch.equal(twin(input_ids=ids, labels=labels).loss, ref.loss)
+
 
 def test_import_lossfuse_does_not_import_transformers():
     code = "import sys, lossfuse; lossfuse.cross_entropy; sys.exit(1 if 'transformers' in sys.modules else 0)"

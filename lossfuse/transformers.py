@@ -50,6 +50,8 @@ from .functional import cross_entropy, linear_cross_entropy
 __all__ = ["apply", "remove", "is_applied"]
 
 _PATCH_ATTR = "_lossfuse_patch"
+
+
 class _Missing:
     """Marks an instance attribute that did not exist before apply(); one object through copies and
     pickles of a patched model (compared with ``is``)."""
@@ -104,6 +106,7 @@ class _Patch:
         self.saved = saved  # instance attribute -> its value before apply (or _MISSING)
         self.signature = signature
         self.capture = None  # the _Capture of the fused forward running now
+        self.lm_head = None  # ... and the lm_head it stands in for
         self.verified = _MISSING  # the soft-cap value the forward was last checked against
         self.warned_hooks = False
 
@@ -389,7 +392,6 @@ def apply(model, *, fused_linear: bool = True, backend: str = "auto"):
     saved = {n: model.__dict__.get(n, _MISSING) for n in names}
     # What runs now: the class's forward, or a wrapper someone installed on the instance.
     patch = _Patch(fused_linear, backend, saved, inspect.signature(model.forward))
-    patch.lm_head = None
     model.__dict__[_PATCH_ATTR] = patch
     model.__dict__["_loss_function"] = _CausalLMLoss(model)
     if fused_linear:

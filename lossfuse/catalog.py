@@ -144,6 +144,8 @@ class LossEntry:
     lossfuse_notes: dict = field(default_factory=dict)   # mode -> note on the lossfuse rows of that mode
     modes: tuple = MODES        # the modes that can be measured; others get a skipped row with modes_note
     modes_note: str = ""
+    compile_note: str = ""      # set: torch.compile is not run on this entry, and this says why
+    unavailable_note: str = ""  # why the entry is skipped when its lossfuse function is missing (default: not merged yet)
 
     options: dict = field(default_factory=dict)   # variant -> keyword arguments of both calls
 
@@ -366,6 +368,114 @@ LCE_FORMULA = ("fwd: (N*H + V*H)*b + N*8;  bwd, fwd+bwd: 2*(N*H + V*H)*b + N*8  
 LCE_FLOPS_FORMULA = "fwd: 2*N*H*V;  bwd: 2 x 2*N*H*V;  fwd+bwd: 3 x 2*N*H*V  (the projection's matmuls)"
 
 
+# ---------------------------------------------------------------------------------------------------
+# A Hugging Face transformers training step (forward + backward of a small, wide Llama: 2 layers,
+# hidden H, vocabulary V) on (B, T) tokens with labels = the tokens. Shape (B, T, H, V). The inputs are
+# the token ids, the labels and every parameter of the model (so that the gradients are outputs and
+# the memory above parameters + gradients is what the suite reports); each provider runs the model
+# through torch.func.functional_call on them: "torch" is transformers' own loss, lossfuse-* is
+# lossfuse.transformers.apply(model) (fused_linear=True), "hf-logits-lossfuse" apply(..., fused_linear=False).
+# transformers is imported on first use only: the rest of the suite runs without it.
+# ---------------------------------------------------------------------------------------------------
+
+HF_LAYERS = 2
+HF_PARAM_NAMES = (
+    ("model.embed_tokens.weight",)
+    + tuple(f"model.layers.{i}.{name}.weight" for i in range(HF_LAYERS)
+            for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+                         "post_attention_layernorm"))
+    + ("model.norm.weight", "lm_head.weight")
+)
+_HF_MODELS: dict = {}
+
+
+def _hf_intermediate(h: int) -> int:
+    return 16 * max(1, round(8 * h / 3 / 16))  # Llama's MLP width, about 8/3 of the hidden size
+
+
+def _hf_config(h: int, v: int, t: int):
+    from transformers import LlamaConfig
+
+    heads = max(1, h // 64)
+    return LlamaConfig(vocab_size=v, hidden_size=h, intermediate_size=_hf_intermediate(h),
+                       num_hidden_layers=HF_LAYERS, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=max(t, 16), tie_word_embeddings=False)
+
+
+def _hf_model(kind: str, backend: str, h: int, v: int, t: int, device):
+    """The module a provider runs (its own parameters are never used: functional_call swaps in the
+    inputs'), cached: "own" is transformers' model as it is, "fused" and "logits" are patched."""
+    key = (kind, backend, h, v, t, str(device))
+    model = _HF_MODELS.get(key)
+    if model is None:
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(_hf_config(h, v, t)).to(device).train()
+        names = tuple(n for n, _ in model.named_parameters())
+        if set(names) != set(HF_PARAM_NAMES):
+            raise RuntimeError(f"this transformers' LlamaForCausalLM has other parameters than the hf entry "
+                               f"expects: {sorted(set(names) ^ set(HF_PARAM_NAMES))}")
+        if kind != "own":
+            import lossfuse.transformers
+
+            lossfuse.transformers.apply(model, fused_linear=kind == "fused", backend=backend)
+        _HF_MODELS[key] = model
+    return model
+
+
+def hf_step(kind: str, backend: str, input_ids, labels, *params):
+    """The loss of one forward of the ``kind`` model on ``params``; the caller runs backward."""
+    v, h = params[0].shape
+    model = _hf_model(kind, backend, h, v, input_ids.shape[1], input_ids.device)
+    out = torch.func.functional_call(model, dict(zip(HF_PARAM_NAMES, params)), args=(),
+                                     kwargs={"input_ids": input_ids, "labels": labels})
+    return out.loss
+
+
+def _hf_inputs(shape, dtype, variant, device, gen):
+    b, t, h, v = shape
+    model = _hf_model("own", "auto", h, v, t, device)
+    shapes = dict(model.named_parameters())
+    out = {"input_ids": torch.randint(0, v, (b, t), generator=gen, device=device)}
+    out["labels"] = out["input_ids"].clone()   # transformers' convention: the loss shifts them
+    for name in HF_PARAM_NAMES:
+        p = shapes[name]
+        if name.endswith("norm.weight"):   # RMSNorm scales: near 1, not constant
+            out[name] = _randn(p.shape, dtype, device, gen, scale=0.1, shift=1.0)
+        else:                              # transformers' initializer_range, 0.02
+            out[name] = _randn(p.shape, dtype, device, gen, scale=0.02)
+    return out
+
+
+def _hf_torch(input_ids, labels, *params):
+    return hf_step("own", "auto", input_ids, labels, *params)
+
+
+def _hf_lossfuse(fn, input_ids, labels, *params, backend):
+    return hf_step("fused", backend, input_ids, labels, *params)
+
+
+def _hf_param_count(h: int, v: int) -> int:
+    i = _hf_intermediate(h)
+    return 2 * v * h + HF_LAYERS * (4 * h * h + 3 * h * i + 2 * h) + h
+
+
+def _hf_bytes(shape, dtype, variant, mode):
+    b, t, h, v = shape
+    params = _hf_param_count(h, v) * itemsize(dtype)
+    return _count(params + 2 * b * t * 8, params, mode)
+
+
+def _hf_logits_bytes(shape, dtype, variant):
+    b, t, _, v = shape
+    return b * t * v * itemsize(dtype)
+
+
+HF_FORMULA = ("fwd: P*b + 2*B*T*8;  fwd+bwd: 2*P*b + 2*B*T*8  (P parameters of the 2-layer Llama, b bytes "
+              "each, read once and their gradients written once; int64 ids and labels)")
+
+
 LOSSES: dict[str, LossEntry] = {
     e.key: e
     for e in [
@@ -422,12 +532,33 @@ LOSSES: dict[str, LossEntry] = {
                         "refuse a second backward through one graph (retain_graph), which bwd repeats; "
                         "fwd+bwd is the measure"),
         ),
+        LossEntry(
+            key="hf", title=f"HF Llama training step ({HF_LAYERS} layers; torch = transformers' own loss)",
+            lossfuse_name="transformers.apply",
+            make_inputs=_hf_inputs, torch_fn=_hf_torch, lossfuse_fn=_hf_lossfuse,
+            counted_bytes=_hf_bytes, bytes_formula=HF_FORMULA, grad_inputs=HF_PARAM_NAMES,
+            size_name="B*T*H*V (batch, tokens, hidden, vocabulary)",
+            mem_ref_bytes=_hf_logits_bytes, mem_ref_name="the full logits (B*T*V*b)",
+            lossfuse_notes={"fwd+bwd": "lossfuse.transformers.apply(model): fused_linear=True, no logits"},
+            modes=("fwd+bwd",),
+            modes_note="a training step is measured as a whole (forward + backward)",
+            compile_note="not compiled: the case is transformers' own model against lossfuse's patch of it",
+            unavailable_note="the hf entry needs Hugging Face transformers (pip install 'lossfuse[transformers]')",
+        ),
     ]
 }
 
 
 def lossfuse_function(entry: LossEntry):
     """The lossfuse function of ``entry``, or None where this lossfuse does not have it (yet)."""
+    import importlib
+
     import lossfuse
 
+    module, _, name = entry.lossfuse_name.rpartition(".")
+    if module:  # a submodule with optional dependencies (lossfuse.transformers): None when they are missing
+        try:
+            return getattr(importlib.import_module(f"lossfuse.{module}"), name, None)
+        except ImportError:
+            return None
     return getattr(lossfuse, entry.lossfuse_name, None)

@@ -9,6 +9,8 @@
   liger               liger-kernel's cross-entropy (CUDA; an anchor, when it is installed)
   torch-chunked       torch's own chunked linear + cross-entropy, ``F.linear_cross_entropy(...,
                       options=torch.nn.LinearCrossEntropyOptions())`` (torch >= 2.13; the anchor of ``lce``)
+  hf-logits-lossfuse  the ``hf`` entry's model under ``lossfuse.transformers.apply(model, fused_linear=False)``
+                      (lossfuse's cross-entropy on the logits; the lossfuse-<backend> rows are fused_linear=True)
 
 ``Provider.make(entry, case, device)`` returns a callable ``fn(*tensors) -> loss``, or a string saying
 why the provider does not apply (shown as a note; nothing is timed). An anchor that implements only some
@@ -68,6 +70,8 @@ def _eager_make(entry, case, device):
 
 
 def _compile_make(entry, case, device):
+    if entry.compile_note:
+        return entry.compile_note
     # dynamic=False: one specialised graph per shape, what a training loop with fixed shapes gets.
     return torch.compile(entry.torch_call(case.variant), dynamic=False)
 
@@ -113,6 +117,19 @@ def _torch_chunked_make(entry, case, device):
     return call
 
 
+def _hf_logits_make(entry, case, device):
+    backend = "triton" if device.type == "cuda" else "cpu"
+    if backend == "cpu" and not _backend.cpu_kernels_available():
+        return f"lossfuse._C did not load ({_backend._C_ERROR})"
+    if backend == "triton" and not _backend.triton_installed():
+        return "triton is not installed"
+
+    def call(*tensors):
+        return _losses.hf_step("logits", backend, *tensors)
+
+    return call
+
+
 PROVIDERS = {
     p.name: p
     for p in [
@@ -121,12 +138,15 @@ PROVIDERS = {
         # liger writes the gradient into the logits during the forward: it gets its own copies.
         Provider("liger", _liger_make, mutates_inputs=True, losses=("ce",)),
         Provider("torch-chunked", _torch_chunked_make, losses=("lce",)),
+        # lossfuse.transformers.apply(model, fused_linear=False): lossfuse's cross-entropy on the logits.
+        Provider("hf-logits-lossfuse", _hf_logits_make, losses=("hf",)),
     ]
 }
 
 ALIASES = {
     "cpu": "lossfuse-cpu", "triton": "lossfuse-triton", "reference": "lossfuse-reference",
     "eager": EAGER, "compile": COMPILE, "liger-kernel": "liger", "chunked": "torch-chunked",
+    "logits": "hf-logits-lossfuse",
 }
 
 
@@ -158,4 +178,5 @@ def default_names(device: torch.device, with_reference: bool) -> list:
     if device.type == "cuda":
         names.append("liger")
     names.append("torch-chunked")   # on lce cases only (Provider.losses); a note where torch lacks it
+    names.append("hf-logits-lossfuse")  # on hf cases only
     return names

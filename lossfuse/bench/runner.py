@@ -429,8 +429,8 @@ def _run_case(case, cfg, providers, device, copy_gbps, rounds, min_rounds, block
     bar.set_description(case.label())
 
     if lossfuse_function(entry) is None:
-        why = (f"lossfuse has no {entry.lossfuse_name} yet: the {entry.key} entry is skipped "
-               f"(it runs once the function is merged)")
+        why = entry.unavailable_note or (f"lossfuse has no {entry.lossfuse_name} yet: the {entry.key} entry is "
+                                         f"skipped (it runs once the function is merged)")
         note(why)
         for mode in modes:
             out.append({**_base_row(case, mode, threads), "provider": "all", "status": "skipped", "note": why})

@@ -274,8 +274,8 @@ def _ci_target(x_row, t_row, w_ptr, row_ok, C, x_sC, ignore_index, softcap,
 
 
 @triton.jit
-def _ci_coefs(g, x_y, th_y, wy, y, hi, lo, w_total, ignore_index, keep, eps_c, z_loss,
-              HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+def _ci_coefs(g, x_y, th_y, wy, y, hi, lo, wsum_ptr, num_classes, ignore_index, keep, eps_c, z_loss,
+              HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
     """Per-row factors of the gradient for upstream gradient ``g``: d loss / d x'_c = kp p_c - kw w_c
     off the target, gy at it; ``fill`` for rows that do not count."""
     # (1-eps) wy p_c + (eps/C)(p_c W - w_c) + 2 z lse p_c, times g; with soft-capping times
@@ -288,13 +288,14 @@ def _ci_coefs(g, x_y, th_y, wy, y, hi, lo, w_total, ignore_index, keep, eps_c, z
     # so a confident, correct prediction keeps its small gradient.
     gy = g * (keep * wy * _expm1(dy) + 2.0 * z_loss * lse * tl.exp(dy))
     if HAS_SMOOTHING:
+        w_total = _w_total(wsum_ptr, num_classes, HAS_WEIGHT, HAS_SMOOTHING, ACC)
         kp = kp + kw * w_total
         gy = gy + kw * (tl.exp(dy) * w_total - wy)
     if HAS_SOFTCAP:
         gy = gy * (1.0 - th_y * th_y)
     # Rows that do not count: exact zeros when ignored, whatever their logits hold (a select, so
     # an inf or NaN logit cannot leak in as 0 * inf); NaN when the target is out of range.
-    fill = tl.where(y == ignore_index, 0.0, _NAN).to(ACC)
+    fill = tl.where(y == ignore_index, 0.0, float("nan")).to(ACC)
     return kp, kw, gy, fill
 
 
@@ -337,9 +338,8 @@ def _ci_bwd_rows(x_row, t_row, gx_row, w_ptr, wsum_ptr, g, hi, lo, row_ok, C, nu
     logits). In place (gx_row == x_row) every logit is loaded before its gradient is stored."""
     y, valid, live, x_y, th_y, wy = _ci_target(x_row, t_row, w_ptr, row_ok, C, x_sC, ignore_index, softcap,
                                                HAS_WEIGHT, HAS_SOFTCAP, BLOCK_R, ACC)
-    w_total = _w_total(wsum_ptr, num_classes, HAS_WEIGHT, HAS_SMOOTHING, ACC)
-    kp, kw, gy, fill = _ci_coefs(g, x_y, th_y, wy, y, hi, lo, w_total, ignore_index, keep, eps_c, z_loss,
-                                 HAS_SMOOTHING, HAS_SOFTCAP, ACC)
+    kp, kw, gy, fill = _ci_coefs(g, x_y, th_y, wy, y, hi, lo, wsum_ptr, num_classes, ignore_index, keep, eps_c,
+                                 z_loss, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         cmask = cols < C
@@ -349,8 +349,18 @@ def _ci_bwd_rows(x_row, t_row, gx_row, w_ptr, wsum_ptr, g, hi, lo, row_ok, C, nu
         if HAS_SOFTCAP:
             th = _tanh(x / softcap)
             x = softcap * th
-        o = _ci_grad(x, th, cols, cmask, y, live, kp, kw, gy, fill, hi, lo, w_ptr,
-                     HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
+        # _ci_grad's expressions, written out: called here, ptxas spills at BLOCK_C 16384 / 16 warps
+        # (128 registers and 108 bytes of spill stores, where these lines take 127 and none).
+        o = tl.exp((x - hi[:, None]) - lo[:, None]) * kp[:, None]
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                o = o - kw[:, None] * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+            else:
+                o = o - kw[:, None]
+        if HAS_SOFTCAP:
+            o = o * (1.0 - th * th)
+        o = tl.where(cols[None, :] == y[:, None], gy[:, None], o)
+        o = tl.where(live[:, None], o, fill[:, None])
         tl.store(gx_row[:, None] + cols[None, :] * gx_sC, o.to(gx_row.dtype.element_ty), mask=mask)
 
 
@@ -519,7 +529,7 @@ def _ce_fused_kernel(
     if HAS_SMOOTHING:
         loss = loss + (acc_w * logsum - acc_wd) * eps_c
     loss = loss + z_loss * lse * lse
-    loss = tl.where(live, loss, tl.where(y == ignore_index, 0.0, _NAN))
+    loss = tl.where(live, loss, tl.where(y == ignore_index, 0.0, float("nan")))
     r = n * S + s
     tl.store(loss_ptr + r, loss.to(ACC), mask=row_ok)
     tl.store(lse_ptr + r, lse64, mask=row_ok)
@@ -530,9 +540,8 @@ def _ce_fused_kernel(
         g = tl.zeros([BLOCK_R], ACC) + tl.load(s_ptr).to(ACC)
     else:
         g = tl.full([BLOCK_R], 1.0, ACC)
-    w_total = _w_total(wsum_ptr, num_classes, HAS_WEIGHT, HAS_SMOOTHING, ACC)
-    kp, kw, gy, fill = _ci_coefs(g, x_y, th_y, wy, y, hi, lo, w_total, ignore_index, keep, eps_c, z_loss,
-                                 HAS_SMOOTHING, HAS_SOFTCAP, ACC)
+    kp, kw, gy, fill = _ci_coefs(g, x_y, th_y, wy, y, hi, lo, wsum_ptr, num_classes, ignore_index, keep, eps_c,
+                                 z_loss, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
     if ONE_CHUNK:
         o = _ci_grad(xk, th, cols, cmask, y, live, kp, kw, gy, fill, hi, lo, w_ptr,
                      HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
@@ -655,13 +664,23 @@ def _launch_config(n: int, c: int, s: int, spatial: bool, interpret: bool):
     return grid, block_r, block_c, num_warps
 
 
+# Rows held in registers by the fused kernel: at 16384 classes (32 fp32 per thread at 16 warps, the
+# 128-register ceiling of 512 threads) the logits, their tanh and the gradient do not fit and ptxas
+# spills (320 bytes with every option on); from 8192 up to 16384 classes the row is read again, from L2.
+_FUSED_ONE_CHUNK_MAX = 8192
+
+
 def fused_launch_config(n: int, c: int, s: int, spatial: bool, interpret: bool):
-    """(grid, BLOCK_R, BLOCK_C, num_warps, ONE_CHUNK) of _ce_fused_kernel. The tiles are the forward's
-    (the same chunks, so the same running sums: the fused loss has the unfused one's bits); a row
-    that fits one chunk is held in registers between the statistics and the gradient (ONE_CHUNK).
-    _ce_fused_bwd_kernel and _ce_scale_kernel take _launch_config's tiles."""
+    """(grid, BLOCK_R, BLOCK_C, num_warps, ONE_CHUNK) of _ce_fused_kernel, _ce_fused_bwd_kernel and
+    _ce_scale_kernel (these two ignore ONE_CHUNK). The tiles are the forward's (the same chunks, so
+    the same running sums: the fused loss has the unfused one's bits); a row that fits one chunk of
+    at most _FUSED_ONE_CHUNK_MAX classes is held in registers between the statistics and the
+    gradient (ONE_CHUNK). Tiles of 64+ rows (short rows, the spatial walk) take 8 warps: at 4 their
+    per-row state needs 255 registers and spills."""
     grid, block_r, block_c, num_warps = _launch_config(n, c, s, spatial, interpret)
-    return grid, block_r, block_c, num_warps, block_c >= c
+    if block_r >= 64:
+        num_warps = max(num_warps, 8)
+    return grid, block_r, block_c, num_warps, c <= block_c <= _FUSED_ONE_CHUNK_MAX
 
 
 def _check_inputs(input: torch.Tensor, target: torch.Tensor, who: str) -> bool:
@@ -929,7 +948,7 @@ def cross_entropy_fused_bwd(grad_output, grad, grad_input, input, target, weight
     wsum = w.sum().reshape(1) if (w is not None and eps > 0) else None
     lse = lse.to(torch.float64).contiguous()
     spatial = _spatial_walk(input)
-    grid, block_r, block_c, num_warps = _launch_config(n, c, s, spatial, _interpreting())
+    grid, block_r, block_c, num_warps, _ = fused_launch_config(n, c, s, spatial, _interpreting())
     _ce_fused_bwd_kernel[grid](
         grad_output.to(acc), grad, input, target, w if w is not None else lse, wsum if wsum is not None else lse,
         lse, grad_input,
@@ -963,7 +982,7 @@ def cross_entropy_scale_inplace(grad_output, grad_input):
     if n * s * c == 0:
         return
     spatial = _spatial_walk(grad_input)
-    grid, block_r, block_c, num_warps = _launch_config(n, c, s, spatial, _interpreting())
+    grid, block_r, block_c, num_warps, _ = fused_launch_config(n, c, s, spatial, _interpreting())
     _ce_scale_kernel[grid](
         grad_output.to(grad_input.dtype), grad_input,
         n * s, c, s,

@@ -35,8 +35,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from .._backend import triton_interpreting
 from .._utils import acc_dtype, result_dtype
-from ._common import register_triton, run
+from ._common import register_triton, run, triton_kernel
 
 _lib = torch.library.Library("lossfuse", "FRAGMENT")
 _lib.define(
@@ -56,6 +57,21 @@ _lib.define(
     "cross_entropy_bwd_inplace(Tensor grad, Tensor(a!) input, Tensor target, Tensor? weight, Tensor lse, "
     "int ignore_index, float label_smoothing, float z_loss, float softcap, bool target_grad) -> Tensor"
 )
+# The CUDA fused path (see the module docstring): the gradient's scale is a device tensor, and the
+# backward decides on the device whether the forward's gradient stands.
+_lib.define(
+    "cross_entropy_fused_scaled(Tensor input, Tensor target, Tensor? weight, Tensor? grad_scale, "
+    "int ignore_index, float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    "cross_entropy_fused_scaled_inplace(Tensor(a!) input, Tensor target, Tensor? weight, Tensor? grad_scale, "
+    "int ignore_index, float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor)"
+)
+_lib.define(
+    "cross_entropy_fused_bwd(Tensor grad_output, Tensor grad, Tensor(a!) grad_input, Tensor input, Tensor target, "
+    "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap) -> ()"
+)
+_lib.define("cross_entropy_scale_inplace(Tensor grad_output, Tensor(a!) grad_input) -> ()")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,7 +126,28 @@ def _fused_fake(input, target, weight, ignore_index, label_smoothing, z_loss, so
     return _fwd_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap) + (empty_like_layout(input),)
 
 
+def _fused_scaled_fake(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap):
+    return _fused_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, 1.0)
+
+
+def _fused_scaled_inplace_fake(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap):
+    return _fwd_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+
+
+def _fused_bwd_fake(grad_output, grad, grad_input, input, target, weight, lse, ignore_index, label_smoothing, z_loss,
+                    softcap):
+    return None
+
+
+def _scale_inplace_fake(grad_output, grad_input):
+    return None
+
+
 torch.library.register_fake("lossfuse::cross_entropy_fwd", _fwd_fake, lib=_lib)
+torch.library.register_fake("lossfuse::cross_entropy_fused_scaled", _fused_scaled_fake, lib=_lib)
+torch.library.register_fake("lossfuse::cross_entropy_fused_scaled_inplace", _fused_scaled_inplace_fake, lib=_lib)
+torch.library.register_fake("lossfuse::cross_entropy_fused_bwd", _fused_bwd_fake, lib=_lib)
+torch.library.register_fake("lossfuse::cross_entropy_scale_inplace", _scale_inplace_fake, lib=_lib)
 torch.library.register_fake("lossfuse::cross_entropy_fused", _fused_fake, lib=_lib)
 torch.library.register_fake("lossfuse::cross_entropy_bwd", _bwd_fake, lib=_lib)
 torch.library.register_fake("lossfuse::cross_entropy_bwd_inplace", _bwd_inplace_fake, lib=_lib)
@@ -119,6 +156,14 @@ register_triton(_lib, "cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd")
 register_triton(_lib, "cross_entropy_bwd", "cross_entropy", "cross_entropy_bwd")
 register_triton(_lib, "cross_entropy_bwd_inplace", "cross_entropy", "cross_entropy_bwd_inplace")
 register_triton(_lib, "cross_entropy_fused", "cross_entropy", "cross_entropy_fused")
+_CUDA_FUSED_OPS = ("cross_entropy_fused_scaled", "cross_entropy_fused_scaled_inplace", "cross_entropy_fused_bwd",
+                   "cross_entropy_scale_inplace")
+for _op in _CUDA_FUSED_OPS:
+    register_triton(_lib, _op, "cross_entropy", _op)
+    # These ops have no C++ kernel. Under Triton's interpreter their CPU key is the Triton launcher, so
+    # that opcheck and torch.compile can exercise them on CPU tensors in CI.
+    if triton_interpreting():
+        _lib.impl(_op, triton_kernel("cross_entropy", _op), "CPU")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,6 +176,13 @@ register_triton(_lib, "cross_entropy_fused", "cross_entropy", "cross_entropy_fus
 # inputs the CPU backend reads them once into the tile layout (a copy, ~0.1 ns per element) and gains
 # several times that. Triton handles short rows by putting many in one program.
 TILE_MAX_CLASSES = 64
+
+# The Triton backend's fused path (module docstring): the dtypes whose forward writes the gradient,
+# and those among them whose in-place forward writes it over the logits (the ones where scaling
+# that gradient by a grad_output != 1 afterwards is a rounding in the accumulation type, not a
+# second rounding to a narrower type).
+TRITON_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+TRITON_INPLACE_FUSED_DTYPES = (torch.float32, torch.float64)
 TILE_MIN_ROWS = 512
 
 
@@ -218,14 +270,14 @@ def _prod(xs) -> int:
 
 
 def fused_gradient(backend: str, reduction: str, input: torch.Tensor,
-                   dtypes=(torch.float32, torch.float64)) -> bool:
+                   dtypes=(torch.float32, torch.float64), triton_dtypes=()) -> bool:
     """Whether a forward should also write the gradient (the fused paths here and in ops/focal.py).
-    Called outside the autograd Function: inside its forward grad mode is always off. CUDA never
-    fuses: checking grad_output == 1 would be a host sync."""
+    Called outside the autograd Function: inside its forward grad mode is always off. The Triton
+    backend fuses only for ``triton_dtypes`` (cross-entropy's, whose backward checks grad_output on
+    the device: a host-side check would be a sync); the other losses keep it CPU-only."""
     return (
-        backend == "cpu"
+        ((backend == "cpu" and input.dtype in dtypes) or (backend == "triton" and input.dtype in triton_dtypes))
         and reduction != "none"
-        and input.dtype in dtypes
         and input.requires_grad
         and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
@@ -278,11 +330,34 @@ class CrossEntropyFunction(torch.autograd.Function):
             t3 = shapes.rows2d(target if target.dtype == torch.int64 else target.long())
         # The fused walk pays off where rows are walked along their classes (and is only asked for
         # class-index targets: see the module docstring).
-        fused = bool(fused) and not prob and not inplace_backward and classes_contiguous(x3) and not shapes.retile
+        # On Triton both walk orders fuse, and in place too for TRITON_INPLACE_FUSED_DTYPES (see the
+        # module docstring: the gradient then goes over the logits in the forward).
+        triton_fused = backend == "triton" and bool(fused) and not prob and (
+            not inplace_backward or input.dtype in TRITON_INPLACE_FUSED_DTYPES)
+        fused = (backend != "triton" and bool(fused) and not prob and not inplace_backward and classes_contiguous(x3)
+                 and not shapes.retile)
         denom = _mean_denominator(t3, weight, ignore_index, prob, acc) if reduction == "mean" else None
         opts = (ignore_index, float(label_smoothing), float(z_loss), float(softcap))
         ctx.fused_grad = None
-        if fused:
+        ctx.triton_fused = triton_fused
+        if triton_fused:
+            # 1 / denom on the device (IEEE division, the value the unfused backward scales by): the
+            # kernel reads it from memory, the host never waits for the count of kept rows.
+            scale = torch.reciprocal(denom) if denom is not None else None
+            if inplace_backward:
+                loss, lse = run(backend, "cross_entropy_fused_scaled_inplace", "cross_entropy",
+                                "cross_entropy_fused_scaled_inplace", x3.device, x3, t3, weight, scale, *opts)
+                # The logits hold their gradient from here on: a node that saved them and runs
+                # later is refused by autograd instead of computing with overwritten values.
+                torch.autograd.graph.increment_version(x3)
+                # Saved as a plain alias: a view made under no_grad whose base was then bumped would
+                # make autograd refuse to unpack it.
+                x3 = x3.detach()
+                ctx.fused_grad = x3
+            else:
+                loss, lse, ctx.fused_grad = run(backend, "cross_entropy_fused_scaled", "cross_entropy",
+                                                "cross_entropy_fused_scaled", x3.device, x3, t3, weight, scale, *opts)
+        elif fused:
             # 1 / denom in the accumulation type: the value the unfused backward would scale by.
             grad_scale = float(torch.ones((), dtype=acc) / denom) if denom is not None else 1.0
             loss, lse, ctx.fused_grad = run(backend, "cross_entropy_fused", "cross_entropy", "cross_entropy_fused",
@@ -327,7 +402,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         none = (None,) * 9
         if not (need_input or need_target):
             return (None, None) + none
-        gx3 = take_fused_gradient(ctx, grad_out) if need_input else None
+        gx3 = take_fused_gradient(ctx, grad_out) if need_input and not ctx.triton_fused else None
         if gx3 is not None:  # the fused path: class-index targets, so no target gradient
             return (shapes.from3d(gx3), None) + none
         acc = acc_dtype(x3.dtype)
@@ -340,6 +415,20 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             # float32 division: the cast to the input's dtype happens once, inside the kernel.
             grad_rows = (g / denom).expand(n, s)
+        gx3 = None
+        if ctx.triton_fused and need_input:
+            gx3, ctx.fused_grad = ctx.fused_grad, None  # handed out once; a retained graph's next use recomputes
+        if gx3 is not None:
+            # The Triton fused path. Whether grad_output is 1 -- the forward's gradient stands -- is
+            # decided by the kernels on the device: the host launches the same work either way.
+            if ctx.inplace:
+                run(ctx.backend, "cross_entropy_scale_inplace", "cross_entropy", "cross_entropy_scale_inplace",
+                    x3.device, g, x3)
+                torch.autograd.graph.increment_version(x3)  # a retained graph's next use is refused
+            else:
+                run(ctx.backend, "cross_entropy_fused_bwd", "cross_entropy", "cross_entropy_fused_bwd", x3.device,
+                    g, grad_rows, gx3, x3, t3, weight, lse, *ctx.opts)
+            return (shapes.from3d(gx3), None) + none
         if ctx.inplace and need_input:
             gt3 = run(ctx.backend, "cross_entropy_bwd_inplace", "cross_entropy", "cross_entropy_bwd_inplace",
                       x3.device, grad_rows, x3, t3, weight, lse, *ctx.opts, need_target)

@@ -125,7 +125,9 @@ def cross_entropy(
       non-differentiable; of the soft-capped logits), shaped like the unreduced loss.
     - ``inplace_backward``: the gradient is written into the logits' own storage -- no second
       N x C buffer. The logits are marked modified, so autograd refuses any later use of them; read
-      what you need from them before ``backward()``. The reference backend ignores it.
+      what you need from them before ``backward()`` -- on the Triton backend with float32 logits that
+      require grad (and a mean or sum), before this call: its forward writes the gradient over them.
+      The reference backend ignores it.
     """
     reduction = legacy_reduction(size_average, reduce, reduction)
     check_reduction(reduction)

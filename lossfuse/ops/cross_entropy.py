@@ -14,6 +14,18 @@ Three ops carry the work, over logits viewed as (N, C, S) -- S the product of an
                                 grad_scale) -> (loss, lse, grad_input)
       the forward, and from the same walk the input gradient for the upstream gradient grad_scale on
       every row: the logits are read from memory once instead of twice (the fused path, below)
+  lossfuse::cross_entropy_fused_scaled(input, target, weight, grad_scale, ignore_index, label_smoothing,
+                                       z_loss, softcap) -> (loss, lse, grad_input)
+  lossfuse::cross_entropy_fused_scaled_inplace(input!, target, weight, grad_scale, ...) -> (loss, lse)
+      the same for class-index targets with grad_scale a 0-dim device tensor (None: 1), so that the
+      mean's 1 / denom never goes through the host; the in-place form writes the gradient over the
+      logits. Triton (CUDA) only -- and the Triton interpreter on CPU tensors, for testing.
+  lossfuse::cross_entropy_fused_bwd(grad_output, grad, grad_input!, input, target, weight, lse,
+                                    ignore_index, label_smoothing, z_loss, softcap) -> ()
+      the backward of cross_entropy_fused_scaled: grad_input is left as it is when the 0-dim
+      grad_output is 1, else rewritten for the per-row upstream gradient grad; read on the device
+  lossfuse::cross_entropy_scale_inplace(grad_output, grad_input!) -> ()
+      grad_input *= grad_output unless it is 1, read on the device (float32/float64 only)
 
 ``target`` is int64 (N, S) class indices or a floating (N, C, S) probability target. ``softcap`` 0
 means none. lse is saved in float64 so that the backward can form x - lse without the rounding of a
@@ -28,6 +40,31 @@ the gradient's scale for grad_output = 1, and backward() hands that tensor back 
 float64 scale it (one extra rounding in the accumulation type), bfloat16 -- whose gradient must be
 scaled before its one cast (DESIGN.md section 3) -- discards it and runs the backward kernel.
 float16 never takes the path: its users scale the loss (GradScaler), and the work would be wasted.
+
+The fused path on CUDA (Triton backend; same conditions, float32 / bfloat16, both walk orders, not
+under torch.compile): one kernel per row block computes the row's statistics and, with the row
+still in registers or L2, writes the gradient for grad_output = 1 (lossfuse/triton/cross_entropy.py
+gives the memory-traffic argument): the logits are read from memory once and the gradient written
+once -- two passes over N x C per training step instead of three. Nothing is read back to the host:
+the mean's denominator (the weighted count of kept rows) and 1 / denom are device tensors the
+kernel reads, and backward() launches cross_entropy_fused_bwd unconditionally; the kernel reads
+grad_output and returns at once when it is 1, otherwise it recomputes the gradient from the logits
+and the lse for grad_output / denom, in fp32 before its one cast -- exact for any grad_output, the
+unfused backward's bits. (A GradScaler or a divided loss thus pays one extra pass: four instead of
+three.) No data-dependent allocation or branch on the host, so a step can be captured in a CUDA
+graph. The forward's buffer is handed out once; a retained graph's second backward runs the
+unfused kernel on the logits.
+
+In place on CUDA: float32 fuses, and the forward writes the gradient over the logits -- they hold the
+gradient as soon as the loss is computed (read them before the loss call; their version counter is
+bumped there, so autograd refuses any node that saved them). A grad_output other than 1 then scales
+that gradient in fp32 (cross_entropy_scale_inplace: one fp32 rounding more than a recompute, which
+the logits no longer allow). bfloat16 in place does not fuse: a gradient already rounded to bfloat16
+could not be scaled without a second rounding, so its logits stay intact until backward(), which
+writes the exact gradient over them (three passes, one N x C buffer). float16 does not fuse, as on
+the CPU. Probability targets and reduction='none' (the only way to a per-row grad_output) never fuse.
+Under torch.compile the Function takes the unfused ops (the hand-over above is eager bookkeeping);
+the new ops themselves have fake kernels and trace under torch.compile(fullgraph=True).
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@
   cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing) -> (loss, lse)
   cross_entropy_bwd(grad, input, target, weight, lse, ignore_index, label_smoothing,
                     input_grad, target_grad) -> (grad_input, grad_target)
+  cross_entropy_fused_scaled(input, target, weight, grad_scale, ...) -> (loss, lse, grad_input)
+  cross_entropy_fused_scaled_inplace(input, target, weight, grad_scale, ...) -> (loss, lse)
+  cross_entropy_fused_bwd(grad_output, grad, grad_input, input, target, weight, lse, ...)
+  cross_entropy_scale_inplace(grad_output, grad_input)
 
 Logits are (N, C, S) with any strides, row r = n * S + s. The same math as the C++ kernels
 (csrc/cross_entropy_kernel.h). A program owns a [BLOCK_R rows, BLOCK_C classes] tile and loops over
@@ -16,7 +20,13 @@ the classes in BLOCK_C chunks; the tile is laid out by one of two walk orders, c
            place, never through a transposed copy.
 
 Forward makes one pass over the logits with an online max / sum-exp; backward recomputes
-p = exp(x - lse) from the saved lse instead of storing an N x C softmax. Loads are in the input dtype,
+p = exp(x - lse) from the saved lse instead of storing an N x C softmax. The fused path
+(ops/cross_entropy.py) runs both in one kernel, _ce_fused_kernel: statistics, then the gradient
+for a device-held scale while the row is in registers (rows of up to _FUSED_ONE_CHUNK_MAX classes)
+or L2 (longer rows: see the comment above the kernel); its backward, _ce_fused_bwd_kernel, reads
+grad_output on the device and exits when it is 1. Launch configurations: _launch_config (forward,
+backward) and fused_launch_config (the fused kernels) -- the only places block sizes and warps
+are chosen. Loads are in the input dtype,
 upcast to fp32 at once (fp64 for fp64 input, interpreter only); the gradient is formed whole in fp32
 and cast to the output dtype once, at the store.
 """
@@ -857,8 +867,8 @@ def cross_entropy_bwd_inplace(grad, input, target, weight, lse, ignore_index, la
 
 def cross_entropy_fused(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale):
     """The fused op's contract (loss, lse, grad_input for grad_scale on every row) as the two kernels in
-    turn. The autograd Function asks for the fused op on the CPU only; this keeps the op complete on
-    CUDA for whoever calls it directly."""
+    turn. The autograd Function asks for this op (a host float grad_scale) on the CPU only -- on CUDA it
+    takes cross_entropy_fused_scaled, one kernel; this keeps the op complete for direct callers."""
     loss, lse = cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing, z_loss, softcap)
     n, _, s = input.shape
     g = torch.full((1, 1), float(grad_scale), dtype=acc_dtype(input.dtype), device=input.device).expand(n, s)
@@ -976,8 +986,8 @@ def cross_entropy_scale_inplace(grad_output, grad_input):
     if grad_input.dim() != 3 or grad_output.numel() != 1:
         raise ValueError("cross_entropy_scale_inplace: grad_input (N, C, S) and a one-value grad_output")
     if grad_input.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"cross_entropy_scale_inplace: an exact scaling needs float32 or float64; got "
-                        f"{grad_input.dtype}")
+        raise TypeError("cross_entropy_scale_inplace: grad_input must be float32 or float64 (scaling a "
+                        f"narrower gradient after its cast would round twice); got {grad_input.dtype}")
     n, c, s = grad_input.shape
     if n * s * c == 0:
         return

@@ -364,12 +364,15 @@ def test_new_ops_under_torch_compile_fullgraph():
 
 
 def test_fused_launch_config():
-    """The GPU configurations: a row is held in registers only up to _FUSED_ONE_CHUNK_MAX classes (at
-    16384 ptxas spills), tiles of 64+ rows take 8 warps; the tiles are the forward's."""
+    """The GPU configurations: chunks of at most _FUSED_ONE_CHUNK_MAX classes (at 16384 ptxas spills),
+    a row held in registers when it fits one, 8 warps for tiles of 64+ rows, the block's register
+    ceiling stated; otherwise the forward's tiles."""
     for n, c, s, spatial in [(8192, 128256, 1, False), (4096, 32000, 1, False), (8192, 16384, 1, False),
                              (8192, 8192, 1, False), (65536, 1000, 1, False), (1 << 20, 10, 1, False),
                              (8, 21, 512 * 512, True), (2, 150, 37, True)]:
-        grid, br, bc, nw, one = tk.fused_launch_config(n, c, s, spatial, interpret=False)
-        assert (grid, br, bc) == tk._launch_config(n, c, s, spatial, interpret=False)[:3]
-        assert one == (c <= bc <= tk._FUSED_ONE_CHUNK_MAX)
+        grid, br, bc, nw, one, maxnreg = tk.fused_launch_config(n, c, s, spatial, interpret=False)
+        grid0, br0, bc0, _ = tk._launch_config(n, c, s, spatial, interpret=False)
+        assert (grid, br) == (grid0, br0) and bc == min(bc0, tk._FUSED_ONE_CHUNK_MAX)
+        assert one == (c <= bc)
         assert nw >= (8 if br >= 64 else 4) and nw <= 16
+        assert maxnreg * 32 * nw <= 65536 and maxnreg <= 255

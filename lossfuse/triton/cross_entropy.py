@@ -676,21 +676,30 @@ def _launch_config(n: int, c: int, s: int, spatial: bool, interpret: bool):
 
 # Rows held in registers by the fused kernel: at 16384 classes (32 fp32 per thread at 16 warps, the
 # 128-register ceiling of 512 threads) the logits, their tanh and the gradient do not fit and ptxas
-# spills (320 bytes with every option on); from 8192 up to 16384 classes the row is read again, from L2.
+# spills (320 bytes with every option on). Longer rows are walked in chunks of this size too: at
+# 16384 the float32 chunk loop with weight, smoothing and soft-capping spills 124 bytes on sm_90.
 _FUSED_ONE_CHUNK_MAX = 8192
 
 
 def fused_launch_config(n: int, c: int, s: int, spatial: bool, interpret: bool):
-    """(grid, BLOCK_R, BLOCK_C, num_warps, ONE_CHUNK) of _ce_fused_kernel, _ce_fused_bwd_kernel and
-    _ce_scale_kernel (these two ignore ONE_CHUNK). The tiles are the forward's (the same chunks, so
-    the same running sums: the fused loss has the unfused one's bits); a row that fits one chunk of
-    at most _FUSED_ONE_CHUNK_MAX classes is held in registers between the statistics and the
+    """(grid, BLOCK_R, BLOCK_C, num_warps, ONE_CHUNK, maxnreg) of _ce_fused_kernel, _ce_fused_bwd_kernel
+    and _ce_scale_kernel (these two ignore ONE_CHUNK).
+
+    The tiles are the forward's (_launch_config; the same chunks give the same running sums, so the
+    fused loss has the unfused one's bits) except that a chunk holds at most _FUSED_ONE_CHUNK_MAX
+    classes; a row that fits one chunk is held in registers between the statistics and the
     gradient (ONE_CHUNK). Tiles of 64+ rows (short rows, the spatial walk) take 8 warps: at 4 their
-    per-row state needs 255 registers and spills."""
+    per-row state needs 255 registers and spills. maxnreg is the hardware ceiling for the block
+    (65536 registers / threads, at most 255): stated explicitly, because without it ptxas 12.9
+    (sm_80) settles on 64 registers for some of these kernels and spills 4-8 bytes.
+    """
     grid, block_r, block_c, num_warps = _launch_config(n, c, s, spatial, interpret)
     if block_r >= 64:
         num_warps = max(num_warps, 8)
-    return grid, block_r, block_c, num_warps, c <= block_c <= _FUSED_ONE_CHUNK_MAX
+    one_chunk = c <= block_c <= _FUSED_ONE_CHUNK_MAX
+    block_c = min(block_c, _FUSED_ONE_CHUNK_MAX)
+    maxnreg = min(255, 65536 // (32 * num_warps))
+    return grid, block_r, block_c, num_warps, one_chunk, maxnreg
 
 
 def _check_inputs(input: torch.Tensor, target: torch.Tensor, who: str) -> bool:
@@ -898,7 +907,7 @@ def _launch_fused(input, target, weight, grad_scale, ignore_index, label_smoothi
     w = _weight(weight, c, acc)
     wsum = w.sum().reshape(1) if (w is not None and eps > 0) else None
     spatial = _spatial_walk(input)
-    grid, block_r, block_c, num_warps, one_chunk = fused_launch_config(n, c, s, spatial, _interpreting())
+    grid, block_r, block_c, num_warps, one_chunk, maxnreg = fused_launch_config(n, c, s, spatial, _interpreting())
     _ce_fused_kernel[grid](
         input, target, w if w is not None else loss, wsum if wsum is not None else loss,
         grad_scale if grad_scale is not None else loss, loss, lse, gx,
@@ -916,6 +925,7 @@ def _launch_fused(input, target, weight, grad_scale, ignore_index, label_smoothi
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         num_warps=num_warps,
+        maxnreg=maxnreg,
     )
     return loss, lse
 
@@ -958,7 +968,7 @@ def cross_entropy_fused_bwd(grad_output, grad, grad_input, input, target, weight
     wsum = w.sum().reshape(1) if (w is not None and eps > 0) else None
     lse = lse.to(torch.float64).contiguous()
     spatial = _spatial_walk(input)
-    grid, block_r, block_c, num_warps, _ = fused_launch_config(n, c, s, spatial, _interpreting())
+    grid, block_r, block_c, num_warps, _, maxnreg = fused_launch_config(n, c, s, spatial, _interpreting())
     _ce_fused_bwd_kernel[grid](
         grad_output.to(acc), grad, input, target, w if w is not None else lse, wsum if wsum is not None else lse,
         lse, grad_input,
@@ -976,6 +986,7 @@ def cross_entropy_fused_bwd(grad_output, grad, grad_input, input, target, weight
         BLOCK_C=block_c,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         num_warps=num_warps,
+        maxnreg=maxnreg,
     )
 
 
@@ -992,7 +1003,7 @@ def cross_entropy_scale_inplace(grad_output, grad_input):
     if n * s * c == 0:
         return
     spatial = _spatial_walk(grad_input)
-    grid, block_r, block_c, num_warps, _ = fused_launch_config(n, c, s, spatial, _interpreting())
+    grid, block_r, block_c, num_warps, _, maxnreg = fused_launch_config(n, c, s, spatial, _interpreting())
     _ce_scale_kernel[grid](
         grad_output.to(grad_input.dtype), grad_input,
         n * s, c, s,
@@ -1001,4 +1012,5 @@ def cross_entropy_scale_inplace(grad_output, grad_input):
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         num_warps=num_warps,
+        maxnreg=maxnreg,
     )

@@ -370,7 +370,8 @@ def test_fused_launch_config():
     for n, c, s, spatial in [(8192, 128256, 1, False), (4096, 32000, 1, False), (8192, 16384, 1, False),
                              (8192, 8192, 1, False), (65536, 1000, 1, False), (1 << 20, 10, 1, False),
                              (8, 21, 512 * 512, True), (2, 150, 37, True)]:
-        grid, br, bc, nw, one, maxnreg = tk.fused_launch_config(n, c, s, spatial, interpret=False)
+        grid, br, bc, nw, one, maxnreg = tk.fused_launch_config(n, c, s, spatial, interpret=False, arch=80)
+        assert tk.fused_launch_config(n, c, s, spatial, interpret=False, arch=90) == (grid, br, bc, nw, one, None)
         grid0, br0, bc0, _ = tk._launch_config(n, c, s, spatial, interpret=False)
         assert (grid, br) == (grid0, br0) and bc == min(bc0, tk._FUSED_ONE_CHUNK_MAX)
         assert one == (c <= bc)

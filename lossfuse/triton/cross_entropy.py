@@ -681,7 +681,15 @@ def _launch_config(n: int, c: int, s: int, spatial: bool, interpret: bool):
 _FUSED_ONE_CHUNK_MAX = 8192
 
 
-def fused_launch_config(n: int, c: int, s: int, spatial: bool, interpret: bool):
+def _arch(t: torch.Tensor) -> int:
+    """Compute capability x 10 of a CUDA tensor's device (a cached host query, no sync); 90 otherwise."""
+    if t.device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+
+def fused_launch_config(n: int, c: int, s: int, spatial: bool, interpret: bool, arch: int = 90):
     """(grid, BLOCK_R, BLOCK_C, num_warps, ONE_CHUNK, maxnreg) of _ce_fused_kernel, _ce_fused_bwd_kernel
     and _ce_scale_kernel (these two ignore ONE_CHUNK).
 
@@ -689,16 +697,20 @@ def fused_launch_config(n: int, c: int, s: int, spatial: bool, interpret: bool):
     fused loss has the unfused one's bits) except that a chunk holds at most _FUSED_ONE_CHUNK_MAX
     classes; a row that fits one chunk is held in registers between the statistics and the
     gradient (ONE_CHUNK). Tiles of 64+ rows (short rows, the spatial walk) take 8 warps: at 4 their
-    per-row state needs 255 registers and spills. maxnreg is the hardware ceiling for the block
-    (65536 registers / threads, at most 255): stated explicitly, because without it ptxas 12.9
-    (sm_80) settles on 64 registers for some of these kernels and spills 4-8 bytes.
+    per-row state needs 255 registers and spills.
+
+    maxnreg (``arch`` = compute capability x 10): below sm_90 the block's hardware ceiling (65536
+    registers / threads, at most 255) is stated, because without it the ptxas Triton uses there
+    (12.9) settles on 64 registers for some of these kernels and spills 4-8 bytes; on sm_90 (ptxas
+    13) None, because stating it makes the one-chunk kernel with every option spill 12 bytes at 128
+    registers, where left alone it takes 111 and spills nothing.
     """
     grid, block_r, block_c, num_warps = _launch_config(n, c, s, spatial, interpret)
     if block_r >= 64:
         num_warps = max(num_warps, 8)
     one_chunk = c <= block_c <= _FUSED_ONE_CHUNK_MAX
     block_c = min(block_c, _FUSED_ONE_CHUNK_MAX)
-    maxnreg = min(255, 65536 // (32 * num_warps))
+    maxnreg = min(255, 65536 // (32 * num_warps)) if arch < 90 else None
     return grid, block_r, block_c, num_warps, one_chunk, maxnreg
 
 
@@ -907,7 +919,8 @@ def _launch_fused(input, target, weight, grad_scale, ignore_index, label_smoothi
     w = _weight(weight, c, acc)
     wsum = w.sum().reshape(1) if (w is not None and eps > 0) else None
     spatial = _spatial_walk(input)
-    grid, block_r, block_c, num_warps, one_chunk, maxnreg = fused_launch_config(n, c, s, spatial, _interpreting())
+    grid, block_r, block_c, num_warps, one_chunk, maxnreg = fused_launch_config(n, c, s, spatial, _interpreting(),
+                                                                                _arch(input))
     _ce_fused_kernel[grid](
         input, target, w if w is not None else loss, wsum if wsum is not None else loss,
         grad_scale if grad_scale is not None else loss, loss, lse, gx,
@@ -968,7 +981,7 @@ def cross_entropy_fused_bwd(grad_output, grad, grad_input, input, target, weight
     wsum = w.sum().reshape(1) if (w is not None and eps > 0) else None
     lse = lse.to(torch.float64).contiguous()
     spatial = _spatial_walk(input)
-    grid, block_r, block_c, num_warps, _, maxnreg = fused_launch_config(n, c, s, spatial, _interpreting())
+    grid, block_r, block_c, num_warps, _, maxnreg = fused_launch_config(n, c, s, spatial, _interpreting(), _arch(input))
     _ce_fused_bwd_kernel[grid](
         grad_output.to(acc), grad, input, target, w if w is not None else lse, wsum if wsum is not None else lse,
         lse, grad_input,
@@ -1003,7 +1016,8 @@ def cross_entropy_scale_inplace(grad_output, grad_input):
     if n * s * c == 0:
         return
     spatial = _spatial_walk(grad_input)
-    grid, block_r, block_c, num_warps, _, maxnreg = fused_launch_config(n, c, s, spatial, _interpreting())
+    grid, block_r, block_c, num_warps, _, maxnreg = fused_launch_config(n, c, s, spatial, _interpreting(),
+                                                                        _arch(grad_input))
     _ce_scale_kernel[grid](
         grad_output.to(grad_input.dtype), grad_input,
         n * s, c, s,

@@ -17,6 +17,7 @@ since the op's CPU key belongs to the C++ kernel.
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
@@ -32,7 +33,6 @@ class Op:
         # The overload, not the packet: one attribute lookup less per call, which small inputs feel.
         self.overload = getattr(torch.ops.lossfuse, self.name).default
         self.triton = triton
-        self._launcher = None
         if triton is not None:
             op = self
 
@@ -43,13 +43,13 @@ class Op:
             lib.impl(self.name, cuda_impl, "CUDA")
 
     def launcher(self):
-        """The Triton launcher (imports its module on first use)."""
-        if self._launcher is None:
-            if self.triton is None:
-                raise NotImplementedError(f"lossfuse::{self.name} has no Triton implementation")
-            module, fn = self.triton.rsplit(".", 1)
-            self._launcher = getattr(importlib.import_module(module), fn)
-        return self._launcher
+        """The Triton launcher, looked up in its module on every call (imported on first use): a
+        test that replaces the module's function is obeyed."""
+        if self.triton is None:
+            raise NotImplementedError(f"lossfuse::{self.name} has no Triton implementation")
+        module, fn = self.triton.rsplit(".", 1)
+        mod = sys.modules.get(module) or importlib.import_module(module)
+        return getattr(mod, fn)
 
     def __call__(self, backend: str, *args):
         # Every op's first argument is a tensor on the device of the call.
@@ -69,14 +69,15 @@ class Op:
 
 
 def fused_gradient(backend: str, reduction: str, input: torch.Tensor,
-                   dtypes=(torch.float32, torch.float64)) -> bool:
+                   dtypes=(torch.float32, torch.float64), triton_dtypes=()) -> bool:
     """Whether a forward should also write the gradient. Called outside the autograd Function: inside
-    its forward grad mode is always off. Only the C++ backend fuses: checking grad_output == 1 is a
-    host read, free for a CPU scalar and a device sync on CUDA."""
+    its forward grad mode is always off. The C++ backend fuses for ``dtypes`` (checking grad_output
+    == 1 on the host is free for a CPU scalar); the Triton backend only for ``triton_dtypes``, the
+    losses whose backward checks grad_output on the device (cross-entropy's): a host-side check would
+    be a sync."""
     return (
-        backend == "cpu"
+        ((backend == "cpu" and input.dtype in dtypes) or (backend == "triton" and input.dtype in triton_dtypes))
         and reduction != "none"
-        and input.dtype in dtypes
         and input.requires_grad
         and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()

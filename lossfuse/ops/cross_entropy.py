@@ -1,7 +1,7 @@
 """Cross-entropy: the custom ops, their fake kernels and the autograd Function.
 
-Four ops carry the work, over logits viewed as (N, C, S) -- S the product of any spatial dims, laid out
-as lossfuse/_layout.py says:
+The ops work over logits viewed as (N, C, S) -- S the product of any spatial dims, laid out as
+lossfuse/_layout.py says:
 
   lossfuse::cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing, z_loss, softcap)
       -> (loss[N, S] float32 (float64 for float64 input), lse[N, S] float64)
@@ -16,6 +16,18 @@ as lossfuse/_layout.py says:
       the forward, and from the same walk the input gradient for the upstream gradient grad_scale on
       every row: the logits are read from memory once instead of twice (the fused path, below; the
       contract is docs/design.md, "The fused gradient")
+  lossfuse::cross_entropy_fused_scaled(input, target, weight, grad_scale, ignore_index, label_smoothing,
+                                       z_loss, softcap) -> (loss, lse, grad_input)
+  lossfuse::cross_entropy_fused_scaled_inplace(input!, target, weight, grad_scale, ...) -> (loss, lse)
+      the same for class-index targets with grad_scale a 0-dim device tensor (None: 1), so that the
+      mean's 1 / denom never goes through the host; the in-place form writes the gradient over the
+      logits. Triton (CUDA) only -- and the Triton interpreter on CPU tensors, for testing.
+  lossfuse::cross_entropy_fused_bwd(grad_output, grad, grad_input!, input, target, weight, lse,
+                                    ignore_index, label_smoothing, z_loss, softcap) -> ()
+      the backward of cross_entropy_fused_scaled: grad_input is left as it is when the 0-dim
+      grad_output is 1, else rewritten for the per-row upstream gradient grad; read on the device
+  lossfuse::cross_entropy_scale_inplace(grad_output, grad_input!) -> ()
+      grad_input *= grad_output unless it is 1, read on the device (float32/float64 only)
 
 ``target`` is int64 (N, S) class indices or a floating (N, C, S) probability target. ``softcap`` 0
 means none. lse is saved in float64 so that the backward can form x - lse without the rounding of a
@@ -30,6 +42,31 @@ the gradient's scale for grad_output = 1, and backward() hands that tensor back 
 float64 scale it (one extra rounding in the accumulation type), bfloat16 -- whose gradient must be
 scaled before its one cast (docs/design.md, "Mixed precision") -- discards it and runs the backward kernel.
 float16 never takes the path: its users scale the loss (GradScaler), and the work would be wasted.
+
+The fused path on CUDA (Triton backend; same conditions, float32 / bfloat16, both walk orders, not
+under torch.compile): one kernel per row block computes the row's statistics and, with the row
+still in registers or L2, writes the gradient for grad_output = 1 (lossfuse/triton/cross_entropy.py
+gives the memory-traffic argument): the logits are read from memory once and the gradient written
+once -- two passes over N x C per training step instead of three. Nothing is read back to the host:
+the mean's denominator (the weighted count of kept rows) and 1 / denom are device tensors the
+kernel reads, and backward() launches cross_entropy_fused_bwd unconditionally; the kernel reads
+grad_output and returns at once when it is 1, otherwise it recomputes the gradient from the logits
+and the lse for grad_output / denom, in fp32 before its one cast -- exact for any grad_output, the
+unfused backward's bits. (A GradScaler or a divided loss thus pays one extra pass: four instead of
+three.) No data-dependent allocation or branch on the host, so a step can be captured in a CUDA
+graph. The forward's buffer is handed out once; a retained graph's second backward runs the
+unfused kernel on the logits.
+
+In place on CUDA: float32 fuses, and the forward writes the gradient over the logits -- they hold the
+gradient as soon as the loss is computed (read them before the loss call; their version counter is
+bumped there, so autograd refuses any node that saved them). A grad_output other than 1 then scales
+that gradient in fp32 (cross_entropy_scale_inplace: one fp32 rounding more than a recompute, which
+the logits no longer allow). bfloat16 in place does not fuse: a gradient already rounded to bfloat16
+could not be scaled without a second rounding, so its logits stay intact until backward(), which
+writes the exact gradient over them (three passes, one N x C buffer). float16 does not fuse, as on
+the CPU. Probability targets and reduction='none' (the only way to a per-row grad_output) never fuse.
+Under torch.compile the Function takes the unfused ops (the hand-over above is eager bookkeeping);
+the new ops themselves have fake kernels and trace under torch.compile(fullgraph=True).
 """
 
 from __future__ import annotations
@@ -37,8 +74,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._utils import acc_dtype, result_dtype
+from .._backend import triton_interpreting
 from .._layout import RowShapes, classes_contiguous, empty_like_layout, mean_denominator
+from .._utils import acc_dtype, result_dtype
 from ._common import Op, reduce_rows, row_grads, take_fused_gradient
 
 _lib = torch.library.Library("lossfuse", "FRAGMENT")
@@ -70,35 +108,81 @@ def _fused_fake(input, target, weight, ignore_index, label_smoothing, z_loss, so
     return _fwd_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap) + (empty_like_layout(input),)
 
 
-CE_FWD = Op(
-    _lib,
+def _fused_scaled_fake(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap):
+    return _fused_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, 1.0)
+
+
+def _fused_scaled_inplace_fake(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap):
+    return _fwd_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+
+
+def _fused_bwd_fake(grad_output, grad, grad_input, input, target, weight, lse, ignore_index, label_smoothing, z_loss,
+                    softcap):
+    return None
+
+
+def _scale_inplace_fake(grad_output, grad_input):
+    return None
+
+
+def _op(schema: str, fake) -> Op:
+    name = schema.split("(", 1)[0]
+    return Op(_lib, schema, fake, triton="lossfuse.triton.cross_entropy." + name)
+
+
+CE_FWD = _op(
     "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
     "float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor)",
     _fwd_fake,
-    triton="lossfuse.triton.cross_entropy.cross_entropy_fwd",
 )
-CE_BWD = Op(
-    _lib,
+CE_BWD = _op(
     "cross_entropy_bwd(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
     "int ignore_index, float label_smoothing, float z_loss, float softcap, bool input_grad, "
     "bool target_grad) -> (Tensor, Tensor)",
     _bwd_fake,
-    triton="lossfuse.triton.cross_entropy.cross_entropy_bwd",
 )
-CE_FUSED = Op(
-    _lib,
+CE_FUSED = _op(
     "cross_entropy_fused(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
     "float label_smoothing, float z_loss, float softcap, float grad_scale) -> (Tensor, Tensor, Tensor)",
     _fused_fake,
-    triton="lossfuse.triton.cross_entropy.cross_entropy_fused",
 )
-CE_BWD_INPLACE = Op(
-    _lib,
+CE_BWD_INPLACE = _op(
     "cross_entropy_bwd_inplace(Tensor grad, Tensor(a!) input, Tensor target, Tensor? weight, Tensor lse, "
     "int ignore_index, float label_smoothing, float z_loss, float softcap, bool target_grad) -> Tensor",
     _bwd_inplace_fake,
-    triton="lossfuse.triton.cross_entropy.cross_entropy_bwd_inplace",
 )
+# The CUDA fused path (see the module docstring): the gradient's scale is a device tensor, and the
+# backward decides on the device whether the forward's gradient stands.
+CE_FUSED_SCALED = _op(
+    "cross_entropy_fused_scaled(Tensor input, Tensor target, Tensor? weight, Tensor? grad_scale, "
+    "int ignore_index, float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor, Tensor)",
+    _fused_scaled_fake,
+)
+CE_FUSED_SCALED_INPLACE = _op(
+    "cross_entropy_fused_scaled_inplace(Tensor(a!) input, Tensor target, Tensor? weight, Tensor? grad_scale, "
+    "int ignore_index, float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor)",
+    _fused_scaled_inplace_fake,
+)
+CE_FUSED_BWD = _op(
+    "cross_entropy_fused_bwd(Tensor grad_output, Tensor grad, Tensor(a!) grad_input, Tensor input, Tensor target, "
+    "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap) -> ()",
+    _fused_bwd_fake,
+)
+CE_SCALE_INPLACE = _op("cross_entropy_scale_inplace(Tensor grad_output, Tensor(a!) grad_input) -> ()",
+                       _scale_inplace_fake)
+
+for _cuda_only in (CE_FUSED_SCALED, CE_FUSED_SCALED_INPLACE, CE_FUSED_BWD, CE_SCALE_INPLACE):
+    # These ops have no C++ kernel. Under Triton's interpreter their CPU key is the Triton launcher, so
+    # that opcheck and torch.compile can exercise them on CPU tensors in CI.
+    if triton_interpreting():
+        _lib.impl(_cuda_only.name, lambda *args, _op=_cuda_only: _op.launcher()(*args), "CPU")
+
+# The Triton backend's fused path (module docstring): the dtypes whose forward writes the gradient,
+# and those among them whose in-place forward writes it over the logits (the ones where scaling
+# that gradient by a grad_output != 1 afterwards is a rounding in the accumulation type, not a
+# second rounding to a narrower type).
+TRITON_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+TRITON_INPLACE_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,11 +221,32 @@ class CrossEntropyFunction(torch.autograd.Function):
             t3 = shapes.rows2d(target if target.dtype == torch.int64 else target.long())
         # The fused walk pays off where rows are walked along their classes (and is only asked for
         # class-index targets: see the module docstring).
-        fused = bool(fused) and not prob and not inplace_backward and classes_contiguous(x3) and not shapes.retile
+        # On Triton both walk orders fuse, and in place too for TRITON_INPLACE_FUSED_DTYPES (see the
+        # module docstring: the gradient then goes over the logits in the forward).
+        triton_fused = backend == "triton" and bool(fused) and not prob and (
+            not inplace_backward or input.dtype in TRITON_INPLACE_FUSED_DTYPES)
+        fused = (backend != "triton" and bool(fused) and not prob and not inplace_backward and classes_contiguous(x3)
+                 and not shapes.retile)
         denom = mean_denominator(t3, weight, ignore_index, prob, acc) if reduction == "mean" else None
         opts = (ignore_index, float(label_smoothing), float(z_loss), float(softcap))
         ctx.fused_grad = None
-        if fused:
+        ctx.triton_fused = triton_fused
+        if triton_fused:
+            # 1 / denom on the device (IEEE division, the value the unfused backward scales by): the
+            # kernel reads it from memory, the host never waits for the count of kept rows.
+            scale = torch.reciprocal(denom) if denom is not None else None
+            if inplace_backward:
+                loss, lse = CE_FUSED_SCALED_INPLACE(backend, x3, t3, weight, scale, *opts)
+                # The logits hold their gradient from here on: a node that saved them and runs
+                # later is refused by autograd instead of computing with overwritten values.
+                torch.autograd.graph.increment_version(x3)
+                # Saved as a plain alias: a view made under no_grad whose base was then bumped would
+                # make autograd refuse to unpack it.
+                x3 = x3.detach()
+                ctx.fused_grad = x3
+            else:
+                loss, lse, ctx.fused_grad = CE_FUSED_SCALED(backend, x3, t3, weight, scale, *opts)
+        elif fused:
             # 1 / denom in the accumulation type: the value the unfused backward would scale by.
             grad_scale = float(torch.ones((), dtype=acc) / denom) if denom is not None else 1.0
             loss, lse, ctx.fused_grad = CE_FUSED(backend, x3, t3, weight, *opts, grad_scale)
@@ -179,10 +284,23 @@ class CrossEntropyFunction(torch.autograd.Function):
         none = (None,) * 9
         if not (need_input or need_target):
             return (None, None) + none
-        gx3 = take_fused_gradient(ctx, grad_out) if need_input else None
+        gx3 = take_fused_gradient(ctx, grad_out) if need_input and not ctx.triton_fused else None
         if gx3 is not None:  # the fused path: class-index targets, so no target gradient
             return (shapes.from3d(gx3), None) + none
+        g = grad_out.to(acc_dtype(x3.dtype))
         grad_rows = row_grads(grad_out, ctx.reduction, denom, lse.shape, acc_dtype(x3.dtype))
+        gx3 = None
+        if ctx.triton_fused and need_input:
+            gx3, ctx.fused_grad = ctx.fused_grad, None  # handed out once; a retained graph's next use recomputes
+        if gx3 is not None:
+            # The Triton fused path. Whether grad_output is 1 -- the forward's gradient stands -- is
+            # decided by the kernels on the device: the host launches the same work either way.
+            if ctx.inplace:
+                CE_SCALE_INPLACE(ctx.backend, g, x3)
+                torch.autograd.graph.increment_version(x3)  # a retained graph's next use is refused
+            else:
+                CE_FUSED_BWD(ctx.backend, g, grad_rows, gx3, x3, t3, weight, lse, *ctx.opts)
+            return (shapes.from3d(gx3), None) + none
         if ctx.inplace and need_input:
             gt3 = CE_BWD_INPLACE(ctx.backend, grad_rows, x3, t3, weight, lse, *ctx.opts, need_target)
             # The logits now hold their gradient. Bumping their version makes autograd refuse any

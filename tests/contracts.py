@@ -191,10 +191,17 @@ class LossContract:
         assert_close(loss, ref, dtype, f"{self.key}[{variant}] portable loss")
         assert_close(xr.grad, gref, dtype, f"{self.key}[{variant}] portable grad")
 
+    # Variants whose float32 gradient is free of cancellation, where "within 1 ulp of float64" is a
+    # property of the kernel rather than of float32 arithmetic (see TestCrossEntropy).
+    def autocast_variants(self) -> list[str]:
+        return self.variants()
+
     @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
     def test_loss_scaling_under_autocast(self, variant, dtype):
         """GradScaler's first step: the gradient of 2^16 x loss, formed in fp32 and cast once."""
         cpu_kernels_or_skip()
+        if variant not in self.autocast_variants():
+            pytest.skip(f"{self.key}[{variant}]: the gradient is a difference formed in float32 (see autocast_variants)")
         scale = 2.0 ** 16
         x, rest = self.inputs(variant, dtype, shape=(self.shape[0] * 8, self.shape[1]))
         xr = x.clone().requires_grad_(True)

@@ -20,6 +20,13 @@ def pytest_generate_tests(metafunc):
 class TestCrossEntropy(LossContract):
     key, module, function, ops_module = "ce", lossfuse.CrossEntropyLoss, lossfuse.CrossEntropyFunction, ce_ops
 
+    def autocast_variants(self):
+        # With smoothing (and with probability targets) a gradient element is a difference of float32
+        # terms, p_c sum_k w_k - w_c or p_c - t_c: where they nearly cancel, the float32 result carries
+        # the rounding of the terms, several ulps of the small difference. The 1-ulp check belongs to
+        # the class-index gradient p_c - [c = y], whose target term is formed without cancellation.
+        return ["", "ignore_index"]
+
     def compile_cases(self):
         # The (N, C, S) segmentation layout with class weights and smoothing, both target kinds.
         x = torch.randn(8, 2, 33)

@@ -227,9 +227,33 @@ def test_ignored_rows_get_exact_zeros_on_the_fused_path():
         _assert_close(g[keep], g64, torch.float32, "kept rows")
 
 
+@pytest.fixture
+def inplace_fusion(monkeypatch):
+    """The fused in-place kernel, off for users (ops/cross_entropy.py, TRITON_INPLACE_FUSED_DTYPES),
+    switched on to keep it tested."""
+    monkeypatch.setattr(ops_ce, "TRITON_INPLACE_FUSED_DTYPES", (torch.float32, torch.float64))
+
+
+def test_inplace_does_not_fuse_by_default():
+    """In place keeps the logits intact until backward(), on a view of another tensor too (a hook on
+    such a view after an in-place forward crashes torch), and the gradient is exact for any grad_output."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y, kw = _case((6, 45), dtype, OPTIONS["weight_ignore_smoothing"])
+        leaf = x.clone().requires_grad_(True)
+        logits = (leaf.t() * 1.0).t()
+        out = _fused(logits, y, "mean", kw, inplace=True)
+        assert out.grad_fn.fused_grad is None and torch.equal(logits.detach(), x)
+        logits.register_hook(lambda g: None)
+        go = torch.tensor(0.37, dtype=out.dtype)
+        (g,) = torch.autograd.grad(out, leaf, go)
+        xd, ref = _reference(x, y, "mean", kw)
+        (g64,) = torch.autograd.grad(ref, xd, go.double())
+        _assert_close(g, g64, dtype, "in-place gradient")
+
+
 @pytest.mark.parametrize("go", [1.0, 0.37])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_inplace_float32_fuses_over_the_logits(shape, go):
+def test_inplace_float32_fuses_over_the_logits(inplace_fusion, shape, go):
     """float32 in place: the forward writes the gradient over the logits; grad_output != 1 scales it
     in fp32 (one fp32 multiply of the grad_output-1 gradient: a rounding more than a recompute)."""
     x, y, kw = _case(SHAPES[shape], torch.float32, OPTIONS["weight_ignore_smoothing"])
@@ -248,7 +272,7 @@ def test_inplace_float32_fuses_over_the_logits(shape, go):
     _assert_close(g, g64, torch.float32, "in-place gradient")
 
 
-def test_inplace_refuses_later_use_of_the_logits():
+def test_inplace_refuses_later_use_of_the_logits(inplace_fusion):
     """A node that saved the logits and runs after the loss is refused (their version was bumped in
     the forward), as is a retained graph's second backward."""
     x, y, kw = _case((6, 45), torch.float32, OPTIONS["plain"])
@@ -265,7 +289,7 @@ def test_inplace_refuses_later_use_of_the_logits():
         out.backward()
 
 
-def test_inplace_bfloat16_does_not_fuse():
+def test_inplace_bfloat16_does_not_fuse(inplace_fusion):
     """bf16 in place: a gradient cast to bf16 in the forward could not be scaled exactly afterwards,
     so the logits stay intact until backward(), which writes the exact gradient over them."""
     x, y, kw = _case((6, 45), torch.bfloat16, OPTIONS["plain"])
@@ -279,7 +303,7 @@ def test_inplace_bfloat16_does_not_fuse():
     assert torch.equal(g, g_unfused)
 
 
-def test_no_host_sync_on_the_triton_path(monkeypatch):
+def test_no_host_sync_on_the_triton_path(monkeypatch, inplace_fusion):
     """Structural: nothing on the fused path reads a tensor's value on the host (on CUDA that would
     be a sync and would break graph capture). Tensor.item / __float__ / __int__ / __bool__ /
     tolist raise during forward and backward; the functional layer's CPU-only target check (CUDA

@@ -57,13 +57,12 @@ three.) No data-dependent allocation or branch on the host, so a step can be cap
 graph. The forward's buffer is handed out once; a retained graph's second backward runs the
 unfused kernel on the logits.
 
-In place on CUDA: float32 fuses, and the forward writes the gradient over the logits -- they hold the
-gradient as soon as the loss is computed (read them before the loss call; their version counter is
-bumped there, so autograd refuses any node that saved them). A grad_output other than 1 then scales
-that gradient in fp32 (cross_entropy_scale_inplace: one fp32 rounding more than a recompute, which
-the logits no longer allow). bfloat16 in place does not fuse: a gradient already rounded to bfloat16
-could not be scaled without a second rounding, so its logits stay intact until backward(), which
-writes the exact gradient over them (three passes, one N x C buffer). float16 does not fuse, as on
+In place on CUDA does not fuse by default (TRITON_INPLACE_FUSED_DTYPES says why): the logits stay
+intact until backward(), which writes the exact gradient over them (three passes, one N x C buffer).
+With the switch on, float32 would fuse -- the forward writes the gradient over the logits, and a
+grad_output other than 1 then scales it in fp32 (cross_entropy_scale_inplace: one fp32 rounding more
+than a recompute, which the logits no longer allow); bfloat16 never would, since a gradient already
+rounded to bfloat16 could not be scaled without a second rounding. float16 does not fuse, as on
 the CPU. Probability targets and reduction='none' (the only way to a per-row grad_output) never fuse.
 Under torch.compile the Function takes the unfused ops (the hand-over above is eager bookkeeping);
 the new ops themselves have fake kernels and trace under torch.compile(fullgraph=True).
@@ -182,7 +181,14 @@ for _cuda_only in (CE_FUSED_SCALED, CE_FUSED_SCALED_INPLACE, CE_FUSED_BWD, CE_SC
 # that gradient by a grad_output != 1 afterwards is a rounding in the accumulation type, not a
 # second rounding to a narrower type).
 TRITON_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
-TRITON_INPLACE_FUSED_DTYPES = (torch.float32, torch.float64)
+# Empty: writing the gradient over the logits inside the forward is off. The Function does not return
+# the logits marked dirty (ctx.mark_dirty), and torch 2.13 then crashes (a segfault, not an error) when
+# a hook is registered on a view of logits that a forward modified in place -- and a user reading the
+# logits between the loss and backward() would read gradients. In place therefore writes the gradient
+# in backward() on every backend (three passes, one N x C buffer). The fused in-place kernel is kept
+# and tested with this set to (torch.float32, torch.float64); enabling it for users needs the forward
+# to mark the logits dirty and return them.
+TRITON_INPLACE_FUSED_DTYPES = ()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -129,23 +129,23 @@ Prepared prepare(const char* op, const at::Tensor& input, const at::Tensor& targ
 
 int run_forward(const CeArgs& a) {
 #ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::ce_forward(a);
+  if (use_avx2_for(a.dtype)) return avx2::ce_run(a, avx2::CePass::kForward);
 #endif
-  return base::ce_forward(a);
+  return base::ce_run(a, base::CePass::kForward);
 }
 
 int run_fused(const CeArgs& a) {
 #ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::ce_fused(a);
+  if (use_avx2_for(a.dtype)) return avx2::ce_run(a, avx2::CePass::kFused);
 #endif
-  return base::ce_fused(a);
+  return base::ce_run(a, base::CePass::kFused);
 }
 
 int run_backward(const CeArgs& a) {
 #ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::ce_backward(a);
+  if (use_avx2_for(a.dtype)) return avx2::ce_run(a, avx2::CePass::kBackward);
 #endif
-  return base::ce_backward(a);
+  return base::ce_run(a, base::CePass::kBackward);
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& input, const at::Tensor& target,

@@ -117,7 +117,7 @@ SigmoidPrepared sigmoid_prepare(const char* op, const at::Tensor& input, const a
 
 int sigmoid_run(const SigmoidFocalArgs& a, bool bwd) {
 #ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::focal::sigmoid_run(a, bwd);
+  if (use_avx2_for(a.dtype)) return avx2::focal::sigmoid_run(a, bwd);
 #endif
   return base::focal::sigmoid_run(a, bwd);
 }
@@ -206,14 +206,14 @@ SoftmaxPrepared softmax_prepare(const char* op, const at::Tensor& input, const a
 
 int softmax_run_forward(const SoftmaxFocalArgs& a) {
 #ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::focal::softmax_forward(a);
+  if (use_avx2_for(a.dtype)) return avx2::focal::softmax_forward(a);
 #endif
   return base::focal::softmax_forward(a);
 }
 
 int softmax_run_backward(const SoftmaxFocalArgs& a) {
 #ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::focal::softmax_backward(a);
+  if (use_avx2_for(a.dtype)) return avx2::focal::softmax_backward(a);
 #endif
   return base::focal::softmax_backward(a);
 }

@@ -9,7 +9,7 @@ namespace lossfuse {
 
 void run_huber_backward(const HuberArgs& a) {
 #ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::huber_backward(a);
+  if (use_avx2_for(a.dtype)) return avx2::huber_backward(a);
 #endif
   base::huber_backward(a);
 }

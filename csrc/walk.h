@@ -32,17 +32,41 @@ inline int with_bool(bool b, F&& f) {
 
 inline void flag_bad(int* bad) { __atomic_store_n(bad, 1, __ATOMIC_RELAXED); }
 
-// Logit soft-capping x -> cap * tanh(x / cap), and its derivative 1 - tanh^2, when CAP.
-template <class A, bool CAP>
+// The optional terms of a softmax-family kernel: class weights, label smoothing's sums, logit
+// soft-capping. Each member is either std::false_type -- the term is compiled out -- or a bool read at
+// run time. The common call, no option at all, runs kernels built with NoTerms; every other runs one
+// set built with AnyTerms. Their tests are per vector or per row, on values that never change within a
+// call (perfectly predicted branches), against the exp and the memory traffic of the same vector.
+// A compile-time flag per option (2^3 instantiations of every kernel, per dtype and instruction set)
+// made most of the extension's build time for a speed no benchmark could tell apart.
+template <class HW, class SM, class CP>
+struct Terms {
+  HW has_w;   // class weights
+  SM smooth;  // label smoothing (eps > 0)
+  CP cap;     // logit soft-capping
+};
+using NoTerms = Terms<std::false_type, std::false_type, std::false_type>;
+using AnyTerms = Terms<bool, bool, bool>;
+
+// f(NoTerms{}) when no term is on, else f(AnyTerms{...}): the one place the options become types.
+template <class F>
+inline int with_terms(bool has_w, bool smooth, bool cap, F&& f) {
+  if (!has_w && !smooth && !cap) return f(NoTerms{});
+  return f(AnyTerms{has_w, smooth, cap});
+}
+
+// Logit soft-capping x -> cap * tanh(x / cap), and its derivative 1 - tanh^2, when `on` (a Terms::cap).
+template <class A, class On>
 struct SoftCap {
   using V = Vec<A>;
+  On on;
   A cap, inv;
-  explicit SoftCap(double c) : cap(A(c)), inv(CAP ? A(1) / A(c) : A(0)) {}
-  V operator()(V x) const { return CAP ? V(cap) * vtanh(x * V(inv)) : x; }
-  A operator()(A x) const { return CAP ? cap * stanh(x * inv) : x; }
-  // x' and d x'/d x
+  SoftCap(On o, double c) : on(o), cap(A(c)), inv(o ? A(1) / A(c) : A(0)) {}
+  V operator()(V x) const { return on ? V(cap) * vtanh(x * V(inv)) : x; }
+  A operator()(A x) const { return on ? cap * stanh(x * inv) : x; }
+  // x' and d x'/d x (the slope is left unset when off: callers multiply by it only when on)
   void with_slope(V x, V& xc, V& slope) const {
-    if (CAP) {
+    if (on) {
       const V t = vtanh(x * V(inv));
       xc = V(cap) * t;
       slope = fnmadd(t, t, V(A(1)));
@@ -51,11 +75,13 @@ struct SoftCap {
     }
   }
   A slope(A x) const {
-    if (!CAP) return A(1);
+    if (!on) return A(1);
     const A t = stanh(x * inv);
     return A(1) - t * t;
   }
 };
+template <class A, class O>
+using SoftCapOf = SoftCap<A, decltype(O::cap)>;
 
 // Runs `pass(exp_fn)` with the fast exp, and again with the exact one if some lane underflowed below
 // the normal range -- rare (logits spread by more than 87), and then those outputs must hold the
@@ -128,10 +154,10 @@ inline V log_sum(V rest, V top) {
   return vlog1p(rest + (top - V(1)));
 }
 
-// Sums over one block relative to the (capped) max m: exp(x' - m) as (rest, top) and, with SMOOTH, w_c (x'_c - m)
-// and w_c.
-template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
-inline void block_sums_index(const T* x, const A* w, int64_t n, A m, const SoftCap<A, CAP>& cap, double* sum,
+// Sums over one block relative to the (capped) max m: exp(x' - m) as (rest, top) and, with smoothing,
+// w_c (x'_c - m) and w_c.
+template <class T, class A, class O>
+inline void block_sums_index(O opt, const T* x, const A* w, int64_t n, A m, const SoftCapOf<A, O>& cap, double* sum,
                              double* top, double* d, double* ws) {
   using V = Vec<A>;
   constexpr int W = V::W;
@@ -149,8 +175,8 @@ inline void block_sums_index(const T* x, const A* w, int64_t n, A m, const SoftC
     add_exp_term(e1, s1, t0);
     add_exp_term(e2, s2, t0);
     add_exp_term(e3, s3, t0);
-    if (SMOOTH) {
-      if (HAS_W) {
+    if (opt.smooth) {
+      if (opt.has_w) {
         const V wa = V::load(w + c), wb = V::load(w + c + W), wc = V::load(w + c + 2 * W), wd = V::load(w + c + 3 * W);
         d0 = fmadd(wa, e0, fmadd(wc, e2, d0));
         d1 = fmadd(wb, e1, fmadd(wd, e3, d1));
@@ -168,14 +194,14 @@ inline void block_sums_index(const T* x, const A* w, int64_t n, A m, const SoftC
     const typename V::Mask on = V::first(k);
     const V e = cap(load_k(x + c, k, A(0))) - mv;
     add_exp_term(e, s0, t0, on);
-    if (SMOOTH) {
-      const V wv = HAS_W ? load_k(w + c, k, A(0)) : V(A(1));
+    if (opt.smooth) {
+      const V wv = opt.has_w ? load_k(w + c, k, A(0)) : V(A(1));
       d0 = d0 + select(on, wv * e, V(A(0)));
-      if (HAS_W) w0 = w0 + select(on, wv, V(A(0)));
+      if (opt.has_w) w0 = w0 + select(on, wv, V(A(0)));
     }
   }
   double sd = double(hsum((s0 + s1) + (s2 + s3))), dd = double(hsum(d0 + d1));
-  double wd = HAS_W ? double(hsum(w0)) : double(n);
+  double wd = opt.has_w ? double(hsum(w0)) : double(n);
   *sum += sd;
   *top += double(hsum(count_value(t0)));
   *d += dd;
@@ -185,11 +211,11 @@ inline void block_sums_index(const T* x, const A* w, int64_t n, A m, const SoftC
 // log-sum-exp statistics of one row in a single pass over memory: each kBlock-class block is read
 // from memory once for its max and again from L1 for its sums, which are rescaled whenever the
 // running max grows (online softmax). Returns the (capped) max m, log sum_c exp(x'_c - m) and, with
-// SMOOTH, sum_c w_c (x'_c - m). A block that is all -inf (masked vocabulary) would make x - m
+// smoothing, sum_c w_c (x'_c - m). A block that is all -inf (masked vocabulary) would make x - m
 // undefined while m is still -inf, so such rows take the plain two passes. tanh is increasing, so the
 // capped max is the cap of the raw max.
-template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
-inline void row_stats_index(const T* x, const A* w, int64_t C, const SoftCap<A, CAP>& cap, A* m_out,
+template <class T, class A, class O>
+inline void row_stats_index(O opt, const T* x, const A* w, int64_t C, const SoftCapOf<A, O>& cap, A* m_out,
                             double* logsum_out, double* d_out) {
   const A ninf = -std::numeric_limits<A>::infinity();
   A m = ninf;
@@ -207,11 +233,11 @@ inline void row_stats_index(const T* x, const A* w, int64_t C, const SoftCap<A, 
         // The old max's terms join the rest: e^(m - bm) < 1 now.
         sum = (sum + top) * std::exp(double(m) - double(bm));
         top = 0;
-        if (SMOOTH) d += (double(m) - double(bm)) * ws;
+        if (opt.smooth) d += (double(m) - double(bm)) * ws;
       }
       m = bm;
     }
-    block_sums_index<T, A, HAS_W, SMOOTH, CAP>(x + c0, HAS_W ? w + c0 : w, n, m, cap, &sum, &top, &d, &ws);
+    block_sums_index<T, A>(opt, x + c0, opt.has_w ? w + c0 : w, n, m, cap, &sum, &top, &d, &ws);
   }
   if (!online) {
     m = cap(block_max<T, A>(x, C));
@@ -219,7 +245,7 @@ inline void row_stats_index(const T* x, const A* w, int64_t C, const SoftCap<A, 
     // A row of only -inf has lse = -inf (as torch.logsumexp); its loss is NaN either way, as torch's.
     for (int64_t c0 = 0; c0 < C && m != ninf; c0 += kBlock) {
       const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
-      block_sums_index<T, A, HAS_W, SMOOTH, CAP>(x + c0, HAS_W ? w + c0 : w, n, m, cap, &sum, &top, &d, &ws);
+      block_sums_index<T, A>(opt, x + c0, opt.has_w ? w + c0 : w, n, m, cap, &sum, &top, &d, &ws);
     }
   }
   *m_out = m;
@@ -285,8 +311,8 @@ inline void prefetch_tile_ahead(const T* x, int64_t c, int64_t sC, bool write = 
   if (sizeof(T) * Tile<A>::L > 64) __builtin_prefetch(p + 64, write ? 1 : 0, 2);
 }
 
-template <class T, class A, bool CAP>
-inline void tile_max(const T* x, int64_t C, int64_t sC, const Tile<A>& tl, const SoftCap<A, CAP>& cap,
+template <class T, class A, class On>
+inline void tile_max(const T* x, int64_t C, int64_t sC, const Tile<A>& tl, const SoftCap<A, On>& cap,
                      Vec<A>* m) {
   using V = Vec<A>;
   for (int u = 0; u < kU; ++u) m[u] = V(-std::numeric_limits<A>::infinity());

@@ -522,26 +522,8 @@ int ce_fwd_index_tiles(const CeArgs& a, O opt) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
     V m[kU];
-    tile_max<T, A>(x, C, sC, tl, cap, m);
     double sum[L] = {}, top[L] = {}, dsum[L] = {};
-    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-      const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
-      V sv[kU], tv[kU], dv[kU];
-      for (int u = 0; u < kU; ++u) sv[u] = tv[u] = dv[u] = V(A(0));
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int u = 0; u < kU; ++u) {
-          if (!tl.kv(u)) continue;
-          const V e = cap(load_k(x + c * sC + u * W, tl.kv(u), A(0))) - m[u];
-          add_exp_term(e, sv[u], tv[u]);
-          if (opt.smooth) dv[u] = opt.has_w ? fmadd(V(w[c]), e, dv[u]) : dv[u] + e;
-        }
-      }
-      for (int u = 0; u < kU; ++u) {
-        fold(sv[u], sum + u * W);
-        fold(count_value(tv[u]), top + u * W);
-        if (opt.smooth) fold(dv[u], dsum + u * W);
-      }
-    }
+    tile_stats<T, A>(opt, x, C, sC, tl, cap, w, m, sum, top, dsum);
     TileTargets<A> tt;
     tile_targets<T, A>(a, opt, tl, x, w, tt, &bad);
     for (int u = 0; u < kU; ++u) {
@@ -587,61 +569,35 @@ int ce_bwd_index_tiles(const CeArgs& a, O opt) {
     alignas(32) A g[L] = {}, gy[L] = {};
     for (int j = 0; j < tl.k; ++j)
       if (tt.live[j]) g[j] = G[tl.n * a.g_sN + (tl.s0 + j) * a.g_sS];
-    V kpv[kU], kwv[kU], hv[kU], lv[kU], lsev[kU], yv[kU];
-    typename V::Mask on[kU];
+    TileGrad<A> tg;
+    V lsev[kU];
     alignas(32) A yf[L];
-    for (int j = 0; j < L; ++j) yf[j] = tt.live[j] ? A(tt.y[j]) : A(-1);  // exact below 2^24 classes
+    for (int j = 0; j < L; ++j) yf[j] = tt.live[j] ? A(tt.y[j]) : A(-1);
     for (int u = 0; u < kU; ++u) {
-      kpv[u] = kwv[u] = hv[u] = lv[u] = lsev[u] = V(A(0));
-      on[u] = mask_none(V());
-      yv[u] = V::load(yf + u * W);
+      tg.kp[u] = tg.kw[u] = tg.hi[u] = tg.lo[u] = lsev[u] = V(A(0));
+      tg.on[u] = mask_none(V());
+      tg.y[u] = V::load(yf + u * W);
       const int kv = tl.kv(u);
       if (!kv) continue;
       const V gv = V::load(g + u * W), wyv = V::load(tt.wy + u * W);
-      tile_lse(a.lse_in + tl.n * S + tl.s0 + u * W, tl, u, hv + u, lv + u, lsev + u);
-      kpv[u] = gv * (V(k.keep) * wyv + V(opt.smooth ? k.eps_c * k.wsum : A(0)) + V(A(2) * k.z) * lsev[u]);
-      kwv[u] = gv * V(k.eps_c);
-      on[u] = V::mask(tt.live + u * W);
+      tile_lse(a.lse_in + tl.n * S + tl.s0 + u * W, tl, u, tg.hi + u, tg.lo + u, lsev + u);
+      tg.kp[u] = gv * (V(k.keep) * wyv + V(opt.smooth ? k.eps_c * k.wsum : A(0)) + V(A(2) * k.z) * lsev[u]);
+      tg.kw[u] = gv * V(k.eps_c);
+      tg.on[u] = V::mask(tt.live + u * W);
     }
     // Per lane, sum_{c != y} p_c for the target element (see ce_bwd_index_rows).
     double rest[L] = {};
     run_backward_pass<V>(a.inplace, [&](auto&& vexp_fn) {
-      for (int j = 0; j < L; ++j) rest[j] = 0;
-      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-        const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
-        V r[kU];
-        for (int u = 0; u < kU; ++u) r[u] = V(A(0));
-        for (int64_t c = c0; c < c1; ++c) {
-          prefetch_tile_ahead<T, A>(x, c, sC);
-          prefetch_tile_ahead<T, A>(gx, c, gsC, true);
-          const V cv{A(c)};
-          for (int u = 0; u < kU; ++u) {
-            const int kv = tl.kv(u);
-            if (!kv) continue;
-            V xc, slope;
-            cap.with_slope(load_k(x + c * sC + u * W, kv, A(0)), xc, slope);
-            const V p = vexp_fn((xc - hv[u]) - lv[u]);
-            V o = p * kpv[u];
-            if (opt.smooth) o = opt.has_w ? fnmadd(kwv[u], V(w[c]), o) : o - kwv[u];
-            if (opt.cap) o = o * slope;
-            // Ignored rows get exact zeros, whatever their logits hold.
-            store_k(select(on[u], o, V(A(0))), gx + c * gsC + u * W, kv);
-            r[u] = r[u] + select(cmp_eq(yv[u], cv), V(A(0)), p);
-          }
-        }
-        for (int u = 0; u < kU; ++u) fold(r[u], rest + u * W);
-      }
+      tile_grad_pass<T, A>(opt, cap, x, gx, C, sC, gsC, tl, tg, w, rest, vexp_fn);
     });
     for (int u = 0; u < kU; ++u) {
       if (!tl.kv(u)) continue;
       const V gv = V::load(g + u * W), wyv = V::load(tt.wy + u * W);
-      V xyc, slope;
+      V xyc, slope, py, py_minus_1;
       cap.with_slope(V::load(tt.xy + u * W), xyc, slope);
-      const V dy = (xyc - hv[u]) - lv[u];
-      const V py = vexp(dy);
-      const V py_minus_1 = select(cmp_lt(V(A(0.5)), py), vneg(unfold<A>(rest + u * W)), vexpm1(dy));
+      tile_target_p(xyc, tg.hi[u], tg.lo[u], rest + u * W, &py, &py_minus_1);
       V gyv = gv * (V(k.keep) * wyv * py_minus_1 + V(A(2) * k.z) * lsev[u] * py);
-      if (opt.smooth) gyv = gyv + kwv[u] * (py * V(k.wsum) - wyv);
+      if (opt.smooth) gyv = gyv + tg.kw[u] * (py * V(k.wsum) - wyv);
       if (opt.cap) gyv = gyv * slope;
       gyv.store(gy + u * W);
     }
@@ -792,8 +748,6 @@ int ce_bwd_prob_tiles(const CeArgs& a, O opt) {
 // Entry point: the dtype, the optional terms, the target's storage type and the walk order (from the
 // strides) become template arguments here, once per call.
 // ------------------------------------------------------------------------------------------------
-
-enum class CePass { kForward, kBackward, kFused };
 
 inline bool walk_rows(const CeArgs& a) { return a.C == 1 || a.x_sC == 1; }
 

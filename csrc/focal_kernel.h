@@ -593,57 +593,37 @@ inline void focal_tile_targets(const SoftmaxFocalArgs& a, const Tile<A>& tl, con
   }
 }
 
-// The gradient of one tile, per lane kp[j] (g D) and lse[j]; rows not live get exact zeros.
+// The gradient of one tile, per lane kp[j] (g D) and lse[j]: the cross-entropy's tile pass (walk.h)
+// with no optional term; rows not live get exact zeros.
 template <class T, class A>
 inline void grad_tile(const SoftmaxFocalArgs& a, const Tile<A>& tl, const T* x, T* gx,
                       const FocalTileTargets<A>& tt, const A* kp, const A* lse) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
-  const int64_t C = a.C, sC = a.x_sC, gsC = a.gx_sC;
   alignas(32) A gy[L] = {}, yf[L];
-  for (int j = 0; j < L; ++j) yf[j] = tt.live[j] ? A(tt.y[j]) : A(-1);  // exact below 2^24 classes
-  V kpv[kU], lv[kU], yv[kU];
-  typename V::Mask on[kU];
+  for (int j = 0; j < L; ++j) yf[j] = tt.live[j] ? A(tt.y[j]) : A(-1);
+  TileGrad<A> tg;
   for (int u = 0; u < kU; ++u) {
-    const int kv = tl.kv(u);
-    kpv[u] = V::load(kp + u * W);
-    yv[u] = V::load(yf + u * W);
-    lv[u] = V::load(lse + u * W);
-    on[u] = kv ? V::mask(tt.live + u * W) : mask_none(V());
+    tg.kp[u] = V::load(kp + u * W);
+    tg.y[u] = V::load(yf + u * W);
+    tg.hi[u] = V::load(lse + u * W);
+    tg.lo[u] = tg.kw[u] = V(A(0));  // an lse of one float; (x - lse) - 0 is x - lse exactly
+    tg.on[u] = tl.kv(u) ? V::mask(tt.live + u * W) : mask_none(V());
   }
-  // Per lane, sum_{c != y} p_c for the target element (see grad_row).
+  const SoftCapOf<A, NoTerms> no_cap({}, 0.0);
   double rest[L] = {};
   with_exact_redo<V>([&](auto&& vexp_fn) {
-    for (int j = 0; j < L; ++j) rest[j] = 0;
-    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-      const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
-      V rs[kU];
-      for (int u = 0; u < kU; ++u) rs[u] = V(A(0));
-      for (int64_t c = c0; c < c1; ++c) {
-        prefetch_tile_ahead<T, A>(x, c, sC);
-        prefetch_tile_ahead<T, A>(gx, c, gsC, true);
-        const V cv{A(c)};
-        for (int u = 0; u < kU; ++u) {
-          const int kv = tl.kv(u);
-          if (!kv) continue;
-          const V p = vexp_fn(load_k(x + c * sC + u * W, kv, A(0)) - lv[u]);
-          // Ignored rows get exact zeros, whatever their logits hold.
-          store_k(select(on[u], p * kpv[u], V(A(0))), gx + c * gsC + u * W, kv);
-          rs[u] = rs[u] + select(cmp_eq(yv[u], cv), V(A(0)), p);
-        }
-      }
-      for (int u = 0; u < kU; ++u) fold(rs[u], rest + u * W);
-    }
+    tile_grad_pass<T, A>(NoTerms{}, no_cap, x, gx, a.C, a.x_sC, a.gx_sC, tl, tg, static_cast<const A*>(nullptr), rest,
+                         vexp_fn);
   });
   for (int u = 0; u < kU; ++u) {
     if (!tl.kv(u)) continue;
-    const V dy = V::load(tt.xy + u * W) - lv[u];
-    const V py = vexp(dy);
-    const V py_minus_1 = select(cmp_lt(V(A(0.5)), py), vneg(unfold<A>(rest + u * W)), vexpm1(dy));
-    (kpv[u] * py_minus_1).store(gy + u * W);
+    V py, py_minus_1;
+    tile_target_p(V::load(tt.xy + u * W), tg.hi[u], tg.lo[u], rest + u * W, &py, &py_minus_1);
+    (tg.kp[u] * py_minus_1).store(gy + u * W);
   }
   for (int j = 0; j < tl.k; ++j)
-    if (tt.live[j]) put(gx + tt.y[j] * gsC + j, gy[j]);
+    if (tt.live[j]) put(gx + tt.y[j] * a.gx_sC + j, gy[j]);
 }
 
 template <class T, class A>
@@ -665,20 +645,9 @@ int sf_fwd_tiles(const SoftmaxFocalArgs& a) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
     V m[kU];
-    tile_max<T, A>(x, C, sC, tl, SoftCapOf<A, NoTerms>({}, 0.0), m);
     double sum[L] = {}, top[L] = {};
-    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-      const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
-      V sv[kU], tv[kU];
-      for (int u = 0; u < kU; ++u) sv[u] = tv[u] = V(A(0));
-      for (int64_t c = c0; c < c1; ++c)
-        for (int u = 0; u < kU; ++u)
-          if (tl.kv(u)) add_exp_term(load_k(x + c * sC + u * W, tl.kv(u), A(0)) - m[u], sv[u], tv[u]);
-      for (int u = 0; u < kU; ++u) {
-        fold(sv[u], sum + u * W);
-        fold(count_value(tv[u]), top + u * W);
-      }
-    }
+    tile_stats<T, A>(NoTerms{}, x, C, sC, tl, SoftCapOf<A, NoTerms>({}, 0.0), static_cast<const A*>(nullptr), m, sum,
+                     top, static_cast<double*>(nullptr));
     FocalTileTargets<A> tt;
     focal_tile_targets<T, A>(a, tl, x, tt, &bad);
     alignas(32) A nl[L] = {}, lse[L] = {}, loss[L] = {}, dscale[L] = {}, kp[L] = {};

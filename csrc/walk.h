@@ -324,6 +324,88 @@ inline void tile_max(const T* x, int64_t C, int64_t sC, const Tile<A>& tl, const
   for (int u = 0; u < kU; ++u) m[u] = cap(m[u]);
 }
 
+// A tile's max (tile_max), then per lane the sums of exp(x' - m) as (rest, top) and, with smoothing,
+// of w_c (x'_c - m): the class-index forward of every softmax-family loss, as row_stats_index for a row.
+template <class T, class A, class O>
+inline void tile_stats(O opt, const T* x, int64_t C, int64_t sC, const Tile<A>& tl, const SoftCapOf<A, O>& cap,
+                       const A* w, Vec<A>* m, double* sum, double* top, double* dsum) {
+  using V = Vec<A>;
+  constexpr int W = V::W;
+  tile_max<T, A>(x, C, sC, tl, cap, m);
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
+    V sv[kU], tv[kU], dv[kU];
+    for (int u = 0; u < kU; ++u) sv[u] = tv[u] = dv[u] = V(A(0));
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int u = 0; u < kU; ++u) {
+        if (!tl.kv(u)) continue;
+        const V e = cap(load_k(x + c * sC + u * W, tl.kv(u), A(0))) - m[u];
+        add_exp_term(e, sv[u], tv[u]);
+        if (opt.smooth) dv[u] = opt.has_w ? fmadd(V(w[c]), e, dv[u]) : dv[u] + e;
+      }
+    }
+    for (int u = 0; u < kU; ++u) {
+      fold(sv[u], sum + u * W);
+      fold(count_value(tv[u]), top + u * W);
+      if (opt.smooth) fold(dv[u], dsum + u * W);
+    }
+  }
+}
+
+// Per-lane state of a tile's class-index gradient pass: the lane's lse = hi + lo, the factor kp of
+// p_c and, with smoothing, kw of w_c (d loss / d x'_c = p_c kp - kw w_c off the target), the lanes
+// whose rows count (`on`; the others get exact zeros, whatever their logits hold) and their targets
+// as floats (exact below 2^24 classes; -1 for rows that do not count).
+template <class A>
+struct TileGrad {
+  Vec<A> hi[kU], lo[kU], kp[kU], kw[kU], y[kU];
+  typename Vec<A>::Mask on[kU];
+};
+
+// The gradient pass of a tile: every element but the targets', and per lane sum_{c != y} p_c into
+// `rest` (zeroed here) for the target element, which the caller writes (p_y - 1 formed as -rest where
+// p_y > 1/2: see the row backward). exp_fn as with_exact_redo hands it.
+template <class T, class A, class O, class ExpFn>
+inline void tile_grad_pass(O opt, const SoftCapOf<A, O>& cap, const T* x, T* gx, int64_t C, int64_t sC, int64_t gsC,
+                           const Tile<A>& tl, const TileGrad<A>& tg, const A* w, double* rest, ExpFn&& vexp_fn) {
+  using V = Vec<A>;
+  constexpr int W = V::W;
+  for (int j = 0; j < Tile<A>::L; ++j) rest[j] = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
+    V r[kU];
+    for (int u = 0; u < kU; ++u) r[u] = V(A(0));
+    for (int64_t c = c0; c < c1; ++c) {
+      prefetch_tile_ahead<T, A>(x, c, sC);
+      prefetch_tile_ahead<T, A>(gx, c, gsC, true);
+      const V cv{A(c)};
+      for (int u = 0; u < kU; ++u) {
+        const int kv = tl.kv(u);
+        if (!kv) continue;
+        V xc, slope;
+        cap.with_slope(load_k(x + c * sC + u * W, kv, A(0)), xc, slope);
+        const V p = vexp_fn((xc - tg.hi[u]) - tg.lo[u]);
+        V o = p * tg.kp[u];
+        if (opt.smooth) o = opt.has_w ? fnmadd(tg.kw[u], V(w[c]), o) : o - tg.kw[u];
+        if (opt.cap) o = o * slope;
+        store_k(select(tg.on[u], o, V(A(0))), gx + c * gsC + u * W, kv);
+        r[u] = r[u] + select(cmp_eq(tg.y[u], cv), V(A(0)), p);
+      }
+    }
+    for (int u = 0; u < kU; ++u) fold(r[u], rest + u * W);
+  }
+}
+
+// p_y and p_y - 1 of a tile's lanes from the (capped) target logits: -rest where p_y > 1/2, else
+// expm1, each where it is better conditioned (see the row backward).
+template <class A>
+inline void tile_target_p(Vec<A> xy, Vec<A> hi, Vec<A> lo, const double* rest, Vec<A>* py, Vec<A>* py_minus_1) {
+  using V = Vec<A>;
+  const V dy = (xy - hi) - lo;
+  *py = vexp(dy);
+  *py_minus_1 = select(cmp_lt(V(A(0.5)), *py), vneg(unfold<A>(rest)), vexpm1(dy));
+}
+
 // ------------------------------------------------------------------------------------------------
 // The fused forward and gradient of one row (class stride 1), one exp per element.
 // ------------------------------------------------------------------------------------------------

@@ -64,7 +64,8 @@ struct SoftCap {
   SoftCap(On o, double c) : on(o), cap(A(c)), inv(o ? A(1) / A(c) : A(0)) {}
   V operator()(V x) const { return on ? V(cap) * vtanh(x * V(inv)) : x; }
   A operator()(A x) const { return on ? cap * stanh(x * inv) : x; }
-  // x' and d x'/d x (the slope is left unset when off: callers multiply by it only when on)
+  // x' and d x'/d x (1 when off, where callers do not multiply by it: set only so that no compiler
+  // sees an uninitialised read in the run-time-flag kernels)
   void with_slope(V x, V& xc, V& slope) const {
     if (on) {
       const V t = vtanh(x * V(inv));
@@ -72,6 +73,7 @@ struct SoftCap {
       slope = fnmadd(t, t, V(A(1)));
     } else {
       xc = x;
+      slope = V(A(1));
     }
   }
   A slope(A x) const {

@@ -43,6 +43,17 @@ inline V vexp_checked(V e) {
   return mask_any(oob) ? vexp(e) : p;
 }
 
+// x as a value of its own: a product passed through it is rounded by itself, never fused into an FMA
+// with what follows it (GCC contracts a * b - c * d as it sees fit, and which way may change with the
+// code around it). A row of one class then gets p gp - g w_t = 0 exactly, as the two equal products round alike.
+template <class A>
+inline A rounded(A x) {
+#ifdef LF_VEC_AVX2
+  asm("" : "+x"(x));
+#endif
+  return x;
+}
+
 template <class V, class Pass>
 inline void run_backward_pass(bool inplace, Pass&& pass) {
   if (inplace)
@@ -454,7 +465,7 @@ int ce_bwd_prob_rows(const CeArgs& a, O opt) {
         for (; c < C; ++c) {
           const A wt = (to_acc<A>(t[c]) * k.keep + k.eps_c) * (opt.has_w ? w[c] : A(1));
           const A xr = to_acc<A>(x[c]);
-          put(gx + c, (sexp((cap(xr) - hi) - lo) * gp - g * wt) * cap.slope(xr));
+          put(gx + c, (rounded(sexp((cap(xr) - hi) - lo) * gp) - rounded(g * wt)) * cap.slope(xr));
         }
       });
     }

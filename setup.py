@@ -19,7 +19,11 @@ cmdclass = {}
 if os.environ.get("LOSSFUSE_NO_EXT", "0") in ("", "0"):
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    compile_args = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    # -g0: Python's own CFLAGS carry -g, and debug info for every kernel instantiation made the extension
+    # 128 MB. TORCH_ASSERT_ONLY_METHOD_OPERATORS: the torch-facing files include only the operators they
+    # call (csrc/tensor_utils.h), not <ATen/ATen.h>.
+    compile_args = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas",
+                    "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS"]
     ext_modules.append(
         CppExtension(
             name="lossfuse._C",

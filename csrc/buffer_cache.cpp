@@ -6,7 +6,7 @@
 // so keeping a few freed blocks mapped lets the next gradient land in pages that are already there.
 // Bounded by LOSSFUSE_CPU_CACHE_MB (default 2048; 0 turns the cache off); lossfuse.empty_cache()
 // releases everything.
-#include <ATen/ATen.h>
+#include <ATen/ops/from_blob.h>
 
 #include <cstdlib>
 #include <mutex>

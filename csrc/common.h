@@ -18,6 +18,9 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define LF_HAVE_X86 1
+#if defined(__GNUC__) || defined(__clang__)
+#define LF_HAVE_AVX2_BUILD 1  // isa_instantiate.h compiles an AVX2 copy of the kernels
+#endif
 #endif
 
 #ifdef _OPENMP
@@ -111,6 +114,22 @@ inline T from_float(float v) {
 // (or LOSSFUSE_CPU_ISA=base) has not forced the portable ones. Defined in module.cpp.
 bool use_avx2();
 
+// The same for inputs of dtype d. float64 always runs the portable kernels: Vec<double> is one lane on
+// either instruction set (float64 is for gradcheck and precision, not speed), so an AVX2 copy of its
+// kernels would cost build time and buy nothing but FMA contractions (see with_dtype in vec.h).
+inline bool use_avx2_for(Dtype d) { return d != Dtype::F64 && use_avx2(); }
+
+// LF_RUN_KERNEL(fn, args, ...): calls the kernel entry point fn(args, ...) -- a function that
+// isa_instantiate.h compiled into both lossfuse::avx2 and lossfuse::base -- of the instruction set in
+// use for args.dtype. The one place the choice is made (a macro: a namespace is no template argument).
+#ifdef LF_HAVE_AVX2_BUILD
+#define LF_RUN_KERNEL(fn, args, ...)                                                       \
+  (::lossfuse::use_avx2_for((args).dtype) ? ::lossfuse::avx2::fn(args __VA_OPT__(, ) __VA_ARGS__) \
+                                          : ::lossfuse::base::fn(args __VA_OPT__(, ) __VA_ARGS__))
+#else
+#define LF_RUN_KERNEL(fn, args, ...) (::lossfuse::base::fn(args __VA_OPT__(, ) __VA_ARGS__))
+#endif
+
 inline bool cpu_has_avx2_fma_f16c() {
 #if defined(LF_HAVE_X86) && (defined(__GNUC__) || defined(__clang__))
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -135,5 +154,11 @@ inline int threads_for(int64_t work, int max_threads) {
 // A fresh 500 MB gradient otherwise costs ~125k page faults on first touch, several times the time
 // the kernel spends writing it. Harmless where THP is off or the memory is already mapped.
 void advise_hugepages(void* ptr, size_t bytes);
+
+// The CPU output-buffer cache (buffer_cache.cpp): bytes held, its bound, and freeing what it holds.
+size_t cache_bytes();
+size_t cache_limit();
+void set_cache_limit(size_t bytes);
+void empty_cache();
 
 }  // namespace lossfuse

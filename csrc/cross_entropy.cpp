@@ -45,6 +45,10 @@ struct CeArgs {
   int64_t chunk;
 };
 
+// What ce_run (cross_entropy_kernel.h) computes: the loss and lse, the input (and probability-target)
+// gradient from a saved lse, or both in one walk for one upstream gradient on every row.
+enum class CePass { kForward, kBackward, kFused };
+
 }  // namespace lossfuse
 
 #define LF_KERNEL_HEADER "cross_entropy_kernel.h"
@@ -127,27 +131,6 @@ Prepared prepare(const char* op, const at::Tensor& input, const at::Tensor& targ
   return p;
 }
 
-int run_forward(const CeArgs& a) {
-#ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::ce_forward(a);
-#endif
-  return base::ce_forward(a);
-}
-
-int run_fused(const CeArgs& a) {
-#ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::ce_fused(a);
-#endif
-  return base::ce_fused(a);
-}
-
-int run_backward(const CeArgs& a) {
-#ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::ce_backward(a);
-#endif
-  return base::ce_backward(a);
-}
-
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& input, const at::Tensor& target,
                                                          const std::optional<at::Tensor>& weight,
                                                          int64_t ignore_index, double label_smoothing,
@@ -159,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& input
   at::Tensor lse = at::empty({a.N, a.S}, input.options().dtype(at::kDouble));
   a.loss = loss.data_ptr();
   a.lse = lse.data_ptr<double>();
-  if (a.N * a.S > 0 && run_forward(a)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
+  if (a.N * a.S > 0 && LF_RUN_KERNEL(ce_run, a, CePass::kForward)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
   return {loss, lse};
 }
 
@@ -186,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fused_cpu(
   a.gx_sC = gx.stride(1);
   a.gx_sS = gx.stride(2);
   a.stream = gx.nbytes() >= kStreamBytes;
-  if (a.N * a.S > 0 && run_fused(a)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
+  if (a.N * a.S > 0 && LF_RUN_KERNEL(ce_run, a, CePass::kFused)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
   return {loss, lse, gx};
 }
 
@@ -247,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cpu(const at::Tensor& grad,
     a.stream = gx.nbytes() >= kStreamBytes;
   }
   if (target_grad && prob) set_target_grad(a, gt);
-  if ((a.gx || a.gt) && a.N * a.S > 0 && run_backward(a)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
+  if ((a.gx || a.gt) && a.N * a.S > 0 && LF_RUN_KERNEL(ce_run, a, CePass::kBackward)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
   if (a.gt && gt.scalar_type() != target.scalar_type()) gt = gt.to(target.scalar_type());
   return {gx, gt};
 }
@@ -272,7 +255,7 @@ at::Tensor cross_entropy_bwd_inplace_cpu(const at::Tensor& grad, at::Tensor& inp
   a.gx_sC = a.x_sC;
   a.gx_sS = a.x_sS;
   if (target_grad && prob) set_target_grad(a, gt);
-  if (a.N * a.S > 0 && run_backward(a)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
+  if (a.N * a.S > 0 && LF_RUN_KERNEL(ce_run, a, CePass::kBackward)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
   if (a.gt && gt.scalar_type() != target.scalar_type()) gt = gt.to(target.scalar_type());
   return gt;
 }

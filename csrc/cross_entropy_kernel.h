@@ -43,6 +43,17 @@ inline V vexp_checked(V e) {
   return mask_any(oob) ? vexp(e) : p;
 }
 
+// x as a value of its own: a product passed through it is rounded by itself, never fused into an FMA
+// with what follows it (GCC contracts a * b - c * d as it sees fit, and which way may change with the
+// code around it). A row of one class then gets p gp - g w_t = 0 exactly, as the two equal products round alike.
+template <class A>
+inline A rounded(A x) {
+#ifdef LF_VEC_AVX2
+  asm("" : "+x"(x));
+#endif
+  return x;
+}
+
 template <class V, class Pass>
 inline void run_backward_pass(bool inplace, Pass&& pass) {
   if (inplace)
@@ -56,14 +67,14 @@ inline void run_backward_pass(bool inplace, Pass&& pass) {
 // ------------------------------------------------------------------------------------------------
 
 // One row's loss and lse; false for a target out of range (the loss then 0).
-template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
-inline bool fwd_index_row(const CeArgs& a, const Consts<A>& k, const SoftCap<A, CAP>& cap, const T* x, int64_t y,
+template <class T, class A, class O>
+inline bool fwd_index_row(const CeArgs& a, O opt, const Consts<A>& k, const SoftCapOf<A, O>& cap, const T* x, int64_t y,
                           A* loss_out, double* lse_out) {
   const A* w = static_cast<const A*>(a.w);
   const int64_t C = a.C;
   A m;
   double logsum_d, dsum;
-  row_stats_index<T, A, HAS_W, SMOOTH, CAP>(x, w, C, cap, &m, &logsum_d, &dsum);
+  row_stats_index<T, A>(opt, x, w, C, cap, &m, &logsum_d, &dsum);
   const double lse = double(m) + logsum_d;
   const A logsum = A(logsum_d);
   *lse_out = lse;
@@ -73,11 +84,11 @@ inline bool fwd_index_row(const CeArgs& a, const Consts<A>& k, const SoftCap<A, 
     if (y < 0 || y >= C) {
       ok = false;
     } else {
-      const A wy = HAS_W ? w[y] : A(1);
+      const A wy = opt.has_w ? w[y] : A(1);
       // (m - x_y) + log(sum) rather than lse - x_y: exact when the target holds the max logit.
       loss = k.keep * wy * ((m - cap(to_acc<A>(x[y]))) + logsum);
       // sum_c w_c (lse - x_c) = W (lse - m) - sum_c w_c (x_c - m): no cancellation of large logits.
-      if (SMOOTH) loss += k.eps_c * (k.wsum * logsum - A(dsum));
+      if (opt.smooth) loss += k.eps_c * (k.wsum * logsum - A(dsum));
       loss += A(double(k.z) * lse * lse);
     }
   }
@@ -85,18 +96,18 @@ inline bool fwd_index_row(const CeArgs& a, const Consts<A>& k, const SoftCap<A, 
   return ok;
 }
 
-template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
-int ce_fwd_index_rows(const CeArgs& a) {
+template <class T, class A, class O>
+int ce_fwd_index_rows(const CeArgs& a, O opt) {
   const T* X = static_cast<const T*>(a.x);
   A* loss_out = static_cast<A*>(a.loss);
   const int64_t S = a.S, R = a.N * a.S;
   const Consts<A> k(a);
-  const SoftCap<A, CAP> cap(a.softcap);
+  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
   int bad = 0;
 #pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = r / S, s = r - n * S;
-    if (!fwd_index_row<T, A, HAS_W, SMOOTH, CAP>(a, k, cap, X + n * a.x_sN + s * a.x_sS,
+    if (!fwd_index_row<T, A>(a, opt, k, cap, X + n * a.x_sN + s * a.x_sS,
                                                  a.y[n * a.y_sN + s * a.y_sS], loss_out + r, a.lse + r))
       flag_bad(&bad);
   }
@@ -104,8 +115,8 @@ int ce_fwd_index_rows(const CeArgs& a) {
 }
 
 // The gradient of one counted row (0 <= y < C) for the upstream gradient g and the row's lse.
-template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
-inline void bwd_index_row(const CeArgs& a, const Consts<A>& k, const SoftCap<A, CAP>& cap, const T* x, T* gx,
+template <class T, class A, class O>
+inline void bwd_index_row(const CeArgs& a, O opt, const Consts<A>& k, const SoftCapOf<A, O>& cap, const T* x, T* gx,
                           int64_t y, A g, double lse_d) {
   using V = Vec<A>;
   constexpr int W = V::W;
@@ -114,11 +125,11 @@ inline void bwd_index_row(const CeArgs& a, const Consts<A>& k, const SoftCap<A, 
   A hi, lo;
   split_lse(lse_d, &hi, &lo);
   const A lse = A(lse_d);
-  const A wy = HAS_W ? w[y] : A(1);
+  const A wy = opt.has_w ? w[y] : A(1);
   const A xy_raw = to_acc<A>(x[y]);  // before the loop: in place, the loop overwrites it
   // d loss / d x'_c = p_c * kp - kw * w_c, less g * keep * wy at the target (patched below);
   // z-loss adds 2 z lse p_c. With soft-capping, times d x'/d x = 1 - tanh^2.
-  const A kp = g * (k.keep * wy + (SMOOTH ? k.eps_c * k.wsum : A(0)) + A(2) * k.z * lse);
+  const A kp = g * (k.keep * wy + (opt.smooth ? k.eps_c * k.wsum : A(0)) + A(2) * k.z * lse);
   const A kw = g * k.eps_c;
   const V kpv(kp), kwv(kw), hv(hi), lv(lo);
   // For p_y near 1, p_y - 1 is formed as -sum_{c != y} p_c from the same p_c this loop writes: no
@@ -129,8 +140,8 @@ inline void bwd_index_row(const CeArgs& a, const Consts<A>& k, const SoftCap<A, 
     const A xr = to_acc<A>(x[c]);
     const A p = sexp((cap(xr) - hi) - lo);
     if (c != y) rest += double(p);
-    A o = SMOOTH ? p * kp - kw * (HAS_W ? w[c] : A(1)) : p * kp;
-    if (CAP) o *= cap.slope(xr);
+    A o = opt.smooth ? p * kp - kw * (opt.has_w ? w[c] : A(1)) : p * kp;
+    if (opt.cap) o *= cap.slope(xr);
     put(gx + c, o);
   };
   run_backward_pass<V>(a.inplace, [&](auto&& vexp_fn) {
@@ -148,11 +159,11 @@ inline void bwd_index_row(const CeArgs& a, const Consts<A>& k, const SoftCap<A, 
         V p0 = vexp_fn((x0 - hv) - lv);
         V p1 = vexp_fn((x1 - hv) - lv);
         V o0 = p0 * kpv, o1 = p1 * kpv;
-        if (SMOOTH) {
-          o0 = HAS_W ? fnmadd(kwv, V::load(w + c), o0) : o0 - kwv;
-          o1 = HAS_W ? fnmadd(kwv, V::load(w + c + W), o1) : o1 - kwv;
+        if (opt.smooth) {
+          o0 = opt.has_w ? fnmadd(kwv, V::load(w + c), o0) : o0 - kwv;
+          o1 = opt.has_w ? fnmadd(kwv, V::load(w + c + W), o1) : o1 - kwv;
         }
-        if (CAP) {
+        if (opt.cap) {
           o0 = o0 * d0;
           o1 = o1 * d1;
         }
@@ -184,8 +195,8 @@ inline void bwd_index_row(const CeArgs& a, const Consts<A>& k, const SoftCap<A, 
       cap.with_slope(load_k(x + c, k, A(0)), xc, d);
       V p = vexp_fn((xc - hv) - lv);
       V o = p * kpv;
-      if (SMOOTH) o = HAS_W ? fnmadd(kwv, load_k(w + c, k, A(0)), o) : o - kwv;
-      if (CAP) o = o * d;
+      if (opt.smooth) o = opt.has_w ? fnmadd(kwv, load_k(w + c, k, A(0)), o) : o - kwv;
+      if (opt.cap) o = o * d;
       store_k(o, gx + c, k);
       if (c <= y && y < c + k) {
         A b[W];
@@ -206,19 +217,19 @@ inline void bwd_index_row(const CeArgs& a, const Consts<A>& k, const SoftCap<A, 
   const A py = sexp(dy);
   const A py_minus_1 = py > A(0.5) ? -A(rest) : sexpm1(dy);
   A gy = g * (k.keep * wy * py_minus_1 + A(2) * k.z * lse * py);
-  if (SMOOTH) gy += kw * (py * k.wsum - wy);
-  if (CAP) gy *= cap.slope(xy_raw);
+  if (opt.smooth) gy += kw * (py * k.wsum - wy);
+  if (opt.cap) gy *= cap.slope(xy_raw);
   put(gx + y, gy);
 }
 
-template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
-int ce_bwd_index_rows(const CeArgs& a) {
+template <class T, class A, class O>
+int ce_bwd_index_rows(const CeArgs& a, O opt) {
   const T* X = static_cast<const T*>(a.x);
   T* GX = static_cast<T*>(a.gx);
   const A* G = static_cast<const A*>(a.g);
   const int64_t C = a.C, S = a.S, R = a.N * a.S;
   const Consts<A> k(a);
-  const SoftCap<A, CAP> cap(a.softcap);
+  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
   int bad = 0;
 #pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
@@ -230,7 +241,7 @@ int ce_bwd_index_rows(const CeArgs& a) {
       zero_row<T, A>(gx, C);
       continue;
     }
-    bwd_index_row<T, A, HAS_W, SMOOTH, CAP>(a, k, cap, X + n * a.x_sN + s * a.x_sS, gx, y, G[n * a.g_sN + s * a.g_sS],
+    bwd_index_row<T, A>(a, opt, k, cap, X + n * a.x_sN + s * a.x_sS, gx, y, G[n * a.g_sN + s * a.g_sS],
                                             a.lse_in[r]);
   }
   return bad;
@@ -243,15 +254,15 @@ int ce_bwd_index_rows(const CeArgs& a) {
 // (fused_row); every other row runs the forward and backward row bodies back to back -- for float64
 // the same bits as the unfused kernels (gradcheck compares a retained graph's second backward, which
 // is unfused, with the first).
-template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
-int ce_fused_index_rows(const CeArgs& a) {
+template <class T, class A, class O>
+int ce_fused_index_rows(const CeArgs& a, O opt) {
   const T* X = static_cast<const T*>(a.x);
   T* GX = static_cast<T*>(a.gx);
   const A* w = static_cast<const A*>(a.w);
   A* loss_out = static_cast<A*>(a.loss);
   const int64_t C = a.C, S = a.S, R = a.N * a.S;
   const Consts<A> k(a);
-  const SoftCap<A, CAP> cap(a.softcap);
+  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
   const A g = static_cast<const A*>(a.g)[0];
   int bad = 0;
 #pragma omp parallel num_threads(a.nthreads)
@@ -259,7 +270,7 @@ int ce_fused_index_rows(const CeArgs& a) {
   // fused_row's scratch row, one per thread and call (a thread_local in a shared library costs a
   // __tls_get_addr call per use, which GCC does not hoist out of loops).
   constexpr bool kOneExpType = !std::is_same_v<T, double> && !std::is_same_v<A, double>;
-  const bool one_exp = kOneExpType && !SMOOTH && !CAP && C <= kFusedMaxClasses;
+  const bool one_exp = kOneExpType && !opt.smooth && !opt.cap && C <= kFusedMaxClasses;
   std::unique_ptr<A[]> scratch(one_exp ? new A[C + Vec<A>::W] : nullptr);
 #pragma omp for schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
@@ -270,7 +281,7 @@ int ce_fused_index_rows(const CeArgs& a) {
     const bool live = y != a.ignore_index && y >= 0 && y < C;
     if (one_exp && live) {
       const T* next = r + 1 < R ? X + (r + 1) / S * a.x_sN + (r + 1) % S * a.x_sS : nullptr;
-      const A wy = HAS_W ? w[y] : A(1);
+      const A wy = opt.has_w ? w[y] : A(1);
       const A xy = to_acc<A>(x[y]);
       A m, loss = 0;
       double logsum, rest, top, lse = 0;
@@ -290,9 +301,9 @@ int ce_fused_index_rows(const CeArgs& a) {
         continue;
       }
     }
-    if (!fwd_index_row<T, A, HAS_W, SMOOTH, CAP>(a, k, cap, x, y, loss_out + r, a.lse + r)) flag_bad(&bad);
+    if (!fwd_index_row<T, A>(a, opt, k, cap, x, y, loss_out + r, a.lse + r)) flag_bad(&bad);
     if (live)
-      bwd_index_row<T, A, HAS_W, SMOOTH, CAP>(a, k, cap, x, gx, y, g, a.lse[r]);
+      bwd_index_row<T, A>(a, opt, k, cap, x, gx, y, g, a.lse[r]);
     else
       zero_row<T, A>(gx, C);
   }
@@ -302,9 +313,9 @@ int ce_fused_index_rows(const CeArgs& a) {
 
 // Probability targets, t'_c = t_c (1 - eps) + eps / C:
 //   loss = sum_c w_c t'_c (lse - x'_c) = log(sum) * sum_c w_c t'_c - sum_c w_c t'_c (x'_c - m).
-template <class T, class TT, class A, bool HAS_W, bool CAP>
-inline void block_sums_prob(const T* x, const TT* t, const A* w, int64_t n, A m, const Consts<A>& k,
-                            const SoftCap<A, CAP>& cap, double* sum, double* top, double* tw, double* twd) {
+template <class T, class TT, class A, class O>
+inline void block_sums_prob(O opt, const T* x, const TT* t, const A* w, int64_t n, A m, const Consts<A>& k,
+                            const SoftCapOf<A, O>& cap, double* sum, double* top, double* tw, double* twd) {
   using V = Vec<A>;
   constexpr int W = V::W;
   const V mv(m), keepv(k.keep), epscv(k.eps_c);
@@ -314,7 +325,7 @@ inline void block_sums_prob(const T* x, const TT* t, const A* w, int64_t n, A m,
     const V e = cap(V::load(x + c)) - mv;
     add_exp_term(e, s0, t0);
     V wt = fmadd(V::load(t + c), keepv, epscv);
-    if (HAS_W) wt = wt * V::load(w + c);
+    if (opt.has_w) wt = wt * V::load(w + c);
     w0 = w0 + wt;
     d0 = fmadd(wt, e, d0);
   }
@@ -324,7 +335,7 @@ inline void block_sums_prob(const T* x, const TT* t, const A* w, int64_t n, A m,
     const V e = cap(load_k(x + c, kk, A(0))) - mv;
     add_exp_term(e, s0, t0, on);
     V wt = fmadd(load_k(t + c, kk, A(0)), keepv, epscv);
-    if (HAS_W) wt = wt * load_k(w + c, kk, A(0));
+    if (opt.has_w) wt = wt * load_k(w + c, kk, A(0));
     wt = select(on, wt, V(A(0)));
     w0 = w0 + wt;
     d0 = fmadd(wt, select(on, e, V(A(0))), d0);
@@ -336,15 +347,15 @@ inline void block_sums_prob(const T* x, const TT* t, const A* w, int64_t n, A m,
   *twd += twd_;
 }
 
-template <class T, class TT, class A, bool HAS_W, bool CAP>
-int ce_fwd_prob_rows(const CeArgs& a) {
+template <class T, class TT, class A, class O>
+int ce_fwd_prob_rows(const CeArgs& a, O opt) {
   const T* X = static_cast<const T*>(a.x);
   const TT* TG = static_cast<const TT*>(a.t);
   const A* w = static_cast<const A*>(a.w);
   A* loss_out = static_cast<A*>(a.loss);
   const int64_t C = a.C, S = a.S, R = a.N * a.S;
   const Consts<A> k(a);
-  const SoftCap<A, CAP> cap(a.softcap);
+  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
   const A ninf = -std::numeric_limits<A>::infinity();
 #pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
@@ -369,14 +380,14 @@ int ce_fwd_prob_rows(const CeArgs& a) {
         }
         m = bm;
       }
-      block_sums_prob<T, TT, A, HAS_W, CAP>(x + c0, t + c0, HAS_W ? w + c0 : w, nb, m, k, cap, &sum, &top, &tw, &twd);
+      block_sums_prob<T, TT, A>(opt, x + c0, t + c0, opt.has_w ? w + c0 : w, nb, m, k, cap, &sum, &top, &tw, &twd);
     }
     if (!online) {
       m = cap(block_max<T, A>(x, C));
       sum = top = tw = twd = 0;
       for (int64_t c0 = 0; c0 < C && m != ninf; c0 += kBlock) {
         const int64_t nb = C - c0 < kBlock ? C - c0 : kBlock;
-        block_sums_prob<T, TT, A, HAS_W, CAP>(x + c0, t + c0, HAS_W ? w + c0 : w, nb, m, k, cap, &sum, &top, &tw, &twd);
+        block_sums_prob<T, TT, A>(opt, x + c0, t + c0, opt.has_w ? w + c0 : w, nb, m, k, cap, &sum, &top, &tw, &twd);
       }
     }
     const double logsum = log_sum(sum, top);
@@ -387,8 +398,8 @@ int ce_fwd_prob_rows(const CeArgs& a) {
   return 0;
 }
 
-template <class T, class TT, class A, bool HAS_W, bool CAP>
-int ce_bwd_prob_rows(const CeArgs& a) {
+template <class T, class TT, class A, class O>
+int ce_bwd_prob_rows(const CeArgs& a, O opt) {
   using V = Vec<A>;
   constexpr int W = V::W;
   const T* X = static_cast<const T*>(a.x);
@@ -399,7 +410,7 @@ int ce_bwd_prob_rows(const CeArgs& a) {
   const A* G = static_cast<const A*>(a.g);
   const int64_t C = a.C, S = a.S, R = a.N * a.S;
   const Consts<A> k(a);
-  const SoftCap<A, CAP> cap(a.softcap);
+  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
 #pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = r / S, s = r - n * S;
@@ -418,10 +429,10 @@ int ce_bwd_prob_rows(const CeArgs& a) {
       int64_t c = 0;
       for (; c + W <= C; c += W) {
         V o = gk * ((hv - cap(V::load(x + c))) + lv);
-        if (HAS_W) o = o * V::load(w + c);
+        if (opt.has_w) o = o * V::load(w + c);
         o.store(gt + c);
       }
-      for (; c < C; ++c) put(gt + c, g * k.keep * (HAS_W ? w[c] : A(1)) * ((hi - cap(to_acc<A>(x[c]))) + lo));
+      for (; c < C; ++c) put(gt + c, g * k.keep * (opt.has_w ? w[c] : A(1)) * ((hi - cap(to_acc<A>(x[c]))) + lo));
     }
     if (GX) {
       // d loss / d x'_c = g (p_c (sum_k w_k t'_k + 2 z lse) - w_c t'_c): the target's weighted mass first.
@@ -432,11 +443,11 @@ int ce_bwd_prob_rows(const CeArgs& a) {
         V w0(A(0));
         for (; c + W <= end; c += W) {
           const V wt = fmadd(V::load(t + c), keepv, epscv);
-          w0 = w0 + (HAS_W ? wt * V::load(w + c) : wt);
+          w0 = w0 + (opt.has_w ? wt * V::load(w + c) : wt);
         }
         tw += double(hsum(w0));
       }
-      for (; c < C; ++c) tw += double((to_acc<A>(t[c]) * k.keep + k.eps_c) * (HAS_W ? w[c] : A(1)));
+      for (; c < C; ++c) tw += double((to_acc<A>(t[c]) * k.keep + k.eps_c) * (opt.has_w ? w[c] : A(1)));
       T* gx = GX + n * a.gx_sN + s * a.gx_sS;
       const A gp = g * (A(tw) + A(2) * k.z * lse);
       const V gpv(gp);
@@ -444,17 +455,17 @@ int ce_bwd_prob_rows(const CeArgs& a) {
         int64_t c = 0;
         for (; c + W <= C; c += W) {
           V wt = fmadd(V::load(t + c), keepv, epscv);
-          if (HAS_W) wt = wt * V::load(w + c);
+          if (opt.has_w) wt = wt * V::load(w + c);
           V xc, slope;
           cap.with_slope(V::load(x + c), xc, slope);
           V o = fnmadd(gv, wt, vexp_fn((xc - hv) - lv) * gpv);
-          if (CAP) o = o * slope;
+          if (opt.cap) o = o * slope;
           o.store(gx + c);
         }
         for (; c < C; ++c) {
-          const A wt = (to_acc<A>(t[c]) * k.keep + k.eps_c) * (HAS_W ? w[c] : A(1));
+          const A wt = (to_acc<A>(t[c]) * k.keep + k.eps_c) * (opt.has_w ? w[c] : A(1));
           const A xr = to_acc<A>(x[c]);
-          put(gx + c, (sexp((cap(xr) - hi) - lo) * gp - g * wt) * cap.slope(xr));
+          put(gx + c, (rounded(sexp((cap(xr) - hi) - lo) * gp) - rounded(g * wt)) * cap.slope(xr));
         }
       });
     }
@@ -489,8 +500,8 @@ struct TileTargets {
   bool live[L] = {};
 };
 
-template <class T, class A, bool HAS_W>
-inline void tile_targets(const CeArgs& a, const Tile<A>& tl, const T* x, const A* w, TileTargets<A>& tt, int* bad) {
+template <class T, class A, class O>
+inline void tile_targets(const CeArgs& a, O opt, const Tile<A>& tl, const T* x, const A* w, TileTargets<A>& tt, int* bad) {
   for (int j = 0; j < tl.k; ++j) {
     const int64_t y = a.y[tl.n * a.y_sN + (tl.s0 + j) * a.y_sS];
     tt.y[j] = y;
@@ -501,12 +512,12 @@ inline void tile_targets(const CeArgs& a, const Tile<A>& tl, const T* x, const A
     }
     tt.live[j] = true;
     tt.xy[j] = to_acc<A>(x[y * a.x_sC + j]);
-    tt.wy[j] = HAS_W ? w[y] : A(1);
+    tt.wy[j] = opt.has_w ? w[y] : A(1);
   }
 }
 
-template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
-int ce_fwd_index_tiles(const CeArgs& a) {
+template <class T, class A, class O>
+int ce_fwd_index_tiles(const CeArgs& a, O opt) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
   const T* X = static_cast<const T*>(a.x);
@@ -515,35 +526,17 @@ int ce_fwd_index_tiles(const CeArgs& a) {
   const int64_t C = a.C, S = a.S, sC = a.x_sC;
   const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
   const Consts<A> k(a);
-  const SoftCap<A, CAP> cap(a.softcap);
+  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
   int bad = 0;
 #pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
     V m[kU];
-    tile_max<T, A, CAP>(x, C, sC, tl, cap, m);
     double sum[L] = {}, top[L] = {}, dsum[L] = {};
-    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-      const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
-      V sv[kU], tv[kU], dv[kU];
-      for (int u = 0; u < kU; ++u) sv[u] = tv[u] = dv[u] = V(A(0));
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int u = 0; u < kU; ++u) {
-          if (!tl.kv(u)) continue;
-          const V e = cap(load_k(x + c * sC + u * W, tl.kv(u), A(0))) - m[u];
-          add_exp_term(e, sv[u], tv[u]);
-          if (SMOOTH) dv[u] = HAS_W ? fmadd(V(w[c]), e, dv[u]) : dv[u] + e;
-        }
-      }
-      for (int u = 0; u < kU; ++u) {
-        fold(sv[u], sum + u * W);
-        fold(count_value(tv[u]), top + u * W);
-        if (SMOOTH) fold(dv[u], dsum + u * W);
-      }
-    }
+    tile_stats<T, A>(opt, x, C, sC, tl, cap, w, m, sum, top, dsum);
     TileTargets<A> tt;
-    tile_targets<T, A, HAS_W>(a, tl, x, w, tt, &bad);
+    tile_targets<T, A>(a, opt, tl, x, w, tt, &bad);
     for (int u = 0; u < kU; ++u) {
       const int kv = tl.kv(u);
       if (!kv) continue;
@@ -555,7 +548,7 @@ int ce_fwd_index_tiles(const CeArgs& a) {
       for (int j = 0; j < kv; ++j)
         a.lse[r0 + j] = mb[j] == -std::numeric_limits<A>::infinity() ? -HUGE_VAL : double(mb[j]) + double(lb[j]);
       V loss = V(k.keep) * V::load(tt.wy + u * W) * ((m[u] - cap(V::load(tt.xy + u * W))) + logsum);
-      if (SMOOTH) loss = loss + V(k.eps_c) * (V(k.wsum) * logsum - unfold<A>(dsum + u * W));
+      if (opt.smooth) loss = loss + V(k.eps_c) * (V(k.wsum) * logsum - unfold<A>(dsum + u * W));
       const V lse = m[u] + logsum;
       loss = fmadd(V(k.z) * lse, lse, loss);
       store_k(select(V::mask(tt.live + u * W), loss, V(A(0))), loss_out + r0, kv);
@@ -564,8 +557,8 @@ int ce_fwd_index_tiles(const CeArgs& a) {
   return bad;
 }
 
-template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
-int ce_bwd_index_tiles(const CeArgs& a) {
+template <class T, class A, class O>
+int ce_bwd_index_tiles(const CeArgs& a, O opt) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
   const T* X = static_cast<const T*>(a.x);
@@ -575,7 +568,7 @@ int ce_bwd_index_tiles(const CeArgs& a) {
   const int64_t C = a.C, S = a.S, sC = a.x_sC, gsC = a.gx_sC;
   const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
   const Consts<A> k(a);
-  const SoftCap<A, CAP> cap(a.softcap);
+  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
   int bad = 0;
 #pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t tix = 0; tix < tiles; ++tix) {
@@ -583,66 +576,40 @@ int ce_bwd_index_tiles(const CeArgs& a) {
     const T* x = X + tl.n * a.x_sN + tl.s0;
     T* gx = GX + tl.n * a.gx_sN + tl.s0;
     TileTargets<A> tt;  // reads the target logits before anything is written (in place)
-    tile_targets<T, A, HAS_W>(a, tl, x, w, tt, &bad);
+    tile_targets<T, A>(a, opt, tl, x, w, tt, &bad);
     alignas(32) A g[L] = {}, gy[L] = {};
     for (int j = 0; j < tl.k; ++j)
       if (tt.live[j]) g[j] = G[tl.n * a.g_sN + (tl.s0 + j) * a.g_sS];
-    V kpv[kU], kwv[kU], hv[kU], lv[kU], lsev[kU], yv[kU];
-    typename V::Mask on[kU];
+    TileGrad<A> tg;
+    V lsev[kU];
     alignas(32) A yf[L];
-    for (int j = 0; j < L; ++j) yf[j] = tt.live[j] ? A(tt.y[j]) : A(-1);  // exact below 2^24 classes
+    for (int j = 0; j < L; ++j) yf[j] = tt.live[j] ? A(tt.y[j]) : A(-1);
     for (int u = 0; u < kU; ++u) {
-      kpv[u] = kwv[u] = hv[u] = lv[u] = lsev[u] = V(A(0));
-      on[u] = mask_none(V());
-      yv[u] = V::load(yf + u * W);
+      tg.kp[u] = tg.kw[u] = tg.hi[u] = tg.lo[u] = lsev[u] = V(A(0));
+      tg.on[u] = mask_none(V());
+      tg.y[u] = V::load(yf + u * W);
       const int kv = tl.kv(u);
       if (!kv) continue;
       const V gv = V::load(g + u * W), wyv = V::load(tt.wy + u * W);
-      tile_lse(a.lse_in + tl.n * S + tl.s0 + u * W, tl, u, hv + u, lv + u, lsev + u);
-      kpv[u] = gv * (V(k.keep) * wyv + V(SMOOTH ? k.eps_c * k.wsum : A(0)) + V(A(2) * k.z) * lsev[u]);
-      kwv[u] = gv * V(k.eps_c);
-      on[u] = V::mask(tt.live + u * W);
+      tile_lse(a.lse_in + tl.n * S + tl.s0 + u * W, tl, u, tg.hi + u, tg.lo + u, lsev + u);
+      tg.kp[u] = gv * (V(k.keep) * wyv + V(opt.smooth ? k.eps_c * k.wsum : A(0)) + V(A(2) * k.z) * lsev[u]);
+      tg.kw[u] = gv * V(k.eps_c);
+      tg.on[u] = V::mask(tt.live + u * W);
     }
     // Per lane, sum_{c != y} p_c for the target element (see ce_bwd_index_rows).
     double rest[L] = {};
     run_backward_pass<V>(a.inplace, [&](auto&& vexp_fn) {
-      for (int j = 0; j < L; ++j) rest[j] = 0;
-      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-        const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
-        V r[kU];
-        for (int u = 0; u < kU; ++u) r[u] = V(A(0));
-        for (int64_t c = c0; c < c1; ++c) {
-          prefetch_tile_ahead<T, A>(x, c, sC);
-          prefetch_tile_ahead<T, A>(gx, c, gsC, true);
-          const V cv{A(c)};
-          for (int u = 0; u < kU; ++u) {
-            const int kv = tl.kv(u);
-            if (!kv) continue;
-            V xc, slope;
-            cap.with_slope(load_k(x + c * sC + u * W, kv, A(0)), xc, slope);
-            const V p = vexp_fn((xc - hv[u]) - lv[u]);
-            V o = p * kpv[u];
-            if (SMOOTH) o = HAS_W ? fnmadd(kwv[u], V(w[c]), o) : o - kwv[u];
-            if (CAP) o = o * slope;
-            // Ignored rows get exact zeros, whatever their logits hold.
-            store_k(select(on[u], o, V(A(0))), gx + c * gsC + u * W, kv);
-            r[u] = r[u] + select(cmp_eq(yv[u], cv), V(A(0)), p);
-          }
-        }
-        for (int u = 0; u < kU; ++u) fold(r[u], rest + u * W);
-      }
+      tile_grad_pass<T, A>(opt, cap, x, gx, C, sC, gsC, tl, tg, w, rest, vexp_fn);
     });
     for (int u = 0; u < kU; ++u) {
       if (!tl.kv(u)) continue;
       const V gv = V::load(g + u * W), wyv = V::load(tt.wy + u * W);
-      V xyc, slope;
+      V xyc, slope, py, py_minus_1;
       cap.with_slope(V::load(tt.xy + u * W), xyc, slope);
-      const V dy = (xyc - hv[u]) - lv[u];
-      const V py = vexp(dy);
-      const V py_minus_1 = select(cmp_lt(V(A(0.5)), py), vneg(unfold<A>(rest + u * W)), vexpm1(dy));
+      tile_target_p(xyc, tg.hi[u], tg.lo[u], rest + u * W, &py, &py_minus_1);
       V gyv = gv * (V(k.keep) * wyv * py_minus_1 + V(A(2) * k.z) * lsev[u] * py);
-      if (SMOOTH) gyv = gyv + kwv[u] * (py * V(k.wsum) - wyv);
-      if (CAP) gyv = gyv * slope;
+      if (opt.smooth) gyv = gyv + tg.kw[u] * (py * V(k.wsum) - wyv);
+      if (opt.cap) gyv = gyv * slope;
       gyv.store(gy + u * W);
     }
     for (int j = 0; j < tl.k; ++j)
@@ -651,8 +618,8 @@ int ce_bwd_index_tiles(const CeArgs& a) {
   return bad;
 }
 
-template <class T, class TT, class A, bool HAS_W, bool CAP>
-int ce_fwd_prob_tiles(const CeArgs& a) {
+template <class T, class TT, class A, class O>
+int ce_fwd_prob_tiles(const CeArgs& a, O opt) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
   const T* X = static_cast<const T*>(a.x);
@@ -662,14 +629,14 @@ int ce_fwd_prob_tiles(const CeArgs& a) {
   const int64_t C = a.C, S = a.S, sC = a.x_sC, tsC = a.t_sC;
   const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
   const Consts<A> k(a);
-  const SoftCap<A, CAP> cap(a.softcap);
+  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
 #pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
     const TT* t = TG + tl.n * a.t_sN + tl.s0;
     V m[kU];
-    tile_max<T, A, CAP>(x, C, sC, tl, cap, m);
+    tile_max<T, A>(x, C, sC, tl, cap, m);
     double sum[L] = {}, top[L] = {}, tw[L] = {}, twd[L] = {};
     for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
       const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
@@ -682,7 +649,7 @@ int ce_fwd_prob_tiles(const CeArgs& a) {
           const V e = cap(load_k(x + c * sC + u * W, kv, A(0))) - m[u];
           add_exp_term(e, sv[u], tv[u]);
           V wt = fmadd(load_k(t + c * tsC + u * W, kv, A(0)), V(k.keep), V(k.eps_c));
-          if (HAS_W) wt = wt * V(w[c]);
+          if (opt.has_w) wt = wt * V(w[c]);
           wv[u] = wv[u] + wt;
           dv[u] = fmadd(wt, e, dv[u]);
         }
@@ -713,8 +680,8 @@ int ce_fwd_prob_tiles(const CeArgs& a) {
   return 0;
 }
 
-template <class T, class TT, class A, bool HAS_W, bool CAP>
-int ce_bwd_prob_tiles(const CeArgs& a) {
+template <class T, class TT, class A, class O>
+int ce_bwd_prob_tiles(const CeArgs& a, O opt) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
   const T* X = static_cast<const T*>(a.x);
@@ -726,7 +693,7 @@ int ce_bwd_prob_tiles(const CeArgs& a) {
   const int64_t C = a.C, S = a.S, sC = a.x_sC, tsC = a.t_sC;
   const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
   const Consts<A> k(a);
-  const SoftCap<A, CAP> cap(a.softcap);
+  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
 #pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
@@ -747,7 +714,7 @@ int ce_bwd_prob_tiles(const CeArgs& a) {
           const int kv = tl.kv(u);
           if (!kv) continue;
           V o = gv[u] * V(k.keep) * ((hv[u] - cap(load_k(x + c * sC + u * W, kv, A(0)))) + lv[u]);
-          if (HAS_W) o = o * V(w[c]);
+          if (opt.has_w) o = o * V(w[c]);
           store_k(o, gt + c * a.gt_sC + u * W, kv);
         }
     }
@@ -762,7 +729,7 @@ int ce_bwd_prob_tiles(const CeArgs& a) {
             const int kv = tl.kv(u);
             if (!kv) continue;
             const V wt = fmadd(load_k(t + c * tsC + u * W, kv, A(0)), V(k.keep), V(k.eps_c));
-            wv[u] = wv[u] + (HAS_W ? wt * V(w[c]) : wt);
+            wv[u] = wv[u] + (opt.has_w ? wt * V(w[c]) : wt);
           }
         for (int u = 0; u < kU; ++u) fold(wv[u], tw + u * W);
       }
@@ -775,11 +742,11 @@ int ce_bwd_prob_tiles(const CeArgs& a) {
             const int kv = tl.kv(u);
             if (!kv) continue;
             V wt = fmadd(load_k(t + c * tsC + u * W, kv, A(0)), V(k.keep), V(k.eps_c));
-            if (HAS_W) wt = wt * V(w[c]);
+            if (opt.has_w) wt = wt * V(w[c]);
             V xc, slope;
             cap.with_slope(load_k(x + c * sC + u * W, kv, A(0)), xc, slope);
             V o = fnmadd(gv[u], wt, vexp_fn((xc - hv[u]) - lv[u]) * gp[u]);
-            if (CAP) o = o * slope;
+            if (opt.cap) o = o * slope;
             store_k(o, gx + c * a.gx_sC + u * W, kv);
           }
       });
@@ -789,76 +756,42 @@ int ce_bwd_prob_tiles(const CeArgs& a) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Entry points: pick the walk order from the strides and the template flags from the options.
+// Entry point: the dtype, the optional terms, the target's storage type and the walk order (from the
+// strides) become template arguments here, once per call.
 // ------------------------------------------------------------------------------------------------
 
 inline bool walk_rows(const CeArgs& a) { return a.C == 1 || a.x_sC == 1; }
 
 template <class T, class A>
-int ce_forward_t(const CeArgs& a) {
+int ce_run_t(const CeArgs& a, CePass pass) {
   const bool rows = walk_rows(a);
-  return with_bool(a.w != nullptr, [&](auto HW) {
-    constexpr bool hw = decltype(HW)::value;
-    return with_bool(a.softcap > 0, [&](auto CP) {
-      constexpr bool cp = decltype(CP)::value;
-      if (a.t) {
-        if (a.t_dtype_is_acc)
-          return rows ? ce_fwd_prob_rows<T, A, A, hw, cp>(a) : ce_fwd_prob_tiles<T, A, A, hw, cp>(a);
-        return rows ? ce_fwd_prob_rows<T, T, A, hw, cp>(a) : ce_fwd_prob_tiles<T, T, A, hw, cp>(a);
-      }
-      return with_bool(a.eps > 0, [&](auto SM) {
-        constexpr bool sm = decltype(SM)::value;
-        return rows ? ce_fwd_index_rows<T, A, hw, sm, cp>(a) : ce_fwd_index_tiles<T, A, hw, sm, cp>(a);
-      });
-    });
-  });
-}
-
-template <class T, class A>
-int ce_backward_t(const CeArgs& a) {
-  const bool rows = walk_rows(a);
-  return with_bool(a.w != nullptr, [&](auto HW) {
-    constexpr bool hw = decltype(HW)::value;
-    return with_bool(a.softcap > 0, [&](auto CP) {
-      constexpr bool cp = decltype(CP)::value;
-      if (a.t) {
-        if (a.t_dtype_is_acc)
-          return rows ? ce_bwd_prob_rows<T, A, A, hw, cp>(a) : ce_bwd_prob_tiles<T, A, A, hw, cp>(a);
-        return rows ? ce_bwd_prob_rows<T, T, A, hw, cp>(a) : ce_bwd_prob_tiles<T, T, A, hw, cp>(a);
-      }
-      return with_bool(a.eps > 0, [&](auto SM) {
-        constexpr bool sm = decltype(SM)::value;
-        return rows ? ce_bwd_index_rows<T, A, hw, sm, cp>(a) : ce_bwd_index_tiles<T, A, hw, sm, cp>(a);
-      });
-    });
-  });
-}
-
-// The fused walk exists for the row walk and class-index targets; other layouts and probability
-// targets run the forward and the backward kernels one after the other (same results, no saving).
-template <class T, class A>
-int ce_fused_t(const CeArgs& a) {
-  if (a.t || !walk_rows(a)) {
-    const int bad = ce_forward_t<T, A>(a);
-    return ce_backward_t<T, A>(a) | bad;
+  // The fused walk exists for the row walk and class-index targets; other layouts and probability
+  // targets run the forward and the backward kernels one after the other (same results, no saving).
+  if (pass == CePass::kFused && (a.t || !rows)) {
+    const int bad = ce_run_t<T, A>(a, CePass::kForward);
+    return ce_run_t<T, A>(a, CePass::kBackward) | bad;
   }
-  return with_bool(a.w != nullptr, [&](auto HW) {
-    return with_bool(a.softcap > 0, [&](auto CP) {
-      return with_bool(a.eps > 0, [&](auto SM) {
-        return ce_fused_index_rows<T, A, decltype(HW)::value, decltype(SM)::value, decltype(CP)::value>(a);
-      });
-    });
+  // Smoothing of a probability target is in its t' (Consts), not a term of the sums.
+  return with_terms(a.w != nullptr, !a.t && a.eps > 0, a.softcap > 0, [&](auto opt) {
+    if (a.t) {
+      auto prob = [&](auto tt) {
+        using TT = decltype(tt);
+        if (pass == CePass::kForward)
+          return rows ? ce_fwd_prob_rows<T, TT, A>(a, opt) : ce_fwd_prob_tiles<T, TT, A>(a, opt);
+        return rows ? ce_bwd_prob_rows<T, TT, A>(a, opt) : ce_bwd_prob_tiles<T, TT, A>(a, opt);
+      };
+      return a.t_dtype_is_acc ? prob(A{}) : prob(T{});
+    }
+    switch (pass) {
+      case CePass::kFused: return ce_fused_index_rows<T, A>(a, opt);
+      case CePass::kForward: return rows ? ce_fwd_index_rows<T, A>(a, opt) : ce_fwd_index_tiles<T, A>(a, opt);
+      case CePass::kBackward: break;
+    }
+    return rows ? ce_bwd_index_rows<T, A>(a, opt) : ce_bwd_index_tiles<T, A>(a, opt);
   });
 }
 
-inline int ce_fused(const CeArgs& a) {
-  return with_dtype(a.dtype, [&](auto t, auto acc) { return ce_fused_t<decltype(t), decltype(acc)>(a); });
-}
-
-inline int ce_forward(const CeArgs& a) {
-  return with_dtype(a.dtype, [&](auto t, auto acc) { return ce_forward_t<decltype(t), decltype(acc)>(a); });
-}
-
-inline int ce_backward(const CeArgs& a) {
-  return with_dtype(a.dtype, [&](auto t, auto acc) { return ce_backward_t<decltype(t), decltype(acc)>(a); });
+// Returns nonzero when some class index was out of range.
+inline int ce_run(const CeArgs& a, CePass pass) {
+  return with_dtype(a.dtype, [&](auto t, auto acc) { return ce_run_t<decltype(t), decltype(acc)>(a, pass); });
 }

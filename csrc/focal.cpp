@@ -115,13 +115,6 @@ SigmoidPrepared sigmoid_prepare(const char* op, const at::Tensor& input, const a
   return p;
 }
 
-int sigmoid_run(const SigmoidFocalArgs& a, bool bwd) {
-#ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::focal::sigmoid_run(a, bwd);
-#endif
-  return base::focal::sigmoid_run(a, bwd);
-}
-
 // gx for the fused forward / the backward: the input's shape and dtype, contiguous.
 at::Tensor sigmoid_grad_output(const at::Tensor& input, SigmoidFocalArgs& a) {
   at::Tensor gx = empty_output(input.sizes(), input.options());
@@ -152,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_fwd_cpu(const at::Tensor& input
     gx = sigmoid_grad_output(input, a);
     a.grad_scale = *grad_scale;
   }
-  if (a.numel > 0 && sigmoid_run(a, false)) report_bad_target(p.y, a.C + 1, std::nullopt, op);
+  if (a.numel > 0 && LF_RUN_KERNEL(focal::sigmoid_run, a, false)) report_bad_target(p.y, a.C + 1, std::nullopt, op);
   return {out, gx};
 }
 
@@ -167,7 +160,7 @@ at::Tensor sigmoid_focal_bwd_cpu(const at::Tensor& grad, const at::Tensor& input
   a.g = g.data_ptr();
   a.g_scalar = grad.dim() == 0;
   at::Tensor gx = sigmoid_grad_output(input, a);
-  if (a.numel > 0 && sigmoid_run(a, true)) report_bad_target(p.y, a.C + 1, std::nullopt, op);
+  if (a.numel > 0 && LF_RUN_KERNEL(focal::sigmoid_run, a, true)) report_bad_target(p.y, a.C + 1, std::nullopt, op);
   return gx;
 }
 
@@ -202,20 +195,6 @@ SoftmaxPrepared softmax_prepare(const char* op, const at::Tensor& input, const a
   a.ignore_index = ignore_index;
   a.nthreads = kernel_threads(a.N * a.C * a.S);
   return p;
-}
-
-int softmax_run_forward(const SoftmaxFocalArgs& a) {
-#ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::focal::softmax_forward(a);
-#endif
-  return base::focal::softmax_forward(a);
-}
-
-int softmax_run_backward(const SoftmaxFocalArgs& a) {
-#ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::focal::softmax_backward(a);
-#endif
-  return base::focal::softmax_backward(a);
 }
 
 // The gradient's layout: as the input's walk order (empty_like_layout in lossfuse/ops/cross_entropy.py).
@@ -257,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_focal_fwd_cpu
     gx = softmax_grad_output(input, a, p.x);
     a.grad_scale = *grad_scale;
   }
-  if (a.N * a.S > 0 && softmax_run_forward(a)) report_bad_target(p.y, a.C, ignore_index, op);
+  if (a.N * a.S > 0 && LF_RUN_KERNEL(focal::softmax_forward, a)) report_bad_target(p.y, a.C, ignore_index, op);
   return {loss, lse, dscale, gx};
 }
 
@@ -279,7 +258,7 @@ at::Tensor softmax_focal_bwd_cpu(const at::Tensor& grad, const at::Tensor& input
   a.lse_in = lse_c.data_ptr();
   a.dscale_in = d_c.data_ptr();
   at::Tensor gx = softmax_grad_output(input, a, p.x);
-  if (a.N * a.S > 0 && a.C > 0 && softmax_run_backward(a)) report_bad_target(p.y, a.C, ignore_index, op);
+  if (a.N * a.S > 0 && a.C > 0 && LF_RUN_KERNEL(focal::softmax_backward, a)) report_bad_target(p.y, a.C, ignore_index, op);
   return gx;
 }
 

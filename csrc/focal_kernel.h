@@ -102,13 +102,27 @@ LF_FOCAL_INLINE void sigmoid_and_log1p(Vec<A> e, Vec<A>& d, Vec<A>& l1) {
   }
 }
 
-// The loss (LOSS) and/or d loss / d x (GRAD) of U vectors of elements. Every step is written for the
+// The options that change the per-element math: an alpha term (alpha >= 0) and gamma == 2, for which
+// q^2 is formed as q * q (see above). Each is std::true_type in the kernels built for torchvision's
+// defaults (alpha = 0.25, gamma = 2: the common call, whose branches fold away) or a bool read at run
+// time in the one set built for every other call: a test per vector on a value fixed for the call,
+// beside an exp, a division and a polynomial. (A kernel per combination, times the forward's output
+// forms, made this loss's instantiations the largest part of the extension's build.)
+template <class HA, class G2>
+struct SigmoidTerms {
+  HA alpha;
+  G2 gamma2;
+};
+using SigmoidDefaults = SigmoidTerms<std::true_type, std::true_type>;
+using SigmoidAnyTerms = SigmoidTerms<bool, bool>;
+
+// The loss and, with `grad`, d loss / d x of U vectors of elements. Every step is written for the
 // U vectors side by side: their dependency chains (exp, division, polynomial) are long and
 // independent, and interleaved they keep the FP pipes busy where one chain at a time leaves them
-// waiting on latency.
-template <class A, int U, bool HAS_ALPHA, bool GAMMA2, bool LOSS, bool GRAD>
-LF_FOCAL_INLINE void sigmoid_focal_vecs(const Vec<A>* x, const Vec<A>* t, const SigmoidConsts<A>& k, Vec<A>* loss,
-                                        Vec<A>* grad) {
+// waiting on latency. (A loss the caller does not use is dead code once this is inlined.)
+template <class A, int U, class O>
+LF_FOCAL_INLINE void sigmoid_focal_vecs(O opt, bool grad_too, const Vec<A>* x, const Vec<A>* t,
+                                        const SigmoidConsts<A>& k, Vec<A>* loss, Vec<A>* grad) {
   using V = Vec<A>;
   using M = typename V::Mask;
   const V zero(A(0)), one(A(1));
@@ -133,7 +147,7 @@ LF_FOCAL_INLINE void sigmoid_focal_vecs(const Vec<A>* x, const Vec<A>* t, const 
     w[j] = soft[j] ? fmadd(v[j], e[j], u[j]) : one;
     ed[j] = e[j] * d[j];
   }
-  if constexpr (GAMMA2) {
+  if (opt.gamma2) {
     for (int j = 0; j < U; ++j) {
       const V q = select(agree[j], ed[j], soft[j] ? w[j] * d[j] : d[j]);
       f[j] = q * q;
@@ -147,9 +161,9 @@ LF_FOCAL_INLINE void sigmoid_focal_vecs(const Vec<A>* x, const Vec<A>* t, const 
   }
   for (int j = 0; j < U; ++j) {
     // alpha t + (1 - alpha)(1 - t): exactly alpha or 1 - alpha for hard targets.
-    const V at = HAS_ALPHA ? fmadd(k.alpha, t[j], k.one_minus_alpha * t1[j]) : one;
-    if constexpr (LOSS) loss[j] = at * ce[j] * f[j];
-    if constexpr (GRAD) {
+    const V at = opt.alpha ? fmadd(k.alpha, t[j], k.one_minus_alpha * t1[j]) : one;
+    loss[j] = at * ce[j] * f[j];
+    if (grad_too) {
       const V r = select(agree[j], d[j], soft[j] ? ed[j] / w[j] : ed[j]);
       const V inner = fmadd(fnmadd(v[j], e[j], u[j]), d[j], k.gamma * ce[j] * (u[j] - v[j]) * r);
       const V g = at * f[j] * inner;
@@ -195,13 +209,13 @@ constexpr int kSigmoidU = 4;
 
 // Walks elements [i0, i1) of the flat input, handing `body(UC, i, k, t)` groups of UC::value
 // vectors from offset i: kSigmoidU or 2 full vectors (k = W), or one vector with k live lanes at a
-// tail, and their targets t. With SUM, adds what the body returns (its lanes [k, W) dropped) into *sum.
+// tail, and their targets t. With `sum` (not null), adds what the body returns (its lanes [k, W) dropped) into *sum.
 // Float targets are loaded; class-index targets (row length C, y == C: background) are built per row
 // segment without a one-hot in memory. Returns false when a class index is out of [0, C].
 //
 // The body is taken by value and should capture by value: the vector stores are may-alias, and a
 // pointer or an accumulator reached through a reference would be reloaded and spilled around each.
-template <class A, class TT, bool INDEX, bool SUM, class Body>
+template <class A, class TT, bool INDEX, class Body>
 LF_FOCAL_INLINE bool sigmoid_walk(const SigmoidFocalArgs& a, int64_t i0, int64_t i1, Vec<A>* sum, Body body) {
   using V = Vec<A>;
   constexpr int W = V::W, U = kSigmoidU;
@@ -212,12 +226,12 @@ LF_FOCAL_INLINE bool sigmoid_walk(const SigmoidFocalArgs& a, int64_t i0, int64_t
   bool ok = true;
   auto single = [&](int64_t i, int kk, V t) {
     const V l = body(One{}, i, kk, &t);
-    if (SUM) acc = acc + (kk < W ? keep_lanes(l, kk) : l);
+    if (sum) acc = acc + (kk < W ? keep_lanes(l, kk) : l);
   };
   auto pair = [&](int64_t i, V t0, V t1) {
     const V t[2] = {t0, t1};
     const V l = body(Pair{}, i, W, t);
-    if (SUM) acc = acc + l;
+    if (sum) acc = acc + l;
   };
   if (!INDEX) {
     const TT* tp = static_cast<const TT*>(a.t);
@@ -226,7 +240,7 @@ LF_FOCAL_INLINE bool sigmoid_walk(const SigmoidFocalArgs& a, int64_t i0, int64_t
       V t[U];
       for (int j = 0; j < U; ++j) t[j] = V::load(tp + i + j * W);
       const V l = body(Group{}, i, W, t);
-      if (SUM) acc = acc + l;
+      if (sum) acc = acc + l;
     }
     if (U > 2 && i + 2 * W <= i1) {
       pair(i, V::load(tp + i), V::load(tp + i + W));
@@ -247,7 +261,7 @@ LF_FOCAL_INLINE bool sigmoid_walk(const SigmoidFocalArgs& a, int64_t i0, int64_t
         V t[U];
         for (int j = 0; j < U; ++j) t[j] = onehot_at<A>(y, i + j * W - row0);
         const V l = body(Group{}, i, W, t);
-        if (SUM) acc = acc + l;
+        if (sum) acc = acc + l;
       }
       if (U > 2 && i + 2 * W <= end) {  // e.g. C = 80: two groups of 4 and a pair
         pair(i, onehot_at<A>(y, i - row0), onehot_at<A>(y, i + W - row0));
@@ -261,7 +275,7 @@ LF_FOCAL_INLINE bool sigmoid_walk(const SigmoidFocalArgs& a, int64_t i0, int64_t
       ++n;
     }
   }
-  if (SUM) *sum = acc;
+  if (sum) *sum = acc;
   return ok;
 }
 
@@ -275,17 +289,20 @@ LF_FOCAL_INLINE void store_grad(Vec<A> o, T* p, int k, bool stream) {
     store_k(o, p, k);
 }
 
-// Forward: the per-element loss, or (PARTIAL) one sum per a.block elements; with FUSED also the
-// gradient a.grad_scale x d loss / dx, formed in fp32 and cast once.
-template <class T, class TT, class A, bool INDEX, bool HAS_ALPHA, bool GAMMA2, bool PARTIAL, bool FUSED>
-int sigmoid_fwd_t(const SigmoidFocalArgs& a) {
+// The one kernel of every sigmoid focal pass. The loss goes to `out` per element, or as one sum per
+// a.block elements (`partial`), or nowhere (`out` null: the backward); the gradient, where `gx` is not
+// null, is the upstream gradient times d loss / dx, formed in fp32 and cast once at the store: one
+// upstream value for every element (`g_vec` null: the fused forward's grad_scale, a scalar grad) or
+// one per element. The tests on these are once per group of vectors, on values fixed for the call.
+template <class T, class TT, class A, bool INDEX, class O>
+int sigmoid_t(const SigmoidFocalArgs& a, O opt, A* out, bool partial, T* gx, A g_scalar, const A* g_vec) {
   using V = Vec<A>;
   const T* const X = static_cast<const T*>(a.x);
-  A* const out = static_cast<A*>(a.out);
-  T* const GX = static_cast<T*>(a.gx);
+  T* const GX = gx;
+  const A* const G = g_vec;
   const SigmoidConsts<A> k(a);
-  const V gs(A(a.grad_scale));
-  const bool stream = a.stream;
+  const V gs(g_scalar);
+  const bool stream = a.stream, grad_too = gx != nullptr, per_element = out && !partial;
   const int64_t chunks = chunks_of(a.numel, a.block);
   int bad = 0;
   const int64_t grain = dynamic_grain(a.block);
@@ -293,80 +310,48 @@ int sigmoid_fwd_t(const SigmoidFocalArgs& a) {
   for (int64_t ch = 0; ch < chunks; ++ch) {
     const int64_t i0 = ch * a.block, i1 = i0 + a.block < a.numel ? i0 + a.block : a.numel;
     V sum(A(0));
-    const bool ok = sigmoid_walk<A, TT, INDEX, PARTIAL>(a, i0, i1, &sum, [=](auto UC, int64_t i, int kk, const V* t) {
+    const bool ok = sigmoid_walk<A, TT, INDEX>(a, i0, i1, partial ? &sum : nullptr,
+                                               [=](auto UC, int64_t i, int kk, const V* t) {
       constexpr int U = decltype(UC)::value;
       V x[U], l[U], g[U];
       for (int j = 0; j < U; ++j) x[j] = load_k(X + i + j * V::W, kk, A(0));
-      sigmoid_focal_vecs<A, U, HAS_ALPHA, GAMMA2, true, FUSED>(x, t, k, l, g);
+      sigmoid_focal_vecs<A, U>(opt, grad_too, x, t, k, l, g);
       V total = l[0];
       for (int j = 0; j < U; ++j) {
         if (j) total = total + l[j];
-        if constexpr (!PARTIAL) store_k(l[j], out + i + j * V::W, kk);
-        if constexpr (FUSED) store_grad(gs * g[j], GX + i + j * V::W, kk, stream);
+        if (per_element) store_k(l[j], out + i + j * V::W, kk);
+        if (grad_too) {
+          const V gv = G ? load_k(G + i + j * V::W, kk, A(0)) : gs;
+          store_grad(gv * g[j], GX + i + j * V::W, kk, stream);
+        }
       }
       return total;
     });
-    if (PARTIAL) out[ch] = hsum(sum);
+    if (partial) out[ch] = hsum(sum);
     if (!ok) flag_bad(&bad);
   }
   return bad;
-}
-
-template <class T, class TT, class A, bool INDEX, bool HAS_ALPHA, bool GAMMA2>
-int sigmoid_bwd_t(const SigmoidFocalArgs& a) {
-  using V = Vec<A>;
-  const T* const X = static_cast<const T*>(a.x);
-  const A* const G = static_cast<const A*>(a.g);
-  T* const GX = static_cast<T*>(a.gx);
-  const SigmoidConsts<A> k(a);
-  const bool g_scalar = a.g_scalar, stream = a.stream;
-  const V gs(g_scalar ? G[0] : A(0));
-  const int64_t chunks = chunks_of(a.numel, a.block);
-  int bad = 0;
-  const int64_t grain = dynamic_grain(a.block);
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, grain)
-  for (int64_t ch = 0; ch < chunks; ++ch) {
-    const int64_t i0 = ch * a.block, i1 = i0 + a.block < a.numel ? i0 + a.block : a.numel;
-    const bool ok = sigmoid_walk<A, TT, INDEX, false>(a, i0, i1, nullptr, [=](auto UC, int64_t i, int kk, const V* t) {
-      constexpr int U = decltype(UC)::value;
-      V x[U], l[U], g[U];
-      for (int j = 0; j < U; ++j) x[j] = load_k(X + i + j * V::W, kk, A(0));
-      sigmoid_focal_vecs<A, U, HAS_ALPHA, GAMMA2, false, true>(x, t, k, l, g);
-      for (int j = 0; j < U; ++j) {
-        // grad_output x d loss / dx in fp32, cast to the input's dtype once, at the store.
-        const V gv = g_scalar ? gs : load_k(G + i + j * V::W, kk, A(0));
-        store_grad(gv * g[j], GX + i + j * V::W, kk, stream);
-      }
-      return g[0];
-    });
-    if (!ok) flag_bad(&bad);
-  }
-  return bad;
-}
-
-template <class T, class TT, class A, bool INDEX>
-int sigmoid_run_targets(const SigmoidFocalArgs& a, bool bwd) {
-  return with_bool(a.alpha >= 0, [&](auto HA) {
-    constexpr bool ha = decltype(HA)::value;
-    // gamma == 2 gets its own instantiation only where it pays: the float kernels.
-    return with_bool(std::is_same_v<A, float> && a.gamma == 2.0, [&](auto G2) {
-      constexpr bool g2 = decltype(G2)::value && std::is_same_v<A, float>;
-      if (bwd) return sigmoid_bwd_t<T, TT, A, INDEX, ha, g2>(a);
-      // The fused gradient comes with a reduced loss (the autograd Function's fused path).
-      if (a.partial)
-        return a.gx ? sigmoid_fwd_t<T, TT, A, INDEX, ha, g2, true, true>(a)
-                    : sigmoid_fwd_t<T, TT, A, INDEX, ha, g2, true, false>(a);
-      return a.gx ? sigmoid_fwd_t<T, TT, A, INDEX, ha, g2, false, true>(a)
-                  : sigmoid_fwd_t<T, TT, A, INDEX, ha, g2, false, false>(a);
-    });
-  });
 }
 
 template <class T, class A>
 int sigmoid_run_t(const SigmoidFocalArgs& a, bool bwd) {
-  if (a.y) return sigmoid_run_targets<T, A, A, true>(a, bwd);
-  if (a.t_is_acc) return sigmoid_run_targets<T, A, A, false>(a, bwd);
-  return sigmoid_run_targets<T, T, A, false>(a, bwd);
+  A* const out = bwd ? nullptr : static_cast<A*>(a.out);
+  T* const gx = static_cast<T*>(a.gx);
+  const A* const g = static_cast<const A*>(a.g);
+  // The backward's upstream gradient, or the fused forward's grad_scale (a.gx set only then).
+  const A g_scalar = bwd ? (a.g_scalar ? g[0] : A(0)) : A(a.grad_scale);
+  const A* const g_vec = bwd && !a.g_scalar ? g : nullptr;
+  auto with_targets = [&](auto opt) {
+    if (a.y) return sigmoid_t<T, A, A, true>(a, opt, out, a.partial, gx, g_scalar, g_vec);
+    if (a.t_is_acc) return sigmoid_t<T, A, A, false>(a, opt, out, a.partial, gx, g_scalar, g_vec);
+    return sigmoid_t<T, T, A, false>(a, opt, out, a.partial, gx, g_scalar, g_vec);
+  };
+  const bool alpha = a.alpha >= 0;
+  // gamma == 2 is worth its own formula in float only; double keeps exp(gamma log q) for every gamma.
+  const bool gamma2 = std::is_same_v<A, float> && a.gamma == 2.0;
+  if constexpr (std::is_same_v<A, float>)
+    if (alpha && gamma2) return with_targets(SigmoidDefaults{});
+  return with_targets(SigmoidAnyTerms{alpha, gamma2});
 }
 
 inline int sigmoid_run(const SigmoidFocalArgs& a, bool bwd) {
@@ -405,9 +390,9 @@ inline void focal_row(A K, A nl, double gamma, A* loss, A* dscale) {
   *dscale = A(double(K) * f * (1.0 + gamma * pnl));
 }
 
-template <class A, bool HAS_SCALE>
+template <class A>
 inline A class_factor(const SoftmaxFocalArgs& a, const A* scale, int64_t y) {
-  return HAS_SCALE ? A(a.alpha) * scale[y] : A(a.alpha);
+  return scale ? A(a.alpha) * scale[y] : A(a.alpha);
 }
 
 // ---- Row walk (class stride 1) -------------------------------------------------------------------
@@ -479,7 +464,7 @@ inline void grad_row(const T* x, T* gx, int64_t C, int64_t y, A kp, A lse, bool 
 
 // Forward; with a.gx (the fused path) also the gradient for a per-row upstream gradient a.grad_scale,
 // written while the row is still in cache.
-template <class T, class A, bool HAS_SCALE>
+template <class T, class A>
 int sf_fwd_rows(const SoftmaxFocalArgs& a) {
   const T* X = static_cast<const T*>(a.x);
   T* GX = static_cast<T*>(a.gx);
@@ -514,7 +499,7 @@ int sf_fwd_rows(const SoftmaxFocalArgs& a) {
       const bool done = fused_row<T, A>(x, gx, scratch.get(), C, a.stream, next, &m, &logsum_d, &rest, &top,
                                         [&](A mm, double ls) {
         const A nl = (mm - to_acc<A>(x[y])) + A(ls);
-        focal_row<A>(class_factor<A, HAS_SCALE>(a, scale, y), nl, a.gamma, &loss, &dscale);
+        focal_row<A>(class_factor<A>(a, scale, y), nl, a.gamma, &loss, &dscale);
         return gs * dscale;
       });
       if (done) {
@@ -528,14 +513,14 @@ int sf_fwd_rows(const SoftmaxFocalArgs& a) {
     }
     A m;
     double logsum_d, unused;
-    row_stats_index<T, A, false, false, false>(x, nullptr, C, SoftCap<A, false>(0.0), &m, &logsum_d, &unused);
+    row_stats_index<T, A>(NoTerms{}, x, nullptr, C, SoftCapOf<A, NoTerms>({}, 0.0), &m, &logsum_d, &unused);
     const A logsum = A(logsum_d);
     const A lse = m + logsum;
     lse_out[r] = lse;
     if (live) {
       // (m - x_y) + log(sum) rather than lse - x_y: exact when the target holds the max logit.
       const A nl = (m - to_acc<A>(x[y])) + logsum;
-      focal_row<A>(class_factor<A, HAS_SCALE>(a, scale, y), nl, a.gamma, &loss, &dscale);
+      focal_row<A>(class_factor<A>(a, scale, y), nl, a.gamma, &loss, &dscale);
     } else if (y != a.ignore_index) {
       flag_bad(&bad);
     }
@@ -590,7 +575,7 @@ struct FocalTileTargets {
   bool live[L] = {};
 };
 
-template <class T, class A, bool HAS_SCALE>
+template <class T, class A>
 inline void focal_tile_targets(const SoftmaxFocalArgs& a, const Tile<A>& tl, const T* x, FocalTileTargets<A>& tt,
                                int* bad) {
   const A* scale = static_cast<const A*>(a.scale);
@@ -604,64 +589,44 @@ inline void focal_tile_targets(const SoftmaxFocalArgs& a, const Tile<A>& tl, con
     }
     tt.live[j] = true;
     tt.xy[j] = to_acc<A>(x[y * a.x_sC + j]);
-    tt.K[j] = class_factor<A, HAS_SCALE>(a, scale, y);
+    tt.K[j] = class_factor<A>(a, scale, y);
   }
 }
 
-// The gradient of one tile, per lane kp[j] (g D) and lse[j]; rows not live get exact zeros.
+// The gradient of one tile, per lane kp[j] (g D) and lse[j]: the cross-entropy's tile pass (walk.h)
+// with no optional term; rows not live get exact zeros.
 template <class T, class A>
 inline void grad_tile(const SoftmaxFocalArgs& a, const Tile<A>& tl, const T* x, T* gx,
                       const FocalTileTargets<A>& tt, const A* kp, const A* lse) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
-  const int64_t C = a.C, sC = a.x_sC, gsC = a.gx_sC;
   alignas(32) A gy[L] = {}, yf[L];
-  for (int j = 0; j < L; ++j) yf[j] = tt.live[j] ? A(tt.y[j]) : A(-1);  // exact below 2^24 classes
-  V kpv[kU], lv[kU], yv[kU];
-  typename V::Mask on[kU];
+  for (int j = 0; j < L; ++j) yf[j] = tt.live[j] ? A(tt.y[j]) : A(-1);
+  TileGrad<A> tg;
   for (int u = 0; u < kU; ++u) {
-    const int kv = tl.kv(u);
-    kpv[u] = V::load(kp + u * W);
-    yv[u] = V::load(yf + u * W);
-    lv[u] = V::load(lse + u * W);
-    on[u] = kv ? V::mask(tt.live + u * W) : mask_none(V());
+    tg.kp[u] = V::load(kp + u * W);
+    tg.y[u] = V::load(yf + u * W);
+    tg.hi[u] = V::load(lse + u * W);
+    tg.lo[u] = tg.kw[u] = V(A(0));  // an lse of one float; (x - lse) - 0 is x - lse exactly
+    tg.on[u] = tl.kv(u) ? V::mask(tt.live + u * W) : mask_none(V());
   }
-  // Per lane, sum_{c != y} p_c for the target element (see grad_row).
+  const SoftCapOf<A, NoTerms> no_cap({}, 0.0);
   double rest[L] = {};
   with_exact_redo<V>([&](auto&& vexp_fn) {
-    for (int j = 0; j < L; ++j) rest[j] = 0;
-    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-      const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
-      V rs[kU];
-      for (int u = 0; u < kU; ++u) rs[u] = V(A(0));
-      for (int64_t c = c0; c < c1; ++c) {
-        prefetch_tile_ahead<T, A>(x, c, sC);
-        prefetch_tile_ahead<T, A>(gx, c, gsC, true);
-        const V cv{A(c)};
-        for (int u = 0; u < kU; ++u) {
-          const int kv = tl.kv(u);
-          if (!kv) continue;
-          const V p = vexp_fn(load_k(x + c * sC + u * W, kv, A(0)) - lv[u]);
-          // Ignored rows get exact zeros, whatever their logits hold.
-          store_k(select(on[u], p * kpv[u], V(A(0))), gx + c * gsC + u * W, kv);
-          rs[u] = rs[u] + select(cmp_eq(yv[u], cv), V(A(0)), p);
-        }
-      }
-      for (int u = 0; u < kU; ++u) fold(rs[u], rest + u * W);
-    }
+    tile_grad_pass<T, A>(NoTerms{}, no_cap, x, gx, a.C, a.x_sC, a.gx_sC, tl, tg, static_cast<const A*>(nullptr), rest,
+                         vexp_fn);
   });
   for (int u = 0; u < kU; ++u) {
     if (!tl.kv(u)) continue;
-    const V dy = V::load(tt.xy + u * W) - lv[u];
-    const V py = vexp(dy);
-    const V py_minus_1 = select(cmp_lt(V(A(0.5)), py), vneg(unfold<A>(rest + u * W)), vexpm1(dy));
-    (kpv[u] * py_minus_1).store(gy + u * W);
+    V py, py_minus_1;
+    tile_target_p(V::load(tt.xy + u * W), tg.hi[u], tg.lo[u], rest + u * W, &py, &py_minus_1);
+    (tg.kp[u] * py_minus_1).store(gy + u * W);
   }
   for (int j = 0; j < tl.k; ++j)
-    if (tt.live[j]) put(gx + tt.y[j] * gsC + j, gy[j]);
+    if (tt.live[j]) put(gx + tt.y[j] * a.gx_sC + j, gy[j]);
 }
 
-template <class T, class A, bool HAS_SCALE>
+template <class T, class A>
 int sf_fwd_tiles(const SoftmaxFocalArgs& a) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
@@ -680,22 +645,11 @@ int sf_fwd_tiles(const SoftmaxFocalArgs& a) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
     V m[kU];
-    tile_max<T, A, false>(x, C, sC, tl, SoftCap<A, false>(0.0), m);
     double sum[L] = {}, top[L] = {};
-    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-      const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
-      V sv[kU], tv[kU];
-      for (int u = 0; u < kU; ++u) sv[u] = tv[u] = V(A(0));
-      for (int64_t c = c0; c < c1; ++c)
-        for (int u = 0; u < kU; ++u)
-          if (tl.kv(u)) add_exp_term(load_k(x + c * sC + u * W, tl.kv(u), A(0)) - m[u], sv[u], tv[u]);
-      for (int u = 0; u < kU; ++u) {
-        fold(sv[u], sum + u * W);
-        fold(count_value(tv[u]), top + u * W);
-      }
-    }
+    tile_stats<T, A>(NoTerms{}, x, C, sC, tl, SoftCapOf<A, NoTerms>({}, 0.0), static_cast<const A*>(nullptr), m, sum,
+                     top, static_cast<double*>(nullptr));
     FocalTileTargets<A> tt;
-    focal_tile_targets<T, A, HAS_SCALE>(a, tl, x, tt, &bad);
+    focal_tile_targets<T, A>(a, tl, x, tt, &bad);
     alignas(32) A nl[L] = {}, lse[L] = {}, loss[L] = {}, dscale[L] = {}, kp[L] = {};
     for (int u = 0; u < kU; ++u) {
       if (!tl.kv(u)) continue;
@@ -739,7 +693,7 @@ int sf_bwd_tiles(const SoftmaxFocalArgs& a) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
     FocalTileTargets<A> tt;
-    focal_tile_targets<T, A, false>(a, tl, x, tt, &bad);
+    focal_tile_targets<T, A>(a, tl, x, tt, &bad);
     alignas(32) A kp[L] = {}, lse[L] = {};
     for (int j = 0; j < tl.k; ++j) {
       const int64_t r = tl.n * S + tl.s0 + j;
@@ -755,11 +709,7 @@ inline bool sf_walk_rows(const SoftmaxFocalArgs& a) { return a.C == 1 || a.x_sC 
 
 template <class T, class A>
 int sf_forward_t(const SoftmaxFocalArgs& a) {
-  const bool rows = sf_walk_rows(a);
-  return with_bool(a.scale != nullptr, [&](auto HS) {
-    constexpr bool hs = decltype(HS)::value;
-    return rows ? sf_fwd_rows<T, A, hs>(a) : sf_fwd_tiles<T, A, hs>(a);
-  });
+  return sf_walk_rows(a) ? sf_fwd_rows<T, A>(a) : sf_fwd_tiles<T, A>(a);
 }
 
 template <class T, class A>

@@ -7,11 +7,6 @@
 
 namespace lossfuse {
 
-void run_huber_backward(const HuberArgs& a) {
-#ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::huber_backward(a);
-#endif
-  base::huber_backward(a);
-}
+void run_huber_backward(const HuberArgs& a) { LF_RUN_KERNEL(huber_backward, a); }
 
 }  // namespace lossfuse

@@ -7,11 +7,6 @@
 
 namespace lossfuse {
 
-void run_huber_forward(const HuberArgs& a) {
-#ifdef LF_HAVE_AVX2_BUILD
-  if (use_avx2()) return avx2::huber_forward(a);
-#endif
-  base::huber_forward(a);
-}
+void run_huber_forward(const HuberArgs& a) { LF_RUN_KERNEL(huber_forward, a); }
 
 }  // namespace lossfuse

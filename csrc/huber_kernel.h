@@ -220,8 +220,29 @@ inline void for_each_piece(const HuberArgs& a, int64_t n, const T* x, const TY* 
 
 inline int64_t num_blocks(const HuberArgs& a) { return (a.numel + a.block - 1) / a.block; }
 
-// GRAD: a reducing forward that also writes the gradients for a scalar upstream gradient a.scale.
-template <class T, class TY, class TW, class A, int MODE, bool HAS_W, bool GRAD>
+// The walks below are instantiated per storage-type combination only; the mode and the weight's
+// presence become template arguments of the piece loops (with_piece_options), once per contiguous
+// piece of up to a block, where a test costs nothing. (Instantiating the walks per mode and option
+// as well tripled this loss's build time and bought nothing: a walk's own work is per piece.)
+template <class F>
+inline void with_piece_options(const HuberArgs& a, F&& f) {
+  auto with_w = [&](auto md) {
+    if (a.w)
+      f(md, std::true_type{});
+    else
+      f(md, std::false_type{});
+  };
+  switch (a.mode) {
+    case kHuber: with_w(std::integral_constant<int, kHuber>{}); break;
+    case kSmoothL1: with_w(std::integral_constant<int, kSmoothL1>{}); break;
+    default: with_w(std::integral_constant<int, kL1>{}); break;
+  }
+}
+
+// A reducing forward may also write the gradients for a scalar upstream gradient a.scale (gx or gy
+// set: huber_fwd_grad, float32 / float64 only -- for fp16/bf16 they would have to be stored in fp32 to
+// keep the single cast after the loss scale, so those instantiations leave the branch out).
+template <class T, class TY, class TW, class A>
 void forward_impl(const HuberArgs& a) {
   using V = Vec<A>;
   const T* X = static_cast<const T*>(a.x);
@@ -233,6 +254,7 @@ void forward_impl(const HuberArgs& a) {
   const Consts<A> k(a.delta);
   const int64_t nb = num_blocks(a);
   const bool reduce = a.partials != nullptr;
+  const bool grad = GX || GY;
   A* out = static_cast<A*>(a.out);
   // Dynamic: the partials do not depend on which thread sums a block, and on a shared machine a
   // thread that is descheduled leaves its blocks to the other instead of stalling the join.
@@ -241,18 +263,21 @@ void forward_impl(const HuberArgs& a) {
     const int64_t i0 = b * a.block, i1 = i0 + a.block < a.numel ? i0 + a.block : a.numel;
     V acc[4] = {V(A(0)), V(A(0)), V(A(0)), V(A(0))};
     for_each_run(a, i0, i1, [&](int64_t i, int64_t n, int64_t ox, int64_t oy, int64_t ow, int64_t) {
-      for_each_piece<T, TY, TW, A>(a, n, X + ox, Y + oy, HAS_W ? Wt + ow : nullptr, static_cast<const A*>(nullptr),
+      for_each_piece<T, TY, TW, A>(a, n, X + ox, Y + oy, Wt ? Wt + ow : nullptr, static_cast<const A*>(nullptr),
                                    [&](int64_t j, int64_t m, const T* x, const TY* y, const TW* w, const A*) {
-                                     const int64_t o = i + j;
-                                     if (!reduce)
-                                       loss_piece<MODE, HAS_W>(x, y, w, m, k, out + o, a.stream);
-                                     else if (GRAD)
-                                       sum_piece<MODE, HAS_W, true>(x, y, w, m, k, acc, scale, GX ? GX + o : nullptr,
-                                                                    GY ? GY + o : nullptr, a.stream);
-                                     else
-                                       sum_piece<MODE, HAS_W, false>(x, y, w, m, k, acc, scale, static_cast<T*>(nullptr),
-                                                                     static_cast<TY*>(nullptr), false);
-                                   });
+        const int64_t o = i + j;
+        with_piece_options(a, [&](auto md, auto hw) {
+          constexpr int M = decltype(md)::value;
+          constexpr bool H = decltype(hw)::value;
+          if (!reduce) return loss_piece<M, H>(x, y, w, m, k, out + o, a.stream);
+          if constexpr (std::is_same<T, A>::value) {
+            if (grad)
+              return sum_piece<M, H, true>(x, y, w, m, k, acc, scale, GX ? GX + o : nullptr, GY ? GY + o : nullptr,
+                                           a.stream);
+          }
+          sum_piece<M, H, false>(x, y, w, m, k, acc, scale, static_cast<T*>(nullptr), static_cast<TY*>(nullptr), false);
+        });
+      });
     });
     if (reduce) {
       // The lanes meet in double.
@@ -266,7 +291,7 @@ void forward_impl(const HuberArgs& a) {
   if (a.stream) store_fence();
 }
 
-template <class T, class TY, class TW, class A, int MODE, bool HAS_W, bool G_VEC>
+template <class T, class TY, class TW, class A>
 void backward_impl(const HuberArgs& a) {
   const T* X = static_cast<const T*>(a.x);
   const TY* Y = static_cast<const TY*>(a.y);
@@ -275,7 +300,8 @@ void backward_impl(const HuberArgs& a) {
   T* GX = static_cast<T*>(a.gx);
   TY* GY = static_cast<TY*>(a.gy);
   TW* GW = static_cast<TW*>(a.gw);
-  const A g_scalar = G_VEC ? A(0) : G[0];
+  const bool g_vec = !a.g_scalar;
+  const A g_scalar = g_vec ? A(0) : G[0];
   const Consts<A> k(a.delta);
   const int64_t nb = num_blocks(a);
 #pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, 4)
@@ -283,11 +309,20 @@ void backward_impl(const HuberArgs& a) {
     const int64_t i0 = b * a.block, i1 = i0 + a.block < a.numel ? i0 + a.block : a.numel;
     for_each_run(a, i0, i1, [&](int64_t i, int64_t n, int64_t ox, int64_t oy, int64_t ow, int64_t og) {
       for_each_piece<T, TY, TW, A>(
-          a, n, X + ox, Y + oy, HAS_W ? Wt + ow : nullptr, G_VEC ? G + og : nullptr,
+          a, n, X + ox, Y + oy, Wt ? Wt + ow : nullptr, g_vec ? G + og : nullptr,
           [&](int64_t j, int64_t m, const T* x, const TY* y, const TW* w, const A* g) {
             const int64_t o = i + j;
-            grad_piece<MODE, HAS_W, G_VEC>(x, y, w, g, g_scalar, m, k, GX ? GX + o : nullptr, GY ? GY + o : nullptr,
-                                           GW ? GW + o : nullptr, a.stream);
+            with_piece_options(a, [&](auto md, auto hw) {
+              constexpr int M = decltype(md)::value;
+              constexpr bool H = decltype(hw)::value;
+              T* gx = GX ? GX + o : nullptr;
+              TY* gy = GY ? GY + o : nullptr;
+              TW* gw = GW ? GW + o : nullptr;
+              if (g_vec)
+                grad_piece<M, H, true>(x, y, w, g, g_scalar, m, k, gx, gy, gw, a.stream);
+              else
+                grad_piece<M, H, false>(x, y, w, g, g_scalar, m, k, gx, gy, gw, a.stream);
+            });
           });
     });
   }
@@ -295,29 +330,17 @@ void backward_impl(const HuberArgs& a) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Dispatch: storage types (target and weight in the input's type or the accumulation type), the
-// mode and the options become template parameters once per call.
+// Dispatch: the storage types of target and weight (the input's type or the accumulation type).
 // ------------------------------------------------------------------------------------------------
-
-template <class F>
-inline void with_mode(int mode, F&& f) {
-  switch (mode) {
-    case kHuber: f(std::integral_constant<int, kHuber>{}); break;
-    case kSmoothL1: f(std::integral_constant<int, kSmoothL1>{}); break;
-    default: f(std::integral_constant<int, kL1>{}); break;
-  }
-}
 
 template <class T, class A, class F>
 inline void with_types(const HuberArgs& a, F&& f) {
   // For float and double inputs T == A: one combination. fp16/bf16 read a float target or weight too.
   auto with_w = [&](auto ty) {
-    if (!a.w)
-      f(ty, std::common_type<T>{}, std::false_type{});
-    else if (a.w_acc)
-      f(ty, std::common_type<A>{}, std::true_type{});
+    if (a.w && a.w_acc)
+      f(ty, std::common_type<A>{});
     else
-      f(ty, std::common_type<T>{}, std::true_type{});
+      f(ty, std::common_type<T>{});
   };
   if (a.y_acc)
     with_w(std::common_type<A>{});
@@ -327,35 +350,15 @@ inline void with_types(const HuberArgs& a, F&& f) {
 
 template <class T, class A>
 void forward_t(const HuberArgs& a) {
-  with_types<T, A>(a, [&](auto ty, auto tw, auto hw) {
-    using TY = typename decltype(ty)::type;
-    using TW = typename decltype(tw)::type;
-    with_mode(a.mode, [&](auto md) {
-      constexpr int M = decltype(md)::value;
-      constexpr bool H = decltype(hw)::value;
-      // The fused gradient exists for float32/float64 inputs only (huber.cpp checks): for fp16/bf16
-      // it would have to be stored in fp32 to keep the single cast after the loss scale.
-      if constexpr (std::is_same<T, A>::value) {
-        if (a.gx || a.gy) return forward_impl<T, TY, TW, A, M, H, true>(a);
-      }
-      forward_impl<T, TY, TW, A, M, H, false>(a);
-    });
+  with_types<T, A>(a, [&](auto ty, auto tw) {
+    forward_impl<T, typename decltype(ty)::type, typename decltype(tw)::type, A>(a);
   });
 }
 
 template <class T, class A>
 void backward_t(const HuberArgs& a) {
-  with_types<T, A>(a, [&](auto ty, auto tw, auto hw) {
-    using TY = typename decltype(ty)::type;
-    using TW = typename decltype(tw)::type;
-    with_mode(a.mode, [&](auto md) {
-      constexpr int M = decltype(md)::value;
-      constexpr bool H = decltype(hw)::value;
-      if (a.g_scalar)
-        backward_impl<T, TY, TW, A, M, H, false>(a);
-      else
-        backward_impl<T, TY, TW, A, M, H, true>(a);
-    });
+  with_types<T, A>(a, [&](auto ty, auto tw) {
+    backward_impl<T, typename decltype(ty)::type, typename decltype(tw)::type, A>(a);
   });
 }
 

@@ -1,7 +1,12 @@
 // The Python module lossfuse._C. The kernels themselves register with the dispatcher from each loss's
 // translation unit (TORCH_LIBRARY_IMPL); this file holds what is shared: the instruction-set switch
-// and the huge-page hint.
-#include <torch/extension.h>
+// and the huge-page hint, and the module's few functions.
+//
+// Written against Python's C API rather than pybind11 / <torch/extension.h>: those headers made this
+// one small file the third-slowest translation unit of the build (about 50 s of the compiler's time,
+// for seven functions of strings and integers).
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
 
 #include <cstdlib>
 #include <string>
@@ -10,7 +15,7 @@
 #include <sys/mman.h>
 #endif
 
-#include "tensor_utils.h"
+#include "common.h"
 
 namespace lossfuse {
 
@@ -42,35 +47,72 @@ void advise_hugepages(void* ptr, size_t bytes) {
 #endif
 }
 
+namespace {
+
+PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(use_avx2() ? "avx2" : "base"); }
+
+// RuntimeError, as TORCH_CHECK raised when this was a pybind11 module.
+PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* s = PyUnicode_AsUTF8(arg);
+  if (!s) return nullptr;
+  const std::string isa(s);
+  if (isa == "base") {
+    g_isa = 0;
+  } else if (isa == "auto" || isa == "avx2") {
+    if (isa == "avx2" && !cpu_has_avx2_fma_f16c()) {
+      PyErr_SetString(PyExc_RuntimeError, "set_cpu_isa('avx2'): this CPU lacks AVX2/FMA/F16C");
+      return nullptr;
+    }
+    g_isa = -1;
+  } else {
+    PyErr_Format(PyExc_RuntimeError, "set_cpu_isa: expected 'auto', 'avx2' or 'base'; got '%s'", s);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* py_cache_bytes(PyObject*, PyObject*) { return PyLong_FromSize_t(cache_bytes()); }
+PyObject* py_cache_limit(PyObject*, PyObject*) { return PyLong_FromSize_t(cache_limit()); }
+
+PyObject* py_set_cache_limit(PyObject*, PyObject* arg) {
+  const size_t bytes = PyLong_AsSize_t(arg);  // negative or not an int: OverflowError / TypeError
+  if (bytes == size_t(-1) && PyErr_Occurred()) return nullptr;
+  set_cache_limit(bytes);
+  Py_RETURN_NONE;
+}
+
+PyObject* py_empty_cache(PyObject*, PyObject*) {
+  empty_cache();
+  Py_RETURN_NONE;
+}
+
+PyObject* py_openmp_threads(PyObject*, PyObject*) {
+#ifdef _OPENMP
+  return PyLong_FromLong(omp_get_max_threads());
+#else
+  return PyLong_FromLong(1);
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use: 'avx2' or 'base' (portable)."},
+    {"set_cpu_isa", py_set_cpu_isa, METH_O,
+     "Force the portable kernels ('base') or go back to the automatic choice ('auto'/'avx2'). For tests."},
+    {"cache_bytes", py_cache_bytes, METH_NOARGS, "Bytes held by the CPU output-buffer cache."},
+    {"cache_limit", py_cache_limit, METH_NOARGS, "Upper bound on the bytes the cache may hold."},
+    {"set_cache_limit", py_set_cache_limit, METH_O, "Set the cache's bound in bytes (0 disables it)."},
+    {"empty_cache", py_empty_cache, METH_NOARGS, "Free every buffer the cache holds."},
+    {"openmp_threads", py_openmp_threads, METH_NOARGS, "The OpenMP threads a parallel region may use."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_C", "lossfuse CPU kernels (C++/OpenMP); the ops live under torch.ops.lossfuse", -1,
+    methods, nullptr, nullptr, nullptr, nullptr,
+};
+
+}  // namespace
 }  // namespace lossfuse
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "lossfuse CPU kernels (C++/OpenMP); the ops live under torch.ops.lossfuse";
-  m.def("cpu_isa", [] { return std::string(lossfuse::use_avx2() ? "avx2" : "base"); },
-        "The instruction set the CPU kernels use: 'avx2' or 'base' (portable).");
-  m.def(
-      "set_cpu_isa",
-      [](const std::string& isa) {
-        if (isa == "base") {
-          lossfuse::g_isa = 0;
-        } else if (isa == "auto" || isa == "avx2") {
-          TORCH_CHECK(isa == "auto" || lossfuse::cpu_has_avx2_fma_f16c(),
-                      "set_cpu_isa('avx2'): this CPU lacks AVX2/FMA/F16C");
-          lossfuse::g_isa = -1;
-        } else {
-          TORCH_CHECK(false, "set_cpu_isa: expected 'auto', 'avx2' or 'base'; got '", isa, "'");
-        }
-      },
-      "Force the portable kernels ('base') or go back to the automatic choice ('auto'/'avx2'). For tests.");
-  m.def("cache_bytes", &lossfuse::cache_bytes, "Bytes held by the CPU output-buffer cache.");
-  m.def("cache_limit", &lossfuse::cache_limit, "Upper bound on the bytes the cache may hold.");
-  m.def("set_cache_limit", &lossfuse::set_cache_limit, "Set the cache's bound in bytes (0 disables it).");
-  m.def("empty_cache", &lossfuse::empty_cache, "Free every buffer the cache holds.");
-  m.def("openmp_threads", [] {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-  });
-}
+// setup.py builds this module as lossfuse._C.
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&lossfuse::module_def); }

@@ -1,8 +1,14 @@
 // Helpers for the torch-facing half of each loss's translation unit (baseline instruction set).
+//
+// Only the ATen headers these files use: the tensor class and the operators called by name (at::empty,
+// at::full). <ATen/ATen.h> declares every operator and took twice as long to compile, in each of these
+// translation units (setup.py defines TORCH_ASSERT_ONLY_METHOD_OPERATORS, which makes including it an error).
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 
 #include <optional>
 
@@ -25,12 +31,8 @@ inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at:
 inline int kernel_threads(int64_t work) { return threads_for(work, at::get_num_threads()); }
 
 // A new contiguous tensor for a kernel to write every element of. Large ones come from the buffer
-// cache (buffer_cache.cpp) or get huge pages.
+// cache (buffer_cache.cpp; its controls are declared in common.h) or get huge pages.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts);
-size_t cache_bytes();
-size_t cache_limit();
-void set_cache_limit(size_t bytes);
-void empty_cache();
 
 // (N, C, S) layouts of the softmax-family kernels (walk.h): walked along the classes (class stride 1)
 // or across neighbouring rows (spatial stride 1). empty_like_layout in lossfuse/ops/cross_entropy.py

@@ -404,12 +404,17 @@ inline double sexpm1(double x) { return std::expm1(x); }
 // The kernels' entry points by dtype: f(T{}, A{}) with T the storage type and A its accumulation type
 // (float for float/half/bf16, double for double), e.g.
 //   with_dtype(a.dtype, [&](auto t, auto acc) { return kernel<decltype(t), decltype(acc)>(a); })
+// The AVX2 build has no float64 kernels: use_avx2_for (common.h) sends float64 to the portable ones.
 template <class F>
 inline decltype(auto) with_dtype(Dtype d, F&& f) {
   switch (d) {
     case Dtype::F16: return f(half_t{}, float{});
     case Dtype::BF16: return f(bf16_t{}, float{});
+#if defined(LF_VEC_AVX2)
+    case Dtype::F64: __builtin_trap();
+#else
     case Dtype::F64: return f(double{}, double{});
+#endif
     case Dtype::F32: break;
   }
   return f(float{}, float{});

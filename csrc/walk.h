@@ -32,30 +32,58 @@ inline int with_bool(bool b, F&& f) {
 
 inline void flag_bad(int* bad) { __atomic_store_n(bad, 1, __ATOMIC_RELAXED); }
 
-// Logit soft-capping x -> cap * tanh(x / cap), and its derivative 1 - tanh^2, when CAP.
-template <class A, bool CAP>
+// The optional terms of a softmax-family kernel: class weights, label smoothing's sums, logit
+// soft-capping. Each member is either std::false_type -- the term is compiled out -- or a bool read at
+// run time. The common call, no option at all, runs kernels built with NoTerms; every other runs one
+// set built with AnyTerms. Their tests are per vector or per row, on values that never change within a
+// call (perfectly predicted branches), against the exp and the memory traffic of the same vector.
+// A compile-time flag per option (2^3 instantiations of every kernel, per dtype and instruction set)
+// made most of the extension's build time for a speed no benchmark could tell apart.
+template <class HW, class SM, class CP>
+struct Terms {
+  HW has_w;   // class weights
+  SM smooth;  // label smoothing (eps > 0)
+  CP cap;     // logit soft-capping
+};
+using NoTerms = Terms<std::false_type, std::false_type, std::false_type>;
+using AnyTerms = Terms<bool, bool, bool>;
+
+// f(NoTerms{}) when no term is on, else f(AnyTerms{...}): the one place the options become types.
+template <class F>
+inline int with_terms(bool has_w, bool smooth, bool cap, F&& f) {
+  if (!has_w && !smooth && !cap) return f(NoTerms{});
+  return f(AnyTerms{has_w, smooth, cap});
+}
+
+// Logit soft-capping x -> cap * tanh(x / cap), and its derivative 1 - tanh^2, when `on` (a Terms::cap).
+template <class A, class On>
 struct SoftCap {
   using V = Vec<A>;
+  On on;
   A cap, inv;
-  explicit SoftCap(double c) : cap(A(c)), inv(CAP ? A(1) / A(c) : A(0)) {}
-  V operator()(V x) const { return CAP ? V(cap) * vtanh(x * V(inv)) : x; }
-  A operator()(A x) const { return CAP ? cap * stanh(x * inv) : x; }
-  // x' and d x'/d x
+  SoftCap(On o, double c) : on(o), cap(A(c)), inv(o ? A(1) / A(c) : A(0)) {}
+  V operator()(V x) const { return on ? V(cap) * vtanh(x * V(inv)) : x; }
+  A operator()(A x) const { return on ? cap * stanh(x * inv) : x; }
+  // x' and d x'/d x (1 when off, where callers do not multiply by it: set only so that no compiler
+  // sees an uninitialised read in the run-time-flag kernels)
   void with_slope(V x, V& xc, V& slope) const {
-    if (CAP) {
+    if (on) {
       const V t = vtanh(x * V(inv));
       xc = V(cap) * t;
       slope = fnmadd(t, t, V(A(1)));
     } else {
       xc = x;
+      slope = V(A(1));
     }
   }
   A slope(A x) const {
-    if (!CAP) return A(1);
+    if (!on) return A(1);
     const A t = stanh(x * inv);
     return A(1) - t * t;
   }
 };
+template <class A, class O>
+using SoftCapOf = SoftCap<A, decltype(O::cap)>;
 
 // Runs `pass(exp_fn)` with the fast exp, and again with the exact one if some lane underflowed below
 // the normal range -- rare (logits spread by more than 87), and then those outputs must hold the
@@ -128,10 +156,10 @@ inline V log_sum(V rest, V top) {
   return vlog1p(rest + (top - V(1)));
 }
 
-// Sums over one block relative to the (capped) max m: exp(x' - m) as (rest, top) and, with SMOOTH, w_c (x'_c - m)
-// and w_c.
-template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
-inline void block_sums_index(const T* x, const A* w, int64_t n, A m, const SoftCap<A, CAP>& cap, double* sum,
+// Sums over one block relative to the (capped) max m: exp(x' - m) as (rest, top) and, with smoothing,
+// w_c (x'_c - m) and w_c.
+template <class T, class A, class O>
+inline void block_sums_index(O opt, const T* x, const A* w, int64_t n, A m, const SoftCapOf<A, O>& cap, double* sum,
                              double* top, double* d, double* ws) {
   using V = Vec<A>;
   constexpr int W = V::W;
@@ -149,8 +177,8 @@ inline void block_sums_index(const T* x, const A* w, int64_t n, A m, const SoftC
     add_exp_term(e1, s1, t0);
     add_exp_term(e2, s2, t0);
     add_exp_term(e3, s3, t0);
-    if (SMOOTH) {
-      if (HAS_W) {
+    if (opt.smooth) {
+      if (opt.has_w) {
         const V wa = V::load(w + c), wb = V::load(w + c + W), wc = V::load(w + c + 2 * W), wd = V::load(w + c + 3 * W);
         d0 = fmadd(wa, e0, fmadd(wc, e2, d0));
         d1 = fmadd(wb, e1, fmadd(wd, e3, d1));
@@ -168,14 +196,14 @@ inline void block_sums_index(const T* x, const A* w, int64_t n, A m, const SoftC
     const typename V::Mask on = V::first(k);
     const V e = cap(load_k(x + c, k, A(0))) - mv;
     add_exp_term(e, s0, t0, on);
-    if (SMOOTH) {
-      const V wv = HAS_W ? load_k(w + c, k, A(0)) : V(A(1));
+    if (opt.smooth) {
+      const V wv = opt.has_w ? load_k(w + c, k, A(0)) : V(A(1));
       d0 = d0 + select(on, wv * e, V(A(0)));
-      if (HAS_W) w0 = w0 + select(on, wv, V(A(0)));
+      if (opt.has_w) w0 = w0 + select(on, wv, V(A(0)));
     }
   }
   double sd = double(hsum((s0 + s1) + (s2 + s3))), dd = double(hsum(d0 + d1));
-  double wd = HAS_W ? double(hsum(w0)) : double(n);
+  double wd = opt.has_w ? double(hsum(w0)) : double(n);
   *sum += sd;
   *top += double(hsum(count_value(t0)));
   *d += dd;
@@ -185,11 +213,11 @@ inline void block_sums_index(const T* x, const A* w, int64_t n, A m, const SoftC
 // log-sum-exp statistics of one row in a single pass over memory: each kBlock-class block is read
 // from memory once for its max and again from L1 for its sums, which are rescaled whenever the
 // running max grows (online softmax). Returns the (capped) max m, log sum_c exp(x'_c - m) and, with
-// SMOOTH, sum_c w_c (x'_c - m). A block that is all -inf (masked vocabulary) would make x - m
+// smoothing, sum_c w_c (x'_c - m). A block that is all -inf (masked vocabulary) would make x - m
 // undefined while m is still -inf, so such rows take the plain two passes. tanh is increasing, so the
 // capped max is the cap of the raw max.
-template <class T, class A, bool HAS_W, bool SMOOTH, bool CAP>
-inline void row_stats_index(const T* x, const A* w, int64_t C, const SoftCap<A, CAP>& cap, A* m_out,
+template <class T, class A, class O>
+inline void row_stats_index(O opt, const T* x, const A* w, int64_t C, const SoftCapOf<A, O>& cap, A* m_out,
                             double* logsum_out, double* d_out) {
   const A ninf = -std::numeric_limits<A>::infinity();
   A m = ninf;
@@ -207,11 +235,11 @@ inline void row_stats_index(const T* x, const A* w, int64_t C, const SoftCap<A, 
         // The old max's terms join the rest: e^(m - bm) < 1 now.
         sum = (sum + top) * std::exp(double(m) - double(bm));
         top = 0;
-        if (SMOOTH) d += (double(m) - double(bm)) * ws;
+        if (opt.smooth) d += (double(m) - double(bm)) * ws;
       }
       m = bm;
     }
-    block_sums_index<T, A, HAS_W, SMOOTH, CAP>(x + c0, HAS_W ? w + c0 : w, n, m, cap, &sum, &top, &d, &ws);
+    block_sums_index<T, A>(opt, x + c0, opt.has_w ? w + c0 : w, n, m, cap, &sum, &top, &d, &ws);
   }
   if (!online) {
     m = cap(block_max<T, A>(x, C));
@@ -219,7 +247,7 @@ inline void row_stats_index(const T* x, const A* w, int64_t C, const SoftCap<A, 
     // A row of only -inf has lse = -inf (as torch.logsumexp); its loss is NaN either way, as torch's.
     for (int64_t c0 = 0; c0 < C && m != ninf; c0 += kBlock) {
       const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
-      block_sums_index<T, A, HAS_W, SMOOTH, CAP>(x + c0, HAS_W ? w + c0 : w, n, m, cap, &sum, &top, &d, &ws);
+      block_sums_index<T, A>(opt, x + c0, opt.has_w ? w + c0 : w, n, m, cap, &sum, &top, &d, &ws);
     }
   }
   *m_out = m;
@@ -285,8 +313,8 @@ inline void prefetch_tile_ahead(const T* x, int64_t c, int64_t sC, bool write = 
   if (sizeof(T) * Tile<A>::L > 64) __builtin_prefetch(p + 64, write ? 1 : 0, 2);
 }
 
-template <class T, class A, bool CAP>
-inline void tile_max(const T* x, int64_t C, int64_t sC, const Tile<A>& tl, const SoftCap<A, CAP>& cap,
+template <class T, class A, class On>
+inline void tile_max(const T* x, int64_t C, int64_t sC, const Tile<A>& tl, const SoftCap<A, On>& cap,
                      Vec<A>* m) {
   using V = Vec<A>;
   for (int u = 0; u < kU; ++u) m[u] = V(-std::numeric_limits<A>::infinity());
@@ -296,6 +324,88 @@ inline void tile_max(const T* x, int64_t C, int64_t sC, const Tile<A>& tl, const
       if (tl.kv(u)) m[u] = vmax(m[u], load_k(x + c * sC + u * V::W, tl.kv(u), A(0)));
   }
   for (int u = 0; u < kU; ++u) m[u] = cap(m[u]);
+}
+
+// A tile's max (tile_max), then per lane the sums of exp(x' - m) as (rest, top) and, with smoothing,
+// of w_c (x'_c - m): the class-index forward of every softmax-family loss, as row_stats_index for a row.
+template <class T, class A, class O>
+inline void tile_stats(O opt, const T* x, int64_t C, int64_t sC, const Tile<A>& tl, const SoftCapOf<A, O>& cap,
+                       const A* w, Vec<A>* m, double* sum, double* top, double* dsum) {
+  using V = Vec<A>;
+  constexpr int W = V::W;
+  tile_max<T, A>(x, C, sC, tl, cap, m);
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
+    V sv[kU], tv[kU], dv[kU];
+    for (int u = 0; u < kU; ++u) sv[u] = tv[u] = dv[u] = V(A(0));
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int u = 0; u < kU; ++u) {
+        if (!tl.kv(u)) continue;
+        const V e = cap(load_k(x + c * sC + u * W, tl.kv(u), A(0))) - m[u];
+        add_exp_term(e, sv[u], tv[u]);
+        if (opt.smooth) dv[u] = opt.has_w ? fmadd(V(w[c]), e, dv[u]) : dv[u] + e;
+      }
+    }
+    for (int u = 0; u < kU; ++u) {
+      fold(sv[u], sum + u * W);
+      fold(count_value(tv[u]), top + u * W);
+      if (opt.smooth) fold(dv[u], dsum + u * W);
+    }
+  }
+}
+
+// Per-lane state of a tile's class-index gradient pass: the lane's lse = hi + lo, the factor kp of
+// p_c and, with smoothing, kw of w_c (d loss / d x'_c = p_c kp - kw w_c off the target), the lanes
+// whose rows count (`on`; the others get exact zeros, whatever their logits hold) and their targets
+// as floats (exact below 2^24 classes; -1 for rows that do not count).
+template <class A>
+struct TileGrad {
+  Vec<A> hi[kU], lo[kU], kp[kU], kw[kU], y[kU];
+  typename Vec<A>::Mask on[kU];
+};
+
+// The gradient pass of a tile: every element but the targets', and per lane sum_{c != y} p_c into
+// `rest` (zeroed here) for the target element, which the caller writes (p_y - 1 formed as -rest where
+// p_y > 1/2: see the row backward). exp_fn as with_exact_redo hands it.
+template <class T, class A, class O, class ExpFn>
+inline void tile_grad_pass(O opt, const SoftCapOf<A, O>& cap, const T* x, T* gx, int64_t C, int64_t sC, int64_t gsC,
+                           const Tile<A>& tl, const TileGrad<A>& tg, const A* w, double* rest, ExpFn&& vexp_fn) {
+  using V = Vec<A>;
+  constexpr int W = V::W;
+  for (int j = 0; j < Tile<A>::L; ++j) rest[j] = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
+    V r[kU];
+    for (int u = 0; u < kU; ++u) r[u] = V(A(0));
+    for (int64_t c = c0; c < c1; ++c) {
+      prefetch_tile_ahead<T, A>(x, c, sC);
+      prefetch_tile_ahead<T, A>(gx, c, gsC, true);
+      const V cv{A(c)};
+      for (int u = 0; u < kU; ++u) {
+        const int kv = tl.kv(u);
+        if (!kv) continue;
+        V xc, slope;
+        cap.with_slope(load_k(x + c * sC + u * W, kv, A(0)), xc, slope);
+        const V p = vexp_fn((xc - tg.hi[u]) - tg.lo[u]);
+        V o = p * tg.kp[u];
+        if (opt.smooth) o = opt.has_w ? fnmadd(tg.kw[u], V(w[c]), o) : o - tg.kw[u];
+        if (opt.cap) o = o * slope;
+        store_k(select(tg.on[u], o, V(A(0))), gx + c * gsC + u * W, kv);
+        r[u] = r[u] + select(cmp_eq(tg.y[u], cv), V(A(0)), p);
+      }
+    }
+    for (int u = 0; u < kU; ++u) fold(r[u], rest + u * W);
+  }
+}
+
+// p_y and p_y - 1 of a tile's lanes from the (capped) target logits: -rest where p_y > 1/2, else
+// expm1, each where it is better conditioned (see the row backward).
+template <class A>
+inline void tile_target_p(Vec<A> xy, Vec<A> hi, Vec<A> lo, const double* rest, Vec<A>* py, Vec<A>* py_minus_1) {
+  using V = Vec<A>;
+  const V dy = (xy - hi) - lo;
+  *py = vexp(dy);
+  *py_minus_1 = select(cmp_lt(V(A(0.5)), *py), vneg(unfold<A>(rest)), vexpm1(dy));
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -419,9 +419,10 @@ def test_gpu_preset_dry_run_on_cpu(tmp_path):
     result, _, _ = _run(tmp_path, ["--shapes", "gpu", "--providers", "cpu,torch,liger,cce", "--no-plots"],
                         cases=cases)
     rows = result.rows
+    assert {r["mode"] for r in rows if r["loss"] == "ce"} == {"fwd+bwd", "fwd"}
+    assert {r["mode"] for r in rows if r["loss"] != "ce"} == {"fwd+bwd"}
     for c in cases:
-        modes = c.modes or ("fwd+bwd",)
-        for mode in modes:
+        for mode in c.modes:
             mine = {r["provider"]: r for r in rows if r["loss"] == c.loss and r["mode"] == mode
                     and r["shape"] == "x".join(map(str, c.shape)) and r["dtype"] == str(c.dtype)[6:]}
             assert mine["lossfuse-cpu"]["status"] == "ok" and mine["torch"]["status"] == "ok", (c, mode, mine)

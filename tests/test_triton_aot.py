@@ -50,7 +50,7 @@ def test_every_kernel_and_flag_compiles_for_sm80_and_sm90_without_spills():
     from_list = _aot("--list", "--set", "quick")
     assert from_list.returncode == 0, from_list.stderr
     listed = [line.split()[0] for line in from_list.stdout.splitlines()[:-1]]
-    rows = [line for line in r.stdout.splitlines() if re.match(r"^\w+_kernel\s+sm_(80|90)\s+\d+\s", line)]
+    rows = [line for line in r.stdout.splitlines() if re.match(r"^\w+_kernel\s+sm_(80|90)\s+\d+\s+\d+/\d+\s", line)]
     # one row per variant and arch, each with a register count and no spill
     assert len(rows) == 2 * len(listed), (len(rows), len(listed))
     for name in set(listed):

@@ -33,7 +33,12 @@ metadata (``metadata.shared``, the bytes Triton's launcher asks for) plus ptxas'
 
 Checked with the same code on Triton 3.6.0 (torch 2.11's, the GPU image's) and 3.9.0 (CI's): both
 take ``ASTSource(fn, signature={name: type or "constexpr"}, constexprs={name: value},
-attrs={(index,): [["tt.divisibility", 16]]})`` and ``GPUTarget("cuda", arch, 32)``.
+attrs={(index,): [["tt.divisibility", 16]]})`` and ``GPUTarget("cuda", arch, 32)`` (read from each
+version's triton/compiler/compiler.py, then compiled with both). The quick set compiles with no spill
+on both. ptxas differs between them (3.9 uses ptxas 12.9 for sm_80 and 13.x for sm_90, and emits
+other PTX): a sample of the cover set (every third CE configuration with its heaviest flags) found
+four CE variants on 3.9 that park one 4-byte value in local memory (ptxas' choice at 64-72
+registers, not pressure), none on 3.6; the command reports them as failures, as it should.
 
 ADDING A KERNEL: give its module a ``launch_configs()`` entry (kernel name -> configurations from the
 launcher's own heuristic) and add one ``Kernel(...)`` to ``KERNELS`` below (its dtype/flag axes and its

@@ -19,7 +19,7 @@ not given: see ``vocab_sizes``). Every rank then forms the same loss from them:
     sum_c (lse - x_c)  = sum_r [V_r (lse - l_r) + S_r]      every term >= 0: no cancellation
     loss               = (1 - eps) (lse - x_y) + eps / C * sum_c (lse - x_c)
 
-which is DESIGN.md section 2 with the GLOBAL C. Backward needs no communication: with the global lse
+which is the cross-entropy of docs/design.md ("What each loss computes") with the GLOBAL C. Backward needs no communication: with the global lse
 saved, the gradient of the local slice is ``g * (exp(x - lse) - eps / C)``, and
 ``g * (expm1(-(lse - x_y)) + eps - eps / C)`` at an owned target, formed in float32 and cast to the
 logits' dtype once.
@@ -49,8 +49,9 @@ from torch.autograd.function import once_differentiable
 from . import _backend
 from ._utils import acc_dtype, check_float_input, check_reduction, check_same_device, result_dtype
 from .functional import _check_class_index_target
-from .ops._common import run
-from .ops.cross_entropy import _Shapes, empty_like_layout
+from ._layout import RowShapes, empty_like_layout
+from .ops._common import reduce_rows, row_grads
+from .ops.cross_entropy import CE_FWD
 from .reference import check_targets_in_range
 
 __all__ = ["vocab_parallel_cross_entropy", "VocabParallelCrossEntropyFunction"]
@@ -170,7 +171,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target, start, num_classes, sizes_acc, group, world, ignore_index, reduction,
                 eps, backend):
-        shapes = _Shapes(x)
+        shapes = RowShapes(x)
         x3 = shapes.input3d(x)  # (N, V, S): a view except for layouts the kernels cannot walk
         y = shapes.rows2d(target)  # (N, S)
         acc = acc_dtype(x.dtype)
@@ -190,15 +191,8 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         lse, nll = lse.view_as(y), nll.view_as(y)
         loss = torch.where(keep, loss.view_as(y), 0)
 
-        if reduction == "none":
-            out = loss.reshape(shapes.row_shape())
-            denom = None
-        elif reduction == "sum":
-            out = loss.sum()
-            denom = None
-        else:
-            denom = keep.sum().to(acc)
-            out = loss.sum() / denom
+        denom = keep.sum().to(acc) if reduction == "mean" else None
+        out = reduce_rows(loss, reduction, denom, shapes.row_shape())
 
         ctx.shapes = shapes
         ctx.reduction = reduction
@@ -213,14 +207,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * 11
         x3, y_own, keep, lse, nll, denom = ctx.saved_tensors
-        g = grad_out.to(lse.dtype)
-        n, s = lse.shape
-        if ctx.reduction == "none":
-            g_rows = g.reshape(n, s)
-        elif ctx.reduction == "sum":
-            g_rows = g.expand(n, s)
-        else:
-            g_rows = (g / denom).expand(n, s)
+        g_rows = row_grads(grad_out, ctx.reduction, denom, lse.shape, lse.dtype)
         g_rows = torch.where(keep, g_rows, 0)
         gx3 = _local_grad(x3, lse, nll, g_rows, y_own, ctx.eps, ctx.eps_c)
         return (ctx.shapes.from3d(gx3),) + (None,) * 10
@@ -249,8 +236,7 @@ def _local_stats(x3, y_loc, owned, eps, acc, backend):
         # exact when the target holds the slice's max (a confident prediction), where l_r - x_y
         # would keep only the rounding of l_r.
         y_k = torch.where(owned, y_loc, _NOT_OWNED)
-        nll, lse = run(backend, "cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd", x3.device,
-                       x3, y_k, None, _NOT_OWNED, 0.0, 0.0, 0.0)
+        nll, lse = CE_FWD(backend, x3, y_k, None, _NOT_OWNED, 0.0, 0.0, 0.0)
         lse = lse.to(acc)  # the kernel's lse is float64; the collective packs one dtype
         smooth = None
     else:
@@ -259,8 +245,7 @@ def _local_stats(x3, y_loc, owned, eps, acc, backend):
         # Smoothing's own term is then at least eps/C * sum_c (lse - x_c), so nll_r = l_r - x_y, with
         # the rounding of l_r, stays far below the loss's float32 resolution.
         y_k = torch.where(owned, y_loc, 0)
-        mean_gap, lse = run(backend, "cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd", x3.device,
-                            x3, y_k, None, _NOT_OWNED, 1.0, 0.0, 0.0)
+        mean_gap, lse = CE_FWD(backend, x3, y_k, None, _NOT_OWNED, 1.0, 0.0, 0.0)
         lse = lse.to(acc)
         x_y = x3.gather(1, y_k.unsqueeze(1)).squeeze(1).to(acc)
         nll = lse - x_y

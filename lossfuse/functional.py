@@ -23,7 +23,8 @@ from ._utils import (
     weighted_result_dtype,
 )
 from .ops import huber as _huber
-from .ops.cross_entropy import CrossEntropyFunction, fused_gradient
+from .ops._common import fused_gradient
+from .ops.cross_entropy import TRITON_FUSED_DTYPES, CrossEntropyFunction
 from .ops.linear_cross_entropy import LinearCrossEntropyFunction, default_chunk_size
 from .ops.focal import SigmoidFocalFunction, SoftmaxFocalFunction
 
@@ -125,7 +126,9 @@ def cross_entropy(
       non-differentiable; of the soft-capped logits), shaped like the unreduced loss.
     - ``inplace_backward``: the gradient is written into the logits' own storage -- no second
       N x C buffer. The logits are marked modified, so autograd refuses any later use of them; read
-      what you need from them before ``backward()``. The reference backend ignores it.
+      what you need from them before ``backward()`` -- on the Triton backend with float32 logits that
+      require grad (and a mean or sum), before this call: its forward writes the gradient over them.
+      The reference backend ignores it.
     """
     reduction = legacy_reduction(size_average, reduce, reduction)
     check_reduction(reduction)
@@ -167,7 +170,7 @@ def cross_entropy(
             reference.check_targets_in_range(target, num_classes, ignore_index)
     # float16 is left out of the fused path: its users scale the loss (see ops/cross_entropy.py).
     fused = not target.is_floating_point() and fused_gradient(
-        backend, reduction, input, (torch.float32, torch.float64, torch.bfloat16))
+        backend, reduction, input, (torch.float32, torch.float64, torch.bfloat16), TRITON_FUSED_DTYPES)
     loss, lse = CrossEntropyFunction.apply(
         input, target, weight, ignore_index, reduction, label_smoothing, float(z_loss),
         float(softcap or 0.0), bool(inplace_backward), backend, fused,

@@ -106,42 +106,42 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         return f"backend={self.backend!r}"
 
 
-class HuberLoss(torch.nn.HuberLoss):
-    """Drop-in for :class:`torch.nn.HuberLoss` running lossfuse's fused kernels.
+class _Backend:
+    """The keyword-only ``backend`` ("auto", "cpu", "triton", "reference") a lossfuse module adds to the
+    constructor of the torch module it replaces, checked at construction and shown in its repr."""
 
-    Same constructor, plus keyword-only ``backend`` ("auto", "cpu", "triton", "reference").
-    """
-
-    def __init__(self, reduction: str = "mean", delta: float = 1.0, *, backend: str = "auto") -> None:
-        super().__init__(reduction, delta)
+    def _set_backend(self, backend: str) -> None:
         _backend.check_backend_name(backend)
         self.backend = backend
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return functional.huber_loss(input, target, reduction=self.reduction, delta=self.delta, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
 
 
-class SmoothL1Loss(torch.nn.SmoothL1Loss):
-    """Drop-in for :class:`torch.nn.SmoothL1Loss` running lossfuse's fused kernels.
+class HuberLoss(_Backend, torch.nn.HuberLoss):
+    """Drop-in for :class:`torch.nn.HuberLoss` running lossfuse's fused kernels (same constructor, plus
+    ``backend``)."""
 
-    Same constructor, plus keyword-only ``backend`` ("auto", "cpu", "triton", "reference").
-    """
+    def __init__(self, reduction: str = "mean", delta: float = 1.0, *, backend: str = "auto") -> None:
+        super().__init__(reduction, delta)
+        self._set_backend(backend)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return functional.huber_loss(input, target, reduction=self.reduction, delta=self.delta, backend=self.backend)
+
+
+class SmoothL1Loss(_Backend, torch.nn.SmoothL1Loss):
+    """Drop-in for :class:`torch.nn.SmoothL1Loss` running lossfuse's fused kernels (same constructor,
+    plus ``backend``)."""
 
     def __init__(
         self, size_average=None, reduce=None, reduction: str = "mean", beta: float = 1.0, *, backend: str = "auto"
     ) -> None:
         super().__init__(size_average, reduce, reduction, beta)
-        _backend.check_backend_name(backend)
-        self.backend = backend
+        self._set_backend(backend)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return functional.smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"
 
 
 class SigmoidFocalLoss(torch.nn.Module):

@@ -1,6 +1,6 @@
 """Reference implementations in plain PyTorch: the test oracle and the fallback backend.
 
-Each function is written from the formulas in DESIGN.md section 2, independently of the kernels, and
+Each function is written from the formulas in docs/design.md ("What each loss computes"), independently of the kernels, and
 its gradient comes from autograd rather than from a hand-derived backward -- so a test that compares
 a kernel with it checks the kernel's derivative too. Inputs are assumed already validated by
 ``lossfuse.functional``; math runs in float32 (float64 for float64 inputs).
@@ -36,6 +36,16 @@ def check_targets_in_range(target: torch.Tensor, num_classes: int, ignore_index:
         bad &= target != ignore_index
     if bool(bad.any()):
         raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+
+
+def _reduce_kept(rows, keep, wy, reduction):
+    """Per-row losses of the kept rows reduced as torch does: the mean divides by their summed weight."""
+    rows = torch.where(keep, rows, 0)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / torch.where(keep, wy, 0).sum()
 
 
 def cross_entropy(
@@ -98,13 +108,7 @@ def cross_entropy(
         rows = rows + (eps / num_classes) * smooth
     if z_term is not None:
         rows = rows + z_term  # per kept row, unweighted (PaLM's z-loss), reduced like the loss
-    rows = torch.where(keep, rows, 0)
-    if reduction == "none":
-        out = rows
-    elif reduction == "sum":
-        out = rows.sum()
-    else:
-        out = rows.sum() / torch.where(keep, wy, 0).sum()
+    out = _reduce_kept(rows, keep, wy, reduction)
     out = out.to(result_dtype(input.dtype, input.device))
     return (out, lse_out) if return_lse else out
 
@@ -142,7 +146,7 @@ def huber_loss(
     delta: float = 1.0,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DESIGN.md section 2: 0.5 d^2 if |d| < delta else delta (|d| - delta / 2), times the elementwise
+    """docs/design.md: 0.5 d^2 if |d| < delta else delta (|d| - delta / 2), times the elementwise
     weight. Result in the input's dtype (float32 under autocast), promoted by a floating weight."""
     out_dtype = result_dtype(input.dtype, input.device)
     if weight is not None:
@@ -156,7 +160,7 @@ def smooth_l1_loss(
     reduction: str = "mean",
     beta: float = 1.0,
 ) -> torch.Tensor:
-    """DESIGN.md section 2: 0.5 d^2 / beta if |d| < beta else |d| - beta / 2; beta = 0 is L1. Result
+    """docs/design.md: 0.5 d^2 / beta if |d| < beta else |d| - beta / 2; beta = 0 is L1. Result
     in the promoted dtype of input and target (float32 for fp16/bf16 under autocast)."""
     out_dtype = torch.promote_types(result_dtype(input.dtype, input.device), result_dtype(target.dtype, input.device))
     mode = "l1" if beta == 0 else "smooth_l1"
@@ -232,11 +236,5 @@ def softmax_focal_loss(
     else:
         k = float(alpha) * wy
     rows = k * (1 - p_y) ** gamma * (-logp_y)
-    rows = torch.where(keep, rows, 0)
-    if reduction == "none":
-        out = rows
-    elif reduction == "sum":
-        out = rows.sum()
-    else:
-        out = rows.sum() / torch.where(keep, wy, 0).sum()
+    out = _reduce_kept(rows, keep, wy, reduction)
     return out.to(result_dtype(input.dtype, input.device))

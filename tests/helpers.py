@@ -7,18 +7,12 @@ import importlib.util
 import torch
 
 import lossfuse
+from lossfuse import catalog
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
-# (atol, rtol). atol is relative to the largest magnitude in the expected tensor, so one table serves
-# losses of size 10 and gradients of size 1e-5. Low-precision outputs are the exact value rounded
-# once: half an ulp is 2^-11 (fp16) or 2^-8 (bf16) relative; allow one ulp.
-TOLERANCES = {
-    torch.float64: (1e-12, 1e-10),
-    torch.float32: (2e-6, 2e-5),
-    torch.float16: (2e-3, 2 ** -10),
-    torch.bfloat16: (1.6e-2, 2 ** -7),
-}
+# The one tolerance table (lossfuse/catalog.py): tests, verify and the benchmark suite share it.
+TOLERANCES = {dtype: (t.atol, t.rtol) for dtype, t in catalog.TOLERANCES.items()}
 
 CPU_BACKENDS = ["cpu", "reference"]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -28,20 +22,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                  rtol: float | None = None) -> None:
     """Compare ``actual`` (any dtype) with a float64 ``expected``; on failure list the worst elements."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    atol, default_rtol = TOLERANCES[dtype]
-    rtol = default_rtol if rtol is None else rtol
+    bad, err, tol = catalog.mismatches(actual, expected, dtype, rtol)
     a = actual.detach().to(torch.float64).cpu()
     e = expected.detach().to(torch.float64).cpu()
-    finite = torch.isfinite(e)
-    # Non-finite expected values must be matched exactly (NaN where NaN, same infinity).
-    same_nonfinite = (torch.isnan(a) & torch.isnan(e)) | (a == e)
-    bad = ~finite & ~same_nonfinite
-    scale = e[finite].abs().max().item() if finite.any() else 0.0
-    # Floor the scale: where every expected value is 0 (C = 1), roundoff still needs some room.
-    scale = max(scale, 1e-3)
-    tol = atol * scale + rtol * e.abs()
-    err = (a - e).abs()
-    bad |= finite & ~(err <= tol)  # NaN in `a` where e is finite counts as bad
     if bad.any():
         idx = bad.nonzero()
         worst = err.masked_fill(~bad, 0).flatten().argsort(descending=True)[:8]
@@ -50,8 +33,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
             pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape)) if a.dim() else ()
             lines.append(f"  at {pos}: actual {a.flatten()[flat].item():.8g} expected {e.flatten()[flat].item():.8g}")
         raise AssertionError(
-            f"{what}: {len(idx)} of {a.numel()} elements differ (dtype {dtype}, atol {atol}*{scale:.3g}, "
-            f"rtol {rtol}); worst:\n" + "\n".join(lines)
+            f"{what}: {len(idx)} of {a.numel()} elements differ (dtype {dtype}, "
+            f"{catalog.TOLERANCES[dtype]}, rtol used {rtol or catalog.TOLERANCES[dtype].rtol}); worst:\n" + "\n".join(lines)
         )
 
 
@@ -77,3 +60,17 @@ def ulps_apart(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtyp
     mag = expected64.to(dtype).abs().to(torch.float64).clamp_min(info.smallest_normal)
     spacing = torch.exp2(torch.floor(torch.log2(mag))) * info.eps
     return (actual.to(torch.float64) - expected64).abs() / spacing
+
+
+def spy_ops(monkeypatch, module, calls: list) -> None:
+    """Replace every ``lossfuse::`` op object of an ops module (lossfuse/ops/_common.py, Op) with a
+    wrapper that records ``(op name, args)`` in ``calls`` and then runs the op."""
+    from lossfuse.ops._common import Op
+
+    for attr, op in list(vars(module).items()):
+        if isinstance(op, Op):
+            def spy(backend, *args, _op=op):
+                calls.append((_op.name, args))
+                return _op(backend, *args)
+
+            monkeypatch.setattr(module, attr, spy)

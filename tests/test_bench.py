@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 import lossfuse
 from lossfuse.bench import LOSSES, Case, Provider, run_suite
-from lossfuse.bench.losses import numel
+from lossfuse.catalog import numel
 from lossfuse.bench.runner import COLUMNS, make_sets
 
 from helpers import cpu_kernels_or_skip
@@ -474,3 +475,63 @@ def test_gpu_targets_are_evaluated_from_the_rows():
     assert t["met"] is True and math.isclose(t["value"], 1 / 0.95)
     assert not any("(8192, 32000)" in k for k in got)   # cases that did not run are left out
     assert not any(k.startswith("cross-entropy (4096, 32000) fp32") for k in got)  # CPU targets
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Hugging Face transformers step (hf): tiny shapes here; the preset's case is (8, 256, 256, 32000)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_hf_step_runs_with_its_three_providers(tmp_path):
+    cpu_kernels_or_skip()
+    pytest.importorskip("transformers")
+    case = Case("hf", (2, 16, 64, 512))
+    (tensors,) = make_sets(case, torch.device("cpu"), 1, seed=0)
+    entry = case.entry
+    read = sum(t.numel() * t.element_size() for t in tensors.values())
+    grads = sum(tensors[n].numel() * tensors[n].element_size() for n in entry.grad_inputs)
+    assert entry.counted_bytes(case.shape, case.dtype, "", "fwd+bwd") == read + grads
+    assert bool(((tensors["input_ids"] >= 0) & (tensors["input_ids"] < 512)).all())
+
+    result, _, printed = _run(tmp_path, ["--shapes", "hf", "--no-plots"], cases=[case])
+    rows = {r["provider"]: r for r in result.rows}
+    for name in ("lossfuse-cpu", "torch", "hf-logits-lossfuse"):
+        r = rows[name]
+        assert r["status"] == "ok", r
+        assert r["loss_rel_err"] <= r["tolerance"] and r["grad_rel_err"] <= r["tolerance"], r
+        assert r["median_ms"] > 0 and r["peak_mem_mb"] >= 0
+    assert rows["torch"]["loss_rel_err"] <= 1e-6   # transformers' own loss is the float64 oracle's code
+    assert rows["torch.compile"]["status"] == "skipped" and "not compiled" in rows["torch.compile"]["note"]
+    assert "fused_linear=True" in rows["lossfuse-cpu"]["note"]
+    assert "torch-chunked" not in rows    # an anchor of lce only: no row here
+    assert "HF Llama training step" in printed
+
+
+def test_hf_entry_is_skipped_without_transformers(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.delitem(sys.modules, "lossfuse.transformers", raising=False)
+    result, _, _ = _run(tmp_path, ["--providers", "torch", "--no-plots"], cases=[Case("hf", (2, 16, 64, 512))])
+    (row,) = result.rows
+    assert row["status"] == "skipped" and "needs Hugging Face transformers" in row["note"]
+
+
+def test_hf_preset_and_targets():
+    from lossfuse.bench.presets import get_preset
+    from lossfuse.bench.targets import evaluate
+
+    (case,) = get_preset("hf").cases
+    assert case.loss == "hf" and case.shape == (8, 256, 256, 32000) and case.dtype == torch.float32
+    base = {"loss": "hf", "shape": "8x256x256x32000", "dtype": "float32", "variant": "", "mode": "fwd+bwd",
+            "sweeps": "", "main": True, "note": ""}
+    rows = [{**base, "provider": "torch", "status": "ok", "extra_mem_pct": 300.0, "median_ms": 1000.0},
+            {**base, "provider": "lossfuse-cpu", "status": "ok", "extra_mem_pct": 30.0, "median_ms": 900.0,
+             "speedup_vs_torch": 1.1}]
+    got = {r["target"].split(": ", 1)[1]: r for r in evaluate(rows, "cpu")}
+    mem = got["peak above parameters + gradients <= 40% of transformers' own"]
+    assert mem["met"] is True and math.isclose(mem["value"], 0.1)
+    assert got["time <= transformers' own"]["met"] is True
+    rows[1]["extra_mem_pct"] = 150.0
+    rows[1]["speedup_vs_torch"] = 0.9
+    got = {r["target"].split(": ", 1)[1]: r for r in evaluate(rows, "cpu")}
+    assert got["peak above parameters + gradients <= 40% of transformers' own"]["met"] is False
+    assert got["time <= transformers' own"]["met"] is False

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import lossfuse
-from helpers import CPU_BACKENDS, DTYPES, HAS_TRITON, assert_close, cpu_kernels_or_skip, ulps_apart
+from helpers import CPU_BACKENDS, DTYPES, HAS_TRITON, assert_close, cpu_kernels_or_skip, spy_ops, ulps_apart
+from lossfuse._layout import empty_like_walk
 from lossfuse.ops import huber as huber_ops
 
 # ------------------------------------------------------------------------------------------------
@@ -229,8 +230,7 @@ def test_eager_gradient_only_where_it_applies(monkeypatch):
     inputs that need none, or other backends; and never under torch.compile (see the compile tests)."""
     cpu_kernels_or_skip()
     calls = []
-    real = huber_ops.run
-    monkeypatch.setattr(huber_ops, "run", lambda *a: (calls.append(a[1]), real(*a))[1])
+    spy_ops(monkeypatch, huber_ops, calls)
     x, y, w = torch.randn(20, 3), torch.randn(20, 3), torch.rand(20, 3)
     cases = [
         ({}, True),
@@ -247,7 +247,7 @@ def test_eager_gradient_only_where_it_applies(monkeypatch):
         dtype = kw.pop("dtype", torch.float32)
         xr = x.to(dtype).requires_grad_(not kw.pop("no_grad", False))
         lossfuse.huber_loss(xr, y.to(dtype), **kw)
-        assert ("huber_fwd_grad" in calls) == expected, kw
+        assert ("huber_fwd_grad" in [name for name, _ in calls]) == expected, kw
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ def test_output_follows_the_input_layout():
         assert out.stride() == x.stride()
         out.sum().backward()
         assert x.grad.stride() == x.stride()
-        fake = huber_ops.empty_like_walk(x.detach(), y, None, torch.float32)
+        fake = empty_like_walk(x.detach(), y, None, torch.float32)
         assert fake.stride() == out.stride()
 
 
@@ -309,7 +309,7 @@ def test_fake_strides_match_cpu_and_triton():
     ]
     for x, y in cases:
         real = torch.ops.lossfuse.huber_fwd(x, y, None, huber_ops.HUBER, 1.0, 0)
-        assert real.stride() == huber_ops.empty_like_walk(x, y, None, torch.float32).stride()
+        assert real.stride() == empty_like_walk(x, y, None, torch.float32).stride()
         gx, gy, _ = torch.ops.lossfuse.huber_bwd(torch.tensor(1.0), x, y, None, huber_ops.HUBER, 1.0, True, True, False)
         assert gx.stride() == gy.stride() == real.stride()
         if HAS_TRITON and not torch.cuda.is_available():
@@ -351,19 +351,14 @@ def test_broadcast_target_is_not_materialised(monkeypatch, eager_gradient):
     """A (1, C) target against an (N, C) input reaches the ops as a stride-0 view."""
     cpu_kernels_or_skip()
     monkeypatch.setattr(huber_ops, "EAGER_GRADIENT", eager_gradient)
-    seen = []
-    real = huber_ops.run
-
-    def spy(backend, op, module, fn, device, *args):
-        seen.append(args)
-        return real(backend, op, module, fn, device, *args)
-
-    monkeypatch.setattr(huber_ops, "run", spy)
+    calls = []
+    spy_ops(monkeypatch, huber_ops, calls)
     x = torch.randn(100, 7, requires_grad=True)
     y = torch.randn(1, 7)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lossfuse.huber_loss(x, y).backward()
+    seen = [args for _, args in calls]
     fwd_target = seen[0][1]
     assert fwd_target.stride(0) == 0 and fwd_target.data_ptr() == y.data_ptr()
     assert len(seen) == (1 if eager_gradient else 2)  # the gradient came with the forward
@@ -653,32 +648,6 @@ def test_torch_compile_fullgraph(reduction):
         torch.testing.assert_close(a.grad, b.grad)
 
 
-def test_torch_compile_module_in_a_model():
-    cpu_kernels_or_skip()
-    torch._dynamo.reset()
-    model = torch.nn.Linear(16, 4)
-    crit = lossfuse.SmoothL1Loss(beta=0.2)
-    x = torch.randn(32, 16)
-    y = torch.randn(32, 4)
-    compiled = torch.compile(lambda x, y: crit(model(x), y), fullgraph=True)
-    loss = compiled(x, y)
-    loss.backward()
-    g = model.weight.grad.clone()
-    model.weight.grad = None
-    ref = F.smooth_l1_loss(model(x), y, beta=0.2)
-    ref.backward()
-    torch.testing.assert_close(loss, ref)
-    torch.testing.assert_close(g, model.weight.grad)
-
-
-def test_double_backward_is_refused():
-    cpu_kernels_or_skip()
-    x = torch.randn(3, 4, requires_grad=True)
-    (g,) = torch.autograd.grad(lossfuse.huber_loss(x, torch.randn(3, 4)), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        g.sum().backward()
-
-
 # ------------------------------------------------------------------------------------------------
 # Bad input: torch's exception type (and, where torch words it, its message)
 # ------------------------------------------------------------------------------------------------
@@ -751,13 +720,6 @@ def test_bad_input_matches_torch(name, loss, args, exc, match, same_message):
             assert str(ours.value) == str(theirs.value)
 
 
-def test_unknown_backend():
-    with pytest.raises(ValueError, match="backend must be one of"):
-        lossfuse.huber_loss(X, Y, backend="cuda")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        lossfuse.SmoothL1Loss(backend="fast")
-
-
 # ------------------------------------------------------------------------------------------------
 # Legacy arguments, modules, exports, the portable kernels
 # ------------------------------------------------------------------------------------------------
@@ -793,14 +755,6 @@ def test_modules_are_drop_ins():
     with pytest.warns(UserWarning):
         legacy = lossfuse.SmoothL1Loss(size_average=False)
     assert legacy.reduction == "sum"
-
-
-def test_exports():
-    import lossfuse.functional as LF
-
-    for name in ("huber_loss", "smooth_l1_loss", "HuberLoss", "SmoothL1Loss", "HuberFunction"):
-        assert name in lossfuse.__all__ and hasattr(lossfuse, name)
-    assert LF.huber_loss is lossfuse.huber_loss and LF.smooth_l1_loss is lossfuse.smooth_l1_loss
 
 
 @pytest.mark.parametrize("case", ["contiguous", "strided", "weight_bf16_target_fp32", "float32_eager_gradient"])

@@ -13,7 +13,7 @@ Programmatic use: ``run_suite(["--shapes", "quick", ...])`` returns the result a
 """
 
 from .cli import main, run_suite
-from .losses import LOSSES, LossEntry
+from ..catalog import LOSSES, LossEntry
 from .presets import PRESET_NAMES, Case, get_preset
 from .providers import PROVIDERS, Provider
 

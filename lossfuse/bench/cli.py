@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import report
-from .losses import LOSSES, MODES
+from ..catalog import LOSSES, MODES
 from .presets import DTYPE_NAMES, PRESET_NAMES, get_preset, select
 from .providers import ALIASES, PROVIDERS, default_names, resolve_names
 from .runner import RunConfig, echo, run

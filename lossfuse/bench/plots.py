@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .losses import LOSSES
+from ..catalog import LOSSES
 
 COLORS = {
     "lossfuse-cpu": "#1f63b4", "lossfuse-triton": "#1f63b4", "lossfuse-reference": "#8fb8e0",
@@ -167,6 +167,20 @@ def _get(case_rows, provider, key):
     return None
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _finish_hbars(plt, fig, ax, path: Path) -> Path:
+    """The legend beside the bars, no horizontal grid lines, then saved."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", visible=False)
+    return _save(plt, fig, path)
+
+
 def bandwidth_plot(rows, meta, copy_gbps, mode, path: Path) -> Path | None:
     rows = [r for r in _size_rows(rows) if r["mode"] == mode and r.get("gbps")]
     if not rows:
@@ -182,12 +196,7 @@ def bandwidth_plot(rows, meta, copy_gbps, mode, path: Path) -> Path | None:
     ax.set_xlabel("effective bandwidth, GB/s (counted bytes / median time)")
     ax.set_title(f"Effective bandwidth, {mode}, against the measured copy bandwidth (higher is better)\n"
                  f"{_subtitle(meta)}")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(axis="y", visible=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish_hbars(plt, fig, ax, path)
 
 
 def memory_plot(rows, meta, mode, path: Path) -> Path | None:
@@ -205,12 +214,7 @@ def memory_plot(rows, meta, mode, path: Path) -> Path | None:
     ax.set_xlabel(f"peak memory beyond the inputs and {what}, % of the differentiable inputs' size\n"
                   f"(linear + cross-entropy: % of the full logits' size, N*V*b)")
     ax.set_title(f"Extra memory, {mode} (lower is better; {meta.get('memory_short', '')})\n{_subtitle(meta)}")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(axis="y", visible=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish_hbars(plt, fig, ax, path)
 
 
 def sweep_plot(rows, meta, copy_gbps, sweep: str, path: Path) -> Path | None:
@@ -249,10 +253,7 @@ def sweep_plot(rows, meta, copy_gbps, sweep: str, path: Path) -> Path | None:
     ax2.set_ylabel("effective bandwidth, GB/s (higher is better)")
     ax2.set_ylim(0, max([copy_gbps] + [r["gbps"] for r in rows]) * 1.3)
     fig.suptitle(f"Cross-entropy fp32 fwd+bwd vs {sweep}\n{_subtitle(meta)}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def threads_plot(rows, meta, path: Path) -> Path | None:
@@ -280,10 +281,7 @@ def threads_plot(rows, meta, path: Path) -> Path | None:
         ax.set_title(_case_label(mine[0]).replace("\n", ", "))
         ax.legend()
     fig.suptitle(f"Time vs CPU threads (lower is better)\n{_subtitle(meta, threads=False)}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def make_plots(rows, meta, copy_gbps, out_dir: Path) -> list:

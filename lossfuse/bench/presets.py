@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .losses import LOSSES, numel
+from ..catalog import LOSSES, numel
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
@@ -110,6 +110,10 @@ LLM = (
     + _c("lce", (4096, 512, 32000), target="lce", rounds=3)
 )
 
+# A Hugging Face transformers training step (the hf entry; needs transformers): a small but wide Llama,
+# batch 8 x 256 tokens, hidden 256, vocabulary 32000. About 1-2 s per step on 2 cores for each provider.
+HF = _c("hf", (8, 256, 256, 32000), target="hf", rounds=3)
+
 # Too big for the llm preset on a CPU: the float64 oracle alone holds several (4096, 128256) float64
 # logits-sized tensors (4.2 GB each) and takes minutes; in ``full`` only.
 LLM_LARGE = _c("lce", (4096, 1024, 128256), (BF16,), rounds=3)
@@ -203,6 +207,9 @@ PRESETS = {
     "gpu": Preset("gpu", _merge(GPU), modes=_LM_FWD, rounds=5, min_rounds=3, budget_s=2.0,
                   description="the GPU benchmark of bench/gpu.sh: LM cross-entropy fwd and fwd+bwd, focal, Huber, "
                               "linear + cross-entropy (8192, 4096, 128256) bf16"),
+    "hf": Preset("hf", _merge(HF), min_rounds=3,
+                 description="a Hugging Face transformers Llama training step: transformers' own loss against "
+                             "lossfuse.transformers.apply (fused_linear=True and False); needs transformers"),
 }
 
 
@@ -214,7 +221,7 @@ def full_preset() -> Preset:
                               "(classes 1k->256k, rows, CPU threads)")
 
 
-PRESET_NAMES = ("quick", "default", "llm", "vision", "detection", "gpu", "full")
+PRESET_NAMES = ("quick", "default", "llm", "vision", "detection", "hf", "gpu", "full")
 
 
 def get_preset(name: str) -> Preset:

@@ -12,6 +12,8 @@
                       installed), with its defaults: impl "cce" and gradient filtering (filter_eps "auto")
   torch-chunked       torch's own chunked linear + cross-entropy, ``F.linear_cross_entropy(...,
                       options=torch.nn.LinearCrossEntropyOptions())`` (torch >= 2.13; the anchor of ``lce``)
+  hf-logits-lossfuse  the ``hf`` entry's model under ``lossfuse.transformers.apply(model, fused_linear=False)``
+                      (lossfuse's cross-entropy on the logits; the lossfuse-<backend> rows are fused_linear=True)
 
 ``Provider.make(entry, case, device)`` returns a callable ``fn(*tensors) -> loss``, or a string saying
 why the provider does not apply (shown as a note; nothing is timed). An anchor that implements only some
@@ -26,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from . import losses as _losses
+from .. import catalog as _losses
 from .. import _backend
 
 EAGER = "torch"
@@ -56,8 +58,10 @@ def _lossfuse(backend: str) -> Provider:
         if backend == "triton" and not _backend.triton_installed():
             return "triton is not installed"
 
+        lossfuse_fn = entry.lossfuse_call(case.variant)
+
         def call(*tensors):
-            return entry.lossfuse_fn(fn, *tensors, backend=backend)
+            return lossfuse_fn(fn, *tensors, backend=backend)
 
         return call
 
@@ -65,17 +69,21 @@ def _lossfuse(backend: str) -> Provider:
 
 
 def _eager_make(entry, case, device):
-    return entry.torch_fn
+    return entry.torch_call(case.variant)
 
 
 def _compile_make(entry, case, device):
+    if entry.compile_note:
+        return entry.compile_note
     # dynamic=False: one specialised graph per shape, what a training loop with fixed shapes gets.
-    return torch.compile(entry.torch_fn, dynamic=False)
+    return torch.compile(entry.torch_call(case.variant), dynamic=False)
 
 
 def _liger_make(entry, case, device):
     if entry.key not in ("ce", "lce"):
         return "liger-kernel anchors cross-entropy and linear + cross-entropy only"
+    if entry.key == "ce" and case.variant not in ("", "ignore_index"):
+        return "liger-kernel is timed on class-index targets without weights or smoothing"
     if device.type != "cuda":
         return "liger-kernel runs on CUDA only"
     if entry.key == "ce" and len(case.shape) != 2:
@@ -135,6 +143,19 @@ def _torch_chunked_make(entry, case, device):
     return call
 
 
+def _hf_logits_make(entry, case, device):
+    backend = "triton" if device.type == "cuda" else "cpu"
+    if backend == "cpu" and not _backend.cpu_kernels_available():
+        return f"lossfuse._C did not load ({_backend._C_ERROR})"
+    if backend == "triton" and not _backend.triton_installed():
+        return "triton is not installed"
+
+    def call(*tensors):
+        return _losses.hf_step("logits", backend, *tensors)
+
+    return call
+
+
 PROVIDERS = {
     p.name: p
     for p in [
@@ -144,6 +165,8 @@ PROVIDERS = {
         Provider("liger", _liger_make, mutates_inputs=True, losses=("ce", "lce")),
         Provider("cce", _cce_make, losses=("lce",)),
         Provider("torch-chunked", _torch_chunked_make, losses=("lce",)),
+        # lossfuse.transformers.apply(model, fused_linear=False): lossfuse's cross-entropy on the logits.
+        Provider("hf-logits-lossfuse", _hf_logits_make, losses=("hf",)),
     ]
 }
 
@@ -151,6 +174,7 @@ ALIASES = {
     "cpu": "lossfuse-cpu", "triton": "lossfuse-triton", "reference": "lossfuse-reference",
     "eager": EAGER, "compile": COMPILE, "liger-kernel": "liger", "chunked": "torch-chunked",
     "cut-cross-entropy": "cce",
+    "logits": "hf-logits-lossfuse",
 }
 
 
@@ -182,4 +206,5 @@ def default_names(device: torch.device, with_reference: bool) -> list:
     if device.type == "cuda":
         names += ["liger", "cce"]
     names.append("torch-chunked")   # on lce cases only (Provider.losses); a note where torch lacks it
+    names.append("hf-logits-lossfuse")  # on hf cases only
     return names

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .losses import LOSSES
+from ..catalog import LOSSES
 from .runner import COLUMNS, RunResult, llc_bytes
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from . import measure
-from .losses import LOSSES, lossfuse_function
+from ..catalog import LOSSES, TOLERANCES, lossfuse_function
 from .presets import Case, Preset, dtype_name
 from .providers import COMPILE, EAGER, PROVIDERS, Provider
 
@@ -23,7 +23,6 @@ from .providers import COMPILE, EAGER, PROVIDERS, Provider
 # ||g - g_ref|| / ||g_ref|| for each gradient. float32 implementations land near 1e-7 on these sizes
 # (100x margin); bf16/fp16 outputs carry their own rounding (up to 2^-9 / 2^-12 relative) plus
 # low-precision intermediate math in torch's eager formulas (CE bf16 eager: 3e-3).
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 
 # Below this size of the differentiable inputs, page-granular RSS cannot resolve a percentage.
 MIN_RSS_INPUT_BYTES = 8 << 20
@@ -177,7 +176,7 @@ def run_once(fn: Callable, tensors: dict, entry) -> tuple:
     return loss.detach(), grads
 
 
-def reference64(entry, tensors: dict) -> tuple:
+def reference64(entry, tensors: dict, variant: str = "") -> tuple:
     """The entry's torch code on float64 copies of the inputs: the oracle every provider must match."""
     t64 = {}
     for k, v in tensors.items():
@@ -185,7 +184,7 @@ def reference64(entry, tensors: dict) -> tuple:
         t64[k] = v.to(torch.float64) if v.is_floating_point() else v
     for name in entry.grad_inputs:
         t64[name].requires_grad_(True)
-    return run_once(entry.torch_fn, t64, entry)
+    return run_once(entry.torch_call(variant), t64, entry)
 
 
 def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -430,8 +429,8 @@ def _run_case(case, cfg, providers, device, copy_gbps, rounds, min_rounds, block
     bar.set_description(case.label())
 
     if lossfuse_function(entry) is None:
-        why = (f"lossfuse has no {entry.lossfuse_name} yet: the {entry.key} entry is skipped "
-               f"(it runs once the function is merged)")
+        why = entry.unavailable_note or (f"lossfuse has no {entry.lossfuse_name} yet: the {entry.key} entry is "
+                                         f"skipped (it runs once the function is merged)")
         note(why)
         for mode in modes:
             out.append({**_base_row(case, mode, threads), "provider": "all", "status": "skipped", "note": why})
@@ -462,8 +461,8 @@ def _run_case(case, cfg, providers, device, copy_gbps, rounds, min_rounds, block
         note(f"inputs smaller than 4x the last-level cache ({llc_bytes() >> 20} MiB) rotate through several "
              f"input sets, so that calls read memory, not cache (input_sets column)")
     clock("inputs")
-    ref_loss, ref_grads = reference64(entry, sets[0])
-    tol = TOLERANCE[case.dtype]
+    ref_loss, ref_grads = reference64(entry, sets[0], case.variant)
+    tol = TOLERANCES[case.dtype].norm
     clock("float64 reference")
 
     # Check every provider once (its first call: torch.compile compiles here, untimed).
@@ -505,7 +504,7 @@ def _run_case(case, cfg, providers, device, copy_gbps, rounds, min_rounds, block
             compile_note = ""
             if mode == "bwd" and COMPILE in fns:
                 try:
-                    compile_note = _recompile_for_repeated_backward(entry, mode_fns, psets, stack)
+                    compile_note = _recompile_for_repeated_backward(entry, case.variant, mode_fns, psets, stack)
                 except Exception as exc:
                     del mode_fns[COMPILE]
                     out.append({**_base_row(case, mode, threads), "provider": COMPILE, "status": "error",
@@ -613,7 +612,7 @@ def _fill_memory(c: _ModeContext, row: dict, mode: str, mem: tuple, tensors: dic
                f"pages are too coarse a measure there")
 
 
-def _recompile_for_repeated_backward(entry, fns: dict, psets: dict, context: contextlib.ExitStack) -> str:
+def _recompile_for_repeated_backward(entry, variant: str, fns: dict, psets: dict, context: contextlib.ExitStack) -> str:
     """bwd mode runs backward again and again on one graph (retain_graph=True). torch.compile donates
     saved buffers to its backward by default, which forbids that (and would overwrite them): compile
     afresh without donation, bypassing the compiled-autograd cache, and keep the option on while the
@@ -622,7 +621,7 @@ def _recompile_for_repeated_backward(entry, fns: dict, psets: dict, context: con
 
     _reset_compile_caches()
     context.enter_context(functorch_config.patch(donated_buffer=False, enable_autograd_cache=False))
-    fn = torch.compile(entry.torch_fn, dynamic=False)
+    fn = torch.compile(entry.torch_call(variant), dynamic=False)
     run_once(fn, psets[COMPILE][0], entry)
     fns[COMPILE] = fn
     return "bwd: compiled with donated_buffer=False, so its backward can be repeated on one graph"

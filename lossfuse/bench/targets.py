@@ -23,6 +23,7 @@ class Target:
     variant: str
     metric: str            # a row column, "speedup_vs_liger", "time_vs_torch" (1 / speedup_vs_torch), or
                            # "mem_vs_liger" (peak_mem_mb / liger's on the same case)
+                           # "mem_vs_torch" (extra_mem_pct over torch eager's)
     op: str                # ">=" or "<="
     value: float
     mode: str = "fwd+bwd"
@@ -57,6 +58,14 @@ TARGETS = [
            "lce", (4096, 512, 32000), F32, "", "extra_mem_pct", "<=", 8),
     Target("linear+CE (4096, 512, 32000) fp32 fwd+bwd: time <= 1.2x torch eager", "cpu", "lce",
            (4096, 512, 32000), F32, "", "time_vs_torch", "<=", 1.2),
+    # Issue 13: a transformers training step patched with lossfuse.transformers.apply (fused_linear=True)
+    # against transformers' own loss ("torch" rows of the hf entry).
+    *[Target(f"HF Llama step (8x256 tokens, hidden 256, vocab 32000) fp32: {what}", device, "hf",
+             (8, 256, 256, 32000), F32, "", metric, "<=", value)
+      for device in ("cpu", "cuda")
+      for what, metric, value in (
+          ("peak above parameters + gradients <= 40% of transformers' own", "mem_vs_torch", 0.4),
+          ("time <= transformers' own", "time_vs_torch", 1.0))],
     Target("cross-entropy (4096, 32000) bf16 fwd+bwd: >= 80% of copy bandwidth", "cuda", "ce", (4096, 32000),
            BF16, "", "copy_bw_frac", ">=", 0.8),
     Target("cross-entropy (4096, 32000) bf16 fwd+bwd: at least as fast as liger-kernel", "cuda", "ce",
@@ -97,6 +106,8 @@ def _fmt(metric: str, v: float) -> str:
         return f"{v:.2f}x liger-kernel's peak memory"
     if metric == "time_vs_torch":
         return f"{v:.2f}x torch eager's time (speed-up {1 / v:.2f}x)"
+    if metric == "mem_vs_torch":
+        return f"{100 * v:.1f}% of torch eager's"
     return f"{v:.2f}x"
 
 
@@ -125,6 +136,11 @@ def evaluate(rows: list, device_type: str) -> list:
             liger = next((r for r in mine if r["provider"] == "liger" and r["status"] == "ok"), None)
             ok = liger is not None and liger.get("peak_mem_mb") and row.get("peak_mem_mb") is not None
             value = row["peak_mem_mb"] / liger["peak_mem_mb"] if ok else None
+        elif t.metric == "mem_vs_torch":
+            eager = next((r for r in mine if r["provider"] == "torch" and r["status"] == "ok"), None)
+            mem = None if eager is None else eager.get("extra_mem_pct")
+            value = None if mem is None or row.get("extra_mem_pct") is None or mem <= 0 else (
+                row["extra_mem_pct"] / mem)
         elif t.metric == "time_vs_torch":
             s = row.get("speedup_vs_torch")
             value = 1.0 / s if s else None

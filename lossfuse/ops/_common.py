@@ -1,32 +1,126 @@
-"""What every loss's op module shares: one Library fragment per module, Triton kernels registered
-lazily on the CUDA key, and the route into Triton's interpreter for CPU tensors (testing only)."""
+"""What every loss's op module shares: the op declaration (schema, fake kernel and CUDA launcher in one
+place, the object the autograd code calls) and the fused-gradient contract.
+
+An op is declared once, where its schema is written::
+
+    CE_FWD = Op(_lib, "cross_entropy_fwd(Tensor input, ...) -> (Tensor, Tensor)", _fwd_fake,
+                triton="lossfuse.triton.cross_entropy.cross_entropy_fwd")
+    loss, lse = CE_FWD(backend, x3, t3, ...)
+
+Its CPU implementation is the C++ kernel the extension registers under the same name
+(``TORCH_LIBRARY_IMPL(lossfuse, CPU, m)`` in csrc/); its CUDA implementation is the Triton launcher
+named by ``triton``, imported on first use (importing triton costs time and CPU-only users never need
+it). Backend "triton" on CPU tensors (``TRITON_INTERPRET=1``, tests only) calls the launcher directly,
+since the op's CPU key belongs to the C++ kernel.
+"""
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
 
-def triton_kernel(module: str, fn: str):
-    """The launcher ``fn`` of ``lossfuse.triton.<module>``, imported on first call: importing triton
-    costs time, and CPU-only users never need it."""
+class Op:
+    """One ``lossfuse::`` custom op: defines the schema, registers the fake kernel and the Triton
+    launcher, and dispatches a call for a resolved backend name ("cpu" or "triton")."""
 
-    def launch(*args):
-        return getattr(importlib.import_module(f"lossfuse.triton.{module}"), fn)(*args)
+    def __init__(self, lib: torch.library.Library, schema: str, fake, *, triton: str | None = None):
+        self.name = schema.split("(", 1)[0]
+        lib.define(schema)
+        torch.library.register_fake(f"lossfuse::{self.name}", fake, lib=lib)
+        # The overload, not the packet: one attribute lookup less per call, which small inputs feel.
+        self.overload = getattr(torch.ops.lossfuse, self.name).default
+        self.triton = triton
+        if triton is not None:
+            op = self
 
-    launch.__name__ = f"{module}.{fn}"
-    return launch
+            def cuda_impl(*args):
+                return op.launcher()(*args)
+
+            cuda_impl.__name__ = triton
+            lib.impl(self.name, cuda_impl, "CUDA")
+
+    def launcher(self):
+        """The Triton launcher, looked up in its module on every call (imported on first use): a
+        test that replaces the module's function is obeyed."""
+        if self.triton is None:
+            raise NotImplementedError(f"lossfuse::{self.name} has no Triton implementation")
+        module, fn = self.triton.rsplit(".", 1)
+        mod = sys.modules.get(module) or importlib.import_module(module)
+        return getattr(mod, fn)
+
+    def __call__(self, backend: str, *args):
+        # Every op's first argument is a tensor on the device of the call.
+        if backend == "triton" and args[0].device.type == "cpu":
+            return self.launcher()(*args)
+        return self.overload(*args)
+
+    def __repr__(self) -> str:
+        return f"Op(lossfuse::{self.name})"
 
 
-def register_triton(lib: torch.library.Library, op: str, module: str, fn: str) -> None:
-    """CUDA implementation of ``lossfuse::<op>``: the Triton launcher ``lossfuse.triton.<module>.<fn>``."""
-    lib.impl(op, triton_kernel(module, fn), "CUDA")
+# ----------------------------------------------------------------------------------------------
+# The fused-gradient contract (docs/design.md, "The fused gradient"). A forward that knows its loss will
+# be reduced and differentiated may write the input gradient for grad_output = 1 in the same pass that
+# computes the loss, and backward() hands it out instead of reading the input again.
+# ----------------------------------------------------------------------------------------------
 
 
-def run(backend: str, op: str, module: str, fn: str, device: torch.device, *args):
-    """Call ``lossfuse::<op>``; the dispatcher picks C++ (CPU) or Triton (CUDA). Backend "triton" on
-    CPU tensors (TRITON_INTERPRET=1) calls the launcher directly: the op's CPU key is the C++ kernel."""
-    if backend == "triton" and device.type == "cpu":
-        return triton_kernel(module, fn)(*args)
-    return getattr(torch.ops.lossfuse, op)(*args)
+def fused_gradient(backend: str, reduction: str, input: torch.Tensor,
+                   dtypes=(torch.float32, torch.float64), triton_dtypes=()) -> bool:
+    """Whether a forward should also write the gradient. Called outside the autograd Function: inside
+    its forward grad mode is always off. The C++ backend fuses for ``dtypes`` (checking grad_output
+    == 1 on the host is free for a CPU scalar); the Triton backend only for ``triton_dtypes``, the
+    losses whose backward checks grad_output on the device (cross-entropy's): a host-side check would
+    be a sync."""
+    return (
+        ((backend == "cpu" and input.dtype in dtypes) or (backend == "triton" and input.dtype in triton_dtypes))
+        and reduction != "none"
+        and input.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def take_fused_gradient(ctx, grad_out):
+    """The gradient the fused forward wrote (kept as ``ctx.fused_grad``), for this grad_output; None
+    when there is none (not fused, already used by an earlier backward through a retained graph, or a
+    float16/bfloat16 gradient that grad_output would have to scale after its cast: the caller then
+    runs the backward kernel)."""
+    gx = ctx.fused_grad
+    if gx is None:
+        return None
+    ctx.fused_grad = None  # ours was the last reference: autograd can adopt it as .grad without a copy
+    if grad_out.item() == 1.0:  # CPU only (see fused_gradient): no device sync
+        return gx
+    if gx.dtype in (torch.float32, torch.float64):
+        return gx * grad_out.to(gx.dtype)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reductions of per-row losses (cross-entropy, softmax focal, the vocab-parallel cross-entropy).
+# ----------------------------------------------------------------------------------------------
+
+
+def reduce_rows(loss: torch.Tensor, reduction: str, denom, row_shape) -> torch.Tensor:
+    """The (N, S) per-row losses reduced as torch does; ``denom`` is the mean's denominator."""
+    if reduction == "none":
+        return loss.reshape(row_shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / denom
+
+
+def row_grads(grad_out: torch.Tensor, reduction: str, denom, shape, dtype) -> torch.Tensor:
+    """The upstream gradient of each of the (N, S) rows, in the accumulation ``dtype``. The mean's
+    division happens here in that dtype; the cast to the input's dtype happens once, in the kernel
+    (docs/design.md, "Mixed precision")."""
+    g = grad_out.to(dtype)
+    if reduction == "none":
+        return g.reshape(shape)
+    if reduction == "sum":
+        return g.expand(shape)
+    return (g / denom).expand(shape)

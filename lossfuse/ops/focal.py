@@ -34,7 +34,7 @@ The fused path (CPU, float32/float64, mean or sum, input requiring grad): the fo
 the gradient for grad_output = 1, sharing one pass over the input -- and its transcendental work --
 with the loss. backward() hands that tensor back as it is when grad_output is 1 (``loss.backward()``),
 else scales it: one extra float32 rounding, which is why float16/bfloat16 inputs (whose gradient
-must be scaled before its single cast, DESIGN.md section 3) never take this path, nor does CUDA
+must be scaled before its single cast, docs/design.md, "Mixed precision") never take this path, nor does CUDA
 (where checking grad_output == 1 would be a host sync) or torch.compile.
 """
 
@@ -44,28 +44,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._utils import acc_dtype, result_dtype
-from ._common import register_triton, run
-from .cross_entropy import _mean_denominator, _Shapes, empty_like_layout, take_fused_gradient
+from .._layout import RowShapes, empty_like_layout, mean_denominator
+from ._common import Op, reduce_rows, row_grads, take_fused_gradient
 
 # Elements per partial sum of a reduced sigmoid focal loss (every backend sums in these blocks).
 SUM_BLOCK = 4096
 
 _lib = torch.library.Library("lossfuse", "FRAGMENT")
-_lib.define(
-    "sigmoid_focal_fwd(Tensor input, Tensor target, float alpha, float gamma, int sum_block, "
-    "float? grad_scale) -> (Tensor, Tensor)"
-)
-_lib.define("sigmoid_focal_bwd(Tensor grad, Tensor input, Tensor target, float alpha, float gamma) -> Tensor")
-_lib.define(
-    "softmax_focal_fwd(Tensor input, Tensor target, Tensor? scale, float alpha, float gamma, "
-    "int ignore_index, float? grad_scale) -> (Tensor, Tensor, Tensor, Tensor)"
-)
-_lib.define(
-    "softmax_focal_bwd(Tensor grad, Tensor input, Tensor target, Tensor lse, Tensor dscale, "
-    "int ignore_index) -> Tensor"
-)
-
-
 def _sigmoid_fwd_fake(input, target, alpha, gamma, sum_block, grad_scale):
     acc = acc_dtype(input.dtype)
     if sum_block == 0:
@@ -90,13 +75,33 @@ def _softmax_bwd_fake(grad, input, target, lse, dscale, ignore_index):
     return empty_like_layout(input)
 
 
-torch.library.register_fake("lossfuse::sigmoid_focal_fwd", _sigmoid_fwd_fake, lib=_lib)
-torch.library.register_fake("lossfuse::sigmoid_focal_bwd", _sigmoid_bwd_fake, lib=_lib)
-torch.library.register_fake("lossfuse::softmax_focal_fwd", _softmax_fwd_fake, lib=_lib)
-torch.library.register_fake("lossfuse::softmax_focal_bwd", _softmax_bwd_fake, lib=_lib)
-
-for _op in ("sigmoid_focal_fwd", "sigmoid_focal_bwd", "softmax_focal_fwd", "softmax_focal_bwd"):
-    register_triton(_lib, _op, "focal", _op)
+SIGMOID_FOCAL_FWD = Op(
+    _lib,
+    "sigmoid_focal_fwd(Tensor input, Tensor target, float alpha, float gamma, int sum_block, "
+    "float? grad_scale) -> (Tensor, Tensor)",
+    _sigmoid_fwd_fake,
+    triton="lossfuse.triton.focal.sigmoid_focal_fwd",
+)
+SIGMOID_FOCAL_BWD = Op(
+    _lib,
+    "sigmoid_focal_bwd(Tensor grad, Tensor input, Tensor target, float alpha, float gamma) -> Tensor",
+    _sigmoid_bwd_fake,
+    triton="lossfuse.triton.focal.sigmoid_focal_bwd",
+)
+SOFTMAX_FOCAL_FWD = Op(
+    _lib,
+    "softmax_focal_fwd(Tensor input, Tensor target, Tensor? scale, float alpha, float gamma, "
+    "int ignore_index, float? grad_scale) -> (Tensor, Tensor, Tensor, Tensor)",
+    _softmax_fwd_fake,
+    triton="lossfuse.triton.focal.softmax_focal_fwd",
+)
+SOFTMAX_FOCAL_BWD = Op(
+    _lib,
+    "softmax_focal_bwd(Tensor grad, Tensor input, Tensor target, Tensor lse, Tensor dscale, "
+    "int ignore_index) -> Tensor",
+    _softmax_bwd_fake,
+    triton="lossfuse.triton.focal.softmax_focal_bwd",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,13 +134,12 @@ class SigmoidFocalFunction(torch.autograd.Function):
             out_dtype = result_dtype(inputs.dtype, inputs.device)
         t = t.contiguous()
         alpha, gamma = float(alpha), float(gamma)
-        op = ("sigmoid_focal_fwd", "focal", "sigmoid_focal_fwd", x.device)
         if reduction == "none":
-            out, _ = run(backend, *op, x, t, alpha, gamma, 0, None)
+            out, _ = SIGMOID_FOCAL_FWD(backend, x, t, alpha, gamma, 0, None)
         else:
             # The mean's 1/numel goes into the fused gradient in float64, rounded once.
             scale = (1.0 / x.numel() if reduction == "mean" and x.numel() else 1.0) if fused else None
-            partial, ctx.fused_grad = run(backend, *op, x, t, alpha, gamma, SUM_BLOCK, scale)
+            partial, ctx.fused_grad = SIGMOID_FOCAL_FWD(backend, x, t, alpha, gamma, SUM_BLOCK, scale)
             out = partial.sum()
             if reduction == "mean":
                 out = out / x.numel()  # 0 / 0 = NaN for an empty input, as torchvision's .mean()
@@ -165,8 +169,7 @@ class SigmoidFocalFunction(torch.autograd.Function):
         else:
             # float32 division: the cast to the input's dtype happens once, inside the kernel.
             grad = grad_out.to(acc) / x.numel()
-        gx = run(ctx.backend, "sigmoid_focal_bwd", "focal", "sigmoid_focal_bwd", x.device,
-                 grad, x, t, ctx.alpha, ctx.gamma)
+        gx = SIGMOID_FOCAL_BWD(ctx.backend, grad, x, t, ctx.alpha, ctx.gamma)
         return gx, None, None, None, None, None, None
 
 
@@ -198,28 +201,22 @@ class SoftmaxFocalFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, target, alpha, gamma, weight, ignore_index, reduction, backend, fused):
-        shapes = _Shapes(input)
+        shapes = RowShapes(input)
         x3 = shapes.input3d(input)
         t3 = shapes.rows2d(target if target.dtype == torch.int64 else target.long())
         acc = acc_dtype(input.dtype)
         scale, alpha_f = class_scale(alpha, weight, acc)
-        denom = _mean_denominator(t3, weight, ignore_index, False, acc) if reduction == "mean" else None
+        denom = mean_denominator(t3, weight, ignore_index, False, acc) if reduction == "mean" else None
         grad_scale = None
         if fused:
             # 1 / denom in float32 (float64), the value the unfused backward would divide out.
             grad_scale = float(torch.ones((), dtype=acc) / denom) if denom is not None else 1.0
-        loss, lse, dscale, ctx.fused_grad = run(
-            backend, "softmax_focal_fwd", "focal", "softmax_focal_fwd", x3.device,
-            x3, t3, scale, alpha_f, float(gamma), ignore_index, grad_scale,
+        loss, lse, dscale, ctx.fused_grad = SOFTMAX_FOCAL_FWD(
+            backend, x3, t3, scale, alpha_f, float(gamma), ignore_index, grad_scale,
         )
         if not fused:
             ctx.fused_grad = None
-        if reduction == "none":
-            out = loss.reshape(shapes.row_shape())
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss.sum() / denom
+        out = reduce_rows(loss, reduction, denom, shapes.row_shape())
         ctx.shapes = shapes
         ctx.reduction = reduction
         ctx.ignore_index = ignore_index
@@ -235,14 +232,6 @@ class SoftmaxFocalFunction(torch.autograd.Function):
             return (None,) * 9
         gx3 = take_fused_gradient(ctx, grad_out)
         if gx3 is None:
-            g = grad_out.to(lse.dtype)
-            n, s = lse.shape
-            if ctx.reduction == "none":
-                grad_rows = g.reshape(n, s)
-            elif ctx.reduction == "sum":
-                grad_rows = g.expand(n, s)
-            else:
-                grad_rows = (g / denom).expand(n, s)  # float32; cast to the input's dtype once, in the kernel
-            gx3 = run(ctx.backend, "softmax_focal_bwd", "focal", "softmax_focal_bwd", x3.device,
-                      grad_rows, x3, t3, lse, dscale, ctx.ignore_index)
+            grad_rows = row_grads(grad_out, ctx.reduction, denom, lse.shape, lse.dtype)
+            gx3 = SOFTMAX_FOCAL_BWD(ctx.backend, grad_rows, x3, t3, lse, dscale, ctx.ignore_index)
         return ctx.shapes.from3d(gx3), None, None, None, None, None, None, None, None

@@ -7,7 +7,7 @@ equals Huber(delta=beta) / beta in exact arithmetic, but not after rounding: tor
 
   lossfuse::huber_fwd(input, target, weight, mode, delta, block)
       block == 0: the per-element loss (times weight), float32 (float64 for float64 input), laid out
-                  like the input (see iteration_order)
+                  like the input (lossfuse/_layout.py, iteration_order)
       block >  0: float64 partial sums of the loss over blocks of ``block`` consecutive elements,
                   ceil(numel / block) of them: all a mean or sum needs, and no N-element write
   lossfuse::huber_fwd_grad(input, target, weight, mode, delta, block, scale, input_grad, target_grad)
@@ -31,7 +31,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._utils import acc_dtype
-from ._common import register_triton, run
+from .._layout import empty_like_walk
+from ._common import Op
 
 HUBER, SMOOTH_L1, L1 = 0, 1, 2
 
@@ -40,77 +41,6 @@ HUBER, SMOOTH_L1, L1 = 0, 1, 2
 PARTIAL_BLOCK = 4096
 
 _lib = torch.library.Library("lossfuse", "FRAGMENT")
-_lib.define("huber_fwd(Tensor input, Tensor target, Tensor? weight, int mode, float delta, int block) -> Tensor")
-_lib.define(
-    "huber_bwd(Tensor grad, Tensor input, Tensor target, Tensor? weight, int mode, float delta, "
-    "bool input_grad, bool target_grad, bool weight_grad) -> (Tensor, Tensor, Tensor)"
-)
-_lib.define(
-    "huber_fwd_grad(Tensor input, Tensor target, Tensor? weight, int mode, float delta, int block, float scale, "
-    "bool input_grad, bool target_grad) -> (Tensor, Tensor, Tensor)"
-)
-
-
-# ----------------------------------------------------------------------------------------------
-# Layout. The kernels walk the elements in an order fixed by the operands' strides, and write every
-# per-element output dense in that order: a transposed or channels-last input gives an output of the
-# same layout, read and written sequentially. csrc/huber.cpp implements the same rule; keep in step.
-# ----------------------------------------------------------------------------------------------
-
-
-def iteration_order(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> list[int]:
-    """Dims outermost first: decreasing stride of the first of (input, target, weight) whose stride in
-    that dim is nonzero; size-1 and all-zero-stride dims innermost; ties keep their order (stable)."""
-    keys = []
-    for d in range(x.dim()):
-        k = 0
-        if x.shape[d] != 1:
-            for t in (x, y, w):
-                if t is not None and t.stride(d) != 0:
-                    k = t.stride(d)
-                    break
-        keys.append(k)
-    return sorted(range(x.dim()), key=lambda d: -keys[d])
-
-
-def dense_strides(shape, order: list[int]) -> list[int]:
-    """Strides of a tensor of ``shape`` stored densely in ``order`` (outermost first)."""
-    strides = [0] * len(shape)
-    step = 1
-    for d in reversed(order):
-        strides[d] = step
-        step = step * max(shape[d], 1)
-    return strides
-
-
-def empty_like_walk(x, y, w, dtype) -> torch.Tensor:
-    """An uninitialised tensor of the operands' shape, dense in their iteration order."""
-    return x.new_empty_strided(x.shape, dense_strides(x.shape, iteration_order(x, y, w)), dtype=dtype)
-
-
-def collapse(x, y, w=None, g=None):
-    """The iteration space as the kernels see it: (sizes, [strides of x, y, w, g]), outermost dim first,
-    size-1 dims dropped and neighbours merged wherever every operand steps over them evenly. Absent
-    operands (and a 0-dim g) get zero strides."""
-    order = iteration_order(x, y, w)
-    ops = [x, y, w, g if g is not None and g.dim() > 0 else None]
-    sizes: list[int] = []
-    strides: list[list[int]] = [[] for _ in ops]  # innermost first while building
-    for d in reversed(order):
-        n = x.shape[d]
-        if n == 1:
-            continue
-        st = [t.stride(d) if t is not None else 0 for t in ops]
-        if sizes and all(s == ss[-1] * sizes[-1] for s, ss in zip(st, strides)):
-            sizes[-1] *= n
-            continue
-        sizes.append(n)
-        for s, ss in zip(st, strides):
-            ss.append(s)
-    if not sizes:
-        sizes = [x.numel()]
-        strides = [[0] for _ in ops]
-    return sizes[::-1], [ss[::-1] for ss in strides]
 
 
 def _fwd_fake(input, target, weight, mode, delta, block):
@@ -135,12 +65,26 @@ def _fwd_grad_fake(input, target, weight, mode, delta, block, scale, input_grad,
     return partials, gx, gy
 
 
-torch.library.register_fake("lossfuse::huber_fwd", _fwd_fake, lib=_lib)
-torch.library.register_fake("lossfuse::huber_bwd", _bwd_fake, lib=_lib)
-torch.library.register_fake("lossfuse::huber_fwd_grad", _fwd_grad_fake, lib=_lib)
-
-register_triton(_lib, "huber_fwd", "huber", "huber_fwd")
-register_triton(_lib, "huber_bwd", "huber", "huber_bwd")
+HUBER_FWD = Op(
+    _lib,
+    "huber_fwd(Tensor input, Tensor target, Tensor? weight, int mode, float delta, int block) -> Tensor",
+    _fwd_fake,
+    triton="lossfuse.triton.huber.huber_fwd",
+)
+HUBER_BWD = Op(
+    _lib,
+    "huber_bwd(Tensor grad, Tensor input, Tensor target, Tensor? weight, int mode, float delta, "
+    "bool input_grad, bool target_grad, bool weight_grad) -> (Tensor, Tensor, Tensor)",
+    _bwd_fake,
+    triton="lossfuse.triton.huber.huber_bwd",
+)
+# C++ only: see EAGER_GRADIENT.
+HUBER_FWD_GRAD = Op(
+    _lib,
+    "huber_fwd_grad(Tensor input, Tensor target, Tensor? weight, int mode, float delta, int block, float scale, "
+    "bool input_grad, bool target_grad) -> (Tensor, Tensor, Tensor)",
+    _fwd_grad_fake,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,20 +130,17 @@ class HuberFunction(torch.autograd.Function):
         n = input.numel()
         ctx.eager_grads = None
         if reduction == "none":
-            out = run(backend, "huber_fwd", "huber", "huber_fwd", input.device,
-                      input, target, weight, mode, float(delta), 0)
+            out = HUBER_FWD(backend, input, target, weight, mode, float(delta), 0)
         else:
             if _eager_gradient(ctx, input, target, weight, reduction, backend):
                 scale = 1.0 / n if reduction == "mean" and n > 0 else 1.0
                 need = ctx.needs_input_grad
-                partials, gx, gy = run(backend, "huber_fwd_grad", "huber", "huber_fwd_grad", input.device,
-                                       input, target, weight, mode, float(delta), PARTIAL_BLOCK, scale,
+                partials, gx, gy = HUBER_FWD_GRAD(backend, input, target, weight, mode, float(delta), PARTIAL_BLOCK, scale,
                                        need[0], need[1])
                 # Kept on ctx, not saved: they are not inputs or outputs, and backward hands them out once.
                 ctx.eager_grads = (gx, gy)
             else:
-                partials = run(backend, "huber_fwd", "huber", "huber_fwd", input.device,
-                               input, target, weight, mode, float(delta), PARTIAL_BLOCK)
+                partials = HUBER_FWD(backend, input, target, weight, mode, float(delta), PARTIAL_BLOCK)
             out = partials.sum()
             if reduction == "mean":
                 out = out / n  # float64; 0 / 0 = NaN for an empty input, as torch
@@ -233,9 +174,8 @@ class HuberFunction(torch.autograd.Function):
         if ctx.reduction == "mean":
             # In fp32 (fp64): the cast to the operands' dtypes happens once, inside the kernel.
             g = g / ctx.numel
-        gx, gy, gw = run(
-            ctx.backend, "huber_bwd", "huber", "huber_bwd", input.device,
-            g, input, target, weight, ctx.mode, ctx.delta, need[0], need[1], want_w,
+        gx, gy, gw = HUBER_BWD(
+            ctx.backend, g, input, target, weight, ctx.mode, ctx.delta, need[0], need[1], want_w,
         )
         return (gx if need[0] else None, gy if need[1] else None, gw if want_w else None,
                 None, None, None, None, None)

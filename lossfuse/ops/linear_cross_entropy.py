@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .._utils import acc_dtype
-from ._common import run
+from .cross_entropy import CE_BWD_INPLACE, CE_FWD
 
 # Default chunk: 1/16 of the logits (6% extra memory), at least 2^22 elements so each matmul keeps
 # hundreds of rows, at most 2^26 (256 MB in fp32). Every chunk re-reads W and re-writes the fp32
@@ -146,14 +146,12 @@ def _chunks(x, W, target, bias, weight, opts, chunk_size, backend, compute, prob
             logits = _project(xc[i0:i1], Wc, bc, buf[: i1 - i0])
             t = target[i0:i1].unsqueeze(2) if prob else target[i0:i1].unsqueeze(1)
             if forward:
-                lc, sc = run(backend, "cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd", x.device,
-                             logits.unsqueeze(2), t, weight, *opts)
+                lc, sc = CE_FWD(backend, logits.unsqueeze(2), t, weight, *opts)
                 loss[i0:i1] = lc.view(-1)
                 lse[i0:i1] = sc.view(-1)
             if rows is None or not any((need_x, need_W, need_t, need_b)):
                 continue
-            gt_c = run(backend, "cross_entropy_bwd_inplace", "cross_entropy", "cross_entropy_bwd_inplace",
-                       x.device, rows[i0:i1], logits.unsqueeze(2), t, weight, lse[i0:i1].view(-1, 1), *opts,
+            gt_c = CE_BWD_INPLACE(backend, rows[i0:i1], logits.unsqueeze(2), t, weight, lse[i0:i1].view(-1, 1), *opts,
                        bool(need_t))
             glog = logits  # now d loss / d logits of this chunk
             if need_t:

@@ -4,6 +4,10 @@
   cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing) -> (loss, lse)
   cross_entropy_bwd(grad, input, target, weight, lse, ignore_index, label_smoothing,
                     input_grad, target_grad) -> (grad_input, grad_target)
+  cross_entropy_fused_scaled(input, target, weight, grad_scale, ...) -> (loss, lse, grad_input)
+  cross_entropy_fused_scaled_inplace(input, target, weight, grad_scale, ...) -> (loss, lse)
+  cross_entropy_fused_bwd(grad_output, grad, grad_input, input, target, weight, lse, ...)
+  cross_entropy_scale_inplace(grad_output, grad_input)
 
 Logits are (N, C, S) with any strides, row r = n * S + s. The same math as the C++ kernels
 (csrc/cross_entropy_kernel.h). A program owns a [BLOCK_R rows, BLOCK_C classes] tile and loops over
@@ -16,7 +20,13 @@ the classes in BLOCK_C chunks; the tile is laid out by one of two walk orders, c
            place, never through a transposed copy.
 
 Forward makes one pass over the logits with an online max / sum-exp; backward recomputes
-p = exp(x - lse) from the saved lse instead of storing an N x C softmax. Loads are in the input dtype,
+p = exp(x - lse) from the saved lse instead of storing an N x C softmax. The fused path
+(ops/cross_entropy.py) runs both in one kernel, _ce_fused_kernel: statistics, then the gradient
+for a device-held scale while the row is in registers (rows of up to _FUSED_ONE_CHUNK_MAX classes)
+or L2 (longer rows: see the comment above the kernel); its backward, _ce_fused_bwd_kernel, reads
+grad_output on the device and exits when it is 1. Launch configurations: _launch_config (forward,
+backward) and fused_launch_config (the fused kernels) -- the only places block sizes and warps
+are chosen. Loads are in the input dtype,
 upcast to fp32 at once (fp64 for fp64 input, interpreter only); the gradient is formed whole in fp32
 and cast to the output dtype once, at the store.
 """
@@ -30,9 +40,13 @@ import triton
 import triton.language as tl
 
 from .._utils import acc_dtype
-from ..ops.cross_entropy import classes_contiguous, empty_like_layout
+from .._layout import classes_contiguous, empty_like_layout
 
-__all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_inplace", "cross_entropy_fused"]
+__all__ = [
+    "cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_inplace", "cross_entropy_fused",
+    "cross_entropy_fused_scaled", "cross_entropy_fused_scaled_inplace", "cross_entropy_fused_bwd",
+    "cross_entropy_scale_inplace",
+]
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _NAN = tl.constexpr(float("nan"))
@@ -234,6 +248,149 @@ def _ce_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Class-index pieces shared by the forward + gradient kernel and the backward kernels: the same
+# expressions in the same order, so a fused gradient has the bits of the unfused one.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _stats_step(x, mask, cmask, cols, w_ptr, m, ref, rest, top, acc_w, acc_wd,
+                HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr):
+    """One chunk of the forward's online max / sum-exp (class-index targets); see _ce_fwd_kernel for
+    the meaning of each running value. ``x``: the chunk's (soft-capped) logits, -inf where masked."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    ref_new = tl.where(m_new == _NEG_INF, 0.0, m_new)
+    e = x - ref_new[:, None]
+    scale = tl.exp(m - ref_new)
+    grown = m_new > m
+    at_max = e == 0.0
+    rest = rest * scale + tl.where(grown, top * scale, 0.0) + tl.sum(tl.where(at_max, 0.0, tl.exp(e)), axis=1)
+    top = tl.where(grown, 0.0, top) + tl.sum(tl.where(at_max, 1.0, 0.0), axis=1)
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            wc = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)
+            we = wc[None, :] * e
+        else:
+            wc = tl.where(cmask, 1.0, 0.0).to(ACC)
+            we = e
+        acc_wd = acc_wd + (ref - ref_new) * acc_w + tl.sum(tl.where(mask, we, 0.0), axis=1)
+        acc_w = acc_w + tl.sum(wc, axis=0)
+    return m_new, ref_new, rest, top, acc_w, acc_wd
+
+
+@triton.jit
+def _ci_target(x_row, t_row, w_ptr, row_ok, C, x_sC, ignore_index, softcap,
+               HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
+    """Per row: the target y, whether it is in range and counts, the (soft-capped) target logit x'_y,
+    tanh(x_y / cap) (x'_y without soft-capping) and w_y. An out-of-range target addresses no memory."""
+    y = tl.load(t_row, mask=row_ok, other=0)
+    valid = (y >= 0) & (y < C)
+    live = valid & (y != ignore_index)
+    y_safe = tl.where(valid, y, 0)
+    x_y = tl.load(x_row + y_safe * x_sC, mask=row_ok & valid, other=0.0).to(ACC)
+    th_y = x_y
+    if HAS_SOFTCAP:
+        th_y = _tanh(x_y / softcap)
+        x_y = softcap * th_y
+    if HAS_WEIGHT:
+        wy = tl.load(w_ptr + y_safe, mask=row_ok & valid, other=0.0).to(ACC)
+    else:
+        wy = tl.full([BLOCK_R], 1.0, ACC)
+    return y, valid, live, x_y, th_y, wy
+
+
+@triton.jit
+def _ci_coefs(g, x_y, th_y, wy, y, hi, lo, wsum_ptr, num_classes, ignore_index, keep, eps_c, z_loss,
+              HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """Per-row factors of the gradient for upstream gradient ``g``: d loss / d x'_c = kp p_c - kw w_c
+    off the target, gy at it; ``fill`` for rows that do not count."""
+    # (1-eps) wy p_c + (eps/C)(p_c W - w_c) + 2 z lse p_c, times g; with soft-capping times
+    # d x'/d x = 1 - tanh^2.
+    lse = hi
+    kp = g * (keep * wy + 2.0 * z_loss * lse)
+    kw = g * eps_c
+    dy = (x_y - hi) - lo
+    # The target's own element, p_y - 1 as expm1 (see _expm1); dy is exact to the fp32 log-sum,
+    # so a confident, correct prediction keeps its small gradient.
+    gy = g * (keep * wy * _expm1(dy) + 2.0 * z_loss * lse * tl.exp(dy))
+    if HAS_SMOOTHING:
+        w_total = _w_total(wsum_ptr, num_classes, HAS_WEIGHT, HAS_SMOOTHING, ACC)
+        kp = kp + kw * w_total
+        gy = gy + kw * (tl.exp(dy) * w_total - wy)
+    if HAS_SOFTCAP:
+        gy = gy * (1.0 - th_y * th_y)
+    # Rows that do not count: exact zeros when ignored, whatever their logits hold (a select, so
+    # an inf or NaN logit cannot leak in as 0 * inf); NaN when the target is out of range.
+    fill = tl.where(y == ignore_index, 0.0, float("nan")).to(ACC)
+    return kp, kw, gy, fill
+
+
+@triton.jit
+def _w_total(wsum_ptr, num_classes, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr):
+    """W = sum_c w_c (torch's sum of the weight, read from memory) or C; only smoothing needs it."""
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            w_total = tl.load(wsum_ptr).to(ACC)
+        else:
+            w_total = num_classes
+    else:
+        w_total = 0.0
+    return w_total
+
+
+@triton.jit
+def _ci_grad(x, th, cols, cmask, y, live, kp, kw, gy, fill, hi, lo, w_ptr,
+             HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+             ACC: tl.constexpr):
+    """One chunk's input gradient (fp32, uncast); ``x`` the soft-capped logits x', ``th`` tanh(x / cap)."""
+    o = tl.exp((x - hi[:, None]) - lo[:, None]) * kp[:, None]
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            o = o - kw[:, None] * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+        else:
+            o = o - kw[:, None]
+    if HAS_SOFTCAP:
+        o = o * (1.0 - th * th)
+    o = tl.where(cols[None, :] == y[:, None], gy[:, None], o)
+    return tl.where(live[:, None], o, fill[:, None])
+
+
+@triton.jit
+def _ci_bwd_rows(x_row, t_row, gx_row, w_ptr, wsum_ptr, g, hi, lo, row_ok, C, num_classes, x_sC, gx_sC,
+                 ignore_index, keep, eps_c, z_loss, softcap,
+                 HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """The input gradient of a block of class-index rows from the saved lse (one more read of the
+    logits). In place (gx_row == x_row) every logit is loaded before its gradient is stored."""
+    y, valid, live, x_y, th_y, wy = _ci_target(x_row, t_row, w_ptr, row_ok, C, x_sC, ignore_index, softcap,
+                                               HAS_WEIGHT, HAS_SOFTCAP, BLOCK_R, ACC)
+    kp, kw, gy, fill = _ci_coefs(g, x_y, th_y, wy, y, hi, lo, wsum_ptr, num_classes, ignore_index, keep, eps_c,
+                                 z_loss, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        cmask = cols < C
+        mask = row_ok[:, None] & cmask[None, :]
+        x = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=0.0).to(ACC)
+        th = x
+        if HAS_SOFTCAP:
+            th = _tanh(x / softcap)
+            x = softcap * th
+        # _ci_grad's expressions, written out: called here, ptxas spills at BLOCK_C 16384 / 16 warps
+        # (128 registers and 108 bytes of spill stores, where these lines take 127 and none).
+        o = tl.exp((x - hi[:, None]) - lo[:, None]) * kp[:, None]
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                o = o - kw[:, None] * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+            else:
+                o = o - kw[:, None]
+        if HAS_SOFTCAP:
+            o = o * (1.0 - th * th)
+        o = tl.where(cols[None, :] == y[:, None], gy[:, None], o)
+        o = tl.where(live[:, None], o, fill[:, None])
+        tl.store(gx_row[:, None] + cols[None, :] * gx_sC, o.to(gx_row.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
 # Backward.
 # ----------------------------------------------------------------------------------------------
 
@@ -314,57 +471,184 @@ def _ce_bwd_kernel(
                 # after the target's loads and stores: in place (gx over x), this chunk of x is read
                 tl.store(gx_row[:, None] + cols[None, :] * gx_sC, o.to(gx_ptr.dtype.element_ty), mask=mask)
     else:
-        y = tl.load(t_row, mask=row_ok, other=0)
-        valid = (y >= 0) & (y < C)
-        live = valid & (y != ignore_index)
-        y_safe = tl.where(valid, y, 0)
-        x_y = tl.load(x_row + y_safe * x_sC, mask=row_ok & valid, other=0.0).to(ACC)
+        _ci_bwd_rows(x_row, t_row, gx_row, w_ptr, wsum_ptr, g, hi, lo, row_ok, C, num_classes, x_sC, gx_sC,
+                     ignore_index, keep, eps_c, z_loss, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+                     BLOCK_R, BLOCK_C, ACC)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward + gradient in one kernel (the fused path, class-index targets), and its backward.
+#
+# Memory traffic of a training step over N x V logits of b bytes each, the gradient b bytes too:
+#   unfused: forward reads N V b, backward reads N V b and writes N V b      -> 3 N V b
+#   fused:   this kernel reads N V b and writes N V b; backward, grad_output 1: nothing -> 2 N V b
+# A row (block) is read twice by this kernel -- the statistics, then the gradient -- but the second
+# read comes from L2, not from memory: the program re-reads chunks it read a few microseconds
+# earlier, and the L2 holds every resident program's rows while their footprint (SMs x resident
+# programs x V b; 132 x 256 KB = 33 MB for V = 128k bf16 at one program per SM) stays under its size
+# (50 MB H100, 60 MB H200); past that (V = 256k bf16, or more programs per SM) part of the second
+# read goes to memory. A row of at most BLOCK_C classes (ONE_CHUNK) is held in registers instead
+# and read once. The gradient is written for the upstream gradient `scale` of every row: 1/denom
+# for a mean (a device tensor: no host sync for the weighted count of kept rows), 1 for a sum.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ce_fused_kernel(
+    x_ptr, t_ptr, w_ptr, wsum_ptr, s_ptr, loss_ptr, lse_ptr, gx_ptr,
+    R, C, S, num_classes,
+    x_sN, x_sC, x_sS,
+    t_sN, t_sS,
+    gx_sN, gx_sC, gx_sS,
+    ignore_index, keep, eps_c, z_loss, softcap,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    SPATIAL_WALK: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # In place (gx_ptr == x_ptr): every logit is read before its gradient is stored -- the
+    # statistics pass and x_y come first, and each gradient chunk is loaded before it is stored.
+    ACC = loss_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    n, s, row_ok = _tile_rows(pid, R, S, BLOCK_R, SPATIAL_WALK)
+    x_row = x_ptr + (n * x_sN + s * x_sS)
+    t_row = t_ptr + (n * t_sN + s * t_sS)
+    gx_row = gx_ptr + (n * gx_sN + s * gx_sS)
+
+    m = tl.full([BLOCK_R], _NEG_INF, ACC)
+    ref = tl.zeros([BLOCK_R], ACC)
+    rest = tl.zeros([BLOCK_R], ACC)
+    top = tl.zeros([BLOCK_R], ACC)
+    acc_w = tl.zeros([BLOCK_R], ACC)
+    acc_wd = tl.zeros([BLOCK_R], ACC)
+    if ONE_CHUNK:
+        cols = tl.arange(0, BLOCK_C).to(tl.int64)
+        cmask = cols < C
+        mask = row_ok[:, None] & cmask[None, :]
+        xk = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=_NEG_INF).to(ACC)
+        th = xk
         if HAS_SOFTCAP:
-            th_y = _tanh(x_y / softcap)
-            x_y = softcap * th_y
-        if HAS_WEIGHT:
-            wy = tl.load(w_ptr + y_safe, mask=row_ok & valid, other=0.0).to(ACC)
-        else:
-            wy = tl.full([BLOCK_R], 1.0, ACC)
-        # d loss / d x'_c = kp p_c - kw w_c off the target: (1-eps) wy p_c + (eps/C)(p_c W - w_c)
-        # + 2 z lse p_c, times g; with soft-capping times d x'/d x = 1 - tanh^2.
-        kp = g * (keep * wy + 2.0 * z_loss * lse)
-        kw = g * eps_c
-        dy = (x_y - hi) - lo
-        # The target's own element, p_y - 1 as expm1 (see _expm1); dy is exact to the fp32 log-sum,
-        # so a confident, correct prediction keeps its small gradient.
-        gy = g * (keep * wy * _expm1(dy) + 2.0 * z_loss * lse * tl.exp(dy))
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                w_total = tl.load(wsum_ptr).to(ACC)
-            else:
-                w_total = num_classes
-            kp = kp + kw * w_total
-            gy = gy + kw * (tl.exp(dy) * w_total - wy)
-        if HAS_SOFTCAP:
-            gy = gy * (1.0 - th_y * th_y)
-        # Rows that do not count: exact zeros when ignored, whatever their logits hold (a select, so
-        # an inf or NaN logit cannot leak in as 0 * inf); NaN when the target is out of range.
-        fill = tl.where(y == ignore_index, 0.0, _NAN).to(ACC)
+            th = _tanh(xk / softcap)
+            xk = tl.where(mask, softcap * th, _NEG_INF)
+        m, ref, rest, top, acc_w, acc_wd = _stats_step(xk, mask, cmask, cols, w_ptr, m, ref, rest, top, acc_w,
+                                                       acc_wd, HAS_WEIGHT, HAS_SMOOTHING, ACC)
+    else:
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
             cmask = cols < C
             mask = row_ok[:, None] & cmask[None, :]
+            x = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=_NEG_INF).to(ACC)
+            if HAS_SOFTCAP:
+                x = tl.where(mask, softcap * _tanh(x / softcap), _NEG_INF)
+            m, ref, rest, top, acc_w, acc_wd = _stats_step(x, mask, cmask, cols, w_ptr, m, ref, rest, top, acc_w,
+                                                           acc_wd, HAS_WEIGHT, HAS_SMOOTHING, ACC)
+
+    # The loss, as _ce_fwd_kernel forms it for class-index targets.
+    logsum = _log1p(tl.where(row_ok, rest + (top - 1.0), 0.0))
+    lse = ref + logsum
+    lse64 = ref.to(tl.float64) + logsum.to(tl.float64)
+    y, valid, live, x_y, th_y, wy = _ci_target(x_row, t_row, w_ptr, row_ok, C, x_sC, ignore_index, softcap,
+                                               HAS_WEIGHT, HAS_SOFTCAP, BLOCK_R, ACC)
+    loss = ((ref - x_y) + logsum) * keep * wy
+    if HAS_SMOOTHING:
+        loss = loss + (acc_w * logsum - acc_wd) * eps_c
+    loss = loss + z_loss * lse * lse
+    loss = tl.where(live, loss, tl.where(y == ignore_index, 0.0, float("nan")))
+    r = n * S + s
+    tl.store(loss_ptr + r, loss.to(ACC), mask=row_ok)
+    tl.store(lse_ptr + r, lse64, mask=row_ok)
+
+    # The gradient, as the backward kernel forms it from the stored lse (the same fp64 value).
+    hi, lo = _split_lse(lse64, ACC)
+    if HAS_SCALE:
+        g = tl.zeros([BLOCK_R], ACC) + tl.load(s_ptr).to(ACC)
+    else:
+        g = tl.full([BLOCK_R], 1.0, ACC)
+    kp, kw, gy, fill = _ci_coefs(g, x_y, th_y, wy, y, hi, lo, wsum_ptr, num_classes, ignore_index, keep, eps_c,
+                                 z_loss, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
+    if ONE_CHUNK:
+        o = _ci_grad(xk, th, cols, cmask, y, live, kp, kw, gy, fill, hi, lo, w_ptr,
+                     HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
+        tl.store(gx_row[:, None] + cols[None, :] * gx_sC, o.to(gx_ptr.dtype.element_ty), mask=mask)
+    else:
+        for c0 in range(0, C, BLOCK_C):  # the row again, from L2 (see the section comment)
+            cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+            cmask = cols < C
+            mask = row_ok[:, None] & cmask[None, :]
             x = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=0.0).to(ACC)
+            th = x
             if HAS_SOFTCAP:
                 th = _tanh(x / softcap)
                 x = softcap * th
-            o = tl.exp((x - hi[:, None]) - lo[:, None]) * kp[:, None]
-            if HAS_SMOOTHING:
-                if HAS_WEIGHT:
-                    o = o - kw[:, None] * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
-                else:
-                    o = o - kw[:, None]
-            if HAS_SOFTCAP:
-                o = o * (1.0 - th * th)
-            o = tl.where(cols[None, :] == y[:, None], gy[:, None], o)
-            o = tl.where(live[:, None], o, fill[:, None])
+            o = _ci_grad(x, th, cols, cmask, y, live, kp, kw, gy, fill, hi, lo, w_ptr,
+                         HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
             tl.store(gx_row[:, None] + cols[None, :] * gx_sC, o.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_fused_bwd_kernel(
+    go_ptr, g_ptr, x_ptr, t_ptr, w_ptr, wsum_ptr, lse_ptr, gx_ptr,
+    R, C, S, num_classes,
+    g_sN, g_sS,
+    x_sN, x_sC, x_sS,
+    t_sN, t_sS,
+    gx_sN, gx_sC, gx_sS,
+    ignore_index, keep, eps_c, z_loss, softcap,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    SPATIAL_WALK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The backward of the fused forward: its gradient buffer already holds the answer when the
+    upstream gradient is 1 -- decided here, on the device, so the host never waits -- and is
+    otherwise rewritten from the logits for the per-row gradient ``g`` (grad_output / denom, scaled
+    in fp32 before the one cast, as the unfused backward)."""
+    if tl.load(go_ptr) == 1.0:
+        return
+    pid = tl.program_id(0).to(tl.int64)
+    n, s, row_ok = _tile_rows(pid, R, S, BLOCK_R, SPATIAL_WALK)
+    x_row = x_ptr + (n * x_sN + s * x_sS)
+    t_row = t_ptr + (n * t_sN + s * t_sS)
+    gx_row = gx_ptr + (n * gx_sN + s * gx_sS)
+    g = tl.load(g_ptr + (n * g_sN + s * g_sS), mask=row_ok, other=0.0).to(ACC)
+    lse64 = tl.load(lse_ptr + (n * S + s), mask=row_ok, other=0.0)
+    hi, lo = _split_lse(lse64, ACC)
+    _ci_bwd_rows(x_row, t_row, gx_row, w_ptr, wsum_ptr, g, hi, lo, row_ok, C, num_classes, x_sC, gx_sC,
+                 ignore_index, keep, eps_c, z_loss, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+                 BLOCK_R, BLOCK_C, ACC)
+
+
+@triton.jit
+def _ce_scale_kernel(
+    go_ptr, gx_ptr,
+    R, C, S,
+    gx_sN, gx_sC, gx_sS,
+    SPATIAL_WALK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The backward of the in-place fused forward (float32 only): the logits are gone, so the
+    gradient written for grad_output 1 is multiplied by grad_output in fp32 -- one rounding more
+    than a recompute -- and left as it is, without touching memory, when grad_output is 1."""
+    go = tl.load(go_ptr)
+    if go == 1.0:
+        return
+    pid = tl.program_id(0).to(tl.int64)
+    n, s, row_ok = _tile_rows(pid, R, S, BLOCK_R, SPATIAL_WALK)
+    gx_row = gx_ptr + (n * gx_sN + s * gx_sS)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        mask = row_ok[:, None] & (cols < C)[None, :]
+        p = gx_row[:, None] + cols[None, :] * gx_sC
+        v = tl.load(p, mask=mask, other=0.0)
+        tl.store(p, v * go.to(v.dtype), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,6 +716,46 @@ def launch_configs():
                 seen[tuple(cfg.values())] = cfg
     configs = list(seen.values())
     return {"_ce_fwd_kernel": configs, "_ce_bwd_kernel": configs}
+
+
+# Rows held in registers by the fused kernel: at 16384 classes (32 fp32 per thread at 16 warps, the
+# 128-register ceiling of 512 threads) the logits, their tanh and the gradient do not fit and ptxas
+# spills (320 bytes with every option on). Longer rows are walked in chunks of this size too: at
+# 16384 the float32 chunk loop with weight, smoothing and soft-capping spills 124 bytes on sm_90.
+_FUSED_ONE_CHUNK_MAX = 8192
+
+
+def _arch(t: torch.Tensor) -> int:
+    """Compute capability x 10 of a CUDA tensor's device (a cached host query, no sync); 90 otherwise."""
+    if t.device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+
+def fused_launch_config(n: int, c: int, s: int, spatial: bool, interpret: bool, arch: int = 90):
+    """(grid, BLOCK_R, BLOCK_C, num_warps, ONE_CHUNK, maxnreg) of _ce_fused_kernel, _ce_fused_bwd_kernel
+    and _ce_scale_kernel (these two ignore ONE_CHUNK).
+
+    The tiles are the forward's (_launch_config; the same chunks give the same running sums, so the
+    fused loss has the unfused one's bits) except that a chunk holds at most _FUSED_ONE_CHUNK_MAX
+    classes; a row that fits one chunk is held in registers between the statistics and the
+    gradient (ONE_CHUNK). Tiles of 64+ rows (short rows, the spatial walk) take 8 warps: at 4 their
+    per-row state needs 255 registers and spills.
+
+    maxnreg (``arch`` = compute capability x 10): below sm_90 the block's hardware ceiling (65536
+    registers / threads, at most 255) is stated, because without it the ptxas Triton uses there
+    (12.9) settles on 64 registers for some of these kernels and spills 4-8 bytes; on sm_90 (ptxas
+    13) None, because stating it makes the one-chunk kernel with every option spill 12 bytes at 128
+    registers, where left alone it takes 111 and spills nothing.
+    """
+    grid, block_r, block_c, num_warps = _launch_config(n, c, s, spatial, interpret)
+    if block_r >= 64:
+        num_warps = max(num_warps, 8)
+    one_chunk = c <= block_c <= _FUSED_ONE_CHUNK_MAX
+    block_c = min(block_c, _FUSED_ONE_CHUNK_MAX)
+    maxnreg = min(255, 65536 // (32 * num_warps)) if arch < 90 else None
+    return grid, block_r, block_c, num_warps, one_chunk, maxnreg
 
 
 def _check_inputs(input: torch.Tensor, target: torch.Tensor, who: str) -> bool:
@@ -608,11 +932,143 @@ def cross_entropy_bwd_inplace(grad, input, target, weight, lse, ignore_index, la
 
 def cross_entropy_fused(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale):
     """The fused op's contract (loss, lse, grad_input for grad_scale on every row) as the two kernels in
-    turn. The autograd Function asks for the fused op on the CPU only; this keeps the op complete on
-    CUDA for whoever calls it directly."""
+    turn. The autograd Function asks for this op (a host float grad_scale) on the CPU only -- on CUDA it
+    takes cross_entropy_fused_scaled, one kernel; this keeps the op complete for direct callers."""
     loss, lse = cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing, z_loss, softcap)
     n, _, s = input.shape
     g = torch.full((1, 1), float(grad_scale), dtype=acc_dtype(input.dtype), device=input.device).expand(n, s)
     gi, _ = cross_entropy_bwd(g, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
                               True, False)
     return loss, lse, gi
+
+
+def _launch_fused(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, gx, who):
+    """loss, lse and (into ``gx``: a new buffer, or ``input`` itself) the gradient for the upstream
+    gradient ``grad_scale`` (a 0-dim device tensor; None for 1) on every row, in one kernel."""
+    if _check_inputs(input, target, who):
+        raise TypeError(f"{who}: the fused forward takes class-index targets; got a probability target")
+    n, c, s = input.shape
+    acc = acc_dtype(input.dtype)
+    loss = torch.empty((n, s), dtype=acc, device=input.device)
+    lse = torch.empty((n, s), dtype=torch.float64, device=input.device)
+    if n * s == 0:
+        return loss, lse
+    if c == 0:  # no classes: lse = -inf, rows 0 when ignored and NaN (out of range) else; no gradient
+        lse.fill_(float("-inf"))
+        loss.copy_(torch.where(target == ignore_index, 0.0, float("nan")))
+        return loss, lse
+    if grad_scale is not None and grad_scale.numel() != 1:
+        raise ValueError(f"{who}: grad_scale must hold one value; got shape {list(grad_scale.shape)}")
+    eps, keep, eps_c = _smoothing(label_smoothing, c)
+    w = _weight(weight, c, acc)
+    wsum = w.sum().reshape(1) if (w is not None and eps > 0) else None
+    spatial = _spatial_walk(input)
+    grid, block_r, block_c, num_warps, one_chunk, maxnreg = fused_launch_config(n, c, s, spatial, _interpreting(),
+                                                                                _arch(input))
+    _ce_fused_kernel[grid](
+        input, target, w if w is not None else loss, wsum if wsum is not None else loss,
+        grad_scale if grad_scale is not None else loss, loss, lse, gx,
+        n * s, c, s, float(c),
+        input.stride(0), input.stride(1), input.stride(2),
+        target.stride(0), target.stride(1),
+        gx.stride(0), gx.stride(1), gx.stride(2),
+        int(ignore_index), keep, eps_c, float(z_loss), float(softcap) if softcap > 0 else 1.0,
+        HAS_WEIGHT=w is not None,
+        HAS_SMOOTHING=eps > 0,
+        HAS_SOFTCAP=softcap > 0,
+        HAS_SCALE=grad_scale is not None,
+        SPATIAL_WALK=spatial,
+        ONE_CHUNK=one_chunk,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+        maxnreg=maxnreg,
+    )
+    return loss, lse
+
+
+def cross_entropy_fused_scaled(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap):
+    """(loss, lse, grad_input): the forward and the input gradient for the upstream gradient
+    ``grad_scale`` (0-dim device tensor, None for 1) from one read of the logits; grad_input is laid
+    out as empty_like_layout(input), as the backward op's."""
+    gi = empty_like_layout(input)
+    loss, lse = _launch_fused(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+                              gi, "cross_entropy_fused_scaled")
+    return loss, lse, gi
+
+
+def cross_entropy_fused_scaled_inplace(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
+                                       softcap):
+    """(loss, lse); the input gradient for ``grad_scale`` written over ``input`` in the same pass."""
+    return _launch_fused(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+                         input, "cross_entropy_fused_scaled_inplace")
+
+
+def cross_entropy_fused_bwd(grad_output, grad, grad_input, input, target, weight, lse, ignore_index,
+                            label_smoothing, z_loss, softcap):
+    """The backward of cross_entropy_fused_scaled (grad_scale 1/denom or 1): ``grad_input`` holds the
+    gradient for grad_output 1. The kernel reads ``grad_output`` (0-dim) on the device and leaves
+    grad_input as it is when it is 1; otherwise it rewrites grad_input from the logits for the
+    per-row upstream gradient ``grad`` ((N, S), e.g. grad_output / denom expanded). No host sync."""
+    if _check_inputs(input, target, "cross_entropy_fused_bwd"):
+        raise TypeError("cross_entropy_fused_bwd: takes class-index targets; got a probability target")
+    n, c, s = input.shape
+    if tuple(grad.shape) != (n, s) or tuple(lse.shape) != (n, s) or grad_output.numel() != 1:
+        raise ValueError(f"cross_entropy_fused_bwd: grad and lse must have shape {[n, s]}, grad_output one value")
+    if grad_input.shape != input.shape or grad_input.dtype != input.dtype:
+        raise ValueError("cross_entropy_fused_bwd: grad_input must have the input's shape and dtype")
+    if n * s * c == 0:
+        return
+    acc = acc_dtype(input.dtype)
+    eps, keep, eps_c = _smoothing(label_smoothing, c)
+    w = _weight(weight, c, acc)
+    wsum = w.sum().reshape(1) if (w is not None and eps > 0) else None
+    lse = lse.to(torch.float64).contiguous()
+    spatial = _spatial_walk(input)
+    grid, block_r, block_c, num_warps, _, maxnreg = fused_launch_config(n, c, s, spatial, _interpreting(), _arch(input))
+    _ce_fused_bwd_kernel[grid](
+        grad_output.to(acc), grad, input, target, w if w is not None else lse, wsum if wsum is not None else lse,
+        lse, grad_input,
+        n * s, c, s, float(c),
+        grad.stride(0), grad.stride(1),
+        input.stride(0), input.stride(1), input.stride(2),
+        target.stride(0), target.stride(1),
+        grad_input.stride(0), grad_input.stride(1), grad_input.stride(2),
+        int(ignore_index), keep, eps_c, float(z_loss), float(softcap) if softcap > 0 else 1.0,
+        HAS_WEIGHT=w is not None,
+        HAS_SMOOTHING=eps > 0,
+        HAS_SOFTCAP=softcap > 0,
+        SPATIAL_WALK=spatial,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        num_warps=num_warps,
+        maxnreg=maxnreg,
+    )
+
+
+def cross_entropy_scale_inplace(grad_output, grad_input):
+    """grad_input *= grad_output (0-dim), in place and in grad_input's dtype (float32 / float64), read
+    on the device: nothing is touched when grad_output is 1. The backward of
+    cross_entropy_fused_scaled_inplace, whose logits are gone."""
+    if grad_input.dim() != 3 or grad_output.numel() != 1:
+        raise ValueError("cross_entropy_scale_inplace: grad_input (N, C, S) and a one-value grad_output")
+    if grad_input.dtype not in (torch.float32, torch.float64):
+        raise TypeError("cross_entropy_scale_inplace: grad_input must be float32 or float64 (scaling a "
+                        f"narrower gradient after its cast would round twice); got {grad_input.dtype}")
+    n, c, s = grad_input.shape
+    if n * s * c == 0:
+        return
+    spatial = _spatial_walk(grad_input)
+    grid, block_r, block_c, num_warps, _, maxnreg = fused_launch_config(n, c, s, spatial, _interpreting(),
+                                                                        _arch(grad_input))
+    _ce_scale_kernel[grid](
+        grad_output.to(grad_input.dtype), grad_input,
+        n * s, c, s,
+        grad_input.stride(0), grad_input.stride(1), grad_input.stride(2),
+        SPATIAL_WALK=spatial,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+        maxnreg=maxnreg,
+    )

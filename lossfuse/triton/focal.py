@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .._utils import acc_dtype
-from ..ops.cross_entropy import empty_like_layout
+from .._layout import empty_like_layout
 from ._math import expm1, log1p
 
 __all__ = ["sigmoid_focal_fwd", "sigmoid_focal_bwd", "softmax_focal_fwd", "softmax_focal_bwd"]

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.huber import collapse, empty_like_walk
+from .._layout import collapse, empty_like_walk
 
 MAX_DIMS = 4
 ELEMENTWISE_BLOCK = 1024

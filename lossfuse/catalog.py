@@ -1,4 +1,8 @@
-"""The losses the suite knows: one small declarative entry each.
+"""One description per loss, used by ``python -m lossfuse.verify``, the benchmark suite
+(``lossfuse-bench``) and the tests: how to make its inputs for a shape, the plain-PyTorch code it
+replaces (timed as torch eager and torch.compile, and evaluated in float64 as the oracle), the lossfuse
+call, the bytes it must move, and -- in ``TOLERANCES`` -- how close to the float64 result each dtype
+must come.
 
 An entry says, for one loss:
 
@@ -14,9 +18,12 @@ An entry says, for one loss:
   arithmetic, not its memory traffic, bounds its time (linear + cross-entropy: matmuls);
 * optionally ``mem_ref_bytes(shape, dtype, variant)`` and ``mem_ref_name``: what ``extra_mem_pct`` is a
   percentage of (default: the size of the differentiable inputs);
-* optionally ``anchor``: the provider the loss's ``speedup_vs_anchor`` column compares with.
+* optionally ``anchor``: the provider the loss's ``speedup_vs_anchor`` column compares with;
+* optionally ``options``: keyword arguments per variant, passed to both ``torch_fn`` and ``lossfuse_fn``
+  (``torch_call(variant)`` / ``lossfuse_call(variant)`` bind them).
 
-Every loss is timed with ``reduction="mean"`` and the torch/torchvision defaults for its options.
+Every loss is timed with ``reduction="mean"`` and, unless a variant says otherwise, the torch/torchvision
+defaults for its options.
 
 To add a loss: write its three callables and its byte formula, append a ``LossEntry`` to ``LOSSES``, and
 give it shapes in ``presets.py``.
@@ -24,6 +31,7 @@ give it shapes in ``presets.py``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -32,6 +40,62 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tolerances: the one table. A lossfuse result is compared with the float64 result element by element,
+# |actual - expected| <= atol * max|expected| + rtol * |expected|: atol scales with the largest value, so
+# one row serves losses of size 10 and gradients of size 1e-5; rtol allows one rounding of the output
+# dtype (half an ulp is 2^-11 for float16, 2^-8 for bfloat16) with room for the accumulation order.
+# ``norm`` bounds ||actual - expected|| / ||expected||, the check every benchmark provider passes before
+# it is timed -- torch's own low-precision code included, which rounds in more places than lossfuse.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    norm: float
+
+
+TOLERANCES = {
+    torch.float64: Tolerance(atol=1e-12, rtol=1e-10, norm=1e-9),
+    torch.float32: Tolerance(atol=2e-6, rtol=2e-5, norm=1e-5),
+    torch.float16: Tolerance(atol=2e-3, rtol=2 ** -10, norm=5e-3),
+    torch.bfloat16: Tolerance(atol=1.6e-2, rtol=2 ** -7, norm=1e-2),
+}
+
+
+def mismatches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, rtol: float | None = None):
+    """(bad, err, tol): the elements of ``actual`` outside ``dtype``'s tolerance around the float64
+    ``expected``. Non-finite expected values must be matched exactly (NaN where NaN, the same infinity);
+    NaN in ``actual`` where the expected value is finite is a mismatch."""
+    tol_row = TOLERANCES[dtype]
+    rtol = tol_row.rtol if rtol is None else rtol
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    finite = torch.isfinite(e)
+    same_nonfinite = (torch.isnan(a) & torch.isnan(e)) | (a == e)
+    bad = ~finite & ~same_nonfinite
+    scale = e[finite].abs().max().item() if finite.any() else 0.0
+    # Floor the scale: where every expected value is 0 (C = 1), roundoff still needs some room.
+    scale = max(scale, 1e-3)
+    tol = tol_row.atol * scale + rtol * e.abs()
+    err = (a - e).abs()
+    bad |= finite & ~(err <= tol)
+    return bad, err, tol
+
+
+def error_ratio(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> float:
+    """The worst element's error as a multiple of its tolerance: <= 1 passes; inf for a non-finite
+    mismatch (NaN against a number, or a wrong infinity)."""
+    bad, err, tol = mismatches(actual, expected, dtype)
+    finite = torch.isfinite(expected.detach().to(torch.float64).cpu())
+    if (bad & ~(finite & torch.isfinite(err))).any():
+        return math.inf
+    ratio = err[finite] / tol[finite]
+    return float(ratio.max()) if ratio.numel() else 0.0
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -80,9 +144,23 @@ class LossEntry:
     lossfuse_notes: dict = field(default_factory=dict)   # mode -> note on the lossfuse rows of that mode
     modes: tuple = MODES        # the modes that can be measured; others get a skipped row with modes_note
     modes_note: str = ""
+    compile_note: str = ""      # set: torch.compile is not run on this entry, and this says why
+    unavailable_note: str = ""  # why the entry is skipped when its lossfuse function is missing (default: not merged yet)
+
+    options: dict = field(default_factory=dict)   # variant -> keyword arguments of both calls
 
     def label_variant(self, variant: str) -> str:
         return self.variants.get(variant, variant)
+
+    def torch_call(self, variant: str = "") -> Callable:
+        """``torch_fn`` with the variant's options bound: (*tensors) -> loss."""
+        kw = self.options.get(variant)
+        return functools.partial(self.torch_fn, **kw) if kw else self.torch_fn
+
+    def lossfuse_call(self, variant: str = "") -> Callable:
+        """``lossfuse_fn`` with the variant's options bound: (fn, *tensors, backend=...) -> loss."""
+        kw = self.options.get(variant)
+        return functools.partial(self.lossfuse_fn, **kw) if kw else self.lossfuse_fn
 
 
 def _randn(shape, dtype, device, gen, scale=1.0, shift=0.0):
@@ -102,29 +180,39 @@ IGNORE_FRACTION = 0.05  # of the targets set to ignore_index in the "ignore_inde
 def _ce_inputs(shape, dtype, variant, device, gen):
     x = _randn(shape, dtype, device, gen, scale=2.0)
     tshape = (shape[0],) + tuple(shape[2:])
+    if variant == "probability":
+        t = torch.softmax(torch.randn(shape, generator=gen, device=device), 1).to(dtype)
+        return {"input": x, "target": t}
     y = torch.randint(0, shape[1], tshape, generator=gen, device=device)
-    if variant == "ignore_index":
+    if variant in ("ignore_index", "weight+smoothing", "alpha+ignore"):
         drop = torch.rand(tshape, generator=gen, device=device) < IGNORE_FRACTION
         y = torch.where(drop, torch.full_like(y, -100), y)
+    if variant == "weight+smoothing":
+        w = (torch.rand(shape[1], generator=gen, device=device) + 0.1).to(dtype)
+        return {"input": x, "target": y, "weight": w}
     return {"input": x, "target": y}
 
 
-def _ce_torch(x, y):
-    return F.cross_entropy(x, y)  # ignore_index=-100, torch's default, serves both variants
+def _ce_torch(x, y, weight=None, label_smoothing=0.0):
+    # ignore_index=-100, torch's default, serves the ignore variants
+    return F.cross_entropy(x, y, weight=weight, label_smoothing=label_smoothing)
 
 
-def _ce_lossfuse(fn, x, y, *, backend):
-    return fn(x, y, backend=backend)
+def _ce_lossfuse(fn, x, y, weight=None, *, backend, label_smoothing=0.0):
+    return fn(x, y, weight=weight, label_smoothing=label_smoothing, backend=backend)
 
 
 def _ce_bytes(shape, dtype, variant, mode):
     rows = numel(shape) // shape[1]        # N * d1 * ... * dk targets
     logits = numel(shape) * itemsize(dtype)
-    return _count(logits + rows * 8, logits, mode)
+    targets = logits if variant == "probability" else rows * 8
+    weight = shape[1] * itemsize(dtype) if variant == "weight+smoothing" else 0
+    return _count(logits + targets + weight, logits, mode)
 
 
 CE_FORMULA = ("fwd: N*C*b + R*8;  bwd, fwd+bwd: 2*N*C*b + R*8  "
-              "(b = bytes per logit, R = N*d1*...*dk int64 targets)")
+              "(b = bytes per logit, R = N*d1*...*dk int64 targets; probability targets: N*C*b instead "
+              "of R*8; class weights add C*b)")
 
 # ---------------------------------------------------------------------------------------------------
 # Sigmoid focal loss (torchvision.ops.sigmoid_focal_loss, alpha=0.25, gamma=2, mean):
@@ -183,14 +271,19 @@ SIGMOID_FOCAL_FORMULA = ("fwd: N*C*b + T;  bwd, fwd+bwd: 2*N*C*b + T  "
 # ---------------------------------------------------------------------------------------------------
 
 
-def _softmax_focal_torch(x, y, gamma=2.0):
-    """loss_n = (1 - p_y)^gamma * (-log p_y), mean over rows: what people write in plain torch."""
-    logp = F.log_softmax(x, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
-    return ((1 - logp.exp()) ** gamma * -logp).mean()
+def _softmax_focal_torch(x, y, alpha=None, gamma=2.0):
+    """loss_n = alpha (1 - p_y)^gamma * (-log p_y), mean over the rows not ignored: what people write in
+    plain torch."""
+    keep = y != -100
+    logp = F.log_softmax(x, dim=1).gather(1, torch.where(keep, y, 0).unsqueeze(1)).squeeze(1)
+    loss = (1 - logp.exp()) ** gamma * -logp
+    if alpha is not None:
+        loss = alpha * loss
+    return torch.where(keep, loss, 0).sum() / keep.sum()
 
 
-def _softmax_focal_lossfuse(fn, x, y, *, backend):
-    return fn(x, y, gamma=2.0, reduction="mean", backend=backend)
+def _softmax_focal_lossfuse(fn, x, y, *, backend, alpha=None):
+    return fn(x, y, alpha=alpha, gamma=2.0, reduction="mean", backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,12 +304,12 @@ def _huber_lossfuse(fn, x, y, *, backend):
     return fn(x, y, reduction="mean", delta=1.0, backend=backend)
 
 
-def _smooth_l1_torch(x, y):
-    return F.smooth_l1_loss(x, y)
+def _smooth_l1_torch(x, y, beta=1.0):
+    return F.smooth_l1_loss(x, y, beta=beta)
 
 
-def _smooth_l1_lossfuse(fn, x, y, *, backend):
-    return fn(x, y, reduction="mean", beta=1.0, backend=backend)
+def _smooth_l1_lossfuse(fn, x, y, *, backend, beta=1.0):
+    return fn(x, y, reduction="mean", beta=beta, backend=backend)
 
 
 def _regression_bytes(shape, dtype, variant, mode):
@@ -275,6 +368,114 @@ LCE_FORMULA = ("fwd: (N*H + V*H)*b + N*8;  bwd, fwd+bwd: 2*(N*H + V*H)*b + N*8  
 LCE_FLOPS_FORMULA = "fwd: 2*N*H*V;  bwd: 2 x 2*N*H*V;  fwd+bwd: 3 x 2*N*H*V  (the projection's matmuls)"
 
 
+# ---------------------------------------------------------------------------------------------------
+# A Hugging Face transformers training step (forward + backward of a small, wide Llama: 2 layers,
+# hidden H, vocabulary V) on (B, T) tokens with labels = the tokens. Shape (B, T, H, V). The inputs are
+# the token ids, the labels and every parameter of the model (so that the gradients are outputs and
+# the memory above parameters + gradients is what the suite reports); each provider runs the model
+# through torch.func.functional_call on them: "torch" is transformers' own loss, lossfuse-* is
+# lossfuse.transformers.apply(model) (fused_linear=True), "hf-logits-lossfuse" apply(..., fused_linear=False).
+# transformers is imported on first use only: the rest of the suite runs without it.
+# ---------------------------------------------------------------------------------------------------
+
+HF_LAYERS = 2
+HF_PARAM_NAMES = (
+    ("model.embed_tokens.weight",)
+    + tuple(f"model.layers.{i}.{name}.weight" for i in range(HF_LAYERS)
+            for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+                         "post_attention_layernorm"))
+    + ("model.norm.weight", "lm_head.weight")
+)
+_HF_MODELS: dict = {}
+
+
+def _hf_intermediate(h: int) -> int:
+    return 16 * max(1, round(8 * h / 3 / 16))  # Llama's MLP width, about 8/3 of the hidden size
+
+
+def _hf_config(h: int, v: int, t: int):
+    from transformers import LlamaConfig
+
+    heads = max(1, h // 64)
+    return LlamaConfig(vocab_size=v, hidden_size=h, intermediate_size=_hf_intermediate(h),
+                       num_hidden_layers=HF_LAYERS, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=max(t, 16), tie_word_embeddings=False)
+
+
+def _hf_model(kind: str, backend: str, h: int, v: int, t: int, device):
+    """The module a provider runs (its own parameters are never used: functional_call swaps in the
+    inputs'), cached: "own" is transformers' model as it is, "fused" and "logits" are patched."""
+    key = (kind, backend, h, v, t, str(device))
+    model = _HF_MODELS.get(key)
+    if model is None:
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(_hf_config(h, v, t)).to(device).train()
+        names = tuple(n for n, _ in model.named_parameters())
+        if set(names) != set(HF_PARAM_NAMES):
+            raise RuntimeError(f"this transformers' LlamaForCausalLM has other parameters than the hf entry "
+                               f"expects: {sorted(set(names) ^ set(HF_PARAM_NAMES))}")
+        if kind != "own":
+            import lossfuse.transformers
+
+            lossfuse.transformers.apply(model, fused_linear=kind == "fused", backend=backend)
+        _HF_MODELS[key] = model
+    return model
+
+
+def hf_step(kind: str, backend: str, input_ids, labels, *params):
+    """The loss of one forward of the ``kind`` model on ``params``; the caller runs backward."""
+    v, h = params[0].shape
+    model = _hf_model(kind, backend, h, v, input_ids.shape[1], input_ids.device)
+    out = torch.func.functional_call(model, dict(zip(HF_PARAM_NAMES, params)), args=(),
+                                     kwargs={"input_ids": input_ids, "labels": labels})
+    return out.loss
+
+
+def _hf_inputs(shape, dtype, variant, device, gen):
+    b, t, h, v = shape
+    model = _hf_model("own", "auto", h, v, t, device)
+    shapes = dict(model.named_parameters())
+    out = {"input_ids": torch.randint(0, v, (b, t), generator=gen, device=device)}
+    out["labels"] = out["input_ids"].clone()   # transformers' convention: the loss shifts them
+    for name in HF_PARAM_NAMES:
+        p = shapes[name]
+        if name.endswith("norm.weight"):   # RMSNorm scales: near 1, not constant
+            out[name] = _randn(p.shape, dtype, device, gen, scale=0.1, shift=1.0)
+        else:                              # transformers' initializer_range, 0.02
+            out[name] = _randn(p.shape, dtype, device, gen, scale=0.02)
+    return out
+
+
+def _hf_torch(input_ids, labels, *params):
+    return hf_step("own", "auto", input_ids, labels, *params)
+
+
+def _hf_lossfuse(fn, input_ids, labels, *params, backend):
+    return hf_step("fused", backend, input_ids, labels, *params)
+
+
+def _hf_param_count(h: int, v: int) -> int:
+    i = _hf_intermediate(h)
+    return 2 * v * h + HF_LAYERS * (4 * h * h + 3 * h * i + 2 * h) + h
+
+
+def _hf_bytes(shape, dtype, variant, mode):
+    b, t, h, v = shape
+    params = _hf_param_count(h, v) * itemsize(dtype)
+    return _count(params + 2 * b * t * 8, params, mode)
+
+
+def _hf_logits_bytes(shape, dtype, variant):
+    b, t, _, v = shape
+    return b * t * v * itemsize(dtype)
+
+
+HF_FORMULA = ("fwd: P*b + 2*B*T*8;  fwd+bwd: 2*P*b + 2*B*T*8  (P parameters of the 2-layer Llama, b bytes "
+              "each, read once and their gradients written once; int64 ids and labels)")
+
+
 LOSSES: dict[str, LossEntry] = {
     e.key: e
     for e in [
@@ -282,7 +483,10 @@ LOSSES: dict[str, LossEntry] = {
             key="ce", title="cross-entropy", lossfuse_name="cross_entropy",
             make_inputs=_ce_inputs, torch_fn=_ce_torch, lossfuse_fn=_ce_lossfuse,
             counted_bytes=_ce_bytes, bytes_formula=CE_FORMULA,
-            variants={"": "", "ignore_index": f"{IGNORE_FRACTION:.0%} of targets = ignore_index"},
+            variants={"": "", "ignore_index": f"{IGNORE_FRACTION:.0%} of targets = ignore_index",
+                      "weight+smoothing": f"class weights, label_smoothing 0.1, {IGNORE_FRACTION:.0%} ignored",
+                      "probability": "probability targets, label_smoothing 0.05"},
+            options={"weight+smoothing": {"label_smoothing": 0.1}, "probability": {"label_smoothing": 0.05}},
             size_name="logits (N*C*d1*...*dk)", anchor="liger",
         ),
         LossEntry(
@@ -298,6 +502,8 @@ LOSSES: dict[str, LossEntry] = {
             key="softmax_focal", title="softmax focal", lossfuse_name="softmax_focal_loss",
             make_inputs=_ce_inputs, torch_fn=_softmax_focal_torch, lossfuse_fn=_softmax_focal_lossfuse,
             counted_bytes=_ce_bytes, bytes_formula=CE_FORMULA, size_name="logits (N*C)",
+            variants={"": "", "alpha+ignore": f"alpha 0.25, {IGNORE_FRACTION:.0%} of targets = ignore_index"},
+            options={"alpha+ignore": {"alpha": 0.25}},
         ),
         LossEntry(
             key="huber", title="Huber", lossfuse_name="huber_loss",
@@ -308,6 +514,7 @@ LOSSES: dict[str, LossEntry] = {
             key="smooth_l1", title="SmoothL1", lossfuse_name="smooth_l1_loss",
             make_inputs=_regression_inputs, torch_fn=_smooth_l1_torch, lossfuse_fn=_smooth_l1_lossfuse,
             counted_bytes=_regression_bytes, bytes_formula=REGRESSION_FORMULA, size_name="elements",
+            variants={"": "", "beta=1/9": "beta 1/9 (the detection default)"}, options={"beta=1/9": {"beta": 1 / 9}},
         ),
         LossEntry(
             key="lce", title="linear + cross-entropy", lossfuse_name="linear_cross_entropy",
@@ -325,12 +532,33 @@ LOSSES: dict[str, LossEntry] = {
                         "refuse a second backward through one graph (retain_graph), which bwd repeats; "
                         "fwd+bwd is the measure"),
         ),
+        LossEntry(
+            key="hf", title=f"HF Llama training step ({HF_LAYERS} layers; torch = transformers' own loss)",
+            lossfuse_name="transformers.apply",
+            make_inputs=_hf_inputs, torch_fn=_hf_torch, lossfuse_fn=_hf_lossfuse,
+            counted_bytes=_hf_bytes, bytes_formula=HF_FORMULA, grad_inputs=HF_PARAM_NAMES,
+            size_name="B*T*H*V (batch, tokens, hidden, vocabulary)",
+            mem_ref_bytes=_hf_logits_bytes, mem_ref_name="the full logits (B*T*V*b)",
+            lossfuse_notes={"fwd+bwd": "lossfuse.transformers.apply(model): fused_linear=True, no logits"},
+            modes=("fwd+bwd",),
+            modes_note="a training step is measured as a whole (forward + backward)",
+            compile_note="not compiled: the case is transformers' own model against lossfuse's patch of it",
+            unavailable_note="the hf entry needs Hugging Face transformers (pip install 'lossfuse[transformers]')",
+        ),
     ]
 }
 
 
 def lossfuse_function(entry: LossEntry):
     """The lossfuse function of ``entry``, or None where this lossfuse does not have it (yet)."""
+    import importlib
+
     import lossfuse
 
+    module, _, name = entry.lossfuse_name.rpartition(".")
+    if module:  # a submodule with optional dependencies (lossfuse.transformers): None when they are missing
+        try:
+            return getattr(importlib.import_module(f"lossfuse.{module}"), name, None)
+        except ImportError:
+            return None
     return getattr(lossfuse, entry.lossfuse_name, None)

@@ -44,7 +44,13 @@ command reports them as failures, as it should; they are not fixed yet.
 
 ADDING A KERNEL: give its module a ``launch_configs()`` entry (kernel name -> configurations from the
 launcher's own heuristic) and add one ``Kernel(...)`` to ``KERNELS`` below (its dtype/flag axes and its
-typical arguments). A launched kernel (``name[grid](...)`` in a lossfuse/triton module) with no entry
+typical arguments). A configuration is the kernel's block constexprs plus the launch options the
+launcher passes (``LAUNCH_OPTIONS``: num_warps, maxnreg). An option that depends on the GPU (the fused
+CE kernels' maxnreg, set below sm_90 only) is given per arch as ``((arch, value), ...)``, with None for
+"not passed": the module's ``launch_configs(archs)`` then takes the archs being compiled for and asks
+the launcher's heuristic for each (``fused_launch_config(..., arch)`` in cross_entropy.py), and each
+compile uses its arch's value. A heuristic whose tiles themselves differ by arch is refused there
+(one variant is compiled for every arch). A launched kernel (``name[grid](...)`` in a lossfuse/triton module) with no entry
 makes this command fail, and so does an entry that leaves a constexpr of the kernel unset.
 """
 
@@ -53,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import inspect
 import io
 import itertools
 import os
@@ -148,8 +155,35 @@ class Kernel:
     def fn(self):
         return getattr(self._module(), self.name)
 
-    def configs(self):
-        return self._module().launch_configs()[self.name]
+    def configs(self, archs=(80, 90)):
+        fn = self._module().launch_configs
+        if "archs" in inspect.signature(fn).parameters:  # arch-dependent launch options (maxnreg)
+            return fn(archs=tuple(archs))[self.name]
+        return fn()[self.name]
+
+
+# Launch options a configuration may carry besides its constexprs. An arch-dependent one is given as
+# ((arch, value), ...) by launch_configs(archs) and resolved per compile; None means the launcher
+# leaves it unset.
+LAUNCH_OPTIONS = ("num_warps", "maxnreg")
+
+
+def _constexprs(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS}
+
+
+def _options(config: dict, arch: int) -> dict:
+    out = {}
+    for k in LAUNCH_OPTIONS:
+        v = config.get(k)
+        if isinstance(v, tuple):
+            per_arch = dict(v)
+            if arch not in per_arch:
+                raise ValueError(f"{k} has no value for sm_{arch} (launch_configs got archs {sorted(per_arch)})")
+            v = per_arch[arch]
+        if v is not None:
+            out[k] = v
+    return out
 
 
 FLOAT = ("fp32", "bf16", "fp16")  # what the CE and focal launchers accept on CUDA (fp64: reference)
@@ -204,6 +238,41 @@ def _ce_bwd_args(ch, cfg):
         HAS_SOFTCAP=ch["HAS_SOFTCAP"], INPUT_GRAD=ch["grads"] in ("input", "both"),
         TARGET_GRAD=ch["grads"] in ("target", "both"), ACC=triton.language.float32,
     )
+
+
+def _ce_fused_args(ch, cfg):
+    # class-index targets only; absent weight / weight sum / scale pointers are the fp32 loss buffer
+    r, c, s, xs, ts = _ce_strides(cfg)
+    return dict(
+        x_ptr=Ptr(ch["x"]), t_ptr=Ptr("i64"), w_ptr=Ptr("fp32"), wsum_ptr=Ptr("fp32"), s_ptr=Ptr("fp32"),
+        loss_ptr=Ptr("fp32"), lse_ptr=Ptr("fp64"), gx_ptr=Ptr(ch["x"]),
+        R=r, C=c, S=s, num_classes=float(c), x_sN=xs[0], x_sC=xs[1], x_sS=xs[2], t_sN=ts[0], t_sS=ts[1],
+        gx_sN=xs[0], gx_sC=xs[1], gx_sS=xs[2],
+        ignore_index=-100, keep=0.9, eps_c=0.1 / c, z_loss=1e-4, softcap=30.0,
+        HAS_WEIGHT=ch["HAS_WEIGHT"], HAS_SMOOTHING=ch["HAS_SMOOTHING"], HAS_SOFTCAP=ch["HAS_SOFTCAP"],
+        HAS_SCALE=ch["HAS_SCALE"],
+    )
+
+
+def _ce_fused_bwd_args(ch, cfg):
+    # absent weight / weight sum pointers are the fp64 lse (the launcher passes it); the weight sum is
+    # present only with both a weight and smoothing
+    r, c, s, xs, ts = _ce_strides(cfg)
+    w = ch["HAS_WEIGHT"]
+    return dict(
+        go_ptr=Ptr("fp32"), g_ptr=Ptr("fp32"), x_ptr=Ptr(ch["x"]), t_ptr=Ptr("i64"),
+        w_ptr=Ptr("fp32" if w else "fp64"), wsum_ptr=Ptr("fp32" if w and ch["HAS_SMOOTHING"] else "fp64"),
+        lse_ptr=Ptr("fp64"), gx_ptr=Ptr(ch["x"]),
+        R=r, C=c, S=s, num_classes=float(c), g_sN=0, g_sS=0,  # the expanded scalar of a mean/sum
+        x_sN=xs[0], x_sC=xs[1], x_sS=xs[2], t_sN=ts[0], t_sS=ts[1], gx_sN=xs[0], gx_sC=xs[1], gx_sS=xs[2],
+        ignore_index=-100, keep=0.9, eps_c=0.1 / c, z_loss=1e-4, softcap=30.0,
+        HAS_WEIGHT=w, HAS_SMOOTHING=ch["HAS_SMOOTHING"], HAS_SOFTCAP=ch["HAS_SOFTCAP"], ACC=triton.language.float32,
+    )
+
+
+def _ce_scale_args(ch, cfg):
+    r, c, s, xs, ts = _ce_strides(cfg)
+    return dict(go_ptr=Ptr(ch["gx"]), gx_ptr=Ptr(ch["gx"]), R=r, C=c, S=s, gx_sN=xs[0], gx_sC=xs[1], gx_sS=xs[2])
 
 
 def _sigmoid_fwd_args(ch, cfg):
@@ -314,6 +383,16 @@ KERNELS = [
            valid=lambda ch: ch["target"] != "index" or ch["grads"] == "input",
            heavy=[dict(target="index", grads="input", **_CE_HEAVY_FLAGS),
                   dict(target="prob:x", grads="both", **_CE_HEAVY_FLAGS)]),
+    Kernel("cross_entropy", "_ce_fused_kernel",
+           dict(x=FLOAT, HAS_WEIGHT=B, HAS_SMOOTHING=B, HAS_SOFTCAP=B, HAS_SCALE=B), _ce_fused_args,
+           # the row held in registers (ONE_CHUNK) and the chunk loop are separate code: extremes of each
+           group=lambda cfg: f"{_walk(cfg)} one_chunk={cfg['ONE_CHUNK']}",
+           heavy=[dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True, HAS_SCALE=True)]),
+    Kernel("cross_entropy", "_ce_fused_bwd_kernel", dict(x=FLOAT, HAS_WEIGHT=B, HAS_SMOOTHING=B, HAS_SOFTCAP=B),
+           _ce_fused_bwd_args, group=_walk, heavy=[dict(_CE_HEAVY_FLAGS)]),
+    # the launcher takes a float32 or float64 gradient (a narrower one would be rounded twice)
+    Kernel("cross_entropy", "_ce_scale_kernel", dict(gx=("fp32", "fp64")), _ce_scale_args, group=_walk,
+           heavy=[dict(gx="fp32")]),
     Kernel("focal", "_sigmoid_focal_fwd_kernel", dict(x=FLOAT, HAS_ALPHA=B, INDEX=B), _sigmoid_fwd_args,
            heavy=[dict(HAS_ALPHA=True, INDEX=True), dict(HAS_ALPHA=True, INDEX=False)],
            group=lambda cfg: "partial" if cfg["PARTIAL"] else "elementwise"),
@@ -348,19 +427,24 @@ class Variant:
     def name(self):
         return self.kernel.name.strip("_")
 
-    def spec(self) -> str:
+    def spec(self, arch: int | None = None) -> str:
         short = {False: "0", True: "1", None: "-"}
         parts = [f"{k}={short.get(v, v) if isinstance(v, (bool, type(None))) else v}" for k, v in self.choice]
-        parts += [f"{'warps' if k == 'num_warps' else k}={short.get(v, v) if isinstance(v, bool) else v}"
-                  for k, v in self.config]
+        cfg = dict(self.config)
+        for k, v in cfg.items():
+            if k in LAUNCH_OPTIONS and isinstance(v, tuple):  # per arch
+                v = dict(v).get(arch) if arch is not None else "/".join(f"{a}:{x}" for a, x in v)
+            if k == "maxnreg" and v is None:
+                continue
+            parts.append(f"{'warps' if k == 'num_warps' else k}={short.get(v, v) if isinstance(v, bool) else v}")
         return " ".join(parts)
 
-    def source(self):
-        """(ASTSource, num_warps)."""
+    def source(self, arch: int):
+        """(ASTSource, compile options for ``arch``)."""
         k = self.kernel
         fn = k.fn
-        cfg = dict(self.config)
-        num_warps = cfg.pop("num_warps")
+        options = _options(dict(self.config), arch)
+        cfg = _constexprs(dict(self.config))
         args = k.args(dict(self.choice), cfg)
         args.update(cfg)
         names = list(fn.arg_names)
@@ -381,7 +465,7 @@ class Variant:
                 constexprs[name] = desc
             elif isinstance(desc, str) and "D" in desc:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        return triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), num_warps
+        return triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), options
 
 
 def _dedupe(variants):
@@ -389,8 +473,7 @@ def _dedupe(variants):
     'prob:x' target is 'prob:fp32') compile to the same kernel."""
     seen, out = set(), []
     for v in variants:
-        cfg = dict(v.config)
-        cfg.pop("num_warps")
+        cfg = _constexprs(dict(v.config))
         args = v.kernel.args(dict(v.choice), cfg)
         key = (v.kernel.name, v.config, tuple(sorted((k, repr(a)) for k, a in args.items())))
         if key not in seen:
@@ -443,10 +526,10 @@ def _complete(k: Kernel, partial: dict, i: int):
     raise ValueError(f"{k.name}: no valid choice extends {partial}")
 
 
-def variants(kernels=KERNELS, which: str = "cover"):
+def variants(kernels=KERNELS, which: str = "cover", archs=(80, 90)):
     out = []
     for k in kernels:
-        configs = k.configs()
+        configs = k.configs(archs)
         names = list(k.axes)
         mk = lambda ch, cfg: Variant(k, tuple((n, ch[n]) for n in names), tuple(cfg.items()))  # noqa: E731
         if which == "all":
@@ -493,8 +576,7 @@ def coverage_gaps(vs) -> list[str]:
         # every bool constexpr of the kernel both ways (what the launcher can pass)
         flags = {}
         for v in got:
-            cfg = dict(v.config)
-            cfg.pop("num_warps")
+            cfg = _constexprs(dict(v.config))
             a = k.args(dict(v.choice), cfg)
             a.update(cfg)
             for p in k.fn.params:
@@ -553,14 +635,14 @@ class Row:
 
 
 def compile_variant(v: Variant, arch: int) -> Row:
-    row = Row(v.name, v.spec(), arch)
+    row = Row(v.name, v.spec(arch), arch)
     t0 = time.perf_counter()
     log = io.StringIO()
     try:
-        src, num_warps = v.source()
+        src, options = v.source(arch)
         with warnings.catch_warnings(), contextlib.redirect_stdout(log):
             warnings.simplefilter("ignore")
-            ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+            ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         text = log.getvalue()
         regs = _REGS.findall(text)
         spill = _SPILL.findall(text)
@@ -632,7 +714,7 @@ def main(argv=None) -> int:
         print(f"no kernel matches {args.kernel}", file=sys.stderr)
         return 2
     problems = [f"launched kernel without an AOT entry: {name}" for name in unlisted_kernels()]
-    vs = variants(kernels, args.which)
+    vs = variants(kernels, args.which, archs)
     if not args.kernel:
         problems += [f"coverage: {g}" for g in coverage_gaps(vs)]
     for p in problems:

@@ -696,26 +696,45 @@ def _launch_config(n: int, c: int, s: int, spatial: bool, interpret: bool):
     return grid, block_r, block_c, num_warps
 
 
-# The shapes the GPU heuristic is enumerated over for ahead-of-time compilation (lossfuse/triton/aot.py):
-# _launch_config depends on n, c, s only through next_power_of_2 and min/max, so powers of two up to
-# twice each cap reach every (BLOCK_R, BLOCK_C, num_warps) it can return, for any shape.
-def launch_configs():
-    """Every GPU launch configuration of the kernels above, as constexprs + num_warps: the distinct
-    outputs of _launch_config (what the launchers call) over all shapes, per kernel."""
+# The shapes the GPU heuristics are enumerated over for ahead-of-time compilation (lossfuse/triton/aot.py):
+# _launch_config and fused_launch_config depend on n, c, s only through next_power_of_2, min/max and
+# c <= BLOCK_C, so powers of two up to twice each cap reach every configuration they can return, for any
+# shape.
+def _aot_shapes():
     pow2 = [1 << k for k in range(max(_MAX_BLOCK_C, _TILE).bit_length() + 1)]
-    seen = {}
     for spatial in (False, True):
         for c in pow2:
             for r in pow2:
                 # spatial: r is S (walks need S > 1), n = 1; rows: r is N * S, walked with S = 1
                 if spatial and r == 1:
                     continue
-                n, s = (1, r) if spatial else (r, 1)
-                _, block_r, block_c, num_warps = _launch_config(n, c, s, spatial, interpret=False)
-                cfg = dict(SPATIAL_WALK=spatial, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
-                seen[tuple(cfg.values())] = cfg
+                yield ((1, c, r) if spatial else (r, c, 1)), spatial
+
+
+def launch_configs(archs=(80, 90)):
+    """Every GPU launch configuration of the kernels above, as constexprs + launch options (num_warps,
+    and for the fused kernels maxnreg per arch in ``archs``, as ((arch, value), ...)): the distinct
+    outputs of _launch_config and fused_launch_config (what the launchers call) over all shapes, per
+    kernel."""
+    seen, fused, fused_bwd = {}, {}, {}
+    for (n, c, s), spatial in _aot_shapes():
+        _, block_r, block_c, num_warps = _launch_config(n, c, s, spatial, interpret=False)
+        cfg = dict(SPATIAL_WALK=spatial, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+        seen[tuple(cfg.values())] = cfg
+        per_arch = {arch: fused_launch_config(n, c, s, spatial, False, arch) for arch in archs}
+        tiles = {out[1:5] for out in per_arch.values()}
+        if len(tiles) != 1:  # one variant is compiled for every arch: only maxnreg may differ by arch
+            raise ValueError(f"fused_launch_config({n}, {c}, {s}, {spatial}) tiles differ by arch: {per_arch}")
+        _, block_r, block_c, num_warps, one_chunk, _ = per_arch[archs[0]]
+        maxnreg = tuple((arch, out[5]) for arch, out in per_arch.items())
+        cfg = dict(SPATIAL_WALK=spatial, ONE_CHUNK=one_chunk, BLOCK_R=block_r, BLOCK_C=block_c,
+                   num_warps=num_warps, maxnreg=maxnreg)
+        fused[tuple(cfg.values())] = cfg
+        cfg = {k: v for k, v in cfg.items() if k != "ONE_CHUNK"}  # the backward kernels have no ONE_CHUNK
+        fused_bwd[tuple(cfg.values())] = cfg
     configs = list(seen.values())
-    return {"_ce_fwd_kernel": configs, "_ce_bwd_kernel": configs}
+    return {"_ce_fwd_kernel": configs, "_ce_bwd_kernel": configs, "_ce_fused_kernel": list(fused.values()),
+            "_ce_fused_bwd_kernel": list(fused_bwd.values()), "_ce_scale_kernel": list(fused_bwd.values())}
 
 
 # Rows held in registers by the fused kernel: at 16384 classes (32 fp32 per thread at 16 warps, the

@@ -383,6 +383,101 @@ def test_lce_targets_from_the_rows():
 
 
 # ---------------------------------------------------------------------------------------------------
+# The GPU benchmark (bench/gpu.sh, issue 11): its case list, a CPU dry run of it at tiny shapes, the
+# no-CUDA exit, and its targets
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_gpu_preset_holds_the_issue_11_cases():
+    from lossfuse.bench.presets import BF16, F32, get_preset
+
+    cases = get_preset("gpu").cases
+    by = {(c.loss, c.shape, c.dtype, c.variant): c for c in cases}
+    for shape in [(8192, 32000), (8192, 128256), (4096, 256000)]:
+        for dtype in (BF16, F32):
+            c = by[("ce", shape, dtype, "")]
+            assert set(c.modes) == {"fwd+bwd", "fwd"}, c
+    for key in [("sigmoid_focal", (200000, 80), F32, "float"), ("sigmoid_focal", (200000, 80), F32, "index"),
+                ("softmax_focal", (65536, 1000), F32, ""), ("huber", (16777216,), F32, ""),
+                ("lce", (8192, 4096, 128256), BF16, "")]:
+        assert key in by, key
+    lines: list = []
+    run_suite(["--list", "--device", "cpu", "--shapes", "gpu"], echo_fn=lines.append)
+    assert "ce (4096x256000) bfloat16" in "\n".join(lines) and "lce (8192x4096x128256) bfloat16" in "\n".join(lines)
+
+
+def test_gpu_preset_dry_run_on_cpu(tmp_path):
+    """Every case of the gpu preset, shrunk, through the whole suite on the CPU: the providers that
+    need CUDA (liger, cce) leave a note, the others are checked against float64 and timed."""
+    cpu_kernels_or_skip()
+    from dataclasses import replace
+
+    from lossfuse.bench.presets import get_preset
+
+    tiny = {"ce": lambda s: (64, s[1] // 256), "sigmoid_focal": lambda s: (500, 80),
+            "softmax_focal": lambda s: (256, 100), "huber": lambda s: (65536,), "lce": lambda s: (64, 32, 501)}
+    cases = [replace(c, shape=tiny[c.loss](c.shape)) for c in get_preset("gpu").cases]
+    result, _, _ = _run(tmp_path, ["--shapes", "gpu", "--providers", "cpu,torch,liger,cce", "--no-plots"],
+                        cases=cases)
+    rows = result.rows
+    assert {r["mode"] for r in rows if r["loss"] == "ce"} == {"fwd+bwd", "fwd"}
+    assert {r["mode"] for r in rows if r["loss"] != "ce"} == {"fwd+bwd"}
+    for c in cases:
+        for mode in c.modes:
+            mine = {r["provider"]: r for r in rows if r["loss"] == c.loss and r["mode"] == mode
+                    and r["shape"] == "x".join(map(str, c.shape)) and r["dtype"] == str(c.dtype)[6:]}
+            assert mine["lossfuse-cpu"]["status"] == "ok" and mine["torch"]["status"] == "ok", (c, mode, mine)
+            if c.loss in ("ce", "lce"):
+                assert mine["liger"]["status"] == "skipped" and "CUDA" in mine["liger"]["note"]
+            else:
+                assert "liger" not in mine
+            if c.loss == "lce":
+                assert mine["cce"]["status"] == "skipped" and "CUDA" in mine["cce"]["note"]
+            else:
+                assert "cce" not in mine
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the path of a machine without CUDA")
+def test_gpu_sh_without_cuda_says_so_and_exits_2():
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "no CUDA" in r.stderr and "sees no CUDA device" in r.stderr
+    assert r.stdout == ""  # nothing ran
+
+
+def test_gpu_targets_are_evaluated_from_the_rows():
+    from lossfuse.bench.targets import evaluate
+
+    base = {"loss": "ce", "shape": "8192x128256", "dtype": "bfloat16", "variant": "", "mode": "fwd+bwd",
+            "sweeps": "", "main": True, "note": ""}
+    rows = [
+        {**base, "provider": "lossfuse-triton", "status": "ok", "copy_bw_frac": 0.9, "speedup_vs_compile": 2.5,
+         "median_ms": 1.0},
+        {**base, "provider": "liger", "status": "ok", "median_ms": 1.1},
+        {**base, "loss": "lce", "shape": "8192x4096x128256", "provider": "lossfuse-triton", "status": "ok",
+         "peak_mem_mb": 900.0, "speedup_vs_torch": 0.95, "median_ms": 30.0},
+        {**base, "loss": "lce", "shape": "8192x4096x128256", "provider": "liger", "status": "ok",
+         "peak_mem_mb": 1000.0, "median_ms": 31.0},
+    ]
+    got = {r["target"]: r for r in evaluate(rows, "cuda")}
+    assert got["cross-entropy (8192, 128256) bf16 fwd+bwd: >= 85% of copy bandwidth"]["met"] is True
+    assert got["cross-entropy (8192, 128256) bf16 fwd+bwd: >= 2x torch.compile"]["met"] is True
+    liger = got["cross-entropy (8192, 128256) bf16 fwd+bwd: >= 1.2x liger-kernel"]
+    assert liger["met"] is False and math.isclose(liger["value"], 1.1)
+    mem = got["linear+CE (8192, 4096, 128256) bf16 fwd+bwd: peak memory <= liger-kernel's"]
+    assert mem["met"] is True and math.isclose(mem["value"], 0.9)
+    t = got["linear+CE (8192, 4096, 128256) bf16 fwd+bwd: time <= 1.1x torch eager"]
+    assert t["met"] is True and math.isclose(t["value"], 1 / 0.95)
+    assert not any("(8192, 32000)" in k for k in got)   # cases that did not run are left out
+    assert not any(k.startswith("cross-entropy (4096, 32000) fp32") for k in got)  # CPU targets
+
+
+# ---------------------------------------------------------------------------------------------------
 # The Hugging Face transformers step (hf): tiny shapes here; the preset's case is (8, 256, 256, 32000)
 # ---------------------------------------------------------------------------------------------------
 

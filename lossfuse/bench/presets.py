@@ -118,6 +118,22 @@ HF = _c("hf", (8, 256, 256, 32000), target="hf", rounds=3)
 # logits-sized tensors (4.2 GB each) and takes minutes; in ``full`` only.
 LLM_LARGE = _c("lce", (4096, 1024, 128256), (BF16,), rounds=3)
 
+# The GPU benchmark (bench/gpu.sh; issue 11): language-model cross-entropy in both dtypes, forward alone
+# and with the backward, the other losses at their default-preset shapes, and fused linear +
+# cross-entropy at a Llama-3-sized head. Sized to finish, torch.compile's warm-ups included, in the few
+# minutes bench/gpu.sh leaves it on an H100/H200.
+# (A case's modes narrow the run's: the preset runs fwd+bwd and fwd, the non-CE cases fwd+bwd only.)
+_LM_FWD = ("fwd+bwd", "fwd")
+_STEP = ("fwd+bwd",)
+GPU = (
+    [c for shape in [(8192, 32000), (8192, 128256), (4096, 256000)] for c in _c("ce", shape, (BF16, F32), modes=_LM_FWD)]
+    + _c("sigmoid_focal", (200000, 80), variant="float", modes=_STEP)
+    + _c("sigmoid_focal", (200000, 80), variant="index", modes=_STEP)
+    + _c("softmax_focal", (65536, 1000), modes=_STEP)
+    + _c("huber", (16777216,), (F32, BF16), modes=_STEP)
+    + _c("lce", (8192, 4096, 128256), (BF16,), rounds=3, modes=_STEP)
+)
+
 VISION = (
     _c("ce", (256, 1000)) + _c("ce", (4096, 1000))
     + _c("ce", (8, 21, 256, 256), variant="ignore_index")
@@ -187,6 +203,10 @@ PRESETS = {
     "vision": Preset("vision", _merge(VISION), description="classification and segmentation cross-entropy"),
     "detection": Preset("detection", _merge(DETECTION),
                         description="dense detection: sigmoid focal, SmoothL1/Huber box regression"),
+    # do_bench samples ~budget/rounds per provider and round: a few 10 ms samples are plenty on a GPU.
+    "gpu": Preset("gpu", _merge(GPU), modes=_LM_FWD, rounds=5, min_rounds=3, budget_s=2.0,
+                  description="the GPU benchmark of bench/gpu.sh: LM cross-entropy fwd and fwd+bwd, focal, Huber, "
+                              "linear + cross-entropy (8192, 4096, 128256) bf16"),
     "hf": Preset("hf", _merge(HF), min_rounds=3,
                  description="a Hugging Face transformers Llama training step: transformers' own loss against "
                              "lossfuse.transformers.apply (fused_linear=True and False); needs transformers"),
@@ -201,7 +221,7 @@ def full_preset() -> Preset:
                               "(classes 1k->256k, rows, CPU threads)")
 
 
-PRESET_NAMES = ("quick", "default", "llm", "vision", "detection", "hf", "full")
+PRESET_NAMES = ("quick", "default", "llm", "vision", "detection", "hf", "gpu", "full")
 
 
 def get_preset(name: str) -> Preset:

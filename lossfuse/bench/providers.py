@@ -6,7 +6,10 @@
   lossfuse-reference  lossfuse's plain-PyTorch backend (slow; in the ``full`` preset or when asked)
   torch               the loss entry's torch code, eager
   torch.compile       the same torch code under torch.compile (its compile time is never timed)
-  liger               liger-kernel's cross-entropy (CUDA; an anchor, when it is installed)
+  liger               liger-kernel's cross-entropy, and its fused linear + cross-entropy for ``lce``
+                      (CUDA; an anchor, when it is installed)
+  cce                 cut-cross-entropy's ``linear_cross_entropy`` (Apple's CCE; ``lce`` on CUDA, when
+                      installed), with its defaults: impl "cce" and gradient filtering (filter_eps "auto")
   torch-chunked       torch's own chunked linear + cross-entropy, ``F.linear_cross_entropy(...,
                       options=torch.nn.LinearCrossEntropyOptions())`` (torch >= 2.13; the anchor of ``lce``)
   hf-logits-lossfuse  the ``hf`` entry's model under ``lossfuse.transformers.apply(model, fused_linear=False)``
@@ -77,25 +80,48 @@ def _compile_make(entry, case, device):
 
 
 def _liger_make(entry, case, device):
-    if entry.key != "ce":
-        return "liger-kernel anchors cross-entropy only"
-    if case.variant not in ("", "ignore_index"):
+    if entry.key not in ("ce", "lce"):
+        return "liger-kernel anchors cross-entropy and linear + cross-entropy only"
+    if entry.key == "ce" and case.variant not in ("", "ignore_index"):
         return "liger-kernel is timed on class-index targets without weights or smoothing"
     if device.type != "cuda":
         return "liger-kernel runs on CUDA only"
-    if len(case.shape) != 2:
+    if entry.key == "ce" and len(case.shape) != 2:
         return "liger-kernel's cross-entropy takes (N, C) logits only"
     if importlib.util.find_spec("liger_kernel") is None:
-        return "liger-kernel is not installed (pip install liger-kernel)"
+        return "liger-kernel is not installed (pip install liger-kernel; offline: bench/README.md)"
     try:
-        from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
+        if entry.key == "ce":
+            from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss as Loss
+        else:
+            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss as Loss
     except Exception as exc:  # an install that does not import is a note, not a crash
         return f"liger-kernel does not import: {type(exc).__name__}: {exc}"
-    module = LigerCrossEntropyLoss()
+    module = Loss()
 
-    def call(x, y):
-        out = module(x, y)
+    def first(out):
         return out[0] if isinstance(out, tuple) else out
+
+    if entry.key == "ce":
+        return lambda x, y: first(module(x, y))
+    # liger's order: (lin_weight, input, target)
+    return lambda x, w, y: first(module(w, x, y))
+
+
+def _cce_make(entry, case, device):
+    if entry.key != "lce":
+        return "cut-cross-entropy implements linear + cross-entropy only"
+    if device.type != "cuda":
+        return "cut-cross-entropy's kernels run on CUDA only"
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        return "cut-cross-entropy is not installed (pip install cut-cross-entropy; offline: bench/README.md)"
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception as exc:
+        return f"cut-cross-entropy does not import: {type(exc).__name__}: {exc}"
+
+    def call(x, w, y):  # CCE's order: (embeddings (N, H), classifier (V, H), targets)
+        return linear_cross_entropy(x, w, y, reduction="mean")
 
     return call
 
@@ -136,7 +162,8 @@ PROVIDERS = {
         _lossfuse("cpu"), _lossfuse("triton"), _lossfuse("reference"),
         Provider(EAGER, _eager_make), Provider(COMPILE, _compile_make),
         # liger writes the gradient into the logits during the forward: it gets its own copies.
-        Provider("liger", _liger_make, mutates_inputs=True, losses=("ce",)),
+        Provider("liger", _liger_make, mutates_inputs=True, losses=("ce", "lce")),
+        Provider("cce", _cce_make, losses=("lce",)),
         Provider("torch-chunked", _torch_chunked_make, losses=("lce",)),
         # lossfuse.transformers.apply(model, fused_linear=False): lossfuse's cross-entropy on the logits.
         Provider("hf-logits-lossfuse", _hf_logits_make, losses=("hf",)),
@@ -146,6 +173,7 @@ PROVIDERS = {
 ALIASES = {
     "cpu": "lossfuse-cpu", "triton": "lossfuse-triton", "reference": "lossfuse-reference",
     "eager": EAGER, "compile": COMPILE, "liger-kernel": "liger", "chunked": "torch-chunked",
+    "cut-cross-entropy": "cce",
     "logits": "hf-logits-lossfuse",
 }
 
@@ -176,7 +204,7 @@ def default_names(device: torch.device, with_reference: bool) -> list:
         names.append("lossfuse-reference")
     names += [EAGER, COMPILE]
     if device.type == "cuda":
-        names.append("liger")
+        names += ["liger", "cce"]
     names.append("torch-chunked")   # on lce cases only (Provider.losses); a note where torch lacks it
     names.append("hf-logits-lossfuse")  # on hf cases only
     return names

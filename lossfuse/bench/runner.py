@@ -576,7 +576,7 @@ def _run_mode(c: _ModeContext, mode: str, names: list, fns: dict, psets: dict, s
             _fill_timing(row, times[name], number[name], r_count, c.copy_gbps, len(psets[name]))
             if not c.mem_problem:
                 _fill_memory(c, row, mode, mems[name], psets[name][0])
-            if name == "liger":
+            if name == "liger" and entry.key == "ce":
                 row["note"] = "computes the gradient in its forward, in place into the logits"
             elif name.startswith("lossfuse-") and mode in entry.lossfuse_notes:
                 row["note"] = entry.lossfuse_notes[mode]

@@ -1,4 +1,4 @@
-"""The project's stated targets (issues 3, 4, 5, 6), checked against a run's rows and printed at its end.
+"""The project's stated targets (issues 3, 4, 5, 6, 11), checked against a run's rows and printed at its end.
 
 A target is met or missed only where its case ran on its kind of device; otherwise it is left out.
 These are the numbers the issues ask to quote from one run: ratios measured side by side.
@@ -22,6 +22,7 @@ class Target:
     dtype: torch.dtype
     variant: str
     metric: str            # a row column, "speedup_vs_liger", "time_vs_torch" (1 / speedup_vs_torch), or
+                           # "mem_vs_liger" (peak_mem_mb / liger's on the same case)
                            # "mem_vs_torch" (extra_mem_pct over torch eager's)
     op: str                # ">=" or "<="
     value: float
@@ -71,6 +72,26 @@ TARGETS = [
            (4096, 32000), BF16, "", "speedup_vs_liger", ">=", 1.0),
 ]
 
+# Issue 11, on an H100/H200 (the ``gpu`` preset): cross-entropy bf16 fwd+bwd at V >= 32000 near the copy
+# bandwidth and ahead of liger-kernel and torch.compile; fused linear + cross-entropy no bigger than
+# liger's and close to torch eager's time.
+for _shape in ((8192, 32000), (8192, 128256), (4096, 256000)):
+    _s = f"({_shape[0]}, {_shape[1]})"
+    TARGETS += [
+        Target(f"cross-entropy {_s} bf16 fwd+bwd: >= 85% of copy bandwidth", "cuda", "ce", _shape, BF16, "",
+               "copy_bw_frac", ">=", 0.85),
+        Target(f"cross-entropy {_s} bf16 fwd+bwd: >= 1.2x liger-kernel", "cuda", "ce", _shape, BF16, "",
+               "speedup_vs_liger", ">=", 1.2),
+        Target(f"cross-entropy {_s} bf16 fwd+bwd: >= 2x torch.compile", "cuda", "ce", _shape, BF16, "",
+               "speedup_vs_compile", ">=", 2.0),
+    ]
+TARGETS += [
+    Target("linear+CE (8192, 4096, 128256) bf16 fwd+bwd: peak memory <= liger-kernel's", "cuda", "lce",
+           (8192, 4096, 128256), BF16, "", "mem_vs_liger", "<=", 1.0),
+    Target("linear+CE (8192, 4096, 128256) bf16 fwd+bwd: time <= 1.1x torch eager", "cuda", "lce",
+           (8192, 4096, 128256), BF16, "", "time_vs_torch", "<=", 1.1),
+]
+
 
 def _shape(t: Target) -> str:
     return "x".join(str(s) for s in t.shape)
@@ -81,6 +102,8 @@ def _fmt(metric: str, v: float) -> str:
         return f"{v:.1f}%"
     if metric == "copy_bw_frac":
         return f"{100 * v:.0f}%"
+    if metric == "mem_vs_liger":
+        return f"{v:.2f}x liger-kernel's peak memory"
     if metric == "time_vs_torch":
         return f"{v:.2f}x torch eager's time (speed-up {1 / v:.2f}x)"
     if metric == "mem_vs_torch":
@@ -109,6 +132,10 @@ def evaluate(rows: list, device_type: str) -> list:
         if t.metric == "speedup_vs_liger":
             liger = next((r for r in mine if r["provider"] == "liger" and r["status"] == "ok"), None)
             value = None if liger is None else liger["median_ms"] / row["median_ms"]
+        elif t.metric == "mem_vs_liger":
+            liger = next((r for r in mine if r["provider"] == "liger" and r["status"] == "ok"), None)
+            ok = liger is not None and liger.get("peak_mem_mb") and row.get("peak_mem_mb") is not None
+            value = row["peak_mem_mb"] / liger["peak_mem_mb"] if ok else None
         elif t.metric == "mem_vs_torch":
             eager = next((r for r in mine if r["provider"] == "torch" and r["status"] == "ok"), None)
             mem = None if eager is None else eager.get("extra_mem_pct")

@@ -63,10 +63,13 @@ def _tile_rows(pid, R, S, BLOCK_R: tl.constexpr, SPATIAL_WALK: tl.constexpr):
     if SPATIAL_WALK:
         # One n per program and consecutive s: with spatial stride 1 (specialised to a constant by
         # Triton) the compiler sees the rows are contiguous and vectorises / coalesces along them.
+        # The split of the program id in 32 bits: both it and the tile count are below 2^31 (a grid
+        # dimension's limit), and a 64-bit division is a long instruction sequence.
+        p32 = tl.program_id(0)
         tiles = (S + BLOCK_R - 1) // BLOCK_R
-        n0 = pid // tiles
-        s = (pid - n0 * tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-        n = tl.zeros([BLOCK_R], dtype=tl.int64) + n0
+        n32 = p32 // tiles
+        n = n32.to(tl.int64)  # a scalar: one register pair, not one per row (it broadcasts where it meets s)
+        s = (p32 - n32 * tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = s < S
     else:
         r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -148,6 +151,18 @@ def _ce_fwd_kernel(
     n, s, row_ok = _tile_rows(pid, R, S, BLOCK_R, SPATIAL_WALK)
     x_row = x_ptr + (n * x_sN + s * x_sS)
     t_row = t_ptr + (n * t_sN + s * t_sS)
+    if (not PROB_TARGET) and SPATIAL_WALK:
+        # The target's logit and weight before the class loop: nothing but these three values per row
+        # stays live across it (loaded after it, the row addresses did, and ptxas parked one in local
+        # memory: a spill, seen on sm_80 in the spatial walk).
+        y = tl.load(t_row, mask=row_ok, other=0)
+        valid = (y >= 0) & (y < C)
+        y_safe = tl.where(valid, y, 0)  # an out-of-range target never addresses memory
+        x_y = tl.load(x_row + y_safe * x_sC, mask=row_ok & valid, other=0.0).to(ACC)
+        if HAS_WEIGHT:
+            wy = tl.load(w_ptr + y_safe, mask=row_ok & valid, other=0.0).to(ACC)
+        else:
+            wy = 1.0
 
     # Running statistics relative to a finite shift `ref`: the running max once one is finite, 0
     # before (a row whose first chunks are all -inf, a masked vocabulary, would otherwise compute
@@ -204,17 +219,18 @@ def _ce_fwd_kernel(
         # sum_c w_c t'_c (lse - x_c) = log(sum) * sum_c w_c t'_c - sum_c w_c t'_c (x_c - ref)
         loss = logsum * acc_w - acc_wd + z_loss * lse * lse
     else:
-        y = tl.load(t_row, mask=row_ok, other=0)
-        valid = (y >= 0) & (y < C)
+        if not SPATIAL_WALK:
+            y = tl.load(t_row, mask=row_ok, other=0)
+            valid = (y >= 0) & (y < C)
+            y_safe = tl.where(valid, y, 0)
+            x_y = tl.load(x_row + y_safe * x_sC, mask=row_ok & valid, other=0.0).to(ACC)
+            if HAS_WEIGHT:
+                wy = tl.load(w_ptr + y_safe, mask=row_ok & valid, other=0.0).to(ACC)
+            else:
+                wy = 1.0
         live = valid & (y != ignore_index)
-        y_safe = tl.where(valid, y, 0)  # an out-of-range target never addresses memory
-        x_y = tl.load(x_row + y_safe * x_sC, mask=row_ok & valid, other=0.0).to(ACC)
         if HAS_SOFTCAP:
             x_y = softcap * _tanh(x_y / softcap)
-        if HAS_WEIGHT:
-            wy = tl.load(w_ptr + y_safe, mask=row_ok & valid, other=0.0).to(ACC)
-        else:
-            wy = 1.0
         # (ref - x_y) + log(sum) rather than lse - x_y: exact when the target holds the max logit.
         # (Tensor first, scalars after: the product then takes the tensor's precision.)
         loss = ((ref - x_y) + logsum) * keep * wy
@@ -441,16 +457,18 @@ def _ce_bwd_kernel(
                 wc = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
             else:
                 wc = 1.0
-            if TARGET_GRAD:
-                # d loss / d t_c = (1 - eps) w_c (lse - x'_c)
-                o_t = (g * keep)[:, None] * wc * ((hi[:, None] - x) + lo[:, None])
-                tl.store(gt_row[:, None] + cols[None, :] * gt_sC, o_t.to(gt_ptr.dtype.element_ty), mask=mask)
             if INPUT_GRAD:
                 t = tl.load(t_row[:, None] + cols[None, :] * t_sC, mask=mask, other=0.0).to(ACC)
                 wt = (t * keep + eps_c) * wc
                 o = tl.exp((x - hi[:, None]) - lo[:, None]) * gtw[:, None] - g[:, None] * wt
                 if HAS_SOFTCAP:
                     o = o * slope
+            if TARGET_GRAD:
+                # d loss / d t_c = (1 - eps) w_c (lse - x'_c)
+                o_t = (g * keep)[:, None] * wc * ((hi[:, None] - x) + lo[:, None])
+                tl.store(gt_row[:, None] + cols[None, :] * gt_sC, o_t.to(gt_ptr.dtype.element_ty), mask=mask)
+            if INPUT_GRAD:
+                # after the target's loads and stores: in place (gx over x), this chunk of x is read
                 tl.store(gx_row[:, None] + cols[None, :] * gx_sC, o.to(gx_ptr.dtype.element_ty), mask=mask)
     else:
         _ci_bwd_rows(x_row, t_row, gx_row, w_ptr, wsum_ptr, g, hi, lo, row_ok, C, num_classes, x_sC, gx_sC,
@@ -637,9 +655,11 @@ def _ce_scale_kernel(
 # Launch configuration.
 # ----------------------------------------------------------------------------------------------
 
-# On a GPU: a row of up to 16k classes is one chunk (32 fp32 per thread at 16 warps); a tile holds
+# On a GPU: a row of up to 8k classes is one chunk (16 fp32 per thread at 16 warps); a tile holds
 # at least _TILE elements so that small-C rows and the spatial walk still keep every warp busy.
-_MAX_BLOCK_C = 16384
+# (16k-class chunks, 32 values per thread under the 128-register cap of 16 warps, spilled in the
+# backward with a probability target on sm_90: python -m lossfuse.triton.aot.)
+_MAX_BLOCK_C = 8192
 _TILE = 2048
 _MAX_BLOCK_S = 128  # spatial walk: 128 neighbouring positions, a 512-byte run of fp32 per class
 # Under the interpreter every block op is a numpy call per program: small chunks, so the tests go
@@ -670,8 +690,51 @@ def _launch_config(n: int, c: int, s: int, spatial: bool, interpret: bool):
         block_c = min(triton.next_power_of_2(c), max_c)
         block_r = max(1, min(tile // block_c, triton.next_power_of_2(n * s)))
         grid = (triton.cdiv(n * s, block_r),)
-    num_warps = min(16, max(4, (block_r * block_c) // 512))  # 4..16 elements per thread (32 at 16k)
+    # 4..16 elements per thread (32 at 16k); a tall tile (many rows of few classes) also gets a warp per
+    # 256 rows: each row keeps its own running statistics, and 16 rows per thread spilled on sm_90.
+    num_warps = min(16, max(4, (block_r * block_c) // 512, block_r // 256))
     return grid, block_r, block_c, num_warps
+
+
+# The shapes the GPU heuristics are enumerated over for ahead-of-time compilation (lossfuse/triton/aot.py):
+# _launch_config and fused_launch_config depend on n, c, s only through next_power_of_2, min/max and
+# c <= BLOCK_C, so powers of two up to twice each cap reach every configuration they can return, for any
+# shape.
+def _aot_shapes():
+    pow2 = [1 << k for k in range(max(_MAX_BLOCK_C, _TILE).bit_length() + 1)]
+    for spatial in (False, True):
+        for c in pow2:
+            for r in pow2:
+                # spatial: r is S (walks need S > 1), n = 1; rows: r is N * S, walked with S = 1
+                if spatial and r == 1:
+                    continue
+                yield ((1, c, r) if spatial else (r, c, 1)), spatial
+
+
+def launch_configs(archs=(80, 90)):
+    """Every GPU launch configuration of the kernels above, as constexprs + launch options (num_warps,
+    and for the fused kernels maxnreg per arch in ``archs``, as ((arch, value), ...)): the distinct
+    outputs of _launch_config and fused_launch_config (what the launchers call) over all shapes, per
+    kernel."""
+    seen, fused, fused_bwd = {}, {}, {}
+    for (n, c, s), spatial in _aot_shapes():
+        _, block_r, block_c, num_warps = _launch_config(n, c, s, spatial, interpret=False)
+        cfg = dict(SPATIAL_WALK=spatial, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+        seen[tuple(cfg.values())] = cfg
+        per_arch = {arch: fused_launch_config(n, c, s, spatial, False, arch) for arch in archs}
+        tiles = {out[1:5] for out in per_arch.values()}
+        if len(tiles) != 1:  # one variant is compiled for every arch: only maxnreg may differ by arch
+            raise ValueError(f"fused_launch_config({n}, {c}, {s}, {spatial}) tiles differ by arch: {per_arch}")
+        _, block_r, block_c, num_warps, one_chunk, _ = per_arch[archs[0]]
+        maxnreg = tuple((arch, out[5]) for arch, out in per_arch.items())
+        cfg = dict(SPATIAL_WALK=spatial, ONE_CHUNK=one_chunk, BLOCK_R=block_r, BLOCK_C=block_c,
+                   num_warps=num_warps, maxnreg=maxnreg)
+        fused[tuple(cfg.values())] = cfg
+        cfg = {k: v for k, v in cfg.items() if k != "ONE_CHUNK"}  # the backward kernels have no ONE_CHUNK
+        fused_bwd[tuple(cfg.values())] = cfg
+    configs = list(seen.values())
+    return {"_ce_fwd_kernel": configs, "_ce_bwd_kernel": configs, "_ce_fused_kernel": list(fused.values()),
+            "_ce_fused_bwd_kernel": list(fused_bwd.values()), "_ce_scale_kernel": list(fused_bwd.values())}
 
 
 # Rows held in registers by the fused kernel: at 16384 classes (32 fp32 per thread at 16 warps, the

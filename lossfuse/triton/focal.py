@@ -308,11 +308,9 @@ def sigmoid_focal_fwd(input, target, alpha, gamma, sum_block, grad_scale=None):
     partial = sum_block > 0
     if partial:
         out = torch.empty((triton.cdiv(numel, sum_block),), dtype=acc, device=input.device)
-        block = min(_BLOCK, triton.next_power_of_2(sum_block))
-        span = sum_block
     else:
         out = torch.empty(input.shape, dtype=acc, device=input.device)
-        block = span = _BLOCK
+    block, span, num_warps = _sigmoid_fwd_config(sum_block)
     if grad_scale is None:
         gx = input.new_empty((0,))
     else:
@@ -322,7 +320,7 @@ def sigmoid_focal_fwd(input, target, alpha, gamma, sum_block, grad_scale=None):
         return out, gx
     _sigmoid_focal_fwd_kernel[(triton.cdiv(numel, span),)](
         x, t, out, numel, c, float(alpha), float(gamma), span,
-        HAS_ALPHA=alpha >= 0, INDEX=index, PARTIAL=partial, BLOCK=block, num_warps=_num_warps(block),
+        HAS_ALPHA=alpha >= 0, INDEX=index, PARTIAL=partial, BLOCK=block, num_warps=num_warps,
     )
     return out, gx
 
@@ -354,8 +352,41 @@ def _softmax_check(input, target, who):
         raise ValueError(f"{who}: targets must be int64 of shape {[n, s]}; got {target.dtype} {list(target.shape)}")
 
 
-def _block_c(c: int) -> int:
-    return min(triton.next_power_of_2(max(c, 1)), _INTERPRET_MAX_BLOCK_C if _interpreting() else _MAX_BLOCK_C)
+def _block_c(c: int, interpret: bool | None = None) -> int:
+    interpret = _interpreting() if interpret is None else interpret
+    return min(triton.next_power_of_2(max(c, 1)), _INTERPRET_MAX_BLOCK_C if interpret else _MAX_BLOCK_C)
+
+
+def _sigmoid_fwd_config(sum_block: int):
+    """(BLOCK, elements per program, num_warps) of the sigmoid forward: one BLOCK per program, or
+    sum_block elements per partial sum in BLOCK steps."""
+    if sum_block > 0:
+        block = min(_BLOCK, triton.next_power_of_2(sum_block))
+        return block, sum_block, _num_warps(block)
+    return _BLOCK, _BLOCK, _num_warps(_BLOCK)
+
+
+def launch_configs():
+    """Every GPU launch configuration of the kernels above (constexprs + num_warps), from the same
+    functions the launchers call, over the supported range: the op's partial-sum block
+    (ops/focal.py SUM_BLOCK) or none, any number of classes (the cap is reached at 2 x _MAX_BLOCK_C).
+    lossfuse/triton/aot.py compiles them."""
+    from ..ops.focal import SUM_BLOCK
+
+    fwd = []
+    for sum_block in (0, SUM_BLOCK):
+        block, _, warps = _sigmoid_fwd_config(sum_block)
+        fwd.append(dict(PARTIAL=sum_block > 0, BLOCK=block, num_warps=warps))
+    softmax = {}
+    for k in range((2 * _MAX_BLOCK_C).bit_length()):
+        block_c = _block_c(1 << k, interpret=False)
+        softmax[block_c] = dict(BLOCK_C=block_c, num_warps=_num_warps(block_c))
+    return {
+        "_sigmoid_focal_fwd_kernel": fwd,
+        "_sigmoid_focal_bwd_kernel": [dict(BLOCK=_BLOCK, num_warps=_num_warps(_BLOCK))],
+        "_softmax_focal_fwd_kernel": list(softmax.values()),
+        "_softmax_focal_bwd_kernel": list(softmax.values()),
+    }
 
 
 def softmax_focal_fwd(input, target, scale, alpha, gamma, ignore_index, grad_scale=None):

@@ -168,6 +168,26 @@ def _space(x, y, w, g=None):
     return x, y, w, g, sizes[1:], strides, ndim
 
 
+def _launch_config(block: int):
+    """(BLOCK, num_warps): ``block`` elements per program for a reducing forward (the op's partial-sum
+    block), else ELEMENTWISE_BLOCK (every per-element launch, the backward's too)."""
+    block = block if block > 0 else ELEMENTWISE_BLOCK
+    return block, 8 if block >= 2048 else 4
+
+
+def launch_configs():
+    """Every GPU launch configuration (constexprs + num_warps), from _launch_config over what the op
+    passes (ops/huber.py PARTIAL_BLOCK, or 0): lossfuse/triton/aot.py compiles them."""
+    from ..ops.huber import PARTIAL_BLOCK
+
+    fwd = []
+    for block in (0, PARTIAL_BLOCK):
+        b, warps = _launch_config(block)
+        fwd.append(dict(REDUCE=block > 0, BLOCK=b, num_warps=warps))
+    b, warps = _launch_config(0)
+    return {"huber_fwd_kernel": fwd, "huber_bwd_kernel": [dict(BLOCK=b, num_warps=warps)]}
+
+
 def _delta_parts(delta: float):
     hi = float(torch.tensor(delta, dtype=torch.float32))
     lo = float(torch.tensor(delta - hi, dtype=torch.float32))
@@ -179,10 +199,9 @@ def huber_fwd(input, target, weight, mode, delta, block):
     f64 = input.dtype == torch.float64
     if block > 0:
         out = torch.empty(((numel + block - 1) // block,), dtype=torch.float64, device=input.device)
-        BLOCK = block
     else:
         out = empty_like_walk(input, target, weight, torch.float64 if f64 else torch.float32)
-        BLOCK = ELEMENTWISE_BLOCK
+    BLOCK, num_warps = _launch_config(block)
     if numel == 0:
         return out
     x, y, w, _, sizes, st, ndim = _space(input, target, weight)
@@ -191,7 +210,7 @@ def huber_fwd(input, target, weight, mode, delta, block):
     huber_fwd_kernel[grid](
         x, y, w if w is not None else x, out, numel, *sizes, *st[0], *st[1], *st[2], hi, lo,
         MODE=mode, HAS_W=w is not None, REDUCE=block > 0, NDIM=ndim, F64=f64, BLOCK=BLOCK,
-        num_warps=8 if BLOCK >= 2048 else 4,
+        num_warps=num_warps,
     )
     return out
 
@@ -210,12 +229,13 @@ def huber_bwd(grad, input, target, weight, mode, delta, input_grad, target_grad,
         return gx, gy, gw
     x, y, w, g, sizes, st, ndim = _space(input, target, weight, grad)
     hi, lo = _delta_parts(delta)
-    grid = (triton.cdiv(numel, ELEMENTWISE_BLOCK),)
+    BLOCK, num_warps = _launch_config(0)
+    grid = (triton.cdiv(numel, BLOCK),)
     huber_bwd_kernel[grid](
         g, x, y, w if w is not None else x,
         gx if input_grad else x, gy if target_grad else x, gw if want_w else x,
         numel, *sizes, *st[0], *st[1], *st[2], *st[3], hi, lo,
         MODE=mode, HAS_W=w is not None, G_SCALAR=grad.dim() == 0, WANT_GX=input_grad, WANT_GY=target_grad,
-        WANT_GW=want_w, NDIM=ndim, F64=f64, BLOCK=ELEMENTWISE_BLOCK, num_warps=4,
+        WANT_GW=want_w, NDIM=ndim, F64=f64, BLOCK=BLOCK, num_warps=num_warps,
     )
     return gx, gy, gw

@@ -104,7 +104,7 @@ int ce_fwd_index_rows(const CeArgs& a, O opt) {
   const Consts<A> k(a);
   const SoftCapOf<A, O> cap(opt.cap, a.softcap);
   int bad = 0;
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = r / S, s = r - n * S;
     if (!fwd_index_row<T, A>(a, opt, k, cap, X + n * a.x_sN + s * a.x_sS,
@@ -231,7 +231,7 @@ int ce_bwd_index_rows(const CeArgs& a, O opt) {
   const Consts<A> k(a);
   const SoftCapOf<A, O> cap(opt.cap, a.softcap);
   int bad = 0;
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = r / S, s = r - n * S;
     T* gx = GX + n * a.gx_sN + s * a.gx_sS;
@@ -265,7 +265,7 @@ int ce_fused_index_rows(const CeArgs& a, O opt) {
   const SoftCapOf<A, O> cap(opt.cap, a.softcap);
   const A g = static_cast<const A*>(a.g)[0];
   int bad = 0;
-#pragma omp parallel num_threads(a.nthreads)
+#pragma omp parallel num_threads(a.nthreads) if (a.nthreads > 1)
   {
   // fused_row's scratch row, one per thread and call (a thread_local in a shared library costs a
   // __tls_get_addr call per use, which GCC does not hoist out of loops).
@@ -357,7 +357,7 @@ int ce_fwd_prob_rows(const CeArgs& a, O opt) {
   const Consts<A> k(a);
   const SoftCapOf<A, O> cap(opt.cap, a.softcap);
   const A ninf = -std::numeric_limits<A>::infinity();
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = r / S, s = r - n * S;
     const T* x = X + n * a.x_sN + s * a.x_sS;
@@ -411,7 +411,7 @@ int ce_bwd_prob_rows(const CeArgs& a, O opt) {
   const int64_t C = a.C, S = a.S, R = a.N * a.S;
   const Consts<A> k(a);
   const SoftCapOf<A, O> cap(opt.cap, a.softcap);
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = r / S, s = r - n * S;
     const T* x = X + n * a.x_sN + s * a.x_sS;
@@ -528,7 +528,7 @@ int ce_fwd_index_tiles(const CeArgs& a, O opt) {
   const Consts<A> k(a);
   const SoftCapOf<A, O> cap(opt.cap, a.softcap);
   int bad = 0;
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
@@ -570,7 +570,7 @@ int ce_bwd_index_tiles(const CeArgs& a, O opt) {
   const Consts<A> k(a);
   const SoftCapOf<A, O> cap(opt.cap, a.softcap);
   int bad = 0;
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
@@ -630,7 +630,7 @@ int ce_fwd_prob_tiles(const CeArgs& a, O opt) {
   const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
   const Consts<A> k(a);
   const SoftCapOf<A, O> cap(opt.cap, a.softcap);
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
@@ -694,7 +694,7 @@ int ce_bwd_prob_tiles(const CeArgs& a, O opt) {
   const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
   const Consts<A> k(a);
   const SoftCapOf<A, O> cap(opt.cap, a.softcap);
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, a.chunk)
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;

@@ -306,7 +306,7 @@ int sigmoid_t(const SigmoidFocalArgs& a, O opt, A* out, bool partial, T* gx, A g
   const int64_t chunks = chunks_of(a.numel, a.block);
   int bad = 0;
   const int64_t grain = dynamic_grain(a.block);
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, grain)
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, grain)
   for (int64_t ch = 0; ch < chunks; ++ch) {
     const int64_t i0 = ch * a.block, i1 = i0 + a.block < a.numel ? i0 + a.block : a.numel;
     V sum(A(0));
@@ -476,7 +476,7 @@ int sf_fwd_rows(const SoftmaxFocalArgs& a) {
   const A gs = A(a.grad_scale);
   int bad = 0;
   const int64_t grain = dynamic_grain(C);
-#pragma omp parallel num_threads(a.nthreads)
+#pragma omp parallel num_threads(a.nthreads) if (a.nthreads > 1)
   {
   // fused_row's scratch row, one per thread, allocated per call (a thread_local in a shared library
   // costs a __tls_get_addr call per use, which GCC does not hoist out of loops).
@@ -548,7 +548,7 @@ int sf_bwd_rows(const SoftmaxFocalArgs& a) {
   const int64_t C = a.C, S = a.S, R = a.N * a.S;
   int bad = 0;
   const int64_t grain = dynamic_grain(C);
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, grain)
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, grain)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = r / S, s = r - n * S;
     const T* x = X + n * a.x_sN + s * a.x_sS;
@@ -640,7 +640,7 @@ int sf_fwd_tiles(const SoftmaxFocalArgs& a) {
   const A gs = A(a.grad_scale);
   int bad = 0;
   const int64_t grain = dynamic_grain(C * L);
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, grain)
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, grain)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
@@ -688,7 +688,7 @@ int sf_bwd_tiles(const SoftmaxFocalArgs& a) {
   const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
   int bad = 0;
   const int64_t grain = dynamic_grain(a.C * L);
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, grain)
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, grain)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;

@@ -258,7 +258,7 @@ void forward_impl(const HuberArgs& a) {
   A* out = static_cast<A*>(a.out);
   // Dynamic: the partials do not depend on which thread sums a block, and on a shared machine a
   // thread that is descheduled leaves its blocks to the other instead of stalling the join.
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, 4)
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, 4)
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t i0 = b * a.block, i1 = i0 + a.block < a.numel ? i0 + a.block : a.numel;
     V acc[4] = {V(A(0)), V(A(0)), V(A(0)), V(A(0))};
@@ -304,7 +304,7 @@ void backward_impl(const HuberArgs& a) {
   const A g_scalar = g_vec ? A(0) : G[0];
   const Consts<A> k(a.delta);
   const int64_t nb = num_blocks(a);
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, 4)
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, 4)
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t i0 = b * a.block, i1 = i0 + a.block < a.numel ? i0 + a.block : a.numel;
     for_each_run(a, i0, i1, [&](int64_t i, int64_t n, int64_t ox, int64_t oy, int64_t ow, int64_t og) {

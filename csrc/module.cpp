@@ -112,7 +112,17 @@ PyModuleDef module_def = {
 };
 
 }  // namespace
+
+extern PyMethodDef small_call_methods[];  // small_call.cpp
+
 }  // namespace lossfuse
 
 // setup.py builds this module as lossfuse._C.
-PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&lossfuse::module_def); }
+PyMODINIT_FUNC PyInit__C() {
+  PyObject* m = PyModule_Create(&lossfuse::module_def);
+  if (m && PyModule_AddFunctions(m, lossfuse::small_call_methods) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

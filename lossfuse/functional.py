@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from . import _backend, reference
+from . import _backend, _small_call, reference
 from ._utils import (
     FLOAT_DTYPES,
     REDUCTIONS,
@@ -44,6 +44,10 @@ _TORCH_TYPE_NAMES = {
     torch.float16: "Half", torch.bfloat16: "BFloat16", torch.complex64: "ComplexFloat",
     torch.complex128: "ComplexDouble",
 }
+
+
+# The backends whose calls lossfuse/_small_call.py may take whole (it runs the C++ kernels).
+_SMALL_CALL_BACKENDS = ("auto", "cpu")
 
 
 def _type_name(dtype: torch.dtype) -> str:
@@ -130,6 +134,11 @@ def cross_entropy(
       require grad (and a mean or sum), before this call: its forward writes the gradient over them.
       The reference backend ignores it.
     """
+    if (backend in _SMALL_CALL_BACKENDS and size_average is None and reduce is None and not z_loss
+            and softcap is None and not return_lse and not inplace_backward):
+        out = _small_call.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+        if out is not None:
+            return out
     reduction = legacy_reduction(size_average, reduce, reduction)
     check_reduction(reduction)
     _backend.check_backend_name(backend)
@@ -335,6 +344,10 @@ def huber_loss(
     Gradients reach input, target and weight. ``backend``: ``"auto"``, ``"cpu"``, ``"triton"`` or
     ``"reference"``; the environment variable ``LOSSFUSE_BACKEND`` overrides ``"auto"``.
     """
+    if weight is None and backend in _SMALL_CALL_BACKENDS:
+        out = _small_call.huber(input, target, _huber.HUBER, delta, reduction)
+        if out is not None:
+            return out
     _backend.check_backend_name(backend)
     if target.size() != input.size():
         _warn_sizes_differ(input, target)
@@ -379,6 +392,10 @@ def smooth_l1_loss(
     with gradient sign(d) (0 at d = 0). Broadcasting, dtype promotion and the deprecated
     ``size_average``/``reduce`` as torch. ``backend`` as :func:`huber_loss`.
     """
+    if backend in _SMALL_CALL_BACKENDS and size_average is None and reduce is None:
+        out = _small_call.huber(input, target, _huber.L1 if beta == 0.0 else _huber.SMOOTH_L1, beta, reduction)
+        if out is not None:
+            return out
     _backend.check_backend_name(backend)
     if target.size() != input.size():
         _warn_sizes_differ(input, target)
@@ -518,6 +535,10 @@ def softmax_focal_loss(
     weight of the targets not ignored, so ``gamma=0, alpha=None`` is exactly
     :func:`lossfuse.cross_entropy`.
     """
+    if backend in _SMALL_CALL_BACKENDS:
+        out = _small_call.softmax_focal_loss(input, target, alpha, gamma, weight, ignore_index, reduction)
+        if out is not None:
+            return out
     name = "softmax_focal_loss"
     check_reduction(reduction)
     _backend.check_backend_name(backend)

@@ -264,8 +264,15 @@ double fused_scale(const RowCall& r) {
 // The loss the caller sees, from the (N, 1) per-row losses.
 Tensor row_result(const RowCall& r, const Tensor& loss) {
   if (r.reduction == kNone) return (r.x.dim() == 2 ? loss.view({r.n}) : loss.view(at::IntArrayRef())).to(r.dt);
-  Tensor s = loss.sum();
-  return (r.reduction == kMean ? s.div(r.denom) : s).to(r.dt);
+  // torch's sum, then the mean's division and the cast as scalar arithmetic: one IEEE division in the
+  // accumulation type and one rounding, the bits of the general path's 0-dim tensor ops.
+  const Tensor s = loss.sum();
+  if (r.acc == at::kDouble) {
+    const double v = *s.data_ptr<double>();
+    return scalar_of(r.reduction == kMean ? v / *r.denom.data_ptr<double>() : v, r.dt);
+  }
+  const float v = *s.data_ptr<float>();
+  return scalar_of(r.reduction == kMean ? v / *r.denom.data_ptr<float>() : v, r.dt);
 }
 
 // The backward shared by the row losses: the forward's gradient when it stands, else the loss's
@@ -486,8 +493,8 @@ std::optional<Tensor> huber_small(PyObject* const* args) {
         partials = ops().huber_fwd.redispatch(kCpuKeys, x, y, std::nullopt, mode, delta, kHuberPartialBlock);
       }
       // The partial sums are float64; the mean divides in float64 (as the Python Function), then one cast.
-      Tensor s = partials.sum();
-      out = (reduction == kMean ? s.div(numel) : s).to(dt);
+      const double total = *partials.sum().data_ptr<double>();
+      out = scalar_of(reduction == kMean ? total / double(numel) : total, dt);
     }
   }
   if (grad) {

@@ -41,6 +41,20 @@ def load_extension() -> None:
     _C = ext
 
 
+# os.environ.get costs microseconds when the variable is absent (a KeyError raised and caught inside);
+# the small-call path asks on every call, so it looks in the mapping's own dict, which os.environ
+# updates on every change made through it (putenv from outside Python is not seen by os.environ either).
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
+
+
+def env_backend_set() -> bool:
+    """Whether LOSSFUSE_BACKEND is set (possibly to the empty string)."""
+    if _ENV_KEY is not None:
+        return _ENV_KEY in _ENV_DATA
+    return ENV_VAR in os.environ
+
+
 def cpu_kernels_available() -> bool:
     """True when the C++ extension ``lossfuse._C`` is loaded."""
     return _C is not None

@@ -16,8 +16,6 @@ path's ops trace; this C function would not), nor when ``LOSSFUSE_BACKEND`` pick
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import _backend
@@ -27,10 +25,11 @@ ENABLED = True
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 _is_compiling = torch.compiler.is_compiling
+_env_backend_set = _backend.env_backend_set
 
 
 def _usable() -> bool:
-    return ENABLED and _backend._C is not None and not os.environ.get(_backend.ENV_VAR) and not _is_compiling()
+    return ENABLED and _backend._C is not None and not _env_backend_set() and not _is_compiling()
 
 
 def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):

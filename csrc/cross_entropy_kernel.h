@@ -516,27 +516,23 @@ inline void tile_targets(const CeArgs& a, O opt, const Tile<A>& tl, const T* x, 
   }
 }
 
+// One tile's losses and lses (the forward of ce_fwd_index_tiles and ce_fused_index_tiles).
 template <class T, class A, class O>
-int ce_fwd_index_tiles(const CeArgs& a, O opt) {
+inline void fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const SoftCapOf<A, O>& cap, const Tile<A>& tl,
+                           int* bad) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
   const T* X = static_cast<const T*>(a.x);
   const A* w = static_cast<const A*>(a.w);
   A* loss_out = static_cast<A*>(a.loss);
   const int64_t C = a.C, S = a.S, sC = a.x_sC;
-  const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
-  const Consts<A> k(a);
-  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
-  int bad = 0;
-#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
-  for (int64_t tix = 0; tix < tiles; ++tix) {
-    const Tile<A> tl = tile_at<A>(tix, per_n, S);
+  {
     const T* x = X + tl.n * a.x_sN + tl.s0;
     V m[kU];
     double sum[L] = {}, top[L] = {}, dsum[L] = {};
     tile_stats<T, A>(opt, x, C, sC, tl, cap, w, m, sum, top, dsum);
     TileTargets<A> tt;
-    tile_targets<T, A>(a, opt, tl, x, w, tt, &bad);
+    tile_targets<T, A>(a, opt, tl, x, w, tt, bad);
     for (int u = 0; u < kU; ++u) {
       const int kv = tl.kv(u);
       if (!kv) continue;
@@ -554,11 +550,25 @@ int ce_fwd_index_tiles(const CeArgs& a, O opt) {
       store_k(select(V::mask(tt.live + u * W), loss, V(A(0))), loss_out + r0, kv);
     }
   }
-  return bad;
 }
 
 template <class T, class A, class O>
-int ce_bwd_index_tiles(const CeArgs& a, O opt) {
+int ce_fwd_index_tiles(const CeArgs& a, O opt) {
+  constexpr int L = Tile<A>::L;
+  const int64_t per_n = (a.S + L - 1) / L, tiles = a.N * per_n;
+  const Consts<A> k(a);
+  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
+  int bad = 0;
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
+  for (int64_t tix = 0; tix < tiles; ++tix) fwd_index_tile<T, A>(a, opt, k, cap, tile_at<A>(tix, per_n, a.S), &bad);
+  return bad;
+}
+
+// One tile's input gradient from the saved lses (the backward of ce_bwd_index_tiles and
+// ce_fused_index_tiles).
+template <class T, class A, class O>
+inline void bwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const SoftCapOf<A, O>& cap, const Tile<A>& tl,
+                           int* bad) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
   const T* X = static_cast<const T*>(a.x);
@@ -566,17 +576,11 @@ int ce_bwd_index_tiles(const CeArgs& a, O opt) {
   const A* w = static_cast<const A*>(a.w);
   const A* G = static_cast<const A*>(a.g);
   const int64_t C = a.C, S = a.S, sC = a.x_sC, gsC = a.gx_sC;
-  const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
-  const Consts<A> k(a);
-  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
-  int bad = 0;
-#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
-  for (int64_t tix = 0; tix < tiles; ++tix) {
-    const Tile<A> tl = tile_at<A>(tix, per_n, S);
+  {
     const T* x = X + tl.n * a.x_sN + tl.s0;
     T* gx = GX + tl.n * a.gx_sN + tl.s0;
     TileTargets<A> tt;  // reads the target logits before anything is written (in place)
-    tile_targets<T, A>(a, opt, tl, x, w, tt, &bad);
+    tile_targets<T, A>(a, opt, tl, x, w, tt, bad);
     alignas(32) A g[L] = {}, gy[L] = {};
     for (int j = 0; j < tl.k; ++j)
       if (tt.live[j]) g[j] = G[tl.n * a.g_sN + (tl.s0 + j) * a.g_sS];
@@ -614,6 +618,36 @@ int ce_bwd_index_tiles(const CeArgs& a, O opt) {
     }
     for (int j = 0; j < tl.k; ++j)
       if (tt.live[j]) put(gx + tt.y[j] * gsC + j, gy[j]);
+  }
+}
+
+template <class T, class A, class O>
+int ce_bwd_index_tiles(const CeArgs& a, O opt) {
+  constexpr int L = Tile<A>::L;
+  const int64_t per_n = (a.S + L - 1) / L, tiles = a.N * per_n;
+  const Consts<A> k(a);
+  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
+  int bad = 0;
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
+  for (int64_t tix = 0; tix < tiles; ++tix) bwd_index_tile<T, A>(a, opt, k, cap, tile_at<A>(tix, per_n, a.S), &bad);
+  return bad;
+}
+
+// The fused walk of the tile layout: each tile's forward, then its gradient for the one upstream
+// gradient a.g while the tile (C x L elements, a few KiB) is still in L1 -- the logits are read from
+// memory once instead of twice. The same row bodies as the unfused kernels, so the same bits.
+template <class T, class A, class O>
+int ce_fused_index_tiles(const CeArgs& a, O opt) {
+  constexpr int L = Tile<A>::L;
+  const int64_t per_n = (a.S + L - 1) / L, tiles = a.N * per_n;
+  const Consts<A> k(a);
+  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
+  int bad = 0;
+#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
+  for (int64_t tix = 0; tix < tiles; ++tix) {
+    const Tile<A> tl = tile_at<A>(tix, per_n, a.S);
+    fwd_index_tile<T, A>(a, opt, k, cap, tl, &bad);
+    bwd_index_tile<T, A>(a, opt, k, cap, tl, &bad);
   }
   return bad;
 }
@@ -765,9 +799,9 @@ inline bool walk_rows(const CeArgs& a) { return a.C == 1 || a.x_sC == 1; }
 template <class T, class A>
 int ce_run_t(const CeArgs& a, CePass pass) {
   const bool rows = walk_rows(a);
-  // The fused walk exists for the row walk and class-index targets; other layouts and probability
-  // targets run the forward and the backward kernels one after the other (same results, no saving).
-  if (pass == CePass::kFused && (a.t || !rows)) {
+  // The fused walk exists for class-index targets (both walk orders); probability targets run the
+  // forward and the backward kernels one after the other (same results, no saving).
+  if (pass == CePass::kFused && a.t) {
     const int bad = ce_run_t<T, A>(a, CePass::kForward);
     return ce_run_t<T, A>(a, CePass::kBackward) | bad;
   }
@@ -783,7 +817,7 @@ int ce_run_t(const CeArgs& a, CePass pass) {
       return a.t_dtype_is_acc ? prob(A{}) : prob(T{});
     }
     switch (pass) {
-      case CePass::kFused: return ce_fused_index_rows<T, A>(a, opt);
+      case CePass::kFused: return rows ? ce_fused_index_rows<T, A>(a, opt) : ce_fused_index_tiles<T, A>(a, opt);
       case CePass::kForward: return rows ? ce_fwd_index_rows<T, A>(a, opt) : ce_fwd_index_tiles<T, A>(a, opt);
       case CePass::kBackward: break;
     }

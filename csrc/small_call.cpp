@@ -190,8 +190,12 @@ bool parse_double(PyObject* o, double& v) {
 }
 
 // Must run under AutoDispatchBelowADInplaceOrView: the views it makes record no graph.
+// Short rows the general path reads into the tile layout (TILE_MAX_CLASSES, TILE_MIN_ROWS of
+// lossfuse/_layout.py): its tile walk is faster there than this path's row walk.
+constexpr int64_t kTileMaxClasses = 64, kTileMinRows = 512;
+
 std::optional<RowCall> row_call(PyObject* input, PyObject* target, PyObject* weight, PyObject* ignore_index,
-                                PyObject* reduction) {
+                                PyObject* reduction, bool retiled_elsewhere) {
   auto xo = plain_cpu(input);
   auto yo = plain_cpu(target);
   if (!xo || !yo) return std::nullopt;
@@ -208,6 +212,7 @@ std::optional<RowCall> row_call(PyObject* input, PyObject* target, PyObject* wei
   r.c = x.size(nd - 1);
   if (r.n == 0 || r.c == 0 || x.numel() > kSmallMaxElements) return std::nullopt;
   if (r.c > 1 && x.stride(nd - 1) != 1) return std::nullopt;  // rows along the classes only
+  if (retiled_elsewhere && r.c > 1 && r.c <= kTileMaxClasses && r.n >= kTileMinRows) return std::nullopt;
   if (nd == 2 ? (y.dim() != 1 || y.size(0) != r.n) : y.dim() != 0) return std::nullopt;
   if (weight != Py_None) {
     auto wo = plain_cpu(weight);
@@ -349,7 +354,7 @@ struct CeBackward : RowBackward {
 // cross_entropy_small(input, target, weight, ignore_index, reduction, label_smoothing)
 std::optional<Tensor> cross_entropy_small(PyObject* const* args) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the views and kernels here record no graph
-  auto rc = row_call(args[0], args[1], args[2], args[3], args[4]);
+  auto rc = row_call(args[0], args[1], args[2], args[3], args[4], true);
   double eps = 0;
   if (!rc || !parse_double(args[5], eps) || !(eps >= 0.0 && eps <= 1.0)) return std::nullopt;
   RowCall& r = *rc;
@@ -389,7 +394,7 @@ struct SoftmaxFocalBackward : RowBackward {
 // softmax_focal_small(input, target, alpha, gamma, weight, ignore_index, reduction); alpha a float.
 std::optional<Tensor> softmax_focal_small(PyObject* const* args) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  auto rc = row_call(args[0], args[1], args[4], args[5], args[6]);
+  auto rc = row_call(args[0], args[1], args[4], args[5], args[6], false);
   double alpha = 1, gamma = 2;
   if (!rc || !parse_double(args[2], alpha) || !parse_double(args[3], gamma)) return std::nullopt;
   if (!(alpha >= 0.0 && alpha <= 1.0) || !(gamma >= 0.0)) return std::nullopt;

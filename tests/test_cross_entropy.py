@@ -549,7 +549,7 @@ def _unfused(x, y, reduction, kw):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("option", list(FUSED_OPTIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(300, 40), (24, 9000), (6, 3, 5)], ids=str)
+@pytest.mark.parametrize("shape", [(300, 40), (24, 9000), (6, 3, 5), (2, 5, 8, 16), (600, 20)], ids=str)
 def test_fused_gradient_matches_backward_kernel(shape, dtype, option, reduction):
     """The gradient the fused forward writes (loss.backward()) against the backward kernel's: float64
     bit for bit; float32 and bfloat16 -- whose short rows take one exp per element, p_c from the exps

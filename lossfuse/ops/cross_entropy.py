@@ -74,7 +74,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._backend import triton_interpreting
-from .._layout import RowShapes, classes_contiguous, empty_like_layout, mean_denominator
+from .._layout import RowShapes, empty_like_layout, mean_denominator
 from .._utils import acc_dtype, result_dtype
 from ._common import Op, reduce_rows, row_grads, take_fused_gradient
 
@@ -225,14 +225,13 @@ class CrossEntropyFunction(torch.autograd.Function):
             t3 = shapes.target3d(t, x3)
         else:
             t3 = shapes.rows2d(target if target.dtype == torch.int64 else target.long())
-        # The fused walk pays off where rows are walked along their classes (and is only asked for
-        # class-index targets: see the module docstring).
+        # Both CPU walk orders fuse (the tile walk takes each tile's gradient while it is in L1); only
+        # class-index targets are asked for (see the module docstring).
         # On Triton both walk orders fuse, and in place too for TRITON_INPLACE_FUSED_DTYPES (see the
         # module docstring: the gradient then goes over the logits in the forward).
         triton_fused = backend == "triton" and bool(fused) and not prob and (
             not inplace_backward or input.dtype in TRITON_INPLACE_FUSED_DTYPES)
-        fused = (backend != "triton" and bool(fused) and not prob and not inplace_backward and classes_contiguous(x3)
-                 and not shapes.retile)
+        fused = backend != "triton" and bool(fused) and not prob and not inplace_backward
         denom = mean_denominator(t3, weight, ignore_index, prob, acc) if reduction == "mean" else None
         opts = (ignore_index, float(label_smoothing), float(z_loss), float(softcap))
         ctx.fused_grad = None

@@ -517,9 +517,11 @@ inline void tile_targets(const CeArgs& a, O opt, const Tile<A>& tl, const T* x, 
 }
 
 // One tile's losses and lses (the forward of ce_fwd_index_tiles and ce_fused_index_tiles).
+// With `buf`, the exps are kept for the one-exp gradient (tile_stats) and each lane's 1 / sum goes to
+// `inv_sum`; returns false when some exp left the normal range (nothing is then usable).
 template <class T, class A, class O>
-inline void fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const SoftCapOf<A, O>& cap, const Tile<A>& tl,
-                           int* bad) {
+inline bool fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const SoftCapOf<A, O>& cap, const Tile<A>& tl,
+                           int* bad, A* buf = nullptr, Vec<A>* inv_sum = nullptr) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
   const T* X = static_cast<const T*>(a.x);
@@ -530,12 +532,27 @@ inline void fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
     const T* x = X + tl.n * a.x_sN + tl.s0;
     V m[kU];
     double sum[L] = {}, top[L] = {}, dsum[L] = {};
-    tile_stats<T, A>(opt, x, C, sC, tl, cap, w, m, sum, top, dsum);
+    auto oob = mask_none(V());
+    tile_stats<T, A>(opt, x, C, sC, tl, cap, w, m, sum, top, dsum, buf, &oob);
+    if (buf) {
+      if (mask_any(oob)) return false;
+      for (int u = 0; u < kU; ++u) {  // a lane of -inf (or NaN) logits: the two-exp way decides what it gives
+        A mb[W];
+        m[u].store(mb);
+        for (int j = 0; j < tl.kv(u); ++j)
+          if (!(std::abs(mb[j]) < std::numeric_limits<A>::infinity())) return false;
+      }
+    }
     TileTargets<A> tt;
     tile_targets<T, A>(a, opt, tl, x, w, tt, bad);
     for (int u = 0; u < kU; ++u) {
       const int kv = tl.kv(u);
       if (!kv) continue;
+      if (inv_sum) {
+        A ib[W];
+        for (int j = 0; j < W; ++j) ib[j] = A(1.0 / (sum[u * W + j] + top[u * W + j]));
+        inv_sum[u] = V::load(ib);
+      }
       const V logsum = log_sum(unfold<A>(sum + u * W), unfold<A>(top + u * W));
       const int64_t r0 = tl.n * S + tl.s0 + u * W;
       A mb[W], lb[W];
@@ -550,6 +567,7 @@ inline void fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
       store_k(select(V::mask(tt.live + u * W), loss, V(A(0))), loss_out + r0, kv);
     }
   }
+  return true;
 }
 
 template <class T, class A, class O>
@@ -566,9 +584,11 @@ int ce_fwd_index_tiles(const CeArgs& a, O opt) {
 
 // One tile's input gradient from the saved lses (the backward of ce_bwd_index_tiles and
 // ce_fused_index_tiles).
+// With `buf` and `inv_sum` (fwd_index_tile's), the probabilities come from the kept exps: one exp per
+// element for the forward and the gradient together.
 template <class T, class A, class O>
 inline void bwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const SoftCapOf<A, O>& cap, const Tile<A>& tl,
-                           int* bad) {
+                           int* bad, const A* buf = nullptr, const Vec<A>* inv_sum = nullptr) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
   const T* X = static_cast<const T*>(a.x);
@@ -602,9 +622,12 @@ inline void bwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
     }
     // Per lane, sum_{c != y} p_c for the target element (see ce_bwd_index_rows).
     double rest[L] = {};
-    run_backward_pass<V>(a.inplace, [&](auto&& vexp_fn) {
-      tile_grad_pass<T, A>(opt, cap, x, gx, C, sC, gsC, tl, tg, w, rest, vexp_fn);
-    });
+    if (buf)
+      tile_grad_pass_stored<T, A>(gx, C, gsC, tl, tg, buf, inv_sum, rest);
+    else
+      run_backward_pass<V>(a.inplace, [&](auto&& vexp_fn) {
+        tile_grad_pass<T, A>(opt, cap, x, gx, C, sC, gsC, tl, tg, w, rest, vexp_fn);
+      });
     for (int u = 0; u < kU; ++u) {
       if (!tl.kv(u)) continue;
       const V gv = V::load(g + u * W), wyv = V::load(tt.wy + u * W);
@@ -633,21 +656,40 @@ int ce_bwd_index_tiles(const CeArgs& a, O opt) {
   return bad;
 }
 
+// Classes a one-exp fused tile may have: its exps (C x L floats, 64 bytes a class) stay in L1/L2
+// between the forward and the gradient.
+constexpr int64_t kFusedTileMaxClasses = 1024;
+
 // The fused walk of the tile layout: each tile's forward, then its gradient for the one upstream
 // gradient a.g while the tile (C x L elements, a few KiB) is still in L1 -- the logits are read from
-// memory once instead of twice. The same row bodies as the unfused kernels, so the same bits.
+// memory once instead of twice. float32 and bfloat16 tiles without smoothing, soft-capping or z-loss keep
+// their exps from the forward (one exp per element, as fused_row); others, and a tile whose logits
+// spread past the normal range, run the unfused tile bodies back to back (their bits). The loss and
+// lse are the unfused forward's bits either way.
 template <class T, class A, class O>
 int ce_fused_index_tiles(const CeArgs& a, O opt) {
+  using V = Vec<A>;
   constexpr int L = Tile<A>::L;
   const int64_t per_n = (a.S + L - 1) / L, tiles = a.N * per_n;
   const Consts<A> k(a);
   const SoftCapOf<A, O> cap(opt.cap, a.softcap);
+  constexpr bool kOneExpType = !std::is_same_v<T, double> && !std::is_same_v<A, double>;
+  const bool one_exp = kOneExpType && !opt.smooth && !opt.cap && a.z_loss == 0 && a.C <= kFusedTileMaxClasses && !a.inplace;
   int bad = 0;
-#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
+#pragma omp parallel num_threads(a.nthreads) if (a.nthreads > 1)
+  {
+  std::unique_ptr<A[]> buf(one_exp ? new A[a.C * L] : nullptr);
+#pragma omp for schedule(dynamic, a.chunk)
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, a.S);
+    V inv_sum[kU];
+    if (one_exp && fwd_index_tile<T, A>(a, opt, k, cap, tl, &bad, buf.get(), inv_sum)) {
+      bwd_index_tile<T, A>(a, opt, k, cap, tl, &bad, buf.get(), inv_sum);
+      continue;
+    }
     fwd_index_tile<T, A>(a, opt, k, cap, tl, &bad);
     bwd_index_tile<T, A>(a, opt, k, cap, tl, &bad);
+  }
   }
   return bad;
 }

@@ -328,9 +328,15 @@ inline void tile_max(const T* x, int64_t C, int64_t sC, const Tile<A>& tl, const
 
 // A tile's max (tile_max), then per lane the sums of exp(x' - m) as (rest, top) and, with smoothing,
 // of w_c (x'_c - m): the class-index forward of every softmax-family loss, as row_stats_index for a row.
+//
+// With `buf` (C x L elements, class-major), the exps are also kept there for the gradient pass of the
+// fused walk (tile_grad_pass_stored): computed with vexp_normal, whose out-of-range lanes are flagged in
+// *oob -- the caller then redoes the tile the two-exp way. In the normal range vexp_normal is
+// vexp_sum_term, so the sums are the same bits either way.
 template <class T, class A, class O>
 inline void tile_stats(O opt, const T* x, int64_t C, int64_t sC, const Tile<A>& tl, const SoftCapOf<A, O>& cap,
-                       const A* w, Vec<A>* m, double* sum, double* top, double* dsum) {
+                       const A* w, Vec<A>* m, double* sum, double* top, double* dsum, A* buf = nullptr,
+                       typename Vec<A>::Mask* oob = nullptr) {
   using V = Vec<A>;
   constexpr int W = V::W;
   tile_max<T, A>(x, C, sC, tl, cap, m);
@@ -342,7 +348,15 @@ inline void tile_stats(O opt, const T* x, int64_t C, int64_t sC, const Tile<A>& 
       for (int u = 0; u < kU; ++u) {
         if (!tl.kv(u)) continue;
         const V e = cap(load_k(x + c * sC + u * W, tl.kv(u), A(0))) - m[u];
-        add_exp_term(e, sv[u], tv[u]);
+        if (buf) {
+          const V p = vexp_normal(e, *oob);
+          p.store(buf + c * Tile<A>::L + u * W);
+          const auto at_max = cmp_eq(e, V(A(0)));
+          sv[u] = sv[u] + zero_where(at_max, p);
+          tv[u] = count_add(tv[u], at_max);
+        } else {
+          add_exp_term(e, sv[u], tv[u]);
+        }
         if (opt.smooth) dv[u] = opt.has_w ? fmadd(V(w[c]), e, dv[u]) : dv[u] + e;
       }
     }
@@ -391,6 +405,33 @@ inline void tile_grad_pass(O opt, const SoftCapOf<A, O>& cap, const T* x, T* gx,
         if (opt.smooth) o = opt.has_w ? fnmadd(tg.kw[u], V(w[c]), o) : o - tg.kw[u];
         if (opt.cap) o = o * slope;
         store_k(select(tg.on[u], o, V(A(0))), gx + c * gsC + u * W, kv);
+        r[u] = r[u] + select(cmp_eq(tg.y[u], cv), V(A(0)), p);
+      }
+    }
+    for (int u = 0; u < kU; ++u) fold(r[u], rest + u * W);
+  }
+}
+
+// tile_grad_pass for the fused walk's one-exp tiles (no smoothing, no soft-cap): p_c from the exps
+// tile_stats kept in `buf`, times each lane's 1 / sum_c exp(x_c - m) in `inv_sum`.
+template <class T, class A>
+inline void tile_grad_pass_stored(T* gx, int64_t C, int64_t gsC, const Tile<A>& tl, const TileGrad<A>& tg,
+                                  const A* buf, const Vec<A>* inv_sum, double* rest) {
+  using V = Vec<A>;
+  constexpr int W = V::W;
+  for (int j = 0; j < Tile<A>::L; ++j) rest[j] = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
+    V r[kU];
+    for (int u = 0; u < kU; ++u) r[u] = V(A(0));
+    for (int64_t c = c0; c < c1; ++c) {
+      prefetch_tile_ahead<T, A>(gx, c, gsC, true);
+      const V cv{A(c)};
+      for (int u = 0; u < kU; ++u) {
+        const int kv = tl.kv(u);
+        if (!kv) continue;
+        const V p = V::load(buf + c * Tile<A>::L + u * W) * inv_sum[u];
+        store_k(select(tg.on[u], p * tg.kp[u], V(A(0))), gx + c * gsC + u * W, kv);
         r[u] = r[u] + select(cmp_eq(tg.y[u], cv), V(A(0)), p);
       }
     }

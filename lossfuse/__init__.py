@@ -13,6 +13,7 @@ from . import ops  # noqa: F401  (defines the lossfuse:: custom ops; loads lossf
 from ._backend import available_backends, cpu_kernels_available
 from .functional import (
     cross_entropy,
+    distillation_loss,
     huber_loss,
     linear_cross_entropy,
     sigmoid_focal_loss,
@@ -21,6 +22,7 @@ from .functional import (
 )
 from .modules import (
     CrossEntropyLoss,
+    DistillationLoss,
     HuberLoss,
     LinearCrossEntropyLoss,
     SigmoidFocalLoss,
@@ -28,6 +30,7 @@ from .modules import (
     SoftmaxFocalLoss,
 )
 from .ops.cross_entropy import CrossEntropyFunction
+from .ops.distillation import DistillationFunction
 from .ops.focal import SigmoidFocalFunction, SoftmaxFocalFunction
 from .ops.huber import HuberFunction
 from .ops.linear_cross_entropy import LinearCrossEntropyFunction
@@ -53,6 +56,9 @@ __all__ = [
     "SoftmaxFocalLoss",
     "SigmoidFocalFunction",
     "SoftmaxFocalFunction",
+    "distillation_loss",
+    "DistillationLoss",
+    "DistillationFunction",
 ]
 
 

@@ -549,6 +549,77 @@ LOSSES: dict[str, LossEntry] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------------
+# Distillation (lossfuse.distillation_loss): student and teacher logits (N, V), optionally int64 labels
+# (N,) whose ignore_index rows are masked; the student requires grad. torch's code is the usual
+# kl_div of two log_softmax tensors (and liger-kernel's generalised JSD written the same way).
+# ---------------------------------------------------------------------------------------------------
+
+
+def _distill_inputs(shape, dtype, variant, device, gen):
+    out = {"input": _randn(shape, dtype, device, gen, scale=2.0),
+           "teacher": _randn(shape, dtype, device, gen, scale=2.0)}
+    if "ignore" in variant:
+        rows = (shape[0],) + tuple(shape[2:])
+        y = torch.randint(0, shape[1], rows, generator=gen, device=device)
+        drop = torch.rand(rows, generator=gen, device=device) < IGNORE_FRACTION
+        out["target"] = torch.where(drop, torch.full_like(y, -100), y)
+    return out
+
+
+def _distill_torch(s, t, y=None, temperature=1.0, beta=0.0):
+    """What distillation code writes today: log_softmax of both at T, kl_div, batchmean, times T^2."""
+    ls = F.log_softmax(s / temperature, dim=1)
+    lt = F.log_softmax(t / temperature, dim=1)
+    if beta == 0 and y is None:
+        return F.kl_div(ls, lt, log_target=True, reduction="batchmean") * temperature ** 2
+    if beta == 0:
+        rows = F.kl_div(ls, lt, log_target=True, reduction="none").sum(1)
+    elif beta == 1:
+        rows = F.kl_div(lt, ls, log_target=True, reduction="none").sum(1)
+    else:
+        log_m = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+        rows = (beta * F.kl_div(log_m, lt, log_target=True, reduction="none")
+                + (1 - beta) * F.kl_div(log_m, ls, log_target=True, reduction="none")).sum(1)
+    rows = rows * temperature ** 2
+    if y is None:
+        return rows.sum() / rows.shape[0]
+    keep = y != -100
+    return torch.where(keep, rows, 0).sum() / keep.sum()
+
+
+def _distill_lossfuse(fn, s, t, y=None, *, backend, temperature=1.0, beta=0.0):
+    return fn(s, t, temperature=temperature, beta=beta, target=y, backend=backend)
+
+
+def _distill_bytes(shape, dtype, variant, mode):
+    logits = numel(shape) * itemsize(dtype)
+    rows = numel(shape) // shape[1] * 8 if "ignore" in variant else 0
+    return _count(2 * logits + rows, logits, mode)
+
+
+DISTILL_FORMULA = ("fwd: 2*N*V*b;  bwd, fwd+bwd: 3*N*V*b  (student and teacher logits read once, the student's "
+                   "gradient written once; the ignore variants add N*8 for the labels)")
+
+LOSSES.update({
+    e.key: e
+    for e in [
+        LossEntry(
+            key="distill", title="distillation", lossfuse_name="distillation_loss",
+            make_inputs=_distill_inputs, torch_fn=_distill_torch, lossfuse_fn=_distill_lossfuse,
+            counted_bytes=_distill_bytes, bytes_formula=DISTILL_FORMULA,
+            variants={"": "forward KL(teacher || student), T = 1",
+                      "T=2, ignore": f"forward KL, T = 2, {IGNORE_FRACTION:.0%} of rows ignored",
+                      "reverse": "reverse KL(student || teacher), T = 2",
+                      "jsd, ignore": f"generalised JSD beta = 0.5, T = 2, {IGNORE_FRACTION:.0%} of rows ignored"},
+            options={"T=2, ignore": {"temperature": 2.0}, "reverse": {"temperature": 2.0, "beta": 1.0},
+                     "jsd, ignore": {"temperature": 2.0, "beta": 0.5}},
+            size_name="logits (N*V), each of two", anchor="liger",
+        ),
+    ]
+})
+
+
 def lossfuse_function(entry: LossEntry):
     """The lossfuse function of ``entry``, or None where this lossfuse does not have it (yet)."""
     import importlib

@@ -547,3 +547,84 @@ def softmax_focal_loss(
     return SoftmaxFocalFunction.apply(
         input, target, alpha, float(gamma), weight, ignore_index, reduction, backend, fused
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Distillation: KL divergence / generalised JSD between the softmax of two sets of logits.
+# ------------------------------------------------------------------------------------------------
+
+from .ops import distillation as _distill  # noqa: E402  (kept beside its section: merges stay local)
+
+__all__ += ["distillation_loss"]
+
+
+def _check_distill_options(name: str, temperature, beta, reduction: str) -> None:
+    if reduction not in _distill.REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"{name}: temperature must be a number > 0; got {temperature!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"{name}: beta must be a number in [0, 1]; got {beta!r}")
+
+
+def _check_distill_logits(name: str, student: torch.Tensor, teacher: torch.Tensor, target) -> None:
+    check_float_input(name, student, "student_logits")
+    check_float_input(name, teacher, "teacher_logits")
+    check_same_device(name, student, teacher, target)
+    if student.dim() < 2:
+        raise ValueError(f"{name}: logits must be (N, V) or (N, V, d1, ..., dk); got shape {list(student.shape)}")
+    if student.shape != teacher.shape:
+        raise ValueError(f"{name}: student_logits and teacher_logits must have the same shape; got "
+                         f"{list(student.shape)} and {list(teacher.shape)}")
+    if target is not None:
+        rows = (student.shape[0],) + tuple(student.shape[2:])
+        if tuple(target.shape) != rows:
+            raise ValueError(f"{name}: target must have the logits' shape without dim 1, {list(rows)}; got "
+                             f"{list(target.shape)}")
+        if target.dtype not in (torch.int64, torch.int32, torch.uint8):
+            raise RuntimeError(f"expected target dtype to be Long, Int or Byte, but got {_type_name(target.dtype)}")
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.0,
+    ignore_index: int = -100,
+    target: torch.Tensor | None = None,
+    reduction: str = "batchmean",
+    scale_by_t2: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Knowledge-distillation loss on logits, fused: the log-softmax of both at ``temperature`` is
+    computed inside the kernel, neither log-softmax tensor exists.
+
+    ``beta=0``: forward KL(teacher || student) -- ``kl_div(log_softmax(s / T), log_softmax(t / T),
+    log_target=True)``; ``beta=1``: reverse KL(student || teacher); ``0 < beta < 1``: the generalised
+    JSD ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q`` (liger-kernel's
+    definition; p the teacher's distribution, q the student's). Logits are ``(N, V)`` or
+    ``(N, V, d1, ..., dk)`` (classes on dim 1). Rows whose ``target`` (the logits' shape without dim
+    1, e.g. the labels) equals ``ignore_index`` count nowhere. ``reduction``: ``"batchmean"`` (sum /
+    rows kept), ``"mean"`` (sum / (rows kept x V), kl_div's element mean), ``"sum"``, ``"none"`` (per
+    row). ``scale_by_t2`` multiplies the loss by T^2 (Hinton et al.), keeping gradient magnitudes
+    independent of T. The teacher gets a gradient only if it requires one.
+    """
+    name = "distillation_loss"
+    _backend.check_backend_name(backend)
+    _check_distill_options(name, temperature, beta, reduction)
+    _check_distill_logits(name, student_logits, teacher_logits, target)
+    backend = _backend.resolve(backend, student_logits.device)
+    if backend == "triton" and student_logits.dtype == torch.float64 and student_logits.device.type == "cuda":
+        backend = "reference"
+    if backend == "reference":
+        return reference.distillation_loss(student_logits, teacher_logits, float(temperature), float(beta),
+                                           ignore_index, target, reduction, bool(scale_by_t2))
+    # The fused path when either logits will be differentiated (fused_gradient's conditions, for two inputs).
+    wants_grad = student_logits.requires_grad or teacher_logits.requires_grad
+    fused = (backend == "cpu" and reduction != "none" and wants_grad and torch.is_grad_enabled()
+             and student_logits.dtype in _distill.FUSED_DTYPES and not torch.compiler.is_compiling())
+    return _distill.DistillationFunction.apply(
+        student_logits, teacher_logits, target, int(ignore_index), float(temperature), float(beta), reduction,
+        bool(scale_by_t2), backend, bool(fused),
+    )

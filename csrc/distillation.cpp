@@ -29,6 +29,7 @@ struct DistillArgs {
   int64_t gs_sR;
   void* gt;  // teacher gradient
   int64_t gt_sR;
+  bool stream;  // write gs with non-temporal stores where rows are aligned (outputs far larger than the caches)
   int nthreads;
   int64_t chunk;
 };
@@ -96,6 +97,7 @@ Prepared prepare(const char* op, const at::Tensor& student, const at::Tensor& te
       p.gs = empty_output({a.R, a.V}, student.options());
       a.gs = p.gs.data_ptr();
       a.gs_sR = p.gs.stride(0);
+      a.stream = p.gs.nbytes() >= kStreamBytes;
     }
     if (teacher_grad) {
       p.gt = empty_output({a.R, a.V}, teacher.options());

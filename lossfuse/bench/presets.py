@@ -96,6 +96,7 @@ DEFAULT = (
     + _c("softmax_focal", (65536, 1000), target="softmax_focal")
     + _c("huber", (16777216,), target="huber")
     + _c("smooth_l1", (16777216,), target="smooth_l1")
+    + _c("distill", (4096, 32000), (F32, BF16), target="distill")
 )
 
 LLM = (

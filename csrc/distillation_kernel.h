@@ -174,52 +174,105 @@ inline void precise_row_stats(const T* x, int64_t C, A inv, A* m_out, double* lo
   *logsum_out = m == ninf ? ninf : std::log(sum) + (m - double(mr));
 }
 
-// Rows of up to kScratchMax classes keep the exps of both rows in a per-thread scratch (two rows of
-// 32000 fp32 logits and their exps are 512 KB, in L2): the row's max is read from memory, the exps are
-// taken once, and q, p in the later walks are products, not exps. Longer rows recompute the exps.
+// Rows of up to kScratchMax classes keep, per thread, the exps of both rows and s - t in a scratch
+// (three rows of 32000 floats: L2 / L3): both rows are read from memory once, a block at a time (its
+// max first, then its exps from L1), each exp is taken once, and q, p and d in the later walks are
+// products and differences. Longer rows recompute the exps in every walk.
 constexpr int64_t kScratchMax = 32768;
 
-// e_c = exp(x_c inv - m) into e, m (*m_out) the row's scaled max; returns lse = m + log(sum_c e_c) in
-// double.
-template <class T, class A, bool kPrecise>
-inline double scratch_row_stats(const T* x, int64_t C, A inv, A* e, double* m_out) {
+// One row's scratch: e_s = exp(s inv - m_s(b)), e_t likewise, with m(b) the running max when block b was
+// read (online softmax: a block's exps are rescaled afterwards by the factors r, not rewritten), and
+// dst = s - t.
+template <class A>
+struct Scratch {
+  A *es, *et, *dst;
+  double *ms, *mt;  // running maxima per block
+};
+
+// The exps of one block of both rows into the scratch; returns their sums. kExact: exps valid down to
+// the subnormals (vexp) where the fast one (vexp_normal) flagged a lane below the normal range.
+template <class T, class A, bool kExact>
+inline void scratch_block(const T* s, const T* t, int64_t n, A inv, A ms, A mt, A* es, A* et, A* dst, double* sum_s,
+                          double* sum_t, bool* oob_out) {
   using V = Vec<A>;
   constexpr int W = V::W;
-  const A xmax = block_max<T, A>(x, C);
-  const A m = xmax * inv;
-  double sum = 0;
-  if constexpr (kPrecise) {
-    const double md = double(xmax) * double(inv);
-    *m_out = md;
-    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-      const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
-      sum += precise_block_sum<T>(x + c0, n, double(inv), md, e + c0);
-    }
-    return md + std::log(sum);
-  } else {
-    const V iv(inv), mv(m);
-    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-      const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
-      V s0(A(0)), s1(A(0));
-      int64_t c = c0;
-      for (; c + 2 * W <= c1; c += 2 * W) {
-        const V e0 = vexp(V::load(x + c) * iv - mv), e1 = vexp(V::load(x + c + W) * iv - mv);
-        e0.store(e + c);
-        e1.store(e + c + W);
-        s0 = s0 + e0;
-        s1 = s1 + e1;
-      }
-      for (; c < c1; c += W) {
-        const int k = c1 - c < W ? int(c1 - c) : W;
-        const V ev = select(V::first(k), vexp(load_k(x + c, k, A(0)) * iv - mv), V(A(0)));
-        store_k(ev, e + c, k);
-        s0 = s0 + ev;
-      }
-      sum += double(hsum(s0 + s1));
-    }
-    *m_out = double(m);
-    return double(m) + std::log(sum);
+  const V iv(inv), msv(ms), mtv(mt);
+  auto oob = mask_none(V());
+  auto ex = [&](V y) {
+    if constexpr (kExact)
+      return vexp(y);
+    else
+      return vexp_normal(y, oob);
+  };
+  V s0(A(0)), t0(A(0));
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    __builtin_prefetch(s + c + kBlock, 0, 2);
+    __builtin_prefetch(t + c + kBlock, 0, 2);
+    const V sv = V::load(s + c), tv = V::load(t + c);
+    const V e1 = ex(sv * iv - msv), e2 = ex(tv * iv - mtv);
+    e1.store(es + c);
+    e2.store(et + c);
+    (sv - tv).store(dst + c);
+    s0 = s0 + e1;
+    t0 = t0 + e2;
   }
+  if (c < n) {
+    const int k = int(n - c);
+    const auto on = V::first(k);
+    const V sv = load_k(s + c, k, A(0)), tv = load_k(t + c, k, A(0));
+    const V e1 = select(on, ex(sv * iv - msv), V(A(0))), e2 = select(on, ex(tv * iv - mtv), V(A(0)));
+    store_k(e1, es + c, k);
+    store_k(e2, et + c, k);
+    store_k(sv - tv, dst + c, k);
+    s0 = s0 + e1;
+    t0 = t0 + e2;
+  }
+  *sum_s += double(hsum(s0));
+  *sum_t += double(hsum(t0));
+  if constexpr (!kExact) *oob_out = *oob_out || mask_any(oob);
+}
+
+// Walk 1 over both rows into the scratch: returns lse_s and lse_t (double). kPrecise (float16 / bfloat16):
+// the exps in double (see precise_row_stats), stored rounded to float.
+template <class T, class A, bool kPrecise, bool kExact = false>
+inline bool scratch_stats(const T* s, const T* t, int64_t C, A inv, const Scratch<A>& sc, double* lse_s,
+                          double* lse_t) {
+  const double ninf = -HUGE_VAL, inv_d = double(inv);
+  double ms = ninf, mt = ninf, sum_s = 0, sum_t = 0;
+  bool oob = false;
+  for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
+    const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
+    // The maxima as the kernel's type computes them (x inv in A): the exps subtract exactly these.
+    double bs = double(block_max<T, A>(s + c0, n) * inv), bt = double(block_max<T, A>(t + c0, n) * inv);
+    if constexpr (kPrecise) {
+      bs = double(block_max<T, A>(s + c0, n)) * inv_d;
+      bt = double(block_max<T, A>(t + c0, n)) * inv_d;
+    }
+    if (bs > ms) {
+      if (ms != ninf) sum_s *= std::exp(ms - bs);
+      ms = bs;
+    }
+    if (bt > mt) {
+      if (mt != ninf) sum_t *= std::exp(mt - bt);
+      mt = bt;
+    }
+    sc.ms[b] = ms;
+    sc.mt[b] = mt;
+    if constexpr (kPrecise) {
+      // A row still all -inf so far gives exps of NaN here; its lse is -inf, as torch.logsumexp's.
+      sum_s += precise_block_sum<T>(s + c0, n, inv_d, ms, sc.es + c0);
+      sum_t += precise_block_sum<T>(t + c0, n, inv_d, mt, sc.et + c0);
+      for (int64_t c = 0; c < n; ++c) sc.dst[c0 + c] = to_acc<A>(s[c0 + c]) - to_acc<A>(t[c0 + c]);
+    } else {
+      scratch_block<T, A, kExact>(s + c0, t + c0, n, inv, A(ms), A(mt), sc.es + c0, sc.et + c0, sc.dst + c0, &sum_s,
+                                  &sum_t, &oob);
+    }
+  }
+  if (oob) return scratch_stats<T, A, kPrecise, true>(s, t, C, inv, sc, lse_s, lse_t);
+  *lse_s = ms + std::log(sum_s);
+  *lse_t = mt + std::log(sum_t);
+  return true;
 }
 
 // q - p without the cancellation of subtracting two rounded probabilities: the larger of the two
@@ -262,11 +315,22 @@ int distill_rows(const DistillArgs& a) {
   const V nla(mode == 2 ? A(-std::log1p(-a.beta)) : A(0)), nlb(mode == 2 ? A(-std::log(a.beta)) : A(0));
   const V bv(beta), obv(A(1) - beta), iv(inv);
   const bool use_scratch = C <= kScratchMax;
+  const int64_t nblocks = (C + kBlock - 1) / kBlock;
 #pragma omp parallel num_threads(a.nthreads)
   {
-  std::unique_ptr<A[]> scratch(use_scratch ? new A[2 * (C + W)] : nullptr);
-  A* es = scratch.get();
-  A* et = use_scratch ? es + C + W : nullptr;
+  std::unique_ptr<A[]> scratch(use_scratch ? new A[3 * (C + W)] : nullptr);
+  std::unique_ptr<double[]> block_max_buf(use_scratch ? new double[4 * nblocks] : nullptr);
+  Scratch<A> sc{};
+  if (use_scratch) {
+    sc.es = scratch.get();
+    sc.et = sc.es + C + W;
+    sc.dst = sc.et + C + W;
+    sc.ms = block_max_buf.get();
+    sc.mt = sc.ms + nblocks;
+  }
+  // Per block, the factor that turns the scratch's exps into q and p: e^(m(b) - lse).
+  double* fs = use_scratch ? sc.mt + nblocks : nullptr;
+  double* ft = use_scratch ? fs + nblocks : nullptr;
 #pragma omp for schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
     const T* s = S + r * a.s_sR;
@@ -282,11 +346,11 @@ int distill_rows(const DistillArgs& a) {
     double lse_s, lse_t;
     V ms(A(0)), ls(A(0)), mt(A(0)), lt(A(0)), rs(A(0)), rt(A(0));  // the exp-walk's a = (s inv - ms) - ls, or the scratch's q = e_s rs
     if (use_scratch) {
-      double m_s, m_t;
-      lse_s = scratch_row_stats<T, A, kPrecise>(s, C, inv, es, &m_s);
-      lse_t = scratch_row_stats<T, A, kPrecise>(t, C, inv, et, &m_t);
-      rs = V(A(std::exp(m_s - lse_s)));
-      rt = V(A(std::exp(m_t - lse_t)));
+      scratch_stats<T, A, kPrecise>(s, t, C, inv, sc, &lse_s, &lse_t);
+      for (int64_t b = 0; b < nblocks; ++b) {
+        fs[b] = std::exp(sc.ms[b] - lse_s);
+        ft[b] = std::exp(sc.mt[b] - lse_t);
+      }
     } else {
       A m1, m2;
       double l1, l2;
@@ -307,14 +371,15 @@ int distill_rows(const DistillArgs& a) {
     A dh, dl;
     split_double(lse_s - lse_t, &dh, &dl);
     const V dhi(dh), dlo(dl);
-    // One vector's d = a - b (see the header comment), q and p.
+    // One vector's d = a - b (see the header comment), q and p; rs, rt: the block's factors.
     auto elems = [&](int64_t c, int kk, V& d, V& q, V& p) {
-      const V sv = load_k(s + c, kk, A(0)), tv = load_k(t + c, kk, A(0));
-      d = ((sv - tv) * iv - dhi) - dlo;
       if (use_scratch) {
-        q = load_k(es + c, kk, A(0)) * rs;
-        p = load_k(et + c, kk, A(0)) * rt;
+        d = (load_k(sc.dst + c, kk, A(0)) * iv - dhi) - dlo;
+        q = load_k(sc.es + c, kk, A(0)) * rs;
+        p = load_k(sc.et + c, kk, A(0)) * rt;
       } else {
+        const V sv = load_k(s + c, kk, A(0)), tv = load_k(t + c, kk, A(0));
+        d = ((sv - tv) * iv - dhi) - dlo;
         q = vexp((sv * iv - ms) - ls);
         p = vexp((tv * iv - mt) - lt);
       }
@@ -327,8 +392,15 @@ int distill_rows(const DistillArgs& a) {
     // Walk 2: the row's sums; forward KL's student gradient on the way.
     const bool grad_in_sums = mode == 0 && gs;
     double L = 0, Ss = 0, St = 0;
-    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    auto block_factors = [&](int64_t b) {
+      if (use_scratch) {
+        rs = V(A(fs[b]));
+        rt = V(A(ft[b]));
+      }
+    };
+    for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
       const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
+      block_factors(b);
       V l0(A(0)), l1(A(0));
       for (int64_t c = c0; c < c1; c += W) {
         const int kk = c1 - c < W ? int(c1 - c) : W;
@@ -336,7 +408,7 @@ int distill_rows(const DistillArgs& a) {
         V dv, q, p;
         elems(c, kk, dv, q, p);
         if (mode == 0) {
-          l0 = l0 - select(on, p * dv, V(A(0)));
+          l0 = kk == W ? fnmadd(p, dv, l0) : l0 - select(on, p * dv, V(A(0)));
           if (grad_in_sums) {
             const V o = gv * q_minus_p(q, p, dv);
             if (kk == W && stream)
@@ -345,7 +417,7 @@ int distill_rows(const DistillArgs& a) {
               store_k(o, gs + c, kk);
           }
         } else if (mode == 1) {
-          l0 = l0 + select(on, q * dv, V(A(0)));
+          l0 = kk == W ? fmadd(q, dv, l0) : l0 + select(on, q * dv, V(A(0)));
         } else {
           V am, bm;
           jsd_logs(dv, lr, nla, nlb, am, bm);
@@ -369,6 +441,7 @@ int distill_rows(const DistillArgs& a) {
     const V Lv{A(L)}, Ssv{A(Ss)}, Stv{A(St)};
     for (int64_t c = 0; c < C; c += W) {
       const int kk = C - c < W ? int(C - c) : W;
+      if (c % kBlock == 0) block_factors(c / kBlock);
       V dv, q, p;
       elems(c, kk, dv, q, p);
       if (mode == 0) {  // teacher only: the student's was written in walk 2

@@ -15,6 +15,7 @@ from .functional import (
     cross_entropy,
     distillation_loss,
     huber_loss,
+    kl_div,
     linear_cross_entropy,
     sigmoid_focal_loss,
     smooth_l1_loss,
@@ -24,6 +25,7 @@ from .modules import (
     CrossEntropyLoss,
     DistillationLoss,
     HuberLoss,
+    KLDivLoss,
     LinearCrossEntropyLoss,
     SigmoidFocalLoss,
     SmoothL1Loss,
@@ -33,6 +35,7 @@ from .ops.cross_entropy import CrossEntropyFunction
 from .ops.distillation import DistillationFunction
 from .ops.focal import SigmoidFocalFunction, SoftmaxFocalFunction
 from .ops.huber import HuberFunction
+from .ops.kl_div import KLDivFunction
 from .ops.linear_cross_entropy import LinearCrossEntropyFunction
 
 __all__ = [
@@ -59,6 +62,9 @@ __all__ = [
     "distillation_loss",
     "DistillationLoss",
     "DistillationFunction",
+    "kl_div",
+    "KLDivLoss",
+    "KLDivFunction",
 ]
 
 

@@ -620,6 +620,49 @@ LOSSES.update({
 })
 
 
+# ---------------------------------------------------------------------------------------------------
+# kl_div (torch.nn.functional.kl_div): log-probabilities (N, C) and a probability target (a log-probability
+# one with log_target); the input requires grad.
+# ---------------------------------------------------------------------------------------------------
+
+ZERO_FRACTION = 0.25  # of the target's elements set to exactly 0 in the "zeros" variants (0 log 0 = 0)
+
+
+def _kl_inputs(shape, dtype, variant, device, gen):
+    x = torch.log_softmax(torch.randn(shape, generator=gen, device=device) * 2.0, -1)
+    t = torch.softmax(torch.randn(shape, generator=gen, device=device) * 2.0, -1)
+    if "log_target" in variant:
+        t = t.log()
+    if "zeros" in variant:
+        t = torch.where(torch.rand(shape, generator=gen, device=device) < ZERO_FRACTION, 0.0, t)
+    return {"input": x.to(dtype), "target": t.to(dtype)}
+
+
+def _kl_torch(x, t, reduction="mean", log_target=False):
+    return F.kl_div(x, t, reduction=reduction, log_target=log_target)
+
+
+def _kl_lossfuse(fn, x, t, *, backend, reduction="mean", log_target=False):
+    return fn(x, t, reduction=reduction, log_target=log_target, backend=backend)
+
+
+LOSSES.update({
+    e.key: e
+    for e in [
+        LossEntry(
+            key="kl_div", title="kl_div", lossfuse_name="kl_div",
+            make_inputs=_kl_inputs, torch_fn=_kl_torch, lossfuse_fn=_kl_lossfuse,
+            counted_bytes=_regression_bytes, bytes_formula=REGRESSION_FORMULA,
+            variants={"": "torch's defaults (reduction mean)",
+                      "batchmean, zeros": f"batchmean, {ZERO_FRACTION:.0%} of the target exactly 0",
+                      "log_target, sum": "log_target=True, reduction sum"},
+            options={"batchmean, zeros": {"reduction": "batchmean"},
+                     "log_target, sum": {"reduction": "sum", "log_target": True}},
+        ),
+    ]
+})
+
+
 def lossfuse_function(entry: LossEntry):
     """The lossfuse function of ``entry``, or None where this lossfuse does not have it (yet)."""
     import importlib

@@ -628,3 +628,64 @@ def distillation_loss(
         student_logits, teacher_logits, target, int(ignore_index), float(temperature), float(beta), reduction,
         bool(scale_by_t2), backend, bool(fused),
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# kl_div: torch.nn.functional.kl_div, elementwise, fused forward and backward.
+# ------------------------------------------------------------------------------------------------
+
+from .ops import kl_div as _kl  # noqa: E402
+
+__all__ += ["kl_div"]
+
+_KL_MEAN_WARNING = (
+    "reduction: 'mean' divides the total loss by both the batch size and the support size."
+    "'batchmean' divides only by the batch size, and aligns with the KL div math definition."
+    "'mean' will be changed to behave the same as 'batchmean' in the next major release."
+)
+
+
+def kl_div(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    log_target: bool = False,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused KL divergence; same arguments and results as :func:`torch.nn.functional.kl_div`.
+
+    ``input`` holds log-probabilities, ``target`` probabilities (log-probabilities with
+    ``log_target=True``); the pointwise loss is ``target * (log(target) - input)`` with torch's
+    ``0 * log 0 = 0``. Reductions as torch's: ``"mean"`` over every element (with torch's warning),
+    ``"batchmean"`` the sum over the first dim's size, ``"sum"``, ``"none"``; the legacy
+    ``size_average``/``reduce``. Operands broadcast as torch's (a copy where their shapes or dtypes
+    differ, or they are not contiguous). Gradients reach both; the target's at a zero of a non-log
+    target is NaN, as torch's autograd gives. ``backend`` as :func:`huber_loss`.
+    """
+    name = "kl_div"
+    _backend.check_backend_name(backend)
+    if size_average is not None or reduce is not None:
+        reduction = legacy_reduction(size_average, reduce, reduction)
+    elif reduction == "mean" and not torch.compiler.is_compiling():
+        warnings.warn(_KL_MEAN_WARNING, stacklevel=2)
+    if reduction not in _kl.REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    check_float_input(name, input)
+    check_float_input(name, target, "target")
+    check_same_device(name, input, target)
+    x, t = torch.broadcast_tensors(input, target)  # raises torch's error for incompatible sizes
+
+    backend = _backend.resolve(backend, input.device)
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    if backend == "triton" and dtype == torch.float64 and input.device.type == "cuda":
+        backend = "reference"
+    if backend == "reference":
+        return reference.kl_div(input, target, reduction, bool(log_target))
+    x = x.to(dtype).contiguous()
+    t = t.to(dtype).contiguous()
+    batch = input.shape[0] if input.dim() > 0 else 1
+    return _kl.KLDivFunction.apply(x, t, bool(log_target), reduction, batch,
+                                   result_dtype(dtype, input.device), backend)

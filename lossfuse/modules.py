@@ -242,3 +242,20 @@ class DistillationLoss(_Backend, torch.nn.Module):
 
 
 __all__ += ["DistillationLoss"]
+
+
+class KLDivLoss(_Backend, torch.nn.KLDivLoss):
+    """Drop-in for :class:`torch.nn.KLDivLoss` running lossfuse's fused kernels (same constructor,
+    plus ``backend``)."""
+
+    def __init__(self, size_average=None, reduce=None, reduction: str = "mean", log_target: bool = False, *,
+                 backend: str = "auto") -> None:
+        super().__init__(size_average, reduce, reduction, log_target)
+        self._set_backend(backend)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return functional.kl_div(input, target, reduction=self.reduction, log_target=self.log_target,
+                                 backend=self.backend)
+
+
+__all__ += ["KLDivLoss"]

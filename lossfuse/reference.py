@@ -270,3 +270,22 @@ def distillation_loss(student, teacher, temperature=1.0, beta=0.0, ignore_index=
         kept = keep.sum().to(acc)
         out = rows.sum() / (kept * student.shape[1] if reduction == "mean" else kept)
     return out.to(result_dtype(student.dtype, student.device))
+
+
+def kl_div(input, target, reduction="mean", log_target=False):
+    """torch.nn.functional.kl_div's pointwise term, ``target * (log(target) - input)`` with 0 log 0 = 0
+    (``exp(target) * (target - input)`` for a log target), reduced as torch: mean over elements,
+    batchmean over the first dim."""
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    acc = acc_dtype(dtype)
+    x, t = input.to(acc), target.to(acc)
+    elems = torch.exp(t) * (t - x) if log_target else torch.xlogy(t, t) - t * x
+    if reduction == "none":
+        out = elems
+    elif reduction == "sum":
+        out = elems.sum()
+    elif reduction == "batchmean":
+        out = elems.sum() / input.shape[0] if input.dim() > 0 else elems.sum()
+    else:
+        out = elems.mean()
+    return out.to(result_dtype(dtype, input.device))

@@ -10,6 +10,7 @@ from lossfuse.ops import cross_entropy as ce_ops
 from lossfuse.ops import distillation as distill_ops
 from lossfuse.ops import focal as focal_ops
 from lossfuse.ops import huber as huber_ops
+from lossfuse.ops import kl_div as kl_ops
 
 
 def pytest_generate_tests(metafunc):
@@ -80,3 +81,7 @@ class TestDistillation(LossContract):
         y[0, :2] = -100
         fn = lambda s, t, y: lossfuse.distillation_loss(s, t, temperature=2.0, beta=0.5, target=y)  # noqa: E731
         return {"spatial, teacher grad, jsd": (s, (t, y), fn)}
+
+
+class TestKLDiv(LossContract):
+    key, module, function, ops_module = "kl_div", lossfuse.KLDivLoss, lossfuse.KLDivFunction, kl_ops

@@ -17,6 +17,7 @@ from .functional import (
     huber_loss,
     kl_div,
     linear_cross_entropy,
+    linear_distillation_loss,
     sigmoid_focal_loss,
     smooth_l1_loss,
     softmax_focal_loss,
@@ -37,6 +38,7 @@ from .ops.focal import SigmoidFocalFunction, SoftmaxFocalFunction
 from .ops.huber import HuberFunction
 from .ops.kl_div import KLDivFunction
 from .ops.linear_cross_entropy import LinearCrossEntropyFunction
+from .ops.linear_distillation import LinearDistillationFunction
 
 __all__ = [
     "__version__",
@@ -65,6 +67,8 @@ __all__ = [
     "kl_div",
     "KLDivLoss",
     "KLDivFunction",
+    "linear_distillation_loss",
+    "LinearDistillationFunction",
 ]
 
 

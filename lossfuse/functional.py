@@ -689,3 +689,90 @@ def kl_div(
     batch = input.shape[0] if input.dim() > 0 else 1
     return _kl.KLDivFunction.apply(x, t, bool(log_target), reduction, batch,
                                    result_dtype(dtype, input.device), backend)
+
+
+from .ops import linear_distillation as _ldistill  # noqa: E402
+
+__all__ += ["linear_distillation_loss"]
+
+
+def linear_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_lm_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_lm_weight: torch.Tensor,
+    *,
+    target: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    beta: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    scale_by_t2: bool = True,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`distillation_loss` of ``student_hidden @ student_lm_weight.T`` and ``teacher_hidden @
+    teacher_lm_weight.T`` computed in row chunks: neither model's (tokens, vocab) logits exist whole.
+
+    ``student_hidden`` (..., H_s), ``student_lm_weight`` (V, H_s), ``teacher_hidden`` (..., H_t) with the
+    same leading dims, ``teacher_lm_weight`` (V, H_t); ``target`` (the leading dims) masks the rows equal
+    to ``ignore_index``. Options as :func:`distillation_loss`; ``chunk_size`` rows per chunk (default
+    about 1/40 of the logits). Gradients flow to the student's hidden state and weight (the weight's
+    accumulated in float32 across chunks); the teacher gets none.
+    """
+    name = "linear_distillation_loss"
+    _backend.check_backend_name(backend)
+    _check_distill_options(name, temperature, beta, reduction)
+    xs, Ws, xt, Wt = student_hidden, student_lm_weight, teacher_hidden, teacher_lm_weight
+    for what, t in (("student_hidden", xs), ("student_lm_weight", Ws), ("teacher_hidden", xt),
+                    ("teacher_lm_weight", Wt)):
+        check_float_input(name, t, what)
+    check_same_device(name, xs, Ws, xt, Wt, target)
+    if xs.dim() < 1 or Ws.dim() != 2 or xs.shape[-1] != Ws.shape[1]:
+        raise RuntimeError(f"{name}: student_hidden (..., H) and student_lm_weight (V, H) do not match: got "
+                           f"{list(xs.shape)} and {list(Ws.shape)}")
+    if xt.dim() < 1 or Wt.dim() != 2 or xt.shape[-1] != Wt.shape[1]:
+        raise RuntimeError(f"{name}: teacher_hidden (..., H) and teacher_lm_weight (V, H) do not match: got "
+                           f"{list(xt.shape)} and {list(Wt.shape)}")
+    if Ws.shape[0] != Wt.shape[0]:
+        raise ValueError(f"{name}: student and teacher vocabularies differ: {Ws.shape[0]} and {Wt.shape[0]}")
+    if xs.shape[:-1] != xt.shape[:-1]:
+        raise ValueError(f"{name}: student_hidden and teacher_hidden must have the same leading dims; got "
+                         f"{list(xs.shape)} and {list(xt.shape)}")
+    if xs.dtype != Ws.dtype and not torch.is_autocast_enabled(xs.device.type):
+        raise RuntimeError(f"{name}: expected student_hidden and student_lm_weight to have the same dtype, but got "
+                           f"{xs.dtype} and {Ws.dtype}")
+    lead = tuple(xs.shape[:-1])
+    if target is not None:
+        if tuple(target.shape) != lead:
+            raise ValueError(f"{name}: target must have shape {list(lead)}; got {list(target.shape)}")
+        if target.dtype not in (torch.int64, torch.int32, torch.uint8):
+            raise RuntimeError(f"expected target dtype to be Long, Int or Byte, but got {_type_name(target.dtype)}")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"{name}: chunk_size must be a positive int or None; got {chunk_size!r}")
+
+    backend = _backend.resolve(backend, xs.device)
+    if backend == "triton" and xs.dtype == torch.float64 and xs.device.type == "cuda":
+        backend = "reference"
+    V = Ws.shape[0]
+    if backend == "reference":
+        s = torch.nn.functional.linear(xs, Ws).reshape(-1, V)
+        with torch.no_grad():
+            t = torch.nn.functional.linear(xt, Wt).reshape(-1, V)
+        y = None if target is None else target.reshape(-1)
+        out = reference.distillation_loss(s, t, float(temperature), float(beta), ignore_index, y, reduction,
+                                          bool(scale_by_t2))
+        return out.reshape(lead) if reduction == "none" else out
+    # Under autocast, the projections run in the autocast dtype, as torch's linear would.
+    compute = xs.dtype
+    if torch.is_autocast_enabled(xs.device.type) and xs.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        compute = torch.get_autocast_dtype(xs.device.type)
+    x2 = xs.reshape(-1, xs.shape[-1]).to(compute).contiguous()
+    W2 = Ws.to(compute)
+    t2 = xt.reshape(-1, xt.shape[-1]).detach()
+    y = None if target is None else target.reshape(-1).long().contiguous()
+    chunk = chunk_size or _ldistill.default_chunk_size(x2.shape[0], V)
+    out = _ldistill.LinearDistillationFunction.apply(
+        x2, W2, t2.to(compute), Wt.detach().to(compute), y, int(ignore_index), float(temperature), float(beta),
+        reduction, bool(scale_by_t2), chunk, backend)
+    return out.reshape(lead) if reduction == "none" else out

@@ -663,6 +663,66 @@ LOSSES.update({
 })
 
 
+# ---------------------------------------------------------------------------------------------------
+# Linear + distillation (lossfuse.linear_distillation_loss): student hidden states (N, H) and lm head
+# (V, H), teacher hidden states (N, H) and lm head (V, H); shape (N, H, V). The student's two require
+# grad. The (N, V) logits of both are intermediates: the memory reference is one of them, as for lce.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _ldistill_inputs(shape, dtype, variant, device, gen):
+    n, h, v = shape
+    return {"input": _randn((n, h), dtype, device, gen),
+            "linear_weight": _randn((v, h), dtype, device, gen, scale=2.0 / math.sqrt(h)),
+            "teacher_hidden": _randn((n, h), dtype, device, gen),
+            "teacher_weight": _randn((v, h), dtype, device, gen, scale=2.0 / math.sqrt(h))}
+
+
+def _ldistill_torch(x, w, xt, wt):
+    return _distill_torch(F.linear(x, w), F.linear(xt, wt))
+
+
+def _ldistill_lossfuse(fn, x, w, xt, wt, *, backend):
+    return fn(x, w, xt, wt, backend=backend)
+
+
+def _ldistill_bytes(shape, dtype, variant, mode):
+    n, h, v = shape
+    b = itemsize(dtype)
+    return _count(2 * (n * h + v * h) * b, (n * h + v * h) * b, mode)
+
+
+def _ldistill_flops(shape, dtype, variant, mode):
+    """Both projections forward, the student's two gradient matmuls backward, 2*N*H*V each."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    n, h, v = shape
+    return {"fwd": 2, "bwd": 4, "fwd+bwd": 4}[mode] * 2 * n * h * v
+
+
+LDISTILL_FORMULA = ("fwd: 2*(N*H + V*H)*b;  bwd, fwd+bwd: 3*(N*H + V*H)*b  (student and teacher hidden states "
+                    "(N, H) and heads (V, H), b bytes each; the student's gradients written once; the (N, V) "
+                    "logits are not counted). The matmul FLOPs dominate: GFLOP/s is the lens")
+LDISTILL_FLOPS_FORMULA = ("fwd: 2 x 2*N*H*V;  bwd, fwd+bwd: 4 x 2*N*H*V  (both projections, then the student's "
+                          "two gradient matmuls)")
+
+LOSSES.update({
+    e.key: e
+    for e in [
+        LossEntry(
+            key="ldistill", title="linear + distillation", lossfuse_name="linear_distillation_loss",
+            make_inputs=_ldistill_inputs, torch_fn=_ldistill_torch, lossfuse_fn=_ldistill_lossfuse,
+            counted_bytes=_ldistill_bytes, bytes_formula=LDISTILL_FORMULA,
+            grad_inputs=("input", "linear_weight"),
+            size_name="N*H*V (tokens, hidden, vocabulary)",
+            mem_ref_bytes=_lce_logits_bytes, mem_ref_name="one full logits tensor (N*V*b)",
+            counted_flops=_ldistill_flops, flops_formula=LDISTILL_FLOPS_FORMULA, anchor="liger",
+            lossfuse_notes={"fwd+bwd": "gradients during the forward pass (three chunk-sized buffers)"},
+        ),
+    ]
+})
+
+
 def lossfuse_function(entry: LossEntry):
     """The lossfuse function of ``entry``, or None where this lossfuse does not have it (yet)."""
     import importlib

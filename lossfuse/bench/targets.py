@@ -65,6 +65,8 @@ TARGETS = [
            "speedup_vs_compile", ">=", 4),
     Target("distillation (4096, 32000) fp32 fwd+bwd: peak above inputs + gradient <= 5% of one logits tensor", "cpu",
            "distill", (4096, 32000), F32, "", "extra_mem_pct", "<=", 5),
+    Target("linear+distillation (4096, 512, 32000) fp32 fwd+bwd: peak above inputs + gradients <= 10% of one "
+           "logits tensor", "cpu", "ldistill", (4096, 512, 32000), F32, "", "extra_mem_pct", "<=", 10),
     # Issue 13: a transformers training step patched with lossfuse.transformers.apply (fused_linear=True)
     # against transformers' own loss ("torch" rows of the hf entry).
     *[Target(f"HF Llama step (8x256 tokens, hidden 256, vocab 32000) fp32: {what}", device, "hf",

@@ -96,12 +96,29 @@ def loss_scale(temperature: float, scale_by_t2: bool) -> float:
     return temperature * temperature if scale_by_t2 else 1.0
 
 
-def denominator(reduction: str, y, r: int, v: int, ignore_index: int, acc):
-    """batchmean: the rows kept; mean: their elements (rows x V), as kl_div's element mean."""
+def denominator(reduction: str, y, r: int, v: int, ignore_index: int, acc, device):
+    """batchmean: the rows kept; mean: their elements (rows x V), as kl_div's element mean. A device
+    tensor, made there (no host round trip on CUDA)."""
     if reduction not in ("mean", "batchmean"):
         return None
-    kept = (y != ignore_index).sum().to(acc) if y is not None else torch.tensor(float(r), dtype=acc)
+    kept = (y != ignore_index).sum().to(acc) if y is not None else torch.full((), float(r), dtype=acc, device=device)
     return kept * v if reduction == "mean" else kept
+
+
+def scales(temperature: float, scale_by_t2: bool, reduction: str, y, r: int, v: int, ignore_index: int, acc, device):
+    """(loss scale, the gradient's factor loss scale / T, the mean's denominator)."""
+    scale = loss_scale(temperature, scale_by_t2)
+    return scale, scale / temperature, denominator(reduction, y, r, v, ignore_index, acc, device)
+
+
+def reduce_loss(loss, scale: float, reduction: str, denom, row_shape):
+    """The per-row losses (of the kernel, before the loss scale) reduced."""
+    loss = loss * scale if scale != 1.0 else loss
+    if reduction == "none":
+        return loss.reshape(row_shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / denom
 
 
 def row_grads(grad_out, reduction: str, denom, r: int, acc, factor: float) -> torch.Tensor:
@@ -131,11 +148,7 @@ class DistillationFunction(torch.autograd.Function):
         y = None if target is None else target.reshape(-1).long()
         r, v = s2.shape
         acc = acc_dtype(student.dtype)
-        scale = loss_scale(temperature, scale_by_t2)
-        factor = scale / temperature
-        denom = denominator(reduction, y, r, v, ignore_index, acc)
-        if denom is not None:
-            denom = denom.to(student.device)
+        scale, factor, denom = scales(temperature, scale_by_t2, reduction, y, r, v, ignore_index, acc, student.device)
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         opts = (int(ignore_index), float(temperature), float(beta))
         ctx.fused_grads = None
@@ -145,13 +158,7 @@ class DistillationFunction(torch.autograd.Function):
             ctx.fused_grads = (gs if need_s else None, gt if need_t else None)
         else:
             loss, _, _ = DISTILL_FWD(backend, s2, t2, y, *opts, None, False, False)
-        loss = loss * scale if scale != 1.0 else loss
-        if reduction == "none":
-            out = loss.reshape(rows.row_shape())
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss.sum() / denom
+        out = reduce_loss(loss, scale, reduction, denom, rows.row_shape())
         ctx.rows, ctx.reduction, ctx.opts, ctx.backend, ctx.factor = rows, reduction, opts, backend, factor
         ctx.dtypes = (student.dtype, teacher.dtype)
         ctx.save_for_backward(s2, t2, y, denom)

@@ -20,7 +20,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._utils import acc_dtype, result_dtype
-from .distillation import DISTILL_FWD, denominator, loss_scale, row_grads
+from .distillation import DISTILL_FWD, reduce_loss, row_grads, scales
 
 # Default chunk: 1/40 of the logits, at least 2^21 elements. Three chunk-sized buffers exist at once
 # (student logits, teacher logits, the student's logit gradient): 7.5% of one full logits tensor.
@@ -40,23 +40,13 @@ class LinearDistillationFunction(torch.autograd.Function):
                 backend):
         n, v = xs.shape[0], Ws.shape[0]
         acc = acc_dtype(xs.dtype)
-        scale = loss_scale(temperature, scale_by_t2)
-        factor = scale / temperature
-        denom = denominator(reduction, target, n, v, ignore_index, acc)
-        if denom is not None:
-            denom = denom.to(xs.device)
+        scale, factor, denom = scales(temperature, scale_by_t2, reduction, target, n, v, ignore_index, acc, xs.device)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         eager = any(need) and reduction != "none" and xs.dtype in (torch.float32, torch.bfloat16)
         opts = (int(ignore_index), float(temperature), float(beta))
         g = row_grads(torch.ones((), dtype=acc, device=xs.device), reduction, denom, n, acc, factor) if eager else None
         loss, grads = _chunks(xs, Ws, xt, Wt, target, opts, chunk_size, backend, g, need)
-        loss = loss * scale if scale != 1.0 else loss
-        if reduction == "none":
-            out = loss
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss.sum() / denom
+        out = reduce_loss(loss, scale, reduction, denom, (n,))
         ctx.eager = eager
         if eager:
             ctx.eager_grads = list(grads)  # handed out (scaled in place) by the one backward

@@ -12,15 +12,18 @@
 //     dL/ds = G - q sum G,  dL/dt = H - p sum H
 // (gradients with respect to s and t; the caller folds 1 / T and the loss scale into the row's g).
 //
-// Three walks over a row: its statistics (max and sum of exps of both rows, read from memory once,
-// the next block prefetched), then the sums the gradient needs, then the gradient -- the last two
-// from cache (two rows of 32000 fp32 logits are 256 KB, L2-resident). Forward KL's student gradient
-// needs no sum, so that common case writes it in the second walk.
+// Up to three walks over a row. Walk 1 reads both rows from memory once, a block at a time (its max,
+// then its exps from L1), and keeps the exps and s - t in a per-thread scratch (Scratch, rows of up to
+// kScratchMax classes; longer rows recompute the exps in each walk). Walk 2 forms the row's sums from
+// the scratch -- forward KL's student gradient needs none, so that common case is written here -- and
+// walk 3 the gradients that need those sums.
 //
-// q - p is formed as e^max(a, b) * -expm1(-|d|) with the sign of d, d = ((s - t) - D_hi) - D_lo with
+// For float16 / bfloat16 / float64, q - p is formed as max(q, p) * -expm1(-|d|) with the sign of d
+// (float32 subtracts: its gradient stays float32, no ulp check applies), and d = ((s - t) - D_hi) - D_lo with
 // D = lse_s - lse_t split into two floats: where q and p nearly agree, d is small and the difference
-// keeps its relative precision instead of carrying the rounding of q and p (the GradScaler check,
-// docs/design.md "Mixed precision", holds element by element).
+// keeps its relative precision instead of carrying the rounding of q and p. For float16 / bfloat16 the
+// sums behind D are taken in double (precise_row_stats), so that the GradScaler check (docs/design.md,
+// "Mixed precision") holds element by element for the forward KL.
 
 #include "walk.h"
 

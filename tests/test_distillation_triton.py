@@ -84,3 +84,22 @@ def test_kl_div_triton(reduction, log_target, zeros):
     assert_close(out, ref.detach(), torch.float32, "loss")
     assert_close(a[0].grad, b[0].grad, torch.float32, "input grad")
     assert_close(a[1].grad, b[1].grad, torch.float32, "target grad")
+
+
+def test_linear_distillation_triton():
+    gen = torch.Generator().manual_seed(11)
+    xs, Ws = torch.randn(10, 8, generator=gen), torch.randn(40, 8, generator=gen) * 0.5
+    xt, Wt = torch.randn(10, 6, generator=gen), torch.randn(40, 6, generator=gen) * 0.5
+    y = torch.randint(0, 40, (10,), generator=gen)
+    y[::4] = -100
+    a = [xs.clone().to(DEVICE).requires_grad_(True), Ws.clone().to(DEVICE).requires_grad_(True)]
+    out = lossfuse.linear_distillation_loss(a[0], a[1], xt.to(DEVICE), Wt.to(DEVICE), target=y.to(DEVICE), beta=0.5,
+                                            temperature=2.0, chunk_size=3, backend="triton")
+    out.backward()
+    b = [xs.double().requires_grad_(True), Ws.double().requires_grad_(True)]
+    ref = lossfuse.distillation_loss(b[0] @ b[1].t(), xt.double() @ Wt.double().t(), target=y, beta=0.5,
+                                     temperature=2.0, backend="reference")
+    ref.backward()
+    assert_close(out, ref.detach(), torch.float32, "loss")
+    assert_close(a[0].grad, b[0].grad, torch.float32, "grad hidden")
+    assert_close(a[1].grad, b[1].grad, torch.float32, "grad weight")

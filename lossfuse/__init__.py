@@ -13,24 +13,32 @@ from . import ops  # noqa: F401  (defines the lossfuse:: custom ops; loads lossf
 from ._backend import available_backends, cpu_kernels_available
 from .functional import (
     cross_entropy,
+    distillation_loss,
     huber_loss,
+    kl_div,
     linear_cross_entropy,
+    linear_distillation_loss,
     sigmoid_focal_loss,
     smooth_l1_loss,
     softmax_focal_loss,
 )
 from .modules import (
     CrossEntropyLoss,
+    DistillationLoss,
     HuberLoss,
+    KLDivLoss,
     LinearCrossEntropyLoss,
     SigmoidFocalLoss,
     SmoothL1Loss,
     SoftmaxFocalLoss,
 )
 from .ops.cross_entropy import CrossEntropyFunction
+from .ops.distillation import DistillationFunction
 from .ops.focal import SigmoidFocalFunction, SoftmaxFocalFunction
 from .ops.huber import HuberFunction
+from .ops.kl_div import KLDivFunction
 from .ops.linear_cross_entropy import LinearCrossEntropyFunction
+from .ops.linear_distillation import LinearDistillationFunction
 
 __all__ = [
     "__version__",
@@ -53,6 +61,14 @@ __all__ = [
     "SoftmaxFocalLoss",
     "SigmoidFocalFunction",
     "SoftmaxFocalFunction",
+    "distillation_loss",
+    "DistillationLoss",
+    "DistillationFunction",
+    "kl_div",
+    "KLDivLoss",
+    "KLDivFunction",
+    "linear_distillation_loss",
+    "LinearDistillationFunction",
 ]
 
 

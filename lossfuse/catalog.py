@@ -549,6 +549,180 @@ LOSSES: dict[str, LossEntry] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------------
+# Distillation (lossfuse.distillation_loss): student and teacher logits (N, V), optionally int64 labels
+# (N,) whose ignore_index rows are masked; the student requires grad. torch's code is the usual
+# kl_div of two log_softmax tensors (and liger-kernel's generalised JSD written the same way).
+# ---------------------------------------------------------------------------------------------------
+
+
+def _distill_inputs(shape, dtype, variant, device, gen):
+    out = {"input": _randn(shape, dtype, device, gen, scale=2.0),
+           "teacher": _randn(shape, dtype, device, gen, scale=2.0)}
+    if "ignore" in variant:
+        rows = (shape[0],) + tuple(shape[2:])
+        y = torch.randint(0, shape[1], rows, generator=gen, device=device)
+        drop = torch.rand(rows, generator=gen, device=device) < IGNORE_FRACTION
+        out["target"] = torch.where(drop, torch.full_like(y, -100), y)
+    return out
+
+
+def _distill_torch(s, t, y=None, temperature=1.0, beta=0.0):
+    """What distillation code writes today: log_softmax of both at T, kl_div, batchmean, times T^2."""
+    ls = F.log_softmax(s / temperature, dim=1)
+    lt = F.log_softmax(t / temperature, dim=1)
+    if beta == 0 and y is None:
+        return F.kl_div(ls, lt, log_target=True, reduction="batchmean") * temperature ** 2
+    if beta == 0:
+        rows = F.kl_div(ls, lt, log_target=True, reduction="none").sum(1)
+    elif beta == 1:
+        rows = F.kl_div(lt, ls, log_target=True, reduction="none").sum(1)
+    else:
+        log_m = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+        rows = (beta * F.kl_div(log_m, lt, log_target=True, reduction="none")
+                + (1 - beta) * F.kl_div(log_m, ls, log_target=True, reduction="none")).sum(1)
+    rows = rows * temperature ** 2
+    if y is None:
+        return rows.sum() / rows.shape[0]
+    keep = y != -100
+    return torch.where(keep, rows, 0).sum() / keep.sum()
+
+
+def _distill_lossfuse(fn, s, t, y=None, *, backend, temperature=1.0, beta=0.0):
+    return fn(s, t, temperature=temperature, beta=beta, target=y, backend=backend)
+
+
+def _distill_bytes(shape, dtype, variant, mode):
+    logits = numel(shape) * itemsize(dtype)
+    rows = numel(shape) // shape[1] * 8 if "ignore" in variant else 0
+    return _count(2 * logits + rows, logits, mode)
+
+
+DISTILL_FORMULA = ("fwd: 2*N*V*b;  bwd, fwd+bwd: 3*N*V*b  (student and teacher logits read once, the student's "
+                   "gradient written once; the ignore variants add N*8 for the labels)")
+
+LOSSES.update({
+    e.key: e
+    for e in [
+        LossEntry(
+            key="distill", title="distillation", lossfuse_name="distillation_loss",
+            make_inputs=_distill_inputs, torch_fn=_distill_torch, lossfuse_fn=_distill_lossfuse,
+            counted_bytes=_distill_bytes, bytes_formula=DISTILL_FORMULA,
+            variants={"": "forward KL(teacher || student), T = 1",
+                      "T=2, ignore": f"forward KL, T = 2, {IGNORE_FRACTION:.0%} of rows ignored",
+                      "reverse": "reverse KL(student || teacher), T = 2",
+                      "jsd, ignore": f"generalised JSD beta = 0.5, T = 2, {IGNORE_FRACTION:.0%} of rows ignored"},
+            options={"T=2, ignore": {"temperature": 2.0}, "reverse": {"temperature": 2.0, "beta": 1.0},
+                     "jsd, ignore": {"temperature": 2.0, "beta": 0.5}},
+            size_name="logits (N*V), each of two", anchor="liger",
+        ),
+    ]
+})
+
+
+# ---------------------------------------------------------------------------------------------------
+# kl_div (torch.nn.functional.kl_div): log-probabilities (N, C) and a probability target (a log-probability
+# one with log_target); the input requires grad.
+# ---------------------------------------------------------------------------------------------------
+
+ZERO_FRACTION = 0.25  # of the target's elements set to exactly 0 in the "zeros" variants (0 log 0 = 0)
+
+
+def _kl_inputs(shape, dtype, variant, device, gen):
+    x = torch.log_softmax(torch.randn(shape, generator=gen, device=device) * 2.0, -1)
+    t = torch.softmax(torch.randn(shape, generator=gen, device=device) * 2.0, -1)
+    if "log_target" in variant:
+        t = t.log()
+    if "zeros" in variant:
+        t = torch.where(torch.rand(shape, generator=gen, device=device) < ZERO_FRACTION, 0.0, t)
+    return {"input": x.to(dtype), "target": t.to(dtype)}
+
+
+def _kl_torch(x, t, reduction="mean", log_target=False):
+    return F.kl_div(x, t, reduction=reduction, log_target=log_target)
+
+
+def _kl_lossfuse(fn, x, t, *, backend, reduction="mean", log_target=False):
+    return fn(x, t, reduction=reduction, log_target=log_target, backend=backend)
+
+
+LOSSES.update({
+    e.key: e
+    for e in [
+        LossEntry(
+            key="kl_div", title="kl_div", lossfuse_name="kl_div",
+            make_inputs=_kl_inputs, torch_fn=_kl_torch, lossfuse_fn=_kl_lossfuse,
+            counted_bytes=_regression_bytes, bytes_formula=REGRESSION_FORMULA,
+            variants={"": "torch's defaults (reduction mean)",
+                      "batchmean, zeros": f"batchmean, {ZERO_FRACTION:.0%} of the target exactly 0",
+                      "log_target, sum": "log_target=True, reduction sum"},
+            options={"batchmean, zeros": {"reduction": "batchmean"},
+                     "log_target, sum": {"reduction": "sum", "log_target": True}},
+        ),
+    ]
+})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Linear + distillation (lossfuse.linear_distillation_loss): student hidden states (N, H) and lm head
+# (V, H), teacher hidden states (N, H) and lm head (V, H); shape (N, H, V). The student's two require
+# grad. The (N, V) logits of both are intermediates: the memory reference is one of them, as for lce.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _ldistill_inputs(shape, dtype, variant, device, gen):
+    n, h, v = shape
+    return {"input": _randn((n, h), dtype, device, gen),
+            "linear_weight": _randn((v, h), dtype, device, gen, scale=2.0 / math.sqrt(h)),
+            "teacher_hidden": _randn((n, h), dtype, device, gen),
+            "teacher_weight": _randn((v, h), dtype, device, gen, scale=2.0 / math.sqrt(h))}
+
+
+def _ldistill_torch(x, w, xt, wt):
+    return _distill_torch(F.linear(x, w), F.linear(xt, wt))
+
+
+def _ldistill_lossfuse(fn, x, w, xt, wt, *, backend):
+    return fn(x, w, xt, wt, backend=backend)
+
+
+def _ldistill_bytes(shape, dtype, variant, mode):
+    n, h, v = shape
+    b = itemsize(dtype)
+    return _count(2 * (n * h + v * h) * b, (n * h + v * h) * b, mode)
+
+
+def _ldistill_flops(shape, dtype, variant, mode):
+    """Both projections forward, the student's two gradient matmuls backward, 2*N*H*V each."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    n, h, v = shape
+    return {"fwd": 2, "bwd": 4, "fwd+bwd": 4}[mode] * 2 * n * h * v
+
+
+LDISTILL_FORMULA = ("fwd: 2*(N*H + V*H)*b;  bwd, fwd+bwd: 3*(N*H + V*H)*b  (student and teacher hidden states "
+                    "(N, H) and heads (V, H), b bytes each; the student's gradients written once; the (N, V) "
+                    "logits are not counted). The matmul FLOPs dominate: GFLOP/s is the lens")
+LDISTILL_FLOPS_FORMULA = ("fwd: 2 x 2*N*H*V;  bwd, fwd+bwd: 4 x 2*N*H*V  (both projections, then the student's "
+                          "two gradient matmuls)")
+
+LOSSES.update({
+    e.key: e
+    for e in [
+        LossEntry(
+            key="ldistill", title="linear + distillation", lossfuse_name="linear_distillation_loss",
+            make_inputs=_ldistill_inputs, torch_fn=_ldistill_torch, lossfuse_fn=_ldistill_lossfuse,
+            counted_bytes=_ldistill_bytes, bytes_formula=LDISTILL_FORMULA,
+            grad_inputs=("input", "linear_weight"),
+            size_name="N*H*V (tokens, hidden, vocabulary)",
+            mem_ref_bytes=_lce_logits_bytes, mem_ref_name="one full logits tensor (N*V*b)",
+            counted_flops=_ldistill_flops, flops_formula=LDISTILL_FLOPS_FORMULA, anchor="liger",
+            lossfuse_notes={"fwd+bwd": "gradients during the forward pass (three chunk-sized buffers)"},
+        ),
+    ]
+})
+
+
 def lossfuse_function(entry: LossEntry):
     """The lossfuse function of ``entry``, or None where this lossfuse does not have it (yet)."""
     import importlib

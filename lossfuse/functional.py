@@ -568,3 +568,232 @@ def softmax_focal_loss(
     return SoftmaxFocalFunction.apply(
         input, target, alpha, float(gamma), weight, ignore_index, reduction, backend, fused
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Distillation: KL divergence / generalised JSD between the softmax of two sets of logits.
+# ------------------------------------------------------------------------------------------------
+
+from .ops import distillation as _distill  # noqa: E402  (kept beside its section: merges stay local)
+
+__all__ += ["distillation_loss"]
+
+
+def _check_distill_options(name: str, temperature, beta, reduction: str) -> None:
+    if reduction not in _distill.REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"{name}: temperature must be a number > 0; got {temperature!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"{name}: beta must be a number in [0, 1]; got {beta!r}")
+
+
+def _check_distill_logits(name: str, student: torch.Tensor, teacher: torch.Tensor, target) -> None:
+    check_float_input(name, student, "student_logits")
+    check_float_input(name, teacher, "teacher_logits")
+    check_same_device(name, student, teacher, target)
+    if student.dim() < 2:
+        raise ValueError(f"{name}: logits must be (N, V) or (N, V, d1, ..., dk); got shape {list(student.shape)}")
+    if student.shape != teacher.shape:
+        raise ValueError(f"{name}: student_logits and teacher_logits must have the same shape; got "
+                         f"{list(student.shape)} and {list(teacher.shape)}")
+    if target is not None:
+        rows = (student.shape[0],) + tuple(student.shape[2:])
+        if tuple(target.shape) != rows:
+            raise ValueError(f"{name}: target must have the logits' shape without dim 1, {list(rows)}; got "
+                             f"{list(target.shape)}")
+        if target.dtype not in (torch.int64, torch.int32, torch.uint8):
+            raise RuntimeError(f"expected target dtype to be Long, Int or Byte, but got {_type_name(target.dtype)}")
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.0,
+    ignore_index: int = -100,
+    target: torch.Tensor | None = None,
+    reduction: str = "batchmean",
+    scale_by_t2: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Knowledge-distillation loss on logits, fused: the log-softmax of both at ``temperature`` is
+    computed inside the kernel, neither log-softmax tensor exists.
+
+    ``beta=0``: forward KL(teacher || student) -- ``kl_div(log_softmax(s / T), log_softmax(t / T),
+    log_target=True)``; ``beta=1``: reverse KL(student || teacher); ``0 < beta < 1``: the generalised
+    JSD ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q`` (liger-kernel's
+    definition; p the teacher's distribution, q the student's). Logits are ``(N, V)`` or
+    ``(N, V, d1, ..., dk)`` (classes on dim 1). Rows whose ``target`` (the logits' shape without dim
+    1, e.g. the labels) equals ``ignore_index`` count nowhere. ``reduction``: ``"batchmean"`` (sum /
+    rows kept), ``"mean"`` (sum / (rows kept x V), kl_div's element mean), ``"sum"``, ``"none"`` (per
+    row). ``scale_by_t2`` multiplies the loss by T^2 (Hinton et al.), keeping gradient magnitudes
+    independent of T. The teacher gets a gradient only if it requires one.
+    """
+    name = "distillation_loss"
+    _backend.check_backend_name(backend)
+    _check_distill_options(name, temperature, beta, reduction)
+    _check_distill_logits(name, student_logits, teacher_logits, target)
+    backend = _backend.resolve(backend, student_logits.device)
+    if backend == "triton" and student_logits.dtype == torch.float64 and student_logits.device.type == "cuda":
+        backend = "reference"
+    if backend == "reference":
+        return reference.distillation_loss(student_logits, teacher_logits, float(temperature), float(beta),
+                                           ignore_index, target, reduction, bool(scale_by_t2))
+    # The fused path when either logits will be differentiated (fused_gradient's conditions, for two inputs).
+    wants_grad = student_logits.requires_grad or teacher_logits.requires_grad
+    fused = (backend == "cpu" and reduction != "none" and wants_grad and torch.is_grad_enabled()
+             and student_logits.dtype in _distill.FUSED_DTYPES and not torch.compiler.is_compiling())
+    return _distill.DistillationFunction.apply(
+        student_logits, teacher_logits, target, int(ignore_index), float(temperature), float(beta), reduction,
+        bool(scale_by_t2), backend, bool(fused),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# kl_div: torch.nn.functional.kl_div, elementwise, fused forward and backward.
+# ------------------------------------------------------------------------------------------------
+
+from .ops import kl_div as _kl  # noqa: E402
+
+__all__ += ["kl_div"]
+
+_KL_MEAN_WARNING = (
+    "reduction: 'mean' divides the total loss by both the batch size and the support size."
+    "'batchmean' divides only by the batch size, and aligns with the KL div math definition."
+    "'mean' will be changed to behave the same as 'batchmean' in the next major release."
+)
+
+
+def kl_div(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    log_target: bool = False,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused KL divergence; same arguments and results as :func:`torch.nn.functional.kl_div`.
+
+    ``input`` holds log-probabilities, ``target`` probabilities (log-probabilities with
+    ``log_target=True``); the pointwise loss is ``target * (log(target) - input)`` with torch's
+    ``0 * log 0 = 0``. Reductions as torch's: ``"mean"`` over every element (with torch's warning),
+    ``"batchmean"`` the sum over the first dim's size, ``"sum"``, ``"none"``; the legacy
+    ``size_average``/``reduce``. Operands broadcast as torch's (a copy where their shapes or dtypes
+    differ, or they are not contiguous). Gradients reach both; the target's at a zero of a non-log
+    target is NaN, as torch's autograd gives. ``backend`` as :func:`huber_loss`.
+    """
+    name = "kl_div"
+    _backend.check_backend_name(backend)
+    if size_average is not None or reduce is not None:
+        reduction = legacy_reduction(size_average, reduce, reduction)
+    elif reduction == "mean" and not torch.compiler.is_compiling():
+        warnings.warn(_KL_MEAN_WARNING, stacklevel=2)
+    if reduction not in _kl.REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    check_float_input(name, input)
+    check_float_input(name, target, "target")
+    check_same_device(name, input, target)
+    x, t = torch.broadcast_tensors(input, target)  # raises torch's error for incompatible sizes
+
+    backend = _backend.resolve(backend, input.device)
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    if backend == "triton" and dtype == torch.float64 and input.device.type == "cuda":
+        backend = "reference"
+    if backend == "reference":
+        return reference.kl_div(input, target, reduction, bool(log_target))
+    x = x.to(dtype).contiguous()
+    t = t.to(dtype).contiguous()
+    batch = input.shape[0] if input.dim() > 0 else 1
+    return _kl.KLDivFunction.apply(x, t, bool(log_target), reduction, batch,
+                                   result_dtype(dtype, input.device), backend)
+
+
+from .ops import linear_distillation as _ldistill  # noqa: E402
+
+__all__ += ["linear_distillation_loss"]
+
+
+def linear_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_lm_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_lm_weight: torch.Tensor,
+    *,
+    target: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    beta: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    scale_by_t2: bool = True,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`distillation_loss` of ``student_hidden @ student_lm_weight.T`` and ``teacher_hidden @
+    teacher_lm_weight.T`` computed in row chunks: neither model's (tokens, vocab) logits exist whole.
+
+    ``student_hidden`` (..., H_s), ``student_lm_weight`` (V, H_s), ``teacher_hidden`` (..., H_t) with the
+    same leading dims, ``teacher_lm_weight`` (V, H_t); ``target`` (the leading dims) masks the rows equal
+    to ``ignore_index``. Options as :func:`distillation_loss`; ``chunk_size`` rows per chunk (default
+    about 1/40 of the logits). Gradients flow to the student's hidden state and weight (the weight's
+    accumulated in float32 across chunks); the teacher gets none.
+    """
+    name = "linear_distillation_loss"
+    _backend.check_backend_name(backend)
+    _check_distill_options(name, temperature, beta, reduction)
+    xs, Ws, xt, Wt = student_hidden, student_lm_weight, teacher_hidden, teacher_lm_weight
+    for what, t in (("student_hidden", xs), ("student_lm_weight", Ws), ("teacher_hidden", xt),
+                    ("teacher_lm_weight", Wt)):
+        check_float_input(name, t, what)
+    check_same_device(name, xs, Ws, xt, Wt, target)
+    if xs.dim() < 1 or Ws.dim() != 2 or xs.shape[-1] != Ws.shape[1]:
+        raise RuntimeError(f"{name}: student_hidden (..., H) and student_lm_weight (V, H) do not match: got "
+                           f"{list(xs.shape)} and {list(Ws.shape)}")
+    if xt.dim() < 1 or Wt.dim() != 2 or xt.shape[-1] != Wt.shape[1]:
+        raise RuntimeError(f"{name}: teacher_hidden (..., H) and teacher_lm_weight (V, H) do not match: got "
+                           f"{list(xt.shape)} and {list(Wt.shape)}")
+    if Ws.shape[0] != Wt.shape[0]:
+        raise ValueError(f"{name}: student and teacher vocabularies differ: {Ws.shape[0]} and {Wt.shape[0]}")
+    if xs.shape[:-1] != xt.shape[:-1]:
+        raise ValueError(f"{name}: student_hidden and teacher_hidden must have the same leading dims; got "
+                         f"{list(xs.shape)} and {list(xt.shape)}")
+    if xs.dtype != Ws.dtype and not torch.is_autocast_enabled(xs.device.type):
+        raise RuntimeError(f"{name}: expected student_hidden and student_lm_weight to have the same dtype, but got "
+                           f"{xs.dtype} and {Ws.dtype}")
+    lead = tuple(xs.shape[:-1])
+    if target is not None:
+        if tuple(target.shape) != lead:
+            raise ValueError(f"{name}: target must have shape {list(lead)}; got {list(target.shape)}")
+        if target.dtype not in (torch.int64, torch.int32, torch.uint8):
+            raise RuntimeError(f"expected target dtype to be Long, Int or Byte, but got {_type_name(target.dtype)}")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"{name}: chunk_size must be a positive int or None; got {chunk_size!r}")
+
+    backend = _backend.resolve(backend, xs.device)
+    if backend == "triton" and xs.dtype == torch.float64 and xs.device.type == "cuda":
+        backend = "reference"
+    V = Ws.shape[0]
+    if backend == "reference":
+        s = torch.nn.functional.linear(xs, Ws).reshape(-1, V)
+        with torch.no_grad():
+            t = torch.nn.functional.linear(xt, Wt).reshape(-1, V)
+        y = None if target is None else target.reshape(-1)
+        out = reference.distillation_loss(s, t, float(temperature), float(beta), ignore_index, y, reduction,
+                                          bool(scale_by_t2))
+        return out.reshape(lead) if reduction == "none" else out
+    # Under autocast, the projections run in the autocast dtype, as torch's linear would.
+    compute = xs.dtype
+    if torch.is_autocast_enabled(xs.device.type) and xs.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        compute = torch.get_autocast_dtype(xs.device.type)
+    x2 = xs.reshape(-1, xs.shape[-1]).to(compute).contiguous()
+    W2 = Ws.to(compute)
+    t2 = xt.reshape(-1, xt.shape[-1]).detach()
+    y = None if target is None else target.reshape(-1).long().contiguous()
+    chunk = chunk_size or _ldistill.default_chunk_size(x2.shape[0], V)
+    out = _ldistill.LinearDistillationFunction.apply(
+        x2, W2, t2.to(compute), Wt.detach().to(compute), y, int(ignore_index), float(temperature), float(beta),
+        reduction, bool(scale_by_t2), chunk, backend)
+    return out.reshape(lead) if reduction == "none" else out

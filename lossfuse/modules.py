@@ -214,3 +214,48 @@ class SoftmaxFocalLoss(torch.nn.Module):
         alpha = "tensor" if torch.is_tensor(self.alpha) else self.alpha
         return (f"alpha={alpha}, gamma={self.gamma}, ignore_index={self.ignore_index}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class DistillationLoss(_Backend, torch.nn.Module):
+    """:func:`lossfuse.distillation_loss` as a module: ``DistillationLoss(temperature=1.0, beta=0.0,
+    ignore_index=-100, reduction="batchmean", scale_by_t2=True, *, backend="auto")``, called as
+    ``criterion(student_logits, teacher_logits, target=None)``."""
+
+    def __init__(self, temperature: float = 1.0, beta: float = 0.0, ignore_index: int = -100,
+                 reduction: str = "batchmean", scale_by_t2: bool = True, *, backend: str = "auto") -> None:
+        super().__init__()
+        functional._check_distill_options("DistillationLoss", temperature, beta, reduction)
+        self._set_backend(backend)
+        self.temperature, self.beta, self.ignore_index = temperature, beta, ignore_index
+        self.reduction, self.scale_by_t2 = reduction, scale_by_t2
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                target: torch.Tensor | None = None) -> torch.Tensor:
+        return functional.distillation_loss(
+            student_logits, teacher_logits, temperature=self.temperature, beta=self.beta,
+            ignore_index=self.ignore_index, target=target, reduction=self.reduction,
+            scale_by_t2=self.scale_by_t2, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, beta={self.beta}, reduction={self.reduction!r}, "
+                f"scale_by_t2={self.scale_by_t2}, " + super().extra_repr())
+
+
+__all__ += ["DistillationLoss"]
+
+
+class KLDivLoss(_Backend, torch.nn.KLDivLoss):
+    """Drop-in for :class:`torch.nn.KLDivLoss` running lossfuse's fused kernels (same constructor,
+    plus ``backend``)."""
+
+    def __init__(self, size_average=None, reduce=None, reduction: str = "mean", log_target: bool = False, *,
+                 backend: str = "auto") -> None:
+        super().__init__(size_average, reduce, reduction, log_target)
+        self._set_backend(backend)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return functional.kl_div(input, target, reduction=self.reduction, log_target=self.log_target,
+                                 backend=self.backend)
+
+
+__all__ += ["KLDivLoss"]

@@ -238,3 +238,54 @@ def softmax_focal_loss(
     rows = k * (1 - p_y) ** gamma * (-logp_y)
     out = _reduce_kept(rows, keep, wy, reduction)
     return out.to(result_dtype(input.dtype, input.device))
+
+
+def distillation_loss(student, teacher, temperature=1.0, beta=0.0, ignore_index=-100, target=None,
+                      reduction="batchmean", scale_by_t2=True):
+    """Distillation loss between softmax(student / T) and softmax(teacher / T) over dim 1: beta 0 the
+    forward KL(teacher || student), 1 the reverse KL, in between the generalised JSD
+    beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q (liger-kernel's definition).
+    Rows whose ``target`` is ``ignore_index`` count nowhere; batchmean divides by the rows kept, mean
+    by their elements; the loss is scaled by T^2 when ``scale_by_t2``."""
+    acc = acc_dtype(student.dtype)
+    s = torch.log_softmax(student.to(acc) / temperature, 1)  # a = log q
+    t = torch.log_softmax(teacher.to(acc) / temperature, 1)  # b = log p
+    q, p = s.exp(), t.exp()
+    if beta == 0:
+        elems = p * (t - s)
+    elif beta == 1:
+        elems = q * (s - t)
+    else:
+        log_m = torch.logaddexp(t + torch.log(torch.tensor(beta, dtype=acc)),
+                                s + torch.log1p(torch.tensor(-beta, dtype=acc)))
+        elems = beta * p * (t - log_m) + (1 - beta) * q * (s - log_m)
+    rows = elems.sum(1) * (temperature * temperature if scale_by_t2 else 1.0)
+    keep = torch.ones_like(rows, dtype=torch.bool) if target is None else target != ignore_index
+    rows = torch.where(keep, rows, 0)
+    if reduction == "none":
+        out = rows
+    elif reduction == "sum":
+        out = rows.sum()
+    else:
+        kept = keep.sum().to(acc)
+        out = rows.sum() / (kept * student.shape[1] if reduction == "mean" else kept)
+    return out.to(result_dtype(student.dtype, student.device))
+
+
+def kl_div(input, target, reduction="mean", log_target=False):
+    """torch.nn.functional.kl_div's pointwise term, ``target * (log(target) - input)`` with 0 log 0 = 0
+    (``exp(target) * (target - input)`` for a log target), reduced as torch: mean over elements,
+    batchmean over the first dim."""
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    acc = acc_dtype(dtype)
+    x, t = input.to(acc), target.to(acc)
+    elems = torch.exp(t) * (t - x) if log_target else torch.xlogy(t, t) - t * x
+    if reduction == "none":
+        out = elems
+    elif reduction == "sum":
+        out = elems.sum()
+    elif reduction == "batchmean":
+        out = elems.sum() / input.shape[0] if input.dim() > 0 else elems.sum()
+    else:
+        out = elems.mean()
+    return out.to(result_dtype(dtype, input.device))

@@ -38,6 +38,15 @@ CASES = {
         ("huber", (1048576,), ""),
         ("smooth_l1", (65536, 4), "beta=1/9"),
     ],
+    "distillation": [
+        ("distill", (512, 32000), ""),
+        ("distill", (512, 32000), "T=2, ignore"),
+        ("distill", (256, 1000), "reverse"),
+        ("distill", (256, 1000), "jsd, ignore"),
+        ("ldistill", (256, 64, 2000), ""),
+        ("kl_div", (4096, 100), "batchmean, zeros"),
+        ("kl_div", (4096, 100), "log_target, sum"),
+    ],
 }
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

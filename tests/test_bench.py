@@ -415,7 +415,8 @@ def test_gpu_preset_dry_run_on_cpu(tmp_path):
     from lossfuse.bench.presets import get_preset
 
     tiny = {"ce": lambda s: (64, s[1] // 256), "sigmoid_focal": lambda s: (500, 80),
-            "softmax_focal": lambda s: (256, 100), "huber": lambda s: (65536,), "lce": lambda s: (64, 32, 501)}
+            "softmax_focal": lambda s: (256, 100), "huber": lambda s: (65536,), "lce": lambda s: (64, 32, 501),
+            "distill": lambda s: (64, s[1] // 256), "ldistill": lambda s: (64, 32, 501)}
     cases = [replace(c, shape=tiny[c.loss](c.shape)) for c in get_preset("gpu").cases]
     result, _, _ = _run(tmp_path, ["--shapes", "gpu", "--providers", "cpu,torch,liger,cce", "--no-plots"],
                         cases=cases)
@@ -426,8 +427,13 @@ def test_gpu_preset_dry_run_on_cpu(tmp_path):
         for mode in c.modes:
             mine = {r["provider"]: r for r in rows if r["loss"] == c.loss and r["mode"] == mode
                     and r["shape"] == "x".join(map(str, c.shape)) and r["dtype"] == str(c.dtype)[6:]}
-            assert mine["lossfuse-cpu"]["status"] == "ok" and mine["torch"]["status"] == "ok", (c, mode, mine)
-            if c.loss in ("ce", "lce"):
+            # torch's bf16 distillation code (log_softmax and kl_div rounded to bf16 in turn) can miss
+            # the suite's bf16 norm tolerance: then it is flagged WRONG, not timed -- lossfuse must pass.
+            torch_may_miss = c.loss in ("distill", "ldistill") and c.dtype == torch.bfloat16
+            statuses = {k: (v["status"], v.get("note")) for k, v in mine.items()}
+            assert mine["lossfuse-cpu"]["status"] == "ok", (c, mode, statuses)
+            assert mine["torch"]["status"] == "ok" or torch_may_miss, (c, mode, statuses)
+            if c.loss in ("ce", "lce", "distill", "ldistill"):
                 assert mine["liger"]["status"] == "skipped" and "CUDA" in mine["liger"]["note"]
             else:
                 assert "liger" not in mine

@@ -7,8 +7,10 @@ import torch
 import lossfuse
 from contracts import LossContract
 from lossfuse.ops import cross_entropy as ce_ops
+from lossfuse.ops import distillation as distill_ops
 from lossfuse.ops import focal as focal_ops
 from lossfuse.ops import huber as huber_ops
+from lossfuse.ops import kl_div as kl_ops
 
 
 def pytest_generate_tests(metafunc):
@@ -59,3 +61,27 @@ class TestHuber(LossContract):
 
 class TestSmoothL1(LossContract):
     key, module, function, ops_module = "smooth_l1", lossfuse.SmoothL1Loss, lossfuse.HuberFunction, huber_ops
+
+
+class TestDistillation(LossContract):
+    key, module, function, ops_module = (
+        "distill", lossfuse.DistillationLoss, lossfuse.DistillationFunction, distill_ops)
+
+    def autocast_variants(self):
+        # Forward KL's student gradient q - p is formed without cancellation (as e^max(a, b) times an
+        # expm1 of the log-ratio, csrc/distillation_kernel.h). Reverse KL's q (d - L) and the JSD's
+        # G - q sum G are differences of float32 terms: where they nearly cancel, the result carries
+        # the terms' rounding, several ulps of the small difference (as cross-entropy's smoothing).
+        return ["", "T=2, ignore"]
+
+    def compile_cases(self):
+        # (N, V, d) logits, teacher requiring grad, JSD with labels.
+        s, t = torch.randn(4, 9, 5), torch.randn(4, 9, 5).requires_grad_(True)
+        y = torch.randint(0, 9, (4, 5))
+        y[0, :2] = -100
+        fn = lambda s, t, y: lossfuse.distillation_loss(s, t, temperature=2.0, beta=0.5, target=y)  # noqa: E731
+        return {"spatial, teacher grad, jsd": (s, (t, y), fn)}
+
+
+class TestKLDiv(LossContract):
+    key, module, function, ops_module = "kl_div", lossfuse.KLDivLoss, lossfuse.KLDivFunction, kl_ops

@@ -86,6 +86,7 @@ QUICK = (
     + _c("sigmoid_focal", (4096, 80), variant="float") + _c("sigmoid_focal", (4096, 80), variant="index")
     + _c("softmax_focal", (2048, 100)) + _c("huber", (262144,)) + _c("smooth_l1", (262144,))
     + _c("lce", (256, 64, 2000))
+    + _c("distill", (256, 1000)) + _c("kl_div", (4096, 64)) + _c("ldistill", (128, 32, 1000))
 )
 
 DEFAULT = (
@@ -96,6 +97,9 @@ DEFAULT = (
     + _c("softmax_focal", (65536, 1000), target="softmax_focal")
     + _c("huber", (16777216,), target="huber")
     + _c("smooth_l1", (16777216,), target="smooth_l1")
+    + _c("distill", (4096, 32000), (F32, BF16), target="distill")
+    # Three rounds: each provider's fwd+bwd call is seconds of matmuls (536.9 GFLOP).
+    + _c("ldistill", (4096, 512, 32000), target="ldistill", rounds=3)
 )
 
 LLM = (
@@ -132,6 +136,8 @@ GPU = (
     + _c("softmax_focal", (65536, 1000), modes=_STEP)
     + _c("huber", (16777216,), (F32, BF16), modes=_STEP)
     + _c("lce", (8192, 4096, 128256), (BF16,), rounds=3, modes=_STEP)
+    + _c("distill", (8192, 32000), (BF16, F32), modes=_STEP) + _c("distill", (8192, 128256), (BF16,), modes=_STEP)
+    + _c("ldistill", (8192, 4096, 128256), (BF16,), rounds=3, modes=_STEP)
 )
 
 VISION = (

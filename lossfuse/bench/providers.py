@@ -80,8 +80,10 @@ def _compile_make(entry, case, device):
 
 
 def _liger_make(entry, case, device):
+    if entry.key in ("distill", "ldistill"):
+        return _liger_distill_make(entry, case, device)
     if entry.key not in ("ce", "lce"):
-        return "liger-kernel anchors cross-entropy and linear + cross-entropy only"
+        return "liger-kernel anchors cross-entropy, linear + cross-entropy and the distillation losses only"
     if entry.key == "ce" and case.variant not in ("", "ignore_index"):
         return "liger-kernel is timed on class-index targets without weights or smoothing"
     if device.type != "cuda":
@@ -106,6 +108,32 @@ def _liger_make(entry, case, device):
         return lambda x, y: first(module(x, y))
     # liger's order: (lin_weight, input, target)
     return lambda x, w, y: first(module(w, x, y))
+
+
+def _liger_distill_make(entry, case, device):
+    """liger-kernel's JSD (beta 0: the forward KL) on log_softmax tensors -- it takes log-probabilities,
+    not logits -- and its fused linear JSD, for the catalog's forward-KL cases at T = 1."""
+    opts = entry.options.get(case.variant) or {}
+    if opts.get("temperature", 1.0) != 1.0 or opts.get("beta", 0.0) != 0.0 or "ignore" in case.variant:
+        return "liger-kernel is timed on the forward KL at temperature 1 without labels"
+    if device.type != "cuda":
+        return "liger-kernel runs on CUDA only"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel; offline: bench/README.md)"
+    try:
+        if entry.key == "distill":
+            from liger_kernel.transformers.jsd import LigerJSD
+
+            module = LigerJSD(beta=0.0)
+        else:
+            from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+
+            module = LigerFusedLinearJSD(jsd_beta=0.0, temperature=1.0)
+    except Exception as exc:  # an install that does not import (or refuses beta 0) is a note, not a crash
+        return f"liger-kernel does not import: {type(exc).__name__}: {exc}"
+    if entry.key == "distill":
+        return lambda s, t: module(torch.log_softmax(s, -1), torch.log_softmax(t, -1))
+    return lambda x, w, xt, wt: module(x, w, xt, wt)
 
 
 def _cce_make(entry, case, device):
@@ -162,7 +190,7 @@ PROVIDERS = {
         _lossfuse("cpu"), _lossfuse("triton"), _lossfuse("reference"),
         Provider(EAGER, _eager_make), Provider(COMPILE, _compile_make),
         # liger writes the gradient into the logits during the forward: it gets its own copies.
-        Provider("liger", _liger_make, mutates_inputs=True, losses=("ce", "lce")),
+        Provider("liger", _liger_make, mutates_inputs=True, losses=("ce", "lce", "distill", "ldistill")),
         Provider("cce", _cce_make, losses=("lce",)),
         Provider("torch-chunked", _torch_chunked_make, losses=("lce",)),
         # lossfuse.transformers.apply(model, fused_linear=False): lossfuse's cross-entropy on the logits.

@@ -58,6 +58,15 @@ TARGETS = [
            "lce", (4096, 512, 32000), F32, "", "extra_mem_pct", "<=", 8),
     Target("linear+CE (4096, 512, 32000) fp32 fwd+bwd: time <= 1.2x torch eager", "cpu", "lce",
            (4096, 512, 32000), F32, "", "time_vs_torch", "<=", 1.2),
+    # Issue 15: distillation on logits, the usual kl_div of two log_softmax tensors against the fused kernel.
+    Target("distillation (4096, 32000) fp32 fwd+bwd: >= 8x torch eager", "cpu", "distill", (4096, 32000), F32, "",
+           "speedup_vs_torch", ">=", 8),
+    Target("distillation (4096, 32000) fp32 fwd+bwd: >= 4x torch.compile", "cpu", "distill", (4096, 32000), F32, "",
+           "speedup_vs_compile", ">=", 4),
+    Target("distillation (4096, 32000) fp32 fwd+bwd: peak above inputs + gradient <= 5% of one logits tensor", "cpu",
+           "distill", (4096, 32000), F32, "", "extra_mem_pct", "<=", 5),
+    Target("linear+distillation (4096, 512, 32000) fp32 fwd+bwd: peak above inputs + gradients <= 10% of one "
+           "logits tensor", "cpu", "ldistill", (4096, 512, 32000), F32, "", "extra_mem_pct", "<=", 10),
     # Issue 13: a transformers training step patched with lossfuse.transformers.apply (fused_linear=True)
     # against transformers' own loss ("torch" rows of the hf entry).
     *[Target(f"HF Llama step (8x256 tokens, hidden 256, vocab 32000) fp32: {what}", device, "hf",

@@ -85,7 +85,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-MODULES = ("cross_entropy", "focal", "huber")  # every lossfuse/triton module that launches kernels
+MODULES = ("cross_entropy", "focal", "huber", "distillation", "kl_div")  # every lossfuse/triton module that launches kernels
 
 # Shared memory one block may use, opt-in maximum (what a kernel can be launched with), in bytes. From
 # NVIDIA's per-compute-capability limits in the CUDA programming guide: A100-class sm_80 offers 164 KiB
@@ -363,6 +363,28 @@ def _huber_bwd_args(ch, cfg):
     )
 
 
+def _distill_args(ch, cfg):
+    # (R, V) = (8192, 32000) rows, a scalar upstream gradient expanded over the rows (stride 0)
+    x, grads = ch["x"], ch["grads"]
+    return dict(
+        s_ptr=Ptr(x), t_ptr=Ptr(x), y_ptr=Ptr("i64"), g_ptr=Ptr("fp32"), loss_ptr=Ptr("fp32"), gs_ptr=Ptr(x),
+        gt_ptr=Ptr(x), V=32000, s_sR=32000, t_sR=32000, g_sR=0, gs_sR=32000, gt_sR=32000, ignore_index=-100,
+        inv=0.5, beta=0.5, lr=0.0, nla=0.69, nlb=0.69,
+        MODE=ch["MODE"], HAS_Y=ch["HAS_Y"], WANT_GS="s" in grads, WANT_GT="t" in grads,
+    )
+
+
+def _kl_fwd_args(ch, cfg):
+    return dict(X=Ptr(ch["x"]), T=Ptr(ch["x"]), OUT=Ptr("fp64" if cfg["REDUCE"] else "fp32"), numel=8192 * 32000,
+                LOG_TARGET=ch["LOG_TARGET"])
+
+
+def _kl_bwd_args(ch, cfg):
+    x, grads = ch["x"], ch["grads"]
+    return dict(G=Ptr("fp32"), X=Ptr(x), T=Ptr(x), GX=Ptr(x), GT=Ptr(x), numel=8192 * 32000,
+                LOG_TARGET=ch["LOG_TARGET"], G_SCALAR=ch["G_SCALAR"], WANT_GX="x" in grads, WANT_GT="t" in grads)
+
+
 _CE_AXES = dict(x=FLOAT, target=("index", "prob:x", "prob:fp32"), HAS_WEIGHT=B, HAS_SMOOTHING=B, HAS_SOFTCAP=B)
 _CE_HEAVY_FLAGS = dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True)
 _HUBER_AXES = dict(x=("fp32", "bf16", "fp16", "fp64"), target=("x", "acc"), weight=(None, "x", "acc"),
@@ -409,6 +431,13 @@ KERNELS = [
            # the launcher returns early when no gradient is wanted; a weight gradient needs a weight
            valid=lambda ch: "w" not in ch["grads"] or ch["weight"] is not None,
            heavy=[dict(weight="x", NDIM=4, G_SCALAR=False, grads="xyw")]),
+    # one kernel serves distillation_fwd and distillation_bwd; grads "" is the loss alone
+    Kernel("distillation", "_distill_kernel", dict(x=FLOAT, MODE=(0, 1, 2), HAS_Y=B, grads=("", "s", "t", "st")),
+           _distill_args, heavy=[dict(MODE=2, HAS_Y=True, grads="st")]),
+    Kernel("kl_div", "kl_div_fwd_kernel", dict(x=FLOAT, LOG_TARGET=B), _kl_fwd_args,
+           heavy=[dict(LOG_TARGET=True)], group=lambda cfg: "reduce" if cfg["REDUCE"] else "elementwise"),
+    Kernel("kl_div", "kl_div_bwd_kernel", dict(x=FLOAT, LOG_TARGET=B, G_SCALAR=B, grads=("x", "t", "xt")),
+           _kl_bwd_args, heavy=[dict(LOG_TARGET=True, G_SCALAR=False, grads="xt")]),
 ]
 
 

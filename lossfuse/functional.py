@@ -27,9 +27,15 @@ from .ops._common import fused_gradient
 from .ops.cross_entropy import TRITON_FUSED_DTYPES, CrossEntropyFunction
 from .ops.linear_cross_entropy import LinearCrossEntropyFunction, default_chunk_size
 from .ops.focal import SigmoidFocalFunction, SoftmaxFocalFunction
+from .ops import distillation as _distill
+from .ops import kl_div as _kl
+from .ops import linear_distillation as _ldistill
 
 __all__ = [
     "cross_entropy",
+    "distillation_loss",
+    "kl_div",
+    "linear_distillation_loss",
     "huber_loss",
     "linear_cross_entropy",
     "sigmoid_focal_loss",
@@ -574,11 +580,6 @@ def softmax_focal_loss(
 # Distillation: KL divergence / generalised JSD between the softmax of two sets of logits.
 # ------------------------------------------------------------------------------------------------
 
-from .ops import distillation as _distill  # noqa: E402  (kept beside its section: merges stay local)
-
-__all__ += ["distillation_loss"]
-
-
 def _check_distill_options(name: str, temperature, beta, reduction: str) -> None:
     if reduction not in _distill.REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
@@ -655,10 +656,6 @@ def distillation_loss(
 # kl_div: torch.nn.functional.kl_div, elementwise, fused forward and backward.
 # ------------------------------------------------------------------------------------------------
 
-from .ops import kl_div as _kl  # noqa: E402
-
-__all__ += ["kl_div"]
-
 _KL_MEAN_WARNING = (
     "reduction: 'mean' divides the total loss by both the batch size and the support size."
     "'batchmean' divides only by the batch size, and aligns with the KL div math definition."
@@ -710,11 +707,6 @@ def kl_div(
     batch = input.shape[0] if input.dim() > 0 else 1
     return _kl.KLDivFunction.apply(x, t, bool(log_target), reduction, batch,
                                    result_dtype(dtype, input.device), backend)
-
-
-from .ops import linear_distillation as _ldistill  # noqa: E402
-
-__all__ += ["linear_distillation_loss"]
 
 
 def linear_distillation_loss(

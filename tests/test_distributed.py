@@ -86,7 +86,7 @@ ERRORS = {
     "target-negative": (IndexError, "Target -5 is out of bounds."),
     "vocab_sizes-wrong-length": (ValueError, "vocab_sizes must hold {P} sizes"),
     "vocab_sizes-wrong-local-size": (ValueError, "this rank's local_logits hold"),
-    "float-target": (NotImplementedError, "class-index targets only"),
+    "float-target": (ValueError, "probability targets are this rank's slice"),
     "bad-reduction": (ValueError, "elementwise is not a valid value for reduction"),
     "target-shape": (ValueError, "Expected input batch_size"),
 }

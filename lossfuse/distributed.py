@@ -383,7 +383,7 @@ def _combine(gathered, prob, weighted, sizes_acc, num_classes, eps, z_loss):
     if z_loss:
         loss = loss + z_loss * lse * lse
     coef = coef.expand_as(lse) if torch.is_tensor(coef) else torch.full_like(lse, coef)
-    return lse, (nll if nll is not None else lse.new_zeros(())), wy, coef, loss
+    return lse, (nll if nll is not None else torch.zeros_like(lse)), wy, coef, loss
 
 
 def _local_grad(x3, lse, nll, g_rows, y_own, t3, wy, coef, w_acc, eps, softcap, z_loss, num_classes,

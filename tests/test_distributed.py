@@ -92,6 +92,48 @@ ERRORS = {
 }
 
 
+# Every option of lossfuse.cross_entropy on the vocab-parallel path: case name -> options (defaults:
+# float64, mean, class indices). Each is compared with single-process lossfuse.reference.cross_entropy
+# in float64 on the concatenated logits (and class weights / probability targets), loss, lse and
+# gradients to 1e-9; lower precisions to their dtype's tolerance.
+def _option_cases() -> dict[str, dict]:
+    cases = {}
+    for red in ("none", "mean", "sum"):
+        cases[f"weight-{red}"] = dict(weight=True, reduction=red)
+        cases[f"weight-eps0.1-{red}"] = dict(weight=True, eps=0.1, reduction=red)
+        cases[f"prob-{red}"] = dict(prob=True, reduction=red)
+        cases[f"all-{red}"] = dict(weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, reduction=red)
+        cases[f"prob-all-{red}"] = dict(prob=True, weight=True, eps=0.2, z_loss=1e-2, softcap=4.0, reduction=red)
+    cases.update({
+        "zloss": dict(z_loss=1e-3), "softcap": dict(softcap=2.5, reduction="none"),
+        "zloss-softcap-eps": dict(z_loss=1e-3, softcap=2.5, eps=0.3, reduction="sum"),
+        "prob-eps0.2": dict(prob=True, eps=0.2, reduction="none"),
+        "prob-target-grad": dict(prob=True, weight=True, eps=0.1, target_grad=True, reduction="none"),
+        "prob-target-grad-softcap": dict(prob=True, target_grad=True, softcap=3.0, z_loss=1e-2),
+        "weight-ignore": dict(weight=True, eps=0.1, ignore=0.3, reduction="mean"),
+        "weight-ignore_index-is-a-class": dict(weight=True, ignore_index=2, reduction="none", eps=0.1),
+        "all-spatial": dict(weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, spatial=3, reduction="none"),
+        "prob-all-spatial": dict(prob=True, weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, spatial=2),
+        "all-empty-slice": dict(weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, empty_slice=True, reduction="none"),
+        "prob-empty-slice": dict(prob=True, weight=True, empty_slice=True, reduction="sum"),
+        "all-gathered-sizes": dict(weight=True, eps=0.1, softcap=4.0, sizes="gathered"),
+        "all-reference-backend": dict(weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, backend="reference", reduction="none"),
+        "prob-reference-backend": dict(prob=True, weight=True, eps=0.1, softcap=4.0, backend="reference"),
+        "all-triton-backend": dict(weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, backend="triton", dtype="float32"),
+        "prob-triton-backend": dict(prob=True, weight=True, softcap=4.0, backend="triton", dtype="float32",
+                                    reduction="none"),
+        "all-float32": dict(weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, dtype="float32", reduction="none"),
+        "all-bfloat16": dict(weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, dtype="bfloat16"),
+        "prob-all-bfloat16": dict(prob=True, weight=True, eps=0.1, softcap=4.0, dtype="bfloat16", reduction="none"),
+        "all-bfloat16-row-blocks": dict(weight=True, eps=0.1, softcap=4.0, dtype="bfloat16", reduction="none",
+                                        grad_chunk=64),
+    })
+    return cases
+
+
+OPTION_CASES = _option_cases()
+
+
 def expected_collectives(opts: dict) -> tuple[int, int]:
     """(forward, backward) collectives this module claims: one all_gather of the per-row
     statistics, one more for the slice sizes when they are not given, none in backward."""
@@ -210,6 +252,61 @@ def _run_case(name, opts, rank, world, counter):
     return {"fwd": fwd, "bwd": bwd}
 
 
+def _run_option_case(name, opts, rank, world, counter):
+    import importlib.util
+
+    from helpers import assert_close
+    from lossfuse import reference
+    from lossfuse.distributed import vocab_parallel_cross_entropy
+
+    if opts.get("backend") == "triton" and importlib.util.find_spec("triton") is None:
+        return {"skip": "triton is not installed"}
+    gen = torch.Generator().manual_seed(zlib.crc32(f"opt-{world}-{name}".encode()))
+    sizes = (EMPTY_SLICE if opts.get("empty_slice") else WORLDS)[world]
+    C, start = sum(sizes), sum(sizes[:rank])
+    stop = start + sizes[rank]
+    dtype = getattr(torch, opts.get("dtype", "float64"))
+    shape = (N, C) + ((opts["spatial"],) if "spatial" in opts else ())
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    red, eps = opts.get("reduction", "mean"), opts.get("eps", 0.0)
+    ignore_index = opts.get("ignore_index", -100)
+    kw = dict(reduction=red, label_smoothing=eps, z_loss=opts.get("z_loss", 0.0), softcap=opts.get("softcap"))
+    w = torch.rand(C, generator=gen, dtype=torch.float64) + 0.2 if opts.get("weight") else None
+    if opts.get("prob"):
+        y = torch.softmax(torch.randn(shape, generator=gen, dtype=torch.float64) * 2, 1).to(dtype)
+        y_local = y[:, start:stop].detach().requires_grad_(bool(opts.get("target_grad")))
+        y_ref = y.detach().double().requires_grad_(bool(opts.get("target_grad")))
+    else:
+        y = torch.randint(0, C, (N,) + shape[2:], generator=gen)
+        y[torch.rand(y.shape, generator=gen) < opts.get("ignore", 0.2)] = ignore_index
+        y_local = y_ref = y
+    ref_in = x.detach().double().requires_grad_()
+    ref, ref_lse = reference.cross_entropy(ref_in, y_ref, w, ignore_index, red, eps, z_loss=kw["z_loss"],
+                                           softcap=kw["softcap"], return_lse=True)
+    local = x[:, start:stop].detach().requires_grad_()
+    w_local = None if w is None else w[start:stop].to(dtype if dtype == torch.float64 else torch.float32)
+    counter.take()
+    out, lse = vocab_parallel_cross_entropy(
+        local, y_local, weight=w_local, ignore_index=ignore_index, return_lse=True,
+        vocab_sizes=sizes if opts.get("sizes", "given") == "given" else None,
+        backend=opts.get("backend", "auto"), **kw)
+    fwd = counter.take()
+    go = torch.rand(out.shape, generator=gen, dtype=torch.float64) + 0.5
+    out.backward(go.to(out.dtype))
+    bwd = counter.take()
+    ref.backward(go.to(out.dtype).double())
+    rtol = 1e-9 if dtype == torch.float64 else None
+    assert out.dtype == dtype, f"loss dtype {out.dtype}"
+    assert_close(out, ref, dtype, "loss", rtol=rtol)
+    assert lse.shape == ref_lse.shape
+    assert_close(lse, ref_lse, dtype, "lse", rtol=rtol)
+    assert local.grad.dtype == dtype
+    assert_close(local.grad, ref_in.grad[:, start:stop], dtype, "gradient", rtol=rtol)
+    if opts.get("target_grad"):
+        assert_close(y_local.grad, y_ref.grad[:, start:stop], dtype, "target gradient", rtol=rtol)
+    return {"fwd": fwd, "bwd": bwd}
+
+
 def _run_error(name, rank, world, counter):
     from lossfuse.distributed import vocab_parallel_cross_entropy
 
@@ -266,6 +363,12 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
             results[name] = _run_case(name, opts, rank, world, counter)
         except Exception:
             results[name] = {"error": traceback.format_exc()}
+    for name, opts in OPTION_CASES.items():
+        lossfuse.distributed._GRAD_CHUNK = opts.get("grad_chunk", default_chunk)
+        try:
+            results["opt:" + name] = _run_option_case(name, opts, rank, world, counter)
+        except Exception:
+            results["opt:" + name] = {"error": traceback.format_exc()}
     lossfuse.distributed._GRAD_CHUNK = default_chunk
     for name in ERRORS:
         try:
@@ -329,6 +432,15 @@ def _check(world, key):
 def test_matches_torch_on_concatenated_logits(world, case):
     for counts in _check(world, case):
         assert (len(counts["fwd"]), len(counts["bwd"])) == expected_collectives(CASES[case]), counts
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_options_match_single_process_float64(world, case):
+    """Class weights, probability targets, label smoothing, z-loss, soft-capping, return_lse and every
+    reduction equal single-process float64 (1e-9 in float64); still one all_gather, none in backward."""
+    opts = OPTION_CASES[case]
+    for counts in _check(world, "opt:" + case):
+        assert (len(counts["fwd"]), len(counts["bwd"])) == expected_collectives(opts), counts
 
 
 @pytest.mark.parametrize("case", list(ERRORS))

@@ -19,6 +19,9 @@ import zlib
 import pytest
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dtensor_cases  # noqa: E402  (the DTensor cases, run in the same worlds)
+
 WORLDS = {2: [13, 6], 3: [5, 1, 14]}  # uneven slices; one rank with a single class
 EMPTY_SLICE = {2: [0, 17], 3: [9, 0, 11]}
 N = 37
@@ -370,6 +373,21 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
         except Exception:
             results["opt:" + name] = {"error": traceback.format_exc()}
     lossfuse.distributed._GRAD_CHUNK = default_chunk
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import dtensor_cases
+
+    mesh = init_device_mesh("cpu", (world,))
+    for name, opts in dtensor_cases.CASES.items():
+        try:
+            results["dt:" + name] = dtensor_cases.run(name, opts, mesh, rank, world)
+        except Exception:
+            results["dt:" + name] = {"error": traceback.format_exc()}
+    for name in dtensor_cases.ERRORS:
+        try:
+            results["dt-error:" + name] = dtensor_cases.run_error(name, mesh, rank, world)
+        except Exception:
+            results["dt-error:" + name] = {"error": traceback.format_exc()}
     for name in ERRORS:
         try:
             results["error:" + name] = _run_error(name, rank, world, counter)
@@ -441,6 +459,19 @@ def test_options_match_single_process_float64(world, case):
     opts = OPTION_CASES[case]
     for counts in _check(world, "opt:" + case):
         assert (len(counts["fwd"]), len(counts["bwd"])) == expected_collectives(opts), counts
+
+
+@pytest.mark.parametrize("case", list(dtensor_cases.CASES))
+def test_dtensor_logits(world, case):
+    """DTensor logits (replicated, batch-sharded, class-sharded): placements of the loss and the
+    gradient as torch's DTensor cross-entropy / loss_parallel(), values as single-process float64
+    (1e-9 in float64) and as torch's where torch has the case."""
+    _check(world, "dt:" + case)
+
+
+@pytest.mark.parametrize("case", list(dtensor_cases.ERRORS))
+def test_dtensor_bad_input(world, case):
+    _check(world, "dt-error:" + case)
 
 
 @pytest.mark.parametrize("case", list(ERRORS))

@@ -1,0 +1,175 @@
+"""DTensor cases run inside the gloo worlds of tests/test_distributed.py (one 1-D device mesh over the
+world): lossfuse.cross_entropy on DTensor logits against torch's own DTensor cross-entropy (under
+loss_parallel() for class-sharded logits) and against single-process float64.
+
+Each case returns a small dict (or raises); test_distributed.py turns them into pytest items.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+
+import torch
+
+C = 13  # uneven class shards: 7 + 6 on 2 ranks, 5 + 5 + 3 on 3
+ROWS = 12  # even batch shards on 2 and 3 ranks, where torch's Partial("avg") mean is exact
+
+
+def _cases():
+    cases = {}
+    for pl in ("R", "S0", "S1"):
+        for red in ("none", "mean", "sum"):
+            # No ignored rows where torch is compared on batch shards: its Partial("avg") mean is exact
+            # only when every shard has the same denominator.
+            cases[f"{pl}-{red}"] = dict(pl=pl, reduction=red, torch=True, ignore=0.0 if pl == "S0" else 0.2)
+    cases.update({
+        # torch's loss_parallel() backward indexes the weights with ignore_index (an IndexError), so
+        # it is compared without ignored rows; ours with them against float64.
+        "S1-weight-mean": dict(pl="S1", weight=True, torch=True, ignore=0.0),
+        "S1-weight-ignore-mean": dict(pl="S1", weight=True, ignore=0.3, dtype="float64"),
+        "S1-weight-sum-ignore_index-is-a-class": dict(pl="S1", weight=True, reduction="sum", ignore_index=3,
+                                                      dtype="float64"),
+        "S1-all-none": dict(pl="S1", weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, reduction="none", dtype="float64"),
+        "S1-all-mean": dict(pl="S1", weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, dtype="float64"),
+        "S1-prob-mean": dict(pl="S1", prob=True, weight=True, eps=0.1, dtype="float64"),
+        "S1-prob-none": dict(pl="S1", prob=True, softcap=3.0, reduction="none", dtype="float64"),
+        "S1-spatial-none": dict(pl="S1", spatial=3, reduction="none", eps=0.1, dtype="float64"),
+        "S1-bf16-mean": dict(pl="S1", dtype="bfloat16", torch=True),
+        "S1-plain-target": dict(pl="S1", plain_target=True, torch=True),
+        "S1-target-sharded-as-rows": dict(pl="S1", target_pl="S0", reduction="none"),
+        "S1-1d-input": dict(pl="S1", one_row=True, reduction="sum", dtype="float64"),
+        "S0-prob-mean": dict(pl="S0", prob=True, torch=True),
+        "S0-all-mean": dict(pl="S0", weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, dtype="float64"),
+        # Uneven shards, ignored rows and class weights: the shards' denominators differ, so the mean
+        # needs the global one (torch's Partial("avg") of local means is not the mean here).
+        "S0-uneven-ignore-weight-mean": dict(pl="S0", rows=37, weight=True, ignore=0.3, dtype="float64"),
+        "S2-spatial-sum": dict(pl="S2", spatial=6, reduction="sum", torch=True),
+        "S2-spatial-mean": dict(pl="S2", spatial=6, ignore=0.3, dtype="float64"),
+        "R-plain-target": dict(pl="R", plain_target=True, reduction="mean"),
+        "R-all-sum": dict(pl="R", weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, reduction="sum", dtype="float64"),
+        "S0-module": dict(pl="S0", module=True, eps=0.1, weight=True, dtype="float64"),
+        "S1-module": dict(pl="S1", module=True, eps=0.1, weight=True, dtype="float64"),
+    })
+    return cases
+
+
+CASES = _cases()
+
+
+def _placements(code):
+    from torch.distributed.tensor import Replicate, Shard
+
+    return [Replicate()] if code == "R" else [Shard(int(code[1:]))]
+
+
+def run(name, opts, mesh, rank, world):
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    import lossfuse
+    from helpers import assert_close
+    from lossfuse import reference
+
+    gen = torch.Generator().manual_seed(zlib.crc32(f"dt-{world}-{name}".encode()))
+    dtype = getattr(torch, opts.get("dtype", "float32"))
+    n = opts.get("rows", ROWS)
+    shape = (n, C) + ((opts["spatial"],) if "spatial" in opts else ())
+    if opts.get("one_row"):
+        shape = (C,)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    red, eps = opts.get("reduction", "mean"), opts.get("eps", 0.0)
+    ignore_index = opts.get("ignore_index", -100)
+    w = torch.rand(C, generator=gen, dtype=torch.float64) + 0.2 if opts.get("weight") else None
+    cdim = 0 if x.dim() == 1 else 1
+    if opts.get("prob"):
+        y = torch.softmax(torch.randn(shape, generator=gen, dtype=torch.float64), cdim).to(dtype)
+    else:
+        y = torch.randint(0, C, shape[:cdim] + shape[cdim + 1:], generator=gen)
+        if y.dim():
+            y[torch.rand(y.shape, generator=gen) < opts.get("ignore", 0.2)] = ignore_index
+    kw = dict(reduction=red, label_smoothing=eps)
+    extra = dict(z_loss=opts.get("z_loss", 0.0), softcap=opts.get("softcap"))
+
+    pl = _placements("S0" if opts.get("one_row") else opts["pl"])  # (C,): the classes are dim 0
+    row_pl = {"R": [Replicate()], "S0": _placements("S0"), "S1": [Replicate()],
+              "S2": _placements("S1")}[opts["pl"]]
+    t_pl = pl if opts.get("prob") else row_pl
+    if opts.get("target_pl"):
+        t_pl = _placements(opts["target_pl"])
+    xd = distribute_tensor(x, mesh, pl).requires_grad_()
+    yd = y if opts.get("plain_target") else distribute_tensor(y, mesh, t_pl)
+    wd = None if w is None else w.to(dtype)
+    if opts.get("module"):
+        crit = lossfuse.CrossEntropyLoss(weight=wd, ignore_index=ignore_index, return_lse=True, **kw, **extra)
+        out, lse = crit(xd, yd)
+    else:
+        out, lse = lossfuse.cross_entropy(xd, yd, wd, ignore_index=ignore_index, return_lse=True, **kw, **extra)
+    assert isinstance(out, DTensor) and isinstance(lse, DTensor)
+    go_full = torch.rand(out.shape, generator=gen, dtype=torch.float64) + 0.5
+    go = distribute_tensor(go_full.to(out.dtype), mesh, out.placements) if red == "none" else None
+    out.backward(go)
+    assert isinstance(xd.grad, DTensor) and tuple(xd.grad.placements) == tuple(pl), xd.grad.placements
+    want_out_pl = tuple(row_pl) if red == "none" else (
+        (Partial("sum"),) if opts["pl"] in ("S0", "S2") else (Replicate(),))
+    assert tuple(out.placements) == want_out_pl, f"loss placements {out.placements}, expected {want_out_pl}"
+
+    # Single-process float64.
+    ref_in = x.detach().double().requires_grad_()
+    ref, ref_lse = reference.cross_entropy(ref_in, y.double() if opts.get("prob") else y, w, ignore_index,
+                                           red, eps, return_lse=True, **extra)
+    ref.backward(go_full if red == "none" else None)
+    rtol = 1e-9 if dtype == torch.float64 else None
+    assert_close(out.full_tensor(), ref, dtype, "loss", rtol=rtol)
+    assert_close(lse.full_tensor(), ref_lse, dtype, "lse", rtol=rtol)
+    assert_close(xd.grad.full_tensor(), ref_in.grad, dtype, "gradient", rtol=rtol)
+
+    result = {}
+    if opts.get("torch"):
+        # torch's own DTensor cross-entropy: under loss_parallel() for class-sharded logits.
+        tx = distribute_tensor(x, mesh, pl).requires_grad_()
+        ty = distribute_tensor(y, mesh, t_pl)
+        tw = None if w is None else w.to(dtype)
+        ctx = loss_parallel() if opts["pl"] == "S1" else contextlib.nullcontext()
+        with ctx:
+            tout = F.cross_entropy(tx, ty, tw, ignore_index=ignore_index, **kw)
+            tout.backward(None if go is None else distribute_tensor(go_full.to(tout.dtype), mesh, tout.placements))
+        # torch's batch-sharded mean is Partial("avg") of local means; ours Partial("sum") of local
+        # sums over the global denominator (lossfuse/_dtensor.py): the same value on even shards.
+        if not (opts["pl"] in ("S0", "S2") and red == "mean"):
+            assert tuple(tout.placements) == tuple(out.placements), (tout.placements, out.placements)
+        assert tuple(tx.grad.placements) == tuple(xd.grad.placements), (tx.grad.placements, xd.grad.placements)
+        assert_close(out.full_tensor(), tout.full_tensor().double(), dtype, "loss vs torch")
+        assert_close(xd.grad.full_tensor(), tx.grad.full_tensor().double(), dtype, "gradient vs torch")
+        result["torch_placements"] = [str(p) for p in tout.placements]
+    result["placements"] = [str(p) for p in out.placements]
+    return result
+
+
+ERRORS = {
+    # A plain target where the rows are sharded: local rows or global? torch refuses it too.
+    "S0-plain-target": (ValueError, "pass the target as a DTensor"),
+    "partial-logits": (NotImplementedError, "must be Shard or Replicate"),
+}
+
+
+def run_error(name, mesh, rank, world):
+    from torch.distributed.tensor import DTensor, Partial, distribute_tensor
+
+    import lossfuse
+
+    exc_type, pattern = ERRORS[name]
+    x = torch.randn(ROWS, C)
+    y = torch.randint(0, C, (ROWS,))
+    try:
+        if name == "S0-plain-target":
+            lossfuse.cross_entropy(distribute_tensor(x, mesh, _placements("S0")), y)
+        else:
+            lossfuse.cross_entropy(DTensor.from_local(x, mesh, [Partial()]), y)
+    except exc_type as e:
+        if pattern not in str(e):
+            raise AssertionError(f"message {str(e)!r} does not contain {pattern!r}") from e
+    else:
+        raise AssertionError(f"no {exc_type.__name__} raised")
+    return {}

@@ -196,3 +196,82 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         pl = tuple(Partial("sum") if i in batch_dims else Replicate() for i in range(mesh.ndim))
         loss = _wrap(loss, mesh, pl, ())
     return (loss, lse) if return_lse else loss
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
+                         ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None,
+                         backend="auto"):
+    """:func:`lossfuse.linear_cross_entropy` with a DTensor ``linear_weight`` (V, H):
+
+    - ``input`` a plain tensor (data parallel: each rank's own rows), the weight sharded or replicated
+      on its mesh (FSDP2's ``fully_shard``): the weight is gathered for the call as FSDP2 gathers it
+      for a forward, the loss is this rank's (a plain tensor), and the weight's gradient comes back
+      in its placements, averaged over the mesh -- FSDP2's own gradient reduction (a reduce-scatter),
+      so a training step equals FSDP2 running the lm_head module itself;
+    - ``input`` a ``Replicate()`` DTensor, the weight ``Shard(0)`` on one mesh dim (a column-parallel,
+      vocab-sharded lm_head): :func:`lossfuse.distributed.vocab_parallel_linear_cross_entropy` over
+      that mesh dim's group, the loss a ``Replicate()`` DTensor, the weight gradient ``Shard(0)``,
+      the input gradient ``Replicate()``. Probability targets are then a DTensor sharded on their last
+      (class) dim like the weight.
+
+    The logits are never whole on any rank: rows go through the output layer in chunks.
+    """
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    from . import distributed, functional
+
+    check_reduction(reduction)
+    kw = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+              softcap=softcap, chunk_size=chunk_size, backend=backend)
+    if not is_dtensor(linear_weight):
+        raise NotImplementedError(
+            "lossfuse.linear_cross_entropy: a DTensor input needs a DTensor linear_weight (a vocab-sharded "
+            "lm_head); pass input.to_local() for a plain weight")
+    mesh = linear_weight.device_mesh
+    if not is_dtensor(input):
+        full = (Replicate(),) * mesh.ndim
+        avg = (Partial("avg"),) * mesh.ndim
+
+        def gathered(p):
+            if not is_dtensor(p):
+                return p
+            _placement_kinds(p, -1, "linear_weight")
+            return p.redistribute(p.device_mesh, full).to_local(grad_placements=avg)
+
+        if is_dtensor(target):
+            raise ValueError("lossfuse.linear_cross_entropy: with a plain input, the target is this rank's "
+                             "own, a plain tensor")
+        return functional.linear_cross_entropy(input, gathered(linear_weight), target,
+                                               linear_bias=gathered(linear_bias), weight=_full(weight), **kw)
+
+    tp, others = _placement_kinds(linear_weight, 0, "linear_weight")
+    if tp is None or others or any(type(p) is not Replicate for p in input.placements):
+        raise NotImplementedError(
+            "lossfuse.linear_cross_entropy: with a DTensor input, the supported layout is tensor parallel: "
+            "input Replicate() and linear_weight Shard(0) on one mesh dim (Replicate() on the others); got "
+            f"input {tuple(input.placements)} and linear_weight {tuple(linear_weight.placements)}")
+    if input.device_mesh != mesh:
+        raise ValueError("lossfuse.linear_cross_entropy: input and linear_weight must be on the same device mesh")
+    num_classes = linear_weight.shape[0]
+    sizes, start = _class_slice(num_classes, mesh, tp)
+    v_local = sizes[mesh.get_local_rank(tp)]
+    replicated = (Replicate(),) * mesh.ndim
+    if target.dtype.is_floating_point:
+        t_pl = tuple(Shard(target.dim() - 1) if i == tp else Replicate() for i in range(mesh.ndim))
+        t_local = _local_target(target, mesh, t_pl, "probability target")
+    else:
+        t_local = _local_target(target, mesh, replicated, "target")
+    if linear_bias is None:
+        b_local = None
+    elif is_dtensor(linear_bias):
+        b_local = linear_bias.redistribute(mesh, linear_weight.placements).to_local()
+    else:
+        raise ValueError("lossfuse.linear_cross_entropy: the bias of a vocab-sharded linear_weight must be a "
+                         "DTensor sharded like it")
+    w_full = None if weight is None else _full(weight)
+    w_local = None if w_full is None else w_full[start:start + v_local]
+    loss = distributed.vocab_parallel_linear_cross_entropy(
+        input.to_local(), linear_weight.to_local(), t_local, local_bias=b_local, weight=w_local,
+        group=mesh.get_group(tp), vocab_sizes=sizes, **kw)
+    shape = tuple(input.shape[:-1]) if reduction == "none" else ()
+    return _wrap(loss, mesh, replicated, shape)

@@ -52,9 +52,15 @@ from .functional import _check_class_index_target, _check_class_weight, _check_l
 from ._layout import RowShapes, empty_like_layout
 from .ops._common import reduce_rows, row_grads
 from .ops.cross_entropy import CE_FWD
+from .ops.linear_cross_entropy import _project, default_chunk_size
 from .reference import check_targets_in_range
 
-__all__ = ["vocab_parallel_cross_entropy", "VocabParallelCrossEntropyFunction"]
+__all__ = [
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
+    "VocabParallelCrossEntropyFunction",
+    "VocabParallelLinearCrossEntropyFunction",
+]
 
 # Local target of a row this rank does not score (ignored, or owned by another rank). Negative, so it
 # can never collide with a local class index -- unlike the user's ignore_index, which may be >= 0.
@@ -147,39 +153,44 @@ def vocab_parallel_cross_entropy(
     if rank < 0:
         raise RuntimeError(f"{name}: this process is not a member of `group`")
     acc = acc_dtype(local_logits.dtype)
-    device = local_logits.device
+    start, num_classes, sizes_acc = _slices(vocab_sizes, group, world, rank, v_local, local_logits.device, acc)
 
-    if vocab_sizes is not None:
-        sizes = _check_vocab_sizes(vocab_sizes, world, rank, v_local)
-        start, num_classes = sum(sizes[:rank]), sum(sizes)
-        sizes_acc = _sizes_tensor(sizes, device, acc)
-    else:
-        # One extra collective; a fill kernel rather than a host-to-device copy of the size.
-        mine = torch.full((1,), v_local, dtype=torch.int64, device=device)
-        all_sizes = _all_gather(mine, group, world)
-        if device.type == "cpu" and not torch.compiler.is_compiling():
-            sizes = all_sizes.tolist()
-            start, num_classes = sum(sizes[:rank]), sum(sizes)
-        else:  # device scalars: a host sync here would stall the GPU
-            start, num_classes = all_sizes[:rank].sum(), all_sizes.sum()
-        sizes_acc = all_sizes.to(acc)
-
-    if prob:
-        y = target
-    else:
-        y = target if target.dtype == torch.int64 else target.long()
-        # Every rank holds the same targets, so every rank raises here, before the forward's collective.
-        if device.type == "cpu" and not torch.compiler.is_compiling():
-            check_targets_in_range(y, num_classes, ignore_index)
-        else:  # no host sync on the hot path: a device-side assert, as torch's own CUDA kernel does
-            ok = ((y >= 0) & (y < num_classes)) | (y == ignore_index)
-            torch._assert_async(ok.all(), f"{name}: a target is out of bounds [0, C)")
+    y = target if prob else _checked_targets(name, target, num_classes, ignore_index)
 
     loss, lse = VocabParallelCrossEntropyFunction.apply(
         local_logits, y, start, num_classes, sizes_acc, group, world, ignore_index, reduction,
         float(label_smoothing), backend, weight, float(z_loss), float(softcap or 0.0),
     )
     return (loss, lse) if return_lse else loss
+
+
+def _slices(vocab_sizes, group, world, rank, v_local, device, acc):
+    """(this rank's first class, C, the (world,) slice sizes in ``acc``) from ``vocab_sizes`` or one
+    all_gather of the local sizes."""
+    if vocab_sizes is not None:
+        sizes = _check_vocab_sizes(vocab_sizes, world, rank, v_local)
+        return sum(sizes[:rank]), sum(sizes), _sizes_tensor(sizes, device, acc)
+    # One extra collective; a fill kernel rather than a host-to-device copy of the size.
+    mine = torch.full((1,), v_local, dtype=torch.int64, device=device)
+    all_sizes = _all_gather(mine, group, world)
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        sizes = all_sizes.tolist()
+        start, num_classes = sum(sizes[:rank]), sum(sizes)
+    else:  # device scalars: a host sync here would stall the GPU
+        start, num_classes = all_sizes[:rank].sum(), all_sizes.sum()
+    return start, num_classes, all_sizes.to(acc)
+
+
+def _checked_targets(name, target, num_classes, ignore_index):
+    """int64 class indices, checked against the GLOBAL C. Every rank holds the same targets, so every
+    rank raises here, before the forward's collective."""
+    y = target if target.dtype == torch.int64 else target.long()
+    if y.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_targets_in_range(y, num_classes, ignore_index)
+    else:  # no host sync on the hot path: a device-side assert, as torch's own CUDA kernel does
+        ok = ((y >= 0) & (y < num_classes)) | (y == ignore_index)
+        torch._assert_async(ok.all(), f"{name}: a target is out of bounds [0, C)")
+    return y
 
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
@@ -216,24 +227,8 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
             y_own = torch.where(owned, y_loc, _NOT_OWNED)
             stats = _index_stats(x3, y_loc, owned, w_acc, eps, softcap, acc, backend)
 
-        rows, k = n * s, stats.shape[-1]
-        if rows > 0:  # every rank has the same rows: all skip, or none does
-            gathered = _all_gather(stats.reshape(rows, k), group, world)
-        else:
-            gathered = stats.new_empty((world * rows, k))
-        gathered = gathered.view(world, rows, k)
-        lse, nll, wy, coef, loss = _combine(gathered, prob, weight is not None, sizes_acc, num_classes, eps,
-                                            z_loss)
-        lse, nll, coef, loss = (t.view(n, s) for t in (lse, nll, coef, loss))
-        wy = None if wy is None else wy.view(n, s)
-        loss = torch.where(keep, loss, 0)
-
-        denom = None
-        if reduction == "mean":
-            if prob:
-                denom = torch.tensor(float(rows), dtype=acc, device=x.device)
-            else:
-                denom = (keep.sum().to(acc) if wy is None else torch.where(keep, wy, 0).sum())
+        lse, nll, wy, coef, loss, denom = _global_rows(
+            stats, keep, group, world, prob, weight is not None, sizes_acc, num_classes, eps, z_loss, reduction)
         out = reduce_rows(loss, reduction, denom, shapes.row_shape())
 
         ctx.shapes = shapes
@@ -347,6 +342,29 @@ def _prob_stats(x3, t3, weight, w_acc, softcap, acc, backend):
     return torch.stack([lse, part.to(acc), mass], dim=-1)
 
 
+def _global_rows(stats, keep, group, world, prob, weighted, sizes_acc, num_classes, eps, z_loss, reduction):
+    """This rank's (N, S, k) statistics -> the global per-row (lse, nll, w_y, coef, loss) and the
+    mean's denominator: the one collective of the forward pass."""
+    n, s, k = stats.shape
+    rows = n * s
+    if rows > 0:  # every rank has the same rows: all skip, or none does
+        gathered = _all_gather(stats.reshape(rows, k), group, world)
+    else:
+        gathered = stats.new_empty((world * rows, k))
+    gathered = gathered.view(world, rows, k)
+    lse, nll, wy, coef, loss = _combine(gathered, prob, weighted, sizes_acc, num_classes, eps, z_loss)
+    lse, nll, coef, loss = (t.view(n, s) for t in (lse, nll, coef, loss))
+    wy = None if wy is None else wy.view(n, s)
+    loss = torch.where(keep, loss, 0)
+    denom = None
+    if reduction == "mean":
+        if prob:
+            denom = torch.full((), float(rows), dtype=stats.dtype, device=stats.device)
+        else:
+            denom = keep.sum().to(stats.dtype) if wy is None else torch.where(keep, wy, 0).sum()
+    return lse, nll, wy, coef, loss, denom
+
+
 def _combine(gathered, prob, weighted, sizes_acc, num_classes, eps, z_loss):
     """Every rank's statistics -> global (lse, lse - x'_y, w_y, coef, loss) per row, (R,); ``coef`` is
     the per-row factor of p_c in the gradient (see _local_grad)."""
@@ -387,7 +405,7 @@ def _combine(gathered, prob, weighted, sizes_acc, num_classes, eps, z_loss):
 
 
 def _local_grad(x3, lse, nll, g_rows, y_own, t3, wy, coef, w_acc, eps, softcap, z_loss, num_classes,
-                need_x, need_t):
+                need_x, need_t, out=None):
     """This slice's gradients, formed in ``lse``'s dtype and cast to x's (the target's) once:
 
         d loss / d x'_c = g (coef p_c - b_c),  p_c = exp(x'_c - lse)
@@ -395,10 +413,11 @@ def _local_grad(x3, lse, nll, g_rows, y_own, t3, wy, coef, w_acc, eps, softcap, 
         probabilities: coef = sum_k w_k t'_k + 2 z lse,          b_c = w_c t'_c
 
     times 1 - tanh(x_c / s)^2 under soft-capping; a probability target's gradient is
-    g (1 - eps) w_c (lse - x'_c)."""
+    g (1 - eps) w_c (lse - x'_c). ``out`` (x3 itself, for the chunks of the linear path) receives
+    the logits' gradient: written over the logits."""
     n, v, s = x3.shape
     acc = lse.dtype
-    gx = empty_like_layout(x3) if need_x else None
+    gx = (empty_like_layout(x3) if out is None else out) if need_x else None
     gt = empty_like_layout(x3, dtype=t3.dtype) if need_t else None
     if n * v * s == 0:
         return gx, gt
@@ -459,6 +478,208 @@ def _local_grad(x3, lse, nll, g_rows, y_own, t3, wy, coef, w_acc, eps, softcap, 
         if not direct:
             gx[rows].copy_(p)
     return gx, gt
+
+
+# ----------------------------------------------------------------------------------------------
+# Vocab-parallel linear + cross-entropy: the output layer's rows (the vocabulary) split across the
+# group, the logits computed a chunk of rows at a time and never whole, not even per rank.
+# ----------------------------------------------------------------------------------------------
+
+
+def vocab_parallel_linear_cross_entropy(
+    input: torch.Tensor,
+    local_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    local_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    vocab_sizes: Sequence[int] | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``cross_entropy(input @ W.T + b, target)`` with the rows of the output layer ``W`` (V, H) --
+    the vocabulary -- split across the ranks of ``group`` (a column-parallel lm_head): each rank holds
+    ``local_weight`` (V_local, H) (and ``local_bias`` (V_local,)), the same ``input`` (..., H) and
+    class-index ``target`` (the GLOBAL indices, ``input.shape[:-1]``), or its slice of probability
+    targets (``input.shape[:-1] + (V_local,)``). Options as :func:`lossfuse.linear_cross_entropy`;
+    ``weight`` is this rank's slice of the class weights, ``vocab_sizes`` as for
+    :func:`vocab_parallel_cross_entropy`.
+
+    Rows go through the local slice of the output layer in chunks (``chunk_size`` rows; by default
+    the rows single-process :func:`lossfuse.linear_cross_entropy` would take for the whole
+    vocabulary), so a rank holds one chunk of its slice's logits at a time. Communication: one
+    ``all_gather`` of a few floats per row in forward (plus one for the sizes without
+    ``vocab_sizes``); in backward one ``all_reduce`` of the input gradient (every slice contributes
+    to it), so ``input.grad`` is the full gradient on every rank. The weight (bias) gradient is the
+    local slice's. The loss is the same on every rank.
+    """
+    name = "vocab_parallel_linear_cross_entropy"
+    check_reduction(reduction)
+    _backend.check_backend_name(backend)
+    check_float_input(name, input)
+    check_float_input(name, local_weight, "local_weight")
+    _check_lm_options(name, label_smoothing, z_loss, softcap)
+    check_same_device(name, input, local_weight, target, local_bias, weight)
+    if input.dim() < 1 or local_weight.dim() != 2 or input.shape[-1] != local_weight.shape[1]:
+        raise RuntimeError(
+            f"{name}: input (..., H) and local_weight (V_local, H) do not match: got {list(input.shape)} and "
+            f"{list(local_weight.shape)}"
+        )
+    if input.dtype != local_weight.dtype:
+        raise RuntimeError(
+            f"{name}: expected input and local_weight to have the same dtype, but got {input.dtype} and "
+            f"{local_weight.dtype}"
+        )
+    v_local, h = local_weight.shape
+    if local_bias is not None and tuple(local_bias.shape) != (v_local,):
+        raise RuntimeError(f"{name}: local_bias must have shape ({v_local},); got {list(local_bias.shape)}")
+    lead = tuple(input.shape[:-1])
+    prob = target.is_floating_point()
+    if prob:
+        if tuple(target.shape) != lead + (v_local,):
+            raise ValueError(f"{name}: probability targets are this rank's slice, of shape "
+                             f"{list(lead + (v_local,))}; got {list(target.shape)}")
+        if ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+    elif tuple(target.shape) != lead:
+        raise ValueError(f"{name}: target must have shape {list(lead)} (input without its last dim); "
+                         f"got {list(target.shape)}")
+    elif target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {target.dtype}")
+    _check_class_weight(weight, v_local, f"{name}: local ")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"{name}: chunk_size must be a positive int or None; got {chunk_size!r}")
+    backend = _backend.resolve(backend, input.device)
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise RuntimeError(f"{name}: this process is not a member of `group`")
+    acc = acc_dtype(input.dtype)
+    start, num_classes, sizes_acc = _slices(vocab_sizes, group, world, rank, v_local, input.device, acc)
+    x2 = input.reshape(-1, h)
+    n = x2.shape[0]
+    t2 = target.reshape(n, v_local) if prob else _checked_targets(name, target.reshape(n), num_classes,
+                                                                  ignore_index)
+    chunk = chunk_size or default_chunk_size(n, v_local * world)
+    out = VocabParallelLinearCrossEntropyFunction.apply(
+        x2, local_weight, t2, local_bias, weight, start, num_classes, sizes_acc, group, world, ignore_index,
+        reduction, float(label_smoothing), float(z_loss), float(softcap or 0.0), chunk, backend)
+    return out.reshape(lead) if reduction == "none" else out
+
+
+class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
+    """Autograd Function of :func:`vocab_parallel_linear_cross_entropy`: ``apply(input2d (N, H),
+    local_weight, target (N,) int64 or (N, V_local), local_bias, weight, start, num_classes, sizes_acc,
+    group, world, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, backend)``.
+    The backward recomputes each chunk's logits (the global lse is known only after the forward's
+    collective) and writes their gradient over them."""
+
+    @staticmethod
+    def forward(ctx, x, W, target, bias, weight, start, num_classes, sizes_acc, group, world, ignore_index,
+                reduction, eps, z_loss, softcap, chunk, backend):
+        n, v_local = x.shape[0], W.shape[0]
+        acc = acc_dtype(x.dtype)
+        prob = target.is_floating_point()
+        w_acc = None if weight is None else weight.to(acc)
+        if prob:
+            t = target if target.dtype in (x.dtype, acc) else target.to(acc)
+            if eps > 0:
+                t = t.to(acc) * (1 - eps) + eps / num_classes
+            t3 = t.unsqueeze(2)
+            keep = torch.ones((n, 1), dtype=torch.bool, device=x.device)
+            y_own = y_loc = owned = None
+            k = 3
+        else:
+            t3 = None
+            y = target.view(n, 1)
+            keep = y != ignore_index
+            y_loc = y - start
+            owned = keep & (y_loc >= 0) & (y_loc < v_local)
+            y_own = torch.where(owned, y_loc, _NOT_OWNED)
+            k = 3 + (weight is not None) + (eps > 0) * (1 + (weight is not None))
+        stats = torch.empty((n, 1, k), dtype=acc, device=x.device)
+        buf = x.new_empty((min(chunk, n), v_local))
+        for i0 in range(0, n, chunk):
+            i1 = min(i0 + chunk, n)
+            l3 = _project(x[i0:i1], W, bias, buf[: i1 - i0]).unsqueeze(2)
+            if prob:
+                stats[i0:i1] = _prob_stats(l3, t3[i0:i1], weight, w_acc, softcap, acc, backend)
+            else:
+                stats[i0:i1] = _index_stats(l3, y_loc[i0:i1], owned[i0:i1], w_acc, eps, softcap, acc, backend)
+        del buf
+        lse, nll, wy, coef, loss, denom = _global_rows(
+            stats, keep, group, world, prob, weight is not None, sizes_acc, num_classes, eps, z_loss, reduction)
+        out = reduce_rows(loss, reduction, denom, (n,))
+        ctx.opts = (eps, float(softcap), float(z_loss), num_classes, prob, target.dtype, reduction, chunk, group,
+                    world)
+        ctx.save_for_backward(x, W, bias, y_own, t3, keep, lse, nll, wy, coef, w_acc, denom)
+        out_dtype = torch.promote_types(x.dtype, target.dtype) if prob else x.dtype
+        return out.to(out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        eps, softcap, z_loss, num_classes, prob, target_dtype, reduction, chunk, group, world = ctx.opts
+        x, W, bias, y_own, t3, keep, lse, nll, wy, coef, w_acc, denom = ctx.saved_tensors
+        need_x, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_t = prob and ctx.needs_input_grad[2]
+        need_b = bias is not None and ctx.needs_input_grad[3]
+        none = (None,) * 13
+        if not (need_x or need_W or need_t or need_b):
+            return (None,) * 4 + none
+        n, v_local = x.shape[0], W.shape[0]
+        acc = lse.dtype
+        g_rows = torch.where(keep, row_grads(grad_out, reduction, denom, lse.shape, acc), 0)
+        gx = torch.empty(x.shape, dtype=acc, device=x.device) if need_x else None
+        gW = torch.zeros(W.shape, dtype=acc, device=W.device) if need_W else None
+        gb = torch.zeros(v_local, dtype=acc, device=W.device) if need_b else None
+        gt = torch.empty((n, v_local), dtype=t3.dtype, device=x.device) if need_t else None
+        buf = x.new_empty((min(chunk, n), v_local))
+        for i0 in range(0, n, chunk):
+            i1 = min(i0 + chunk, n)
+            rows = slice(i0, i1)
+            l3 = _project(x[rows], W, bias, buf[: i1 - i0]).unsqueeze(2)
+            glog, gt_c = _local_grad(
+                l3, lse[rows], nll[rows], g_rows[rows], None if y_own is None else y_own[rows],
+                None if t3 is None else t3[rows], None if wy is None else wy[rows], coef[rows], w_acc, eps,
+                softcap, z_loss, num_classes, True, need_t, out=l3)
+            glog = glog.squeeze(2)  # now d loss / d logits of this chunk, over the logits
+            if need_t:
+                gt[rows] = gt_c.squeeze(2)
+            if need_x:
+                if x.dtype == acc:
+                    torch.mm(glog, W, out=gx[rows])
+                else:
+                    gx[rows] = torch.mm(glog, W)
+            if need_W:
+                if x.dtype == acc:
+                    gW.addmm_(glog.t(), x[rows])
+                else:
+                    gW.addmm_(glog.t().to(acc), x[rows].to(acc))
+            if need_b:
+                gb += glog.sum(0, dtype=acc)
+        del buf
+        if need_x:
+            gx = _all_reduce_sum(gx, group, world).to(x.dtype)
+        gt = gt.to(target_dtype) if need_t else None
+        return (gx, None if gW is None else gW.to(W.dtype), gt, None if gb is None else gb.to(bias.dtype)) + none
+
+
+def _all_reduce_sum(t: torch.Tensor, group, world: int) -> torch.Tensor:
+    if world == 1:
+        return t
+    if torch.compiler.is_compiling():
+        import torch.distributed._functional_collectives as funcol
+
+        return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
+    dist.all_reduce(t, group=group)
+    return t
 
 
 def _all_gather(inp: torch.Tensor, group, world: int) -> torch.Tensor:

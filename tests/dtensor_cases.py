@@ -173,3 +173,137 @@ def run_error(name, mesh, rank, world):
     else:
         raise AssertionError(f"no {exc_type.__name__} raised")
     return {}
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear + cross-entropy with a sharded output layer: explicit vocab-parallel (plain tensors), a
+# vocab-sharded DTensor weight (tensor parallel) and an FSDP-sharded DTensor weight (data parallel).
+# ------------------------------------------------------------------------------------------------
+
+H = 8
+
+
+def _linear_cases():
+    cases = {}
+    for mode in ("explicit", "tp"):
+        for red in ("none", "mean", "sum"):
+            cases[f"{mode}-{red}"] = dict(mode=mode, reduction=red)
+            cases[f"{mode}-all-{red}"] = dict(mode=mode, reduction=red, weight=True, eps=0.1, z_loss=1e-2,
+                                              softcap=4.0, bias=True)
+        cases[f"{mode}-prob"] = dict(mode=mode, prob=True, weight=True, eps=0.1, softcap=4.0, target_grad=True)
+        cases[f"{mode}-float32"] = dict(mode=mode, dtype="float32", weight=True, eps=0.1, bias=True)
+    cases.update({
+        "explicit-uneven-gathered-sizes": dict(mode="explicit", uneven=True, sizes="gathered", eps=0.1),
+        "explicit-one-chunk": dict(mode="explicit", chunk=None, weight=True, softcap=3.0),
+        "explicit-bfloat16": dict(mode="explicit", dtype="bfloat16", eps=0.1),
+        "explicit-prob-none": dict(mode="explicit", prob=True, reduction="none", z_loss=1e-2),
+        "fsdp-mean": dict(mode="fsdp"),
+        "fsdp-all-sum": dict(mode="fsdp", reduction="sum", weight=True, eps=0.1, z_loss=1e-2, softcap=4.0),
+        "fsdp-float32": dict(mode="fsdp", dtype="float32", eps=0.1),
+    })
+    return cases
+
+
+LINEAR_CASES = _linear_cases()
+
+
+def run_linear(name, opts, mesh, rank, world):
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    import lossfuse
+    from helpers import assert_close
+    from lossfuse import reference
+    from lossfuse.distributed import vocab_parallel_linear_cross_entropy
+
+    mode = opts["mode"]
+    dtype = getattr(torch, opts.get("dtype", "float64"))
+    red, eps = opts.get("reduction", "mean"), opts.get("eps", 0.0)
+    kw = dict(reduction=red, label_smoothing=eps, z_loss=opts.get("z_loss", 0.0), softcap=opts.get("softcap"))
+    seed = zlib.crc32(f"lin-{world}-{name}".encode())
+    gen = torch.Generator().manual_seed(seed)
+    if opts.get("uneven"):
+        sizes = [5 + 4 * r for r in range(world)]
+    else:
+        sizes = [Shard.local_shard_size_and_offset(C, world, r)[0] for r in range(world)]
+    V = sum(sizes)
+    start = sum(sizes[:rank])
+    stop = start + sizes[rank]
+    n = ROWS + 5
+    W = (torch.randn(V, H, generator=gen, dtype=torch.float64) / 2).to(dtype)
+    b = torch.randn(V, generator=gen, dtype=torch.float64).to(dtype) if opts.get("bias") else None
+    w = torch.rand(V, generator=gen, dtype=torch.float64) + 0.2 if opts.get("weight") else None
+
+    def data(r):  # rank r's rows in data parallel; everyone's rows otherwise
+        g = torch.Generator().manual_seed(seed + 1 + (r if mode == "fsdp" else 0))
+        x = (torch.randn(n, H, generator=g, dtype=torch.float64) * 2).to(dtype)
+        if opts.get("prob"):
+            y = torch.softmax(torch.randn(n, V, generator=g, dtype=torch.float64), 1).to(dtype)
+        else:
+            y = torch.randint(0, V, (n,), generator=g)
+            y[torch.rand(n, generator=g) < 0.2] = -100
+        return x, y
+
+    def single(r):  # the single-process float64 loss and gradients of rank r's rows
+        x, y = data(r)
+        xr, Wr = x.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+        br = None if b is None else b.detach().double().requires_grad_()
+        yr = y.detach().double().requires_grad_(bool(opts.get("target_grad"))) if opts.get("prob") else y
+        out = reference.cross_entropy(F.linear(xr, Wr, br), yr, w, -100, red, eps, z_loss=kw["z_loss"],
+                                      softcap=kw["softcap"])
+        go = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed + 99), dtype=torch.float64) + 0.5
+        out.backward(go)
+        return out, go, xr.grad, Wr.grad, None if br is None else br.grad, yr.grad if opts.get("target_grad") else None
+
+    x, y = data(rank)
+    ref, go, gx_ref, gW_ref, gb_ref, gt_ref = single(rank)
+    rtol = 1e-9 if dtype == torch.float64 else None
+    xl = x.detach().requires_grad_()
+    if mode == "explicit":
+        Wl = W[start:stop].detach().requires_grad_()
+        bl = None if b is None else b[start:stop].detach().requires_grad_()
+        yl = y[:, start:stop].detach().requires_grad_(bool(opts.get("target_grad"))) if opts.get("prob") else y
+        out = vocab_parallel_linear_cross_entropy(
+            xl, Wl, yl, local_bias=bl, weight=None if w is None else w[start:stop].to(dtype),
+            vocab_sizes=sizes if opts.get("sizes", "given") == "given" else None,
+            chunk_size=opts.get("chunk", 4), **kw)
+        out.backward(go.to(out.dtype))
+        got_x, got_W, got_b = xl.grad, Wl.grad, None if bl is None else bl.grad
+        got_t = yl.grad if opts.get("target_grad") else None
+        cols = slice(start, stop)
+    elif mode == "tp":
+        xd = distribute_tensor(xl.detach(), mesh, [Replicate()]).requires_grad_()
+        Wd = distribute_tensor(W, mesh, [Shard(0)]).requires_grad_()
+        bd = None if b is None else distribute_tensor(b, mesh, [Shard(0)]).requires_grad_()
+        yd = distribute_tensor(y, mesh, [Shard(1)] if opts.get("prob") else [Replicate()])
+        if opts.get("target_grad"):
+            yd = yd.detach().requires_grad_()
+        out = lossfuse.linear_cross_entropy(xd, Wd, yd, linear_bias=bd, weight=None if w is None else w.to(dtype),
+                                            chunk_size=4, **kw)
+        assert isinstance(out, DTensor) and tuple(out.placements) == (Replicate(),), out
+        out.backward(distribute_tensor(go.to(out.dtype), mesh, [Replicate()]))
+        assert tuple(xd.grad.placements) == (Replicate(),) and tuple(Wd.grad.placements) == (Shard(0),)
+        out = out.full_tensor()
+        got_x, got_W = xd.grad.full_tensor(), Wd.grad.full_tensor()
+        got_b = None if bd is None else bd.grad.full_tensor()
+        got_t = yd.grad.full_tensor() if opts.get("target_grad") else None
+        cols = slice(None)
+    else:  # fsdp: each rank its own rows, the weight's rows sharded as fully_shard shards them
+        Wd = distribute_tensor(W, mesh, [Shard(0)]).requires_grad_()
+        out = lossfuse.linear_cross_entropy(xl, Wd, y, weight=None if w is None else w.to(dtype), chunk_size=4,
+                                            **kw)
+        assert type(out) is torch.Tensor
+        out.backward(go.to(out.dtype))
+        assert isinstance(Wd.grad, DTensor) and tuple(Wd.grad.placements) == (Shard(0),)
+        got_x, got_W, got_b, got_t = xl.grad, Wd.grad.full_tensor(), None, None
+        # The weight's gradient is averaged over the ranks, as FSDP2 reduces gradients.
+        gW_ref = sum(single(r)[3] for r in range(world)) / world
+        cols = slice(None)
+    assert_close(out, ref, dtype, "loss", rtol=rtol)
+    assert_close(got_x, gx_ref, dtype, "input gradient", rtol=rtol)
+    assert_close(got_W, gW_ref[cols], dtype, "weight gradient", rtol=rtol)
+    if got_b is not None:
+        assert_close(got_b, gb_ref[cols], dtype, "bias gradient", rtol=rtol)
+    if opts.get("target_grad"):
+        assert_close(got_t, gt_ref[:, cols], dtype, "target gradient", rtol=rtol)
+    return {}

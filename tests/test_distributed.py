@@ -383,6 +383,11 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
             results["dt:" + name] = dtensor_cases.run(name, opts, mesh, rank, world)
         except Exception:
             results["dt:" + name] = {"error": traceback.format_exc()}
+    for name, opts in dtensor_cases.LINEAR_CASES.items():
+        try:
+            results["lin:" + name] = dtensor_cases.run_linear(name, opts, mesh, rank, world)
+        except Exception:
+            results["lin:" + name] = {"error": traceback.format_exc()}
     for name in dtensor_cases.ERRORS:
         try:
             results["dt-error:" + name] = dtensor_cases.run_error(name, mesh, rank, world)
@@ -467,6 +472,15 @@ def test_dtensor_logits(world, case):
     gradient as torch's DTensor cross-entropy / loss_parallel(), values as single-process float64
     (1e-9 in float64) and as torch's where torch has the case."""
     _check(world, "dt:" + case)
+
+
+@pytest.mark.parametrize("case", list(dtensor_cases.LINEAR_CASES))
+def test_sharded_linear_cross_entropy(world, case):
+    """Linear + cross-entropy with the output layer's vocabulary split: explicit
+    (vocab_parallel_linear_cross_entropy), a vocab-sharded DTensor weight (tensor parallel) and an
+    FSDP-sharded one (data parallel, the weight gradient averaged as FSDP2 does); loss and every
+    gradient as single-process float64 (1e-9 in float64)."""
+    _check(world, "lin:" + case)
 
 
 @pytest.mark.parametrize("case", list(dtensor_cases.ERRORS))

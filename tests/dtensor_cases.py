@@ -307,3 +307,71 @@ def run_linear(name, opts, mesh, rank, world):
     if opts.get("target_grad"):
         assert_close(got_t, gt_ref[:, cols], dtype, "target gradient", rtol=rtol)
     return {}
+
+
+def run_fsdp_training(mesh, rank, world, steps=10):
+    """A tiny language model under FSDP2 (every block, the lm_head and the root ``fully_shard``-ed),
+    its loss from lossfuse.linear_cross_entropy on the sharded lm_head weight (the model's forward
+    returns the last hidden state): the loss curve of SGD steps equals the single-process run on the
+    concatenated batches to 1e-5 relative, and so do the trained lm_head weights."""
+    import copy
+
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import lossfuse
+
+    V, D, B, T = 37, 16, 3, 5  # B sequences of T tokens per rank
+
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(V, D)
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(2)])
+            self.lm_head = nn.Linear(D, V, bias=False)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            for block in self.blocks:
+                h = h + block(h)
+            return h
+
+    torch.manual_seed(1234)  # the same initial weights on every rank and in the single-process model
+    single = TinyLM()
+    model = copy.deepcopy(single)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model.lm_head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # SGD, not Adam: Adam is blind to the scale of a gradient, and the scale is what FSDP2 reduces.
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    opt_single = torch.optim.SGD(single.parameters(), lr=0.5, momentum=0.9)
+    gen = torch.Generator().manual_seed(99)
+    curve, curve_single = [], []
+    for _ in range(steps):
+        ids = torch.randint(0, V, (world * B, T + 1), generator=gen)  # the global batch
+        mine = ids[rank * B:(rank + 1) * B]
+        h = model(mine[:, :-1])
+        assert isinstance(model.lm_head.weight, DTensor), type(model.lm_head.weight)
+        loss = lossfuse.linear_cross_entropy(h.reshape(-1, D), model.lm_head.weight, mine[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total)  # every rank has as many tokens: the mean of the means
+        curve.append(total.item() / world)
+
+        hs = single(ids[:, :-1])
+        loss_s = lossfuse.linear_cross_entropy(hs.reshape(-1, D), single.lm_head.weight, ids[:, 1:].reshape(-1))
+        opt_single.zero_grad()
+        loss_s.backward()
+        opt_single.step()
+        curve_single.append(loss_s.item())
+    rel = max(abs(a - b) / abs(b) for a, b in zip(curve, curve_single))
+    assert rel <= 1e-5, f"loss curves differ by {rel:.3g} relative:\n{curve}\n{curve_single}"
+    assert curve_single[-1] < curve_single[0], curve_single  # it trained
+    w = model.lm_head.weight.full_tensor().detach()
+    w_rel = ((w - single.lm_head.weight.detach()).abs().max() / single.lm_head.weight.detach().abs().max()).item()
+    assert w_rel <= 1e-5, f"trained lm_head weights differ by {w_rel:.3g} relative"
+    return {"curve": curve, "curve_single": curve_single, "max_rel": rel, "weight_rel": w_rel}

@@ -169,7 +169,9 @@ def _slices(vocab_sizes, group, world, rank, v_local, device, acc):
     all_gather of the local sizes."""
     if vocab_sizes is not None:
         sizes = _check_vocab_sizes(vocab_sizes, world, rank, v_local)
-        return sum(sizes[:rank]), sum(sizes), _sizes_tensor(sizes, device, acc)
+        # The cache is for eager calls; under torch.compile the copy is a graph constant anyway.
+        make = _sizes_tensor.__wrapped__ if torch.compiler.is_compiling() else _sizes_tensor
+        return sum(sizes[:rank]), sum(sizes), make(sizes, device, acc)
     # One extra collective; a fill kernel rather than a host-to-device copy of the size.
     mine = torch.full((1,), v_local, dtype=torch.int64, device=device)
     all_sizes = _all_gather(mine, group, world)
@@ -677,7 +679,7 @@ def _all_reduce_sum(t: torch.Tensor, group, world: int) -> torch.Tensor:
     if torch.compiler.is_compiling():
         import torch.distributed._functional_collectives as funcol
 
-        return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
+        return funcol.wait_tensor(funcol.all_reduce(t, "sum", dist.group.WORLD if group is None else group))
     dist.all_reduce(t, group=group)
     return t
 
@@ -692,7 +694,7 @@ def _all_gather(inp: torch.Tensor, group, world: int) -> torch.Tensor:
     if torch.compiler.is_compiling():
         import torch.distributed._functional_collectives as funcol
 
-        return funcol.wait_tensor(funcol.all_gather_tensor(inp, 0, group))
+        return funcol.wait_tensor(funcol.all_gather_tensor(inp, 0, dist.group.WORLD if group is None else group))
     out = inp.new_empty((world * inp.shape[0],) + tuple(inp.shape[1:]))
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, inp, group=group)

@@ -375,3 +375,59 @@ def run_fsdp_training(mesh, rank, world, steps=10):
     w_rel = ((w - single.lm_head.weight.detach()).abs().max() / single.lm_head.weight.detach().abs().max()).item()
     assert w_rel <= 1e-5, f"trained lm_head weights differ by {w_rel:.3g} relative"
     return {"curve": curve, "curve_single": curve_single, "max_rel": rel, "weight_rel": w_rel}
+
+
+COMPILE_CASES = {
+    # Inductor, as the users' torch.compile: every option at once, class indices.
+    "inductor-all-options": dict(backend="inductor", weight=True, eps=0.1, z_loss=1e-3, softcap=5.0),
+    # The graph capture alone (Dynamo + AOTAutograd, no code generation: cheap) for the other paths.
+    "aot_eager-prob-targets": dict(backend="aot_eager", prob=True, weight=True, eps=0.1, reduction="none"),
+    "aot_eager-linear": dict(backend="aot_eager", linear=True, eps=0.1, softcap=5.0),
+}
+
+
+def run_compile(name, opts, rank, world):
+    """torch.compile(fullgraph=True) of the vocab-parallel losses (functional collectives inside the
+    graph): loss and gradients equal eager's."""
+    from torch.distributed.tensor import Shard
+
+    from helpers import assert_close
+    from lossfuse.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(zlib.crc32(f"compile-{world}-{name}".encode()))
+    sizes = [Shard.local_shard_size_and_offset(C, world, r)[0] for r in range(world)]
+    start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    kw = dict(weight=(torch.rand(C, generator=gen) + 0.2)[start:stop] if opts.get("weight") else None,
+              reduction=opts.get("reduction", "mean"), label_smoothing=opts.get("eps", 0.0),
+              z_loss=opts.get("z_loss", 0.0), softcap=opts.get("softcap"), vocab_sizes=sizes)
+    if opts.get("linear"):
+        x = torch.randn(ROWS, H, generator=gen)
+        W = torch.randn(C, H, generator=gen)[start:stop]
+        y = torch.randint(0, C, (ROWS,), generator=gen)
+        args = [x, W, y]
+
+        def fn(x, W, y):
+            return vocab_parallel_linear_cross_entropy(x, W, y, chunk_size=5, **kw)
+    else:
+        x = (torch.randn(ROWS, C, generator=gen) * 3)[:, start:stop]
+        if opts.get("prob"):
+            y = torch.softmax(torch.randn(ROWS, C, generator=gen), 1)[:, start:stop]
+        else:
+            y = torch.randint(0, C, (ROWS,), generator=gen)
+            y[:3] = -100
+        args = [x, y]
+
+        def fn(x, y):
+            return vocab_parallel_cross_entropy(x, y, **kw)
+    results = []
+    for f in (fn, torch.compile(fn, fullgraph=True, backend=opts["backend"])):
+        leaves = [a.detach().clone().requires_grad_() if a.is_floating_point() else a for a in args]
+        out = f(*leaves)
+        out.backward(torch.ones_like(out) * 1.5)
+        results.append((out, [a.grad for a in leaves if a.is_floating_point()]))
+    (eager, eager_grads), (comp, comp_grads) = results
+    assert_close(comp, eager.double(), torch.float32, "loss")
+    for g_c, g_e in zip(comp_grads, eager_grads):
+        assert_close(g_c, g_e.double(), torch.float32, "gradient")
+    return {}

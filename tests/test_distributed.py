@@ -25,7 +25,7 @@ import dtensor_cases  # noqa: E402  (the DTensor cases, run in the same worlds)
 WORLDS = {2: [13, 6], 3: [5, 1, 14]}  # uneven slices; one rank with a single class
 EMPTY_SLICE = {2: [0, 17], 3: [9, 0, 11]}
 N = 37
-TIMEOUT_S = 90  # a hung collective fails the test instead of blocking CI
+TIMEOUT_S = 300  # a hung collective fails the test instead of blocking CI (compiling takes a minute)
 COLLECTIVES = (
     "all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "all_gather_single",
     "all_gather_coalesced", "all_gather_object", "_all_gather_base", "broadcast", "broadcast_object_list",
@@ -393,6 +393,12 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
             results["fsdp-training"] = dtensor_cases.run_fsdp_training(mesh, rank, world)
         except Exception:
             results["fsdp-training"] = {"error": traceback.format_exc()}
+    if world == 2:
+        for name, opts in dtensor_cases.COMPILE_CASES.items():
+            try:
+                results["compile:" + name] = dtensor_cases.run_compile(name, opts, rank, world)
+            except Exception:
+                results["compile:" + name] = {"error": traceback.format_exc()}
     for name in dtensor_cases.ERRORS:
         try:
             results["dt-error:" + name] = dtensor_cases.run_error(name, mesh, rank, world)
@@ -495,6 +501,14 @@ def test_fsdp2_training_loop(world):
         pytest.skip("run in the 2-rank world")
     for res in _check(world, "fsdp-training"):
         assert res["max_rel"] <= 1e-5 and len(res["curve"]) == 10, res
+
+
+@pytest.mark.parametrize("case", list(dtensor_cases.COMPILE_CASES))
+def test_compiled_vocab_parallel(world, case):
+    """torch.compile(fullgraph=True) of the vocab-parallel path equals eager (2 ranks)."""
+    if world[0] != 2:
+        pytest.skip("run in the 2-rank world")
+    _check(world, "compile:" + case)
 
 
 @pytest.mark.parametrize("case", list(dtensor_cases.ERRORS))

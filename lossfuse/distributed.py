@@ -70,6 +70,9 @@ _NOT_OWNED = -1
 # elements (16 MiB), so bf16/fp16 logits never need an N x V float32 copy.
 _GRAD_CHUNK = 1 << 22
 
+# The input gradient of the vocab-parallel linear loss is all-reduced in blocks of this many elements.
+_REDUCE_BLOCK = 1 << 20
+
 
 def vocab_parallel_cross_entropy(
     local_logits: torch.Tensor,
@@ -514,8 +517,8 @@ def vocab_parallel_linear_cross_entropy(
     :func:`vocab_parallel_cross_entropy`.
 
     Rows go through the local slice of the output layer in chunks (``chunk_size`` rows; by default
-    the rows single-process :func:`lossfuse.linear_cross_entropy` would take for the whole
-    vocabulary), so a rank holds one chunk of its slice's logits at a time. Communication: one
+    1/P^2 of the rows single-process :func:`lossfuse.linear_cross_entropy` would take for the whole
+    vocabulary, P the group size, at least 64), so a rank holds one chunk of its slice's logits at a time. Communication: one
     ``all_gather`` of a few floats per row in forward (plus one for the sizes without
     ``vocab_sizes``); in backward one ``all_reduce`` of the input gradient (every slice contributes
     to it), so ``input.grad`` is the full gradient on every rank. The weight (bias) gradient is the
@@ -568,11 +571,22 @@ def vocab_parallel_linear_cross_entropy(
     n = x2.shape[0]
     t2 = target.reshape(n, v_local) if prob else _checked_targets(name, target.reshape(n), num_classes,
                                                                   ignore_index)
-    chunk = chunk_size or default_chunk_size(n, v_local * world)
+    chunk = chunk_size or _default_chunk(n, v_local, world)
     out = VocabParallelLinearCrossEntropyFunction.apply(
         x2, local_weight, t2, local_bias, weight, start, num_classes, sizes_acc, group, world, ignore_index,
         reduction, float(label_smoothing), float(z_loss), float(softcap or 0.0), chunk, backend)
     return out.reshape(lead) if reduction == "none" else out
+
+
+def _default_chunk(n: int, v_local: int, world: int) -> int:
+    """Rows per chunk: 1/world^2 of the rows single-process linear_cross_entropy takes for the whole
+    vocabulary (at least 64). A rank's slice is already 1/world as wide, so its chunk buffer is then
+    1/world^3 of the single-process one: what keeps a rank's peak memory within 1/world + 5% of
+    single-process, since the input gradient (tokens x hidden) and the fixed costs it holds do not
+    shrink with the group (bench/dist_memory.py measures it; at 2 ranks, 4096 x 512 x 32000 fp32, a
+    chunk of 1/world of the rows gave 0.56). Each chunk re-reads the weight slice: smaller chunks
+    cost memory traffic, which the slice's smaller size pays for."""
+    return max(min(n, 64), default_chunk_size(n, v_local * world) // (world * world))
 
 
 class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
@@ -614,7 +628,10 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
                 stats[i0:i1] = _prob_stats(l3, t3[i0:i1], weight, w_acc, softcap, acc, backend)
             else:
                 stats[i0:i1] = _index_stats(l3, y_loc[i0:i1], owned[i0:i1], w_acc, eps, softcap, acc, backend)
-        del buf
+        # The backward recomputes its chunks into the same buffer: freeing it here and allocating
+        # another there would leave the allocator a hole of its size next to the gradients (a peak
+        # higher by up to the buffer, measured: bench/dist_memory.py).
+        ctx.buf = buf if any(ctx.needs_input_grad[:4]) else None
         lse, nll, wy, coef, loss, denom = _global_rows(
             stats, keep, group, world, prob, weight is not None, sizes_acc, num_classes, eps, z_loss, reduction)
         out = reduce_rows(loss, reduction, denom, (n,))
@@ -642,7 +659,9 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         gW = torch.zeros(W.shape, dtype=acc, device=W.device) if need_W else None
         gb = torch.zeros(v_local, dtype=acc, device=W.device) if need_b else None
         gt = torch.empty((n, v_local), dtype=t3.dtype, device=x.device) if need_t else None
-        buf = x.new_empty((min(chunk, n), v_local))
+        buf, ctx.buf = ctx.buf, None  # a retained graph's next backward allocates its own
+        if buf is None:
+            buf = x.new_empty((min(chunk, n), v_local))
         for i0 in range(0, n, chunk):
             i1 = min(i0 + chunk, n)
             rows = slice(i0, i1)
@@ -674,13 +693,18 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _all_reduce_sum(t: torch.Tensor, group, world: int) -> torch.Tensor:
+    """``t`` summed over the group, in place in eager. In blocks of ``_REDUCE_BLOCK`` elements: a
+    collective's scratch buffers (gloo's are the tensor's size) then stay small next to the input
+    gradient they reduce."""
     if world == 1:
         return t
     if torch.compiler.is_compiling():
         import torch.distributed._functional_collectives as funcol
 
         return funcol.wait_tensor(funcol.all_reduce(t, "sum", dist.group.WORLD if group is None else group))
-    dist.all_reduce(t, group=group)
+    flat = t.view(-1)
+    for i in range(0, flat.numel(), _REDUCE_BLOCK):
+        dist.all_reduce(flat[i:i + _REDUCE_BLOCK], group=group)
     return t
 
 

@@ -55,7 +55,7 @@ def _placement_kinds(x, class_dim: int, what: str):
     tp, batch = [], []
     for i, p in enumerate(x.placements):
         if type(p) is Shard:
-            (tp if p.dim == class_dim else batch).append(i)
+            (tp if p.dim % max(x.dim(), 1) == class_dim % max(x.dim(), 1) else batch).append(i)
         elif type(p) is not Replicate:
             raise NotImplementedError(
                 f"lossfuse: {what} DTensor placements must be Shard or Replicate on every mesh dim; got "
@@ -69,14 +69,15 @@ def _placement_kinds(x, class_dim: int, what: str):
     return (tp[0] if tp else None), batch
 
 
-def _row_placements(placements, class_dim: int):
+def _row_placements(placements, class_dim: int, ndim: int):
     """The placements of a tensor of the logits' shape without ``class_dim`` (targets, per-row losses)."""
     from torch.distributed.tensor import Replicate, Shard
 
     out = []
     for p in placements:
         if type(p) is Shard:
-            out.append(Replicate() if p.dim == class_dim else Shard(p.dim - (p.dim > class_dim)))
+            d = p.dim % ndim  # ColwiseParallel's Shard(-1)
+            out.append(Replicate() if d == class_dim else Shard(d - (d > class_dim)))
         else:
             out.append(Replicate())
     return tuple(out)
@@ -155,8 +156,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     class_dim = 0 if input.dim() == 1 else 1
     tp_dim, batch_dims = _placement_kinds(input, class_dim, "logits")
     prob = (target.dtype.is_floating_point and tuple(target.shape) == tuple(input.shape))
-    row_pl = _row_placements(input.placements, class_dim)
-    t_local = _local_target(target, mesh, tuple(input.placements) if prob else row_pl, "target")
+    row_pl = _row_placements(input.placements, class_dim, input.dim())
+    from torch.distributed.tensor import Shard
+
+    same_pl = tuple(Shard(p.dim % input.dim()) if type(p) is Shard else p for p in input.placements)
+    t_local = _local_target(target, mesh, same_pl if prob else row_pl, "target")
     w_full = None if weight is None else _full(weight)
     x_local = input.to_local()  # its gradient comes back with the logits' placements
     num_classes = input.shape[class_dim]

@@ -30,10 +30,19 @@ cost; an all_gather of every rank's partial log-sum-exp lets each rank reduce th
 The bytes received grow with the group size (R x 4 x P floats); for tensor-parallel groups (P <= 8-64)
 that stays far below the logits.
 
-Limits: class-index targets only, no class weights, no z_loss/softcap. The slice statistics travel
-as float32 log-sum-exps, so probabilities carry the relative error eps * |lse| of a float32 lse, as in
-torch (single-process lossfuse keeps its lse in float64 for the backward; sending float64 statistics
-here would remove this too, at twice the collective's bytes).
+Options (class weights, probability targets, z-loss, soft-capping) add per-row columns to the same
+all_gather: the kernel computes each slice's l_r (of the soft-capped logits) and, with class weights w,
+S_r = sum_{c in r} w_c (l_r - x_c) and W_r = sum_{c in r} w_c, with probability targets t
+T_r = sum_{c in r} w_c t_c (l_r - x_c) and M_r = sum_{c in r} w_c t_c, from which
+sum_c w_c t_c (lse - x_c) = sum_r [T_r + M_r (lse - l_r)]; z-loss needs only the global lse
+(_local_grad gives the gradients). vocab_parallel_linear_cross_entropy is the same with the logits
+computed a chunk of rows at a time from the rank's rows of the output layer; lossfuse/_dtensor.py maps
+DTensor inputs onto both.
+
+The slice statistics travel as float32 log-sum-exps (float64 for float64 logits), so probabilities
+carry the relative error eps * |lse| of a float32 lse, as in torch (single-process lossfuse keeps its
+lse in float64 for the backward; sending float64 statistics here would remove this too, at twice the
+collective's bytes).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Vocab-parallel cross-entropy over torch.distributed: 2 and 3 CPU processes with gloo on loopback.
+"""Distributed losses over torch.distributed: 2 and 3 CPU processes with gloo on loopback.
 
-Each world is started once (subprocesses running this file, bounded in time) and runs every case
-below; each rank compares its loss and its slice's gradient with torch.nn.functional.cross_entropy in
-float64 on the concatenated logits, and counts the collectives. The pytest items then report the
-outcome case by case.
+Each world is started once (subprocesses running this file, bounded in time) and runs every case:
+vocab-parallel cross-entropy against torch.nn.functional.cross_entropy in float64 on the concatenated
+logits (counting the collectives), its options against single-process float64, and the cases of
+tests/dtensor_cases.py (DTensor logits, sharded lm_head weights, an FSDP2 training loop,
+torch.compile). The pytest items then report the outcome case by case.
 """
 
 from __future__ import annotations

@@ -165,12 +165,14 @@ def main(argv=None) -> int:
           f"{args.dtype}, {args.device}, {args.ranks} ranks, {args.threads} thread(s) per process")
     print(f"peak memory above the inputs ({CPU_MEMORY_METHOD if args.device == 'cpu' else CUDA_MEMORY_METHOD}); "
           f"the full logits would be {logits / mib:.1f} MiB")
-    print(f"  single-process lossfuse.linear_cross_entropy: {single_res['peak'] / mib:8.1f} MiB   loss {single_res['loss']:.6f}")
+    print(f"  single-process lossfuse.linear_cross_entropy: {single_res['peak'] / mib:8.1f} MiB   "
+          f"loss {single_res['loss']:.6f}")
     ok = True
     for kind in ("explicit", "dtensor"):
         for r, res in enumerate(ranks):
             ratio = res[kind]["peak"] / single_res["peak"]
-            right = abs(res[kind]["loss"] - single_res["loss"]) <= 1e-4 * abs(single_res["loss"]) and res[kind]["grads_ok"]
+            close = abs(res[kind]["loss"] - single_res["loss"]) <= 1e-4 * abs(single_res["loss"])
+            right = close and res[kind]["grads_ok"]
             verdict = ("ok" if ratio <= limit else f"OVER {limit:.3f}") + ("" if right else ", WRONG result")
             ok &= ratio <= limit and right
             print(f"  {kind:8s} rank {r}: {res[kind]['peak'] / mib:8.1f} MiB = {ratio:.3f} x single   "

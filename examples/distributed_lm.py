@@ -57,7 +57,8 @@ def main():
     if rank == 0:  # the single-process loss of the first batch, for comparison
         with torch.no_grad():
             h = model(batches[0][:-1])
-            print(f"single-process first loss {lossfuse.linear_cross_entropy(h, model.lm_head.weight, batches[0][1:]).item():.6f}")
+            first = lossfuse.linear_cross_entropy(h, model.lm_head.weight, batches[0][1:])
+            print(f"single-process first loss {first.item():.6f}")
 
     if args.setup == "dtensor":
         # A column-parallel lm_head (tensor parallel): its output, the logits, stays a DTensor sharded

@@ -57,7 +57,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _backend
 from ._utils import acc_dtype, check_float_input, check_reduction, check_same_device, result_dtype
-from .functional import _check_class_index_target, _check_class_weight, _check_lm_options
+from .functional import _check_class_index_target, _check_class_weight, _check_lm_options, _type_name
 from ._layout import RowShapes, empty_like_layout
 from .ops._common import reduce_rows, row_grads
 from .ops.cross_entropy import CE_FWD
@@ -527,8 +527,8 @@ def vocab_parallel_linear_cross_entropy(
 
     Rows go through the local slice of the output layer in chunks (``chunk_size`` rows; by default
     1/P^2 of the rows single-process :func:`lossfuse.linear_cross_entropy` would take for the whole
-    vocabulary, P the group size, at least 64), so a rank holds one chunk of its slice's logits at a time. Communication: one
-    ``all_gather`` of a few floats per row in forward (plus one for the sizes without
+    vocabulary, P the group size, at least 64), so a rank holds one chunk of its slice's logits at a
+    time. Communication: one ``all_gather`` of a few floats per row in forward (plus one for the sizes without
     ``vocab_sizes``); in backward one ``all_reduce`` of the input gradient (every slice contributes
     to it), so ``input.grad`` is the full gradient on every rank. The weight (bias) gradient is the
     local slice's. The loss is the same on every rank.
@@ -565,7 +565,7 @@ def vocab_parallel_linear_cross_entropy(
         raise ValueError(f"{name}: target must have shape {list(lead)} (input without its last dim); "
                          f"got {list(target.shape)}")
     elif target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {target.dtype}")
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
     _check_class_weight(weight, v_local, f"{name}: local ")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"{name}: chunk_size must be a positive int or None; got {chunk_size!r}")

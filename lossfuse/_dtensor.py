@@ -25,6 +25,8 @@ it is refused as torch's loss_parallel refuses it. Class weights: a plain tensor
 DTensor (gathered); each rank uses the slice of its classes.
 
 Only ``Shard`` and ``Replicate`` placements are taken; ``Partial`` logits must be reduced first.
+``inplace_backward`` applies where the loss is computed locally (no class sharding); the
+vocab-parallel path writes its gradient into a buffer of its own.
 
 For linear_cross_entropy the lm_head weight is the DTensor (see ``linear_cross_entropy`` below).
 
@@ -218,7 +220,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
       the input gradient ``Replicate()``. Probability targets are then a DTensor sharded on their last
       (class) dim like the weight.
 
-    The logits are never whole on any rank: rows go through the output layer in chunks.
+    The logits are never whole on any rank: rows go through the output layer in chunks. The gathered
+    weight keeps the parameter's dtype (an FSDP2 ``MixedPrecisionPolicy`` cast is not applied here).
     """
     from torch.distributed.tensor import Partial, Replicate, Shard
 

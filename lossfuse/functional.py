@@ -55,6 +55,10 @@ _TORCH_TYPE_NAMES = {
 # The backends whose calls lossfuse/_small_call.py may take whole (it runs the C++ kernels).
 _SMALL_CALL_BACKENDS = ("auto", "cpu")
 
+# Tensor types that are never a DTensor (an FSDP2 parameter is a DTensor, not an nn.Parameter): one
+# type() check per call keeps torch.distributed.tensor out of the plain-tensor path.
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
 
 def _type_name(dtype: torch.dtype) -> str:
     return _TORCH_TYPE_NAMES.get(dtype, str(dtype))
@@ -139,12 +143,22 @@ def cross_entropy(
       what you need from them before ``backward()`` -- on the Triton backend with float32 logits that
       require grad (and a mean or sum), before this call: its forward writes the gradient over them.
       The reference backend ignores it.
+
+    DTensor logits (tensor, sequence or data parallelism) are handled as lossfuse/_dtensor.py says.
     """
     if (backend in _SMALL_CALL_BACKENDS and size_average is None and reduce is None and not z_loss
             and softcap is None and not return_lse and not inplace_backward):
         out = _small_call.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
         if out is not None:
             return out
+    if type(input) not in _PLAIN_TYPES:
+        from . import _dtensor
+
+        if _dtensor.is_dtensor(input):
+            return _dtensor.cross_entropy(
+                input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+                z_loss=z_loss, softcap=softcap, return_lse=return_lse, inplace_backward=inplace_backward,
+                backend=backend)
     reduction = legacy_reduction(size_average, reduce, reduction)
     check_reduction(reduction)
     _backend.check_backend_name(backend)
@@ -226,7 +240,17 @@ def linear_cross_entropy(
     (``weight`` are class weights). ``chunk_size`` rows per chunk (default: about 2^22 logits per
     chunk). Gradients flow to ``input``, ``linear_weight`` (accumulated in float32 across chunks),
     ``linear_bias`` and probability targets.
+
+    A DTensor ``linear_weight`` (FSDP2-sharded or vocab-sharded) is handled as lossfuse/_dtensor.py says.
     """
+    if type(linear_weight) not in _PLAIN_TYPES or type(input) not in _PLAIN_TYPES:
+        from . import _dtensor
+
+        if _dtensor.is_dtensor(linear_weight) or _dtensor.is_dtensor(input):
+            return _dtensor.linear_cross_entropy(
+                input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
+                ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                chunk_size=chunk_size, backend=backend)
     name = "linear_cross_entropy"
     check_reduction(reduction)
     _backend.check_backend_name(backend)

@@ -1,9 +1,10 @@
-"""Vocab-parallel cross-entropy over torch.distributed: 2 and 3 CPU processes with gloo on loopback.
+"""Distributed losses over torch.distributed: 2 and 3 CPU processes with gloo on loopback.
 
-Each world is started once (subprocesses running this file, bounded in time) and runs every case
-below; each rank compares its loss and its slice's gradient with torch.nn.functional.cross_entropy in
-float64 on the concatenated logits, and counts the collectives. The pytest items then report the
-outcome case by case.
+Each world is started once (subprocesses running this file, bounded in time) and runs every case:
+vocab-parallel cross-entropy against torch.nn.functional.cross_entropy in float64 on the concatenated
+logits (counting the collectives), its options against single-process float64, and the cases of
+tests/dtensor_cases.py (DTensor logits, sharded lm_head weights, an FSDP2 training loop,
+torch.compile). The pytest items then report the outcome case by case.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ import zlib
 import pytest
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dtensor_cases  # noqa: E402  (the DTensor cases, run in the same worlds)
+
 WORLDS = {2: [13, 6], 3: [5, 1, 14]}  # uneven slices; one rank with a single class
 EMPTY_SLICE = {2: [0, 17], 3: [9, 0, 11]}
 N = 37
-TIMEOUT_S = 90  # a hung collective fails the test instead of blocking CI
+TIMEOUT_S = 300  # a hung collective fails the test instead of blocking CI (compiling takes a minute)
 COLLECTIVES = (
     "all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "all_gather_single",
     "all_gather_coalesced", "all_gather_object", "_all_gather_base", "broadcast", "broadcast_object_list",
@@ -86,10 +90,52 @@ ERRORS = {
     "target-negative": (IndexError, "Target -5 is out of bounds."),
     "vocab_sizes-wrong-length": (ValueError, "vocab_sizes must hold {P} sizes"),
     "vocab_sizes-wrong-local-size": (ValueError, "this rank's local_logits hold"),
-    "float-target": (NotImplementedError, "class-index targets only"),
+    "float-target": (ValueError, "probability targets are this rank's slice"),
     "bad-reduction": (ValueError, "elementwise is not a valid value for reduction"),
     "target-shape": (ValueError, "Expected input batch_size"),
 }
+
+
+# Every option of lossfuse.cross_entropy on the vocab-parallel path: case name -> options (defaults:
+# float64, mean, class indices). Each is compared with single-process lossfuse.reference.cross_entropy
+# in float64 on the concatenated logits (and class weights / probability targets), loss, lse and
+# gradients to 1e-9; lower precisions to their dtype's tolerance.
+def _option_cases() -> dict[str, dict]:
+    cases = {}
+    for red in ("none", "mean", "sum"):
+        cases[f"weight-{red}"] = dict(weight=True, reduction=red)
+        cases[f"weight-eps0.1-{red}"] = dict(weight=True, eps=0.1, reduction=red)
+        cases[f"prob-{red}"] = dict(prob=True, reduction=red)
+        cases[f"all-{red}"] = dict(weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, reduction=red)
+        cases[f"prob-all-{red}"] = dict(prob=True, weight=True, eps=0.2, z_loss=1e-2, softcap=4.0, reduction=red)
+    cases.update({
+        "zloss": dict(z_loss=1e-3), "softcap": dict(softcap=2.5, reduction="none"),
+        "zloss-softcap-eps": dict(z_loss=1e-3, softcap=2.5, eps=0.3, reduction="sum"),
+        "prob-eps0.2": dict(prob=True, eps=0.2, reduction="none"),
+        "prob-target-grad": dict(prob=True, weight=True, eps=0.1, target_grad=True, reduction="none"),
+        "prob-target-grad-softcap": dict(prob=True, target_grad=True, softcap=3.0, z_loss=1e-2),
+        "weight-ignore": dict(weight=True, eps=0.1, ignore=0.3, reduction="mean"),
+        "weight-ignore_index-is-a-class": dict(weight=True, ignore_index=2, reduction="none", eps=0.1),
+        "all-spatial": dict(weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, spatial=3, reduction="none"),
+        "prob-all-spatial": dict(prob=True, weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, spatial=2),
+        "all-empty-slice": dict(weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, empty_slice=True, reduction="none"),
+        "prob-empty-slice": dict(prob=True, weight=True, empty_slice=True, reduction="sum"),
+        "all-gathered-sizes": dict(weight=True, eps=0.1, softcap=4.0, sizes="gathered"),
+        "all-reference-backend": dict(weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, backend="reference", reduction="none"),
+        "prob-reference-backend": dict(prob=True, weight=True, eps=0.1, softcap=4.0, backend="reference"),
+        "all-triton-backend": dict(weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, backend="triton", dtype="float32"),
+        "prob-triton-backend": dict(prob=True, weight=True, softcap=4.0, backend="triton", dtype="float32",
+                                    reduction="none"),
+        "all-float32": dict(weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, dtype="float32", reduction="none"),
+        "all-bfloat16": dict(weight=True, eps=0.1, z_loss=1e-2, softcap=4.0, dtype="bfloat16"),
+        "prob-all-bfloat16": dict(prob=True, weight=True, eps=0.1, softcap=4.0, dtype="bfloat16", reduction="none"),
+        "all-bfloat16-row-blocks": dict(weight=True, eps=0.1, softcap=4.0, dtype="bfloat16", reduction="none",
+                                        grad_chunk=64),
+    })
+    return cases
+
+
+OPTION_CASES = _option_cases()
 
 
 def expected_collectives(opts: dict) -> tuple[int, int]:
@@ -210,6 +256,61 @@ def _run_case(name, opts, rank, world, counter):
     return {"fwd": fwd, "bwd": bwd}
 
 
+def _run_option_case(name, opts, rank, world, counter):
+    import importlib.util
+
+    from helpers import assert_close
+    from lossfuse import reference
+    from lossfuse.distributed import vocab_parallel_cross_entropy
+
+    if opts.get("backend") == "triton" and importlib.util.find_spec("triton") is None:
+        return {"skip": "triton is not installed"}
+    gen = torch.Generator().manual_seed(zlib.crc32(f"opt-{world}-{name}".encode()))
+    sizes = (EMPTY_SLICE if opts.get("empty_slice") else WORLDS)[world]
+    C, start = sum(sizes), sum(sizes[:rank])
+    stop = start + sizes[rank]
+    dtype = getattr(torch, opts.get("dtype", "float64"))
+    shape = (N, C) + ((opts["spatial"],) if "spatial" in opts else ())
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    red, eps = opts.get("reduction", "mean"), opts.get("eps", 0.0)
+    ignore_index = opts.get("ignore_index", -100)
+    kw = dict(reduction=red, label_smoothing=eps, z_loss=opts.get("z_loss", 0.0), softcap=opts.get("softcap"))
+    w = torch.rand(C, generator=gen, dtype=torch.float64) + 0.2 if opts.get("weight") else None
+    if opts.get("prob"):
+        y = torch.softmax(torch.randn(shape, generator=gen, dtype=torch.float64) * 2, 1).to(dtype)
+        y_local = y[:, start:stop].detach().requires_grad_(bool(opts.get("target_grad")))
+        y_ref = y.detach().double().requires_grad_(bool(opts.get("target_grad")))
+    else:
+        y = torch.randint(0, C, (N,) + shape[2:], generator=gen)
+        y[torch.rand(y.shape, generator=gen) < opts.get("ignore", 0.2)] = ignore_index
+        y_local = y_ref = y
+    ref_in = x.detach().double().requires_grad_()
+    ref, ref_lse = reference.cross_entropy(ref_in, y_ref, w, ignore_index, red, eps, z_loss=kw["z_loss"],
+                                           softcap=kw["softcap"], return_lse=True)
+    local = x[:, start:stop].detach().requires_grad_()
+    w_local = None if w is None else w[start:stop].to(dtype if dtype == torch.float64 else torch.float32)
+    counter.take()
+    out, lse = vocab_parallel_cross_entropy(
+        local, y_local, weight=w_local, ignore_index=ignore_index, return_lse=True,
+        vocab_sizes=sizes if opts.get("sizes", "given") == "given" else None,
+        backend=opts.get("backend", "auto"), **kw)
+    fwd = counter.take()
+    go = torch.rand(out.shape, generator=gen, dtype=torch.float64) + 0.5
+    out.backward(go.to(out.dtype))
+    bwd = counter.take()
+    ref.backward(go.to(out.dtype).double())
+    rtol = 1e-9 if dtype == torch.float64 else None
+    assert out.dtype == dtype, f"loss dtype {out.dtype}"
+    assert_close(out, ref, dtype, "loss", rtol=rtol)
+    assert lse.shape == ref_lse.shape
+    assert_close(lse, ref_lse, dtype, "lse", rtol=rtol)
+    assert local.grad.dtype == dtype
+    assert_close(local.grad, ref_in.grad[:, start:stop], dtype, "gradient", rtol=rtol)
+    if opts.get("target_grad"):
+        assert_close(y_local.grad, y_ref.grad[:, start:stop], dtype, "target gradient", rtol=rtol)
+    return {"fwd": fwd, "bwd": bwd}
+
+
 def _run_error(name, rank, world, counter):
     from lossfuse.distributed import vocab_parallel_cross_entropy
 
@@ -266,7 +367,44 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
             results[name] = _run_case(name, opts, rank, world, counter)
         except Exception:
             results[name] = {"error": traceback.format_exc()}
+    for name, opts in OPTION_CASES.items():
+        lossfuse.distributed._GRAD_CHUNK = opts.get("grad_chunk", default_chunk)
+        try:
+            results["opt:" + name] = _run_option_case(name, opts, rank, world, counter)
+        except Exception:
+            results["opt:" + name] = {"error": traceback.format_exc()}
     lossfuse.distributed._GRAD_CHUNK = default_chunk
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import dtensor_cases
+
+    mesh = init_device_mesh("cpu", (world,))
+    for name, opts in dtensor_cases.CASES.items():
+        try:
+            results["dt:" + name] = dtensor_cases.run(name, opts, mesh, rank, world)
+        except Exception:
+            results["dt:" + name] = {"error": traceback.format_exc()}
+    for name, opts in dtensor_cases.LINEAR_CASES.items():
+        try:
+            results["lin:" + name] = dtensor_cases.run_linear(name, opts, mesh, rank, world)
+        except Exception:
+            results["lin:" + name] = {"error": traceback.format_exc()}
+    if world == 2:
+        try:
+            results["fsdp-training"] = dtensor_cases.run_fsdp_training(mesh, rank, world)
+        except Exception:
+            results["fsdp-training"] = {"error": traceback.format_exc()}
+    if world == 2:
+        for name, opts in dtensor_cases.COMPILE_CASES.items():
+            try:
+                results["compile:" + name] = dtensor_cases.run_compile(name, opts, rank, world)
+            except Exception:
+                results["compile:" + name] = {"error": traceback.format_exc()}
+    for name in dtensor_cases.ERRORS:
+        try:
+            results["dt-error:" + name] = dtensor_cases.run_error(name, mesh, rank, world)
+        except Exception:
+            results["dt-error:" + name] = {"error": traceback.format_exc()}
     for name in ERRORS:
         try:
             results["error:" + name] = _run_error(name, rank, world, counter)
@@ -329,6 +467,54 @@ def _check(world, key):
 def test_matches_torch_on_concatenated_logits(world, case):
     for counts in _check(world, case):
         assert (len(counts["fwd"]), len(counts["bwd"])) == expected_collectives(CASES[case]), counts
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_options_match_single_process_float64(world, case):
+    """Class weights, probability targets, label smoothing, z-loss, soft-capping, return_lse and every
+    reduction equal single-process float64 (1e-9 in float64); still one all_gather, none in backward."""
+    opts = OPTION_CASES[case]
+    for counts in _check(world, "opt:" + case):
+        assert (len(counts["fwd"]), len(counts["bwd"])) == expected_collectives(opts), counts
+
+
+@pytest.mark.parametrize("case", list(dtensor_cases.CASES))
+def test_dtensor_logits(world, case):
+    """DTensor logits (replicated, batch-sharded, class-sharded): placements of the loss and the
+    gradient as torch's DTensor cross-entropy / loss_parallel(), values as single-process float64
+    (1e-9 in float64) and as torch's where torch has the case."""
+    _check(world, "dt:" + case)
+
+
+@pytest.mark.parametrize("case", list(dtensor_cases.LINEAR_CASES))
+def test_sharded_linear_cross_entropy(world, case):
+    """Linear + cross-entropy with the output layer's vocabulary split: explicit
+    (vocab_parallel_linear_cross_entropy), a vocab-sharded DTensor weight (tensor parallel) and an
+    FSDP-sharded one (data parallel, the weight gradient averaged as FSDP2 does); loss and every
+    gradient as single-process float64 (1e-9 in float64)."""
+    _check(world, "lin:" + case)
+
+
+def test_fsdp2_training_loop(world):
+    """10 SGD steps of a tiny model under FSDP2 with linear_cross_entropy on the sharded lm_head:
+    the loss curve equals single-process to 1e-5 relative (2 ranks)."""
+    if world[0] != 2:
+        pytest.skip("run in the 2-rank world")
+    for res in _check(world, "fsdp-training"):
+        assert res["max_rel"] <= 1e-5 and len(res["curve"]) == 10, res
+
+
+@pytest.mark.parametrize("case", list(dtensor_cases.COMPILE_CASES))
+def test_compiled_vocab_parallel(world, case):
+    """torch.compile(fullgraph=True) of the vocab-parallel path equals eager (2 ranks)."""
+    if world[0] != 2:
+        pytest.skip("run in the 2-rank world")
+    _check(world, "compile:" + case)
+
+
+@pytest.mark.parametrize("case", list(dtensor_cases.ERRORS))
+def test_dtensor_bad_input(world, case):
+    _check(world, "dt-error:" + case)
 
 
 @pytest.mark.parametrize("case", list(ERRORS))

@@ -570,16 +570,22 @@ inline bool fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
   return true;
 }
 
-template <class T, class A, class O>
-int ce_fwd_index_tiles(const CeArgs& a, O opt) {
+// Runs body(a, opt, k, cap, tile, &bad) over every tile of the call; returns bad.
+template <class A, class O, class Body>
+int for_each_tile(const CeArgs& a, O opt, Body&& body) {
   constexpr int L = Tile<A>::L;
   const int64_t per_n = (a.S + L - 1) / L, tiles = a.N * per_n;
   const Consts<A> k(a);
   const SoftCapOf<A, O> cap(opt.cap, a.softcap);
   int bad = 0;
 #pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
-  for (int64_t tix = 0; tix < tiles; ++tix) fwd_index_tile<T, A>(a, opt, k, cap, tile_at<A>(tix, per_n, a.S), &bad);
+  for (int64_t tix = 0; tix < tiles; ++tix) body(a, opt, k, cap, tile_at<A>(tix, per_n, a.S), &bad);
   return bad;
+}
+
+template <class T, class A, class O>
+int ce_fwd_index_tiles(const CeArgs& a, O opt) {
+  return for_each_tile<A>(a, opt, [](auto&&... args) { fwd_index_tile<T, A>(args...); });
 }
 
 // One tile's input gradient from the saved lses (the backward of ce_bwd_index_tiles and
@@ -646,14 +652,7 @@ inline void bwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
 
 template <class T, class A, class O>
 int ce_bwd_index_tiles(const CeArgs& a, O opt) {
-  constexpr int L = Tile<A>::L;
-  const int64_t per_n = (a.S + L - 1) / L, tiles = a.N * per_n;
-  const Consts<A> k(a);
-  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
-  int bad = 0;
-#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
-  for (int64_t tix = 0; tix < tiles; ++tix) bwd_index_tile<T, A>(a, opt, k, cap, tile_at<A>(tix, per_n, a.S), &bad);
-  return bad;
+  return for_each_tile<A>(a, opt, [](auto&&... args) { bwd_index_tile<T, A>(args...); });
 }
 
 // Classes a one-exp fused tile may have: its exps (C x L floats, 64 bytes a class) stay in L1/L2

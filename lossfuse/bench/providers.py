@@ -10,6 +10,8 @@
                       (CUDA; an anchor, when it is installed)
   cce                 cut-cross-entropy's ``linear_cross_entropy`` (Apple's CCE; ``lce`` on CUDA, when
                       installed), with its defaults: impl "cce" and gradient filtering (filter_eps "auto")
+  cce-compile         cut-cross-entropy's ``linear_cross_entropy(..., impl="torch_compile")``: the logits
+                      under torch.compile, on any device (``lce``, when installed; the CPU anchor of issue 12)
   torch-chunked       torch's own chunked linear + cross-entropy, ``F.linear_cross_entropy(...,
                       options=torch.nn.LinearCrossEntropyOptions())`` (torch >= 2.13; the anchor of ``lce``)
   hf-logits-lossfuse  the ``hf`` entry's model under ``lossfuse.transformers.apply(model, fused_linear=False)``
@@ -126,6 +128,24 @@ def _cce_make(entry, case, device):
     return call
 
 
+def _cce_compile_make(entry, case, device):
+    if entry.key != "lce":
+        return "cut-cross-entropy implements linear + cross-entropy only"
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        return "cut-cross-entropy is not installed (pip install cut-cross-entropy; offline: bench/README.md)"
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception as exc:
+        return f"cut-cross-entropy does not import: {type(exc).__name__}: {exc}"
+
+    # Its compiled function is module-level: the runner's per-case dynamo reset makes the check call
+    # compile it afresh for the case's shapes, untimed, as for the torch.compile provider.
+    def call(x, w, y):
+        return linear_cross_entropy(x, w, y, reduction="mean", impl="torch_compile")
+
+    return call
+
+
 def _torch_chunked_make(entry, case, device):
     if entry.key != "lce":
         return "torch's chunked linear_cross_entropy anchors linear + cross-entropy only"
@@ -164,6 +184,7 @@ PROVIDERS = {
         # liger writes the gradient into the logits during the forward: it gets its own copies.
         Provider("liger", _liger_make, mutates_inputs=True, losses=("ce", "lce")),
         Provider("cce", _cce_make, losses=("lce",)),
+        Provider("cce-compile", _cce_compile_make, losses=("lce",)),
         Provider("torch-chunked", _torch_chunked_make, losses=("lce",)),
         # lossfuse.transformers.apply(model, fused_linear=False): lossfuse's cross-entropy on the logits.
         Provider("hf-logits-lossfuse", _hf_logits_make, losses=("hf",)),
@@ -173,7 +194,7 @@ PROVIDERS = {
 ALIASES = {
     "cpu": "lossfuse-cpu", "triton": "lossfuse-triton", "reference": "lossfuse-reference",
     "eager": EAGER, "compile": COMPILE, "liger-kernel": "liger", "chunked": "torch-chunked",
-    "cut-cross-entropy": "cce",
+    "cut-cross-entropy": "cce", "cce-torch-compile": "cce-compile",
     "logits": "hf-logits-lossfuse",
 }
 
@@ -205,6 +226,7 @@ def default_names(device: torch.device, with_reference: bool) -> list:
     names += [EAGER, COMPILE]
     if device.type == "cuda":
         names += ["liger", "cce"]
+    names.append("cce-compile")     # on lce cases only; a note where cut-cross-entropy is not installed
     names.append("torch-chunked")   # on lce cases only (Provider.losses); a note where torch lacks it
     names.append("hf-logits-lossfuse")  # on hf cases only
     return names

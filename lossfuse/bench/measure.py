@@ -115,15 +115,16 @@ def _calibrate(step: Callable, est: float, block_s: float, threads: int, setup: 
     block or more keeps it (no cost added; such blocks hold one call anyway)."""
     if est >= block_s:
         return est
-    number = 1
+    best, number = est, 1
     while number < 10000:
         number = min(10000, number * 4)
         if setup is not None:
             setup()
-        est = _timer_once(step, number, threads)
-        if est * number >= block_s / 4:
+        t = _timer_once(step, number, threads)
+        best = min(best, t)   # preemption only ever adds time: the fastest block is the call's cost
+        if t * number >= block_s / 4:
             break
-    return est
+    return best
 
 
 def interleaved(steps: dict, device: torch.device, threads: int, *, rounds: int, min_rounds: int,

@@ -233,13 +233,13 @@ def _merge(cases) -> tuple:
 PRESETS = {
     "quick": Preset("quick", _merge(QUICK), rounds=3, min_rounds=3, block_s=0.02, budget_s=1.5,
                     description="tiny shapes: a smoke test of the machinery, in seconds"),
-    # Four rounds at least: the eager formulas of the target cases take 1-4 s a call on 2 cores.
     # ~10 us calls: short blocks (hundreds of calls each), many interleaved rounds, so that a preemption
     # on a loaded machine spoils a few blocks and the medians of the same-round ratios stay put.
-    "small": Preset("small", _merge(SMALL + _size_sweep()), modes=_SMALL_MODES, rounds=41, min_rounds=15,
-                    block_s=0.01, budget_s=1.5,
+    "small": Preset("small", _merge(SMALL + _size_sweep()), modes=_SMALL_MODES, rounds=61, min_rounds=21,
+                    block_s=0.01, budget_s=2.0,
                     description="small calls (CE from 1 row, focal, Huber/SmoothL1 at 100 and 10k elements), "
                                 "fwd+bwd and eval (forward under no_grad); time vs size from 1 row up"),
+    # Four rounds at least: the eager formulas of the target cases take 1-4 s a call on 2 cores.
     "default": Preset("default", _merge(DEFAULT), rounds=7, min_rounds=4, budget_s=10.0,
                       description="the cases the project's targets are quoted on (~3 min on 2 CPU cores)"),
     "llm": Preset("llm", _merge(LLM), description="language-model cross-entropy: (tokens, vocab) up to 256k"),

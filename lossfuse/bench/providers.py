@@ -110,10 +110,11 @@ def _liger_make(entry, case, device):
     return lambda x, w, y: first(module(w, x, y))
 
 
-def _cce_make(entry, case, device):
+def _cce_function(entry, device, impl: str):
+    """cut-cross-entropy's ``linear_cross_entropy`` bound to ``impl``, or why it does not apply."""
     if entry.key != "lce":
         return "cut-cross-entropy implements linear + cross-entropy only"
-    if device.type != "cuda":
+    if impl == "cce" and device.type != "cuda":
         return "cut-cross-entropy's kernels run on CUDA only"
     if importlib.util.find_spec("cut_cross_entropy") is None:
         return "cut-cross-entropy is not installed (pip install cut-cross-entropy; offline: bench/README.md)"
@@ -123,27 +124,19 @@ def _cce_make(entry, case, device):
         return f"cut-cross-entropy does not import: {type(exc).__name__}: {exc}"
 
     def call(x, w, y):  # CCE's order: (embeddings (N, H), classifier (V, H), targets)
-        return linear_cross_entropy(x, w, y, reduction="mean")
+        return linear_cross_entropy(x, w, y, reduction="mean", impl=impl)
 
     return call
+
+
+def _cce_make(entry, case, device):
+    return _cce_function(entry, device, "cce")
 
 
 def _cce_compile_make(entry, case, device):
-    if entry.key != "lce":
-        return "cut-cross-entropy implements linear + cross-entropy only"
-    if importlib.util.find_spec("cut_cross_entropy") is None:
-        return "cut-cross-entropy is not installed (pip install cut-cross-entropy; offline: bench/README.md)"
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-    except Exception as exc:
-        return f"cut-cross-entropy does not import: {type(exc).__name__}: {exc}"
-
     # Its compiled function is module-level: the runner's per-case dynamo reset makes the check call
     # compile it afresh for the case's shapes, untimed, as for the torch.compile provider.
-    def call(x, w, y):
-        return linear_cross_entropy(x, w, y, reduction="mean", impl="torch_compile")
-
-    return call
+    return _cce_function(entry, device, "torch_compile")
 
 
 def _torch_chunked_make(entry, case, device):

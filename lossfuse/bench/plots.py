@@ -308,7 +308,7 @@ def size_sweep_plot(rows, meta, path: Path) -> Path | None:
     if not panels:
         return None
     plt = _plt()
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, axes = plt.subplots(2, len(panels), figsize=(5.2 * len(panels), 6.4), squeeze=False,
                              gridspec_kw={"height_ratios": (2.2, 1)}, sharex="col")
@@ -342,6 +342,9 @@ def size_sweep_plot(rows, meta, path: Path) -> Path | None:
                     a.axvline(start, color=_color(p), ls=":", lw=1.2)
             rax.annotate(text, (0.02, 0.95 - 0.1 * i), xycoords="axes fraction", va="top", fontsize=7.5, color=_color(p))
         rax.axhline(1.0, color=_color("torch"), ls="--", lw=1)
+        ratios = [1.0 / r["speedup_vs_torch"] for r in mine if r["provider"] != "torch" and r.get("speedup_vs_torch")]
+        if ratios:  # at least 0.5x-2x, so that ticks on both sides of 1 show how far from it a point is
+            rax.set_ylim(min(ratios + [0.5]) / 1.15, max(ratios + [2.0]) * 1.6)
         e = LOSSES[key[0]]
         title = e.title + (f" — {e.label_variant(key[1])}" if key[1] else "")
         if by_rows:
@@ -351,13 +354,13 @@ def size_sweep_plot(rows, meta, path: Path) -> Path | None:
             a.set_xscale("log")
             a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _human(v)))
             a.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        for a, unit, subs in ((ax, "", (1.0, 2.0, 5.0)), (rax, "x", (1.0, 1.5, 2.0, 3.0, 5.0, 7.0))):
+            a.set_yscale("log")
+            a.yaxis.set_major_locator(LogLocator(subs=subs))
+            a.yaxis.set_major_formatter(FuncFormatter(lambda v, _, u=unit: f"{v:g}{u}"))
+            a.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylabel("time per fwd+bwd, us (lower is better)")
         ax.legend(loc="upper left")
-        rax.set_yscale("log", base=2)
-        rax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}x"))
-        rax.yaxis.set_minor_formatter(NullFormatter())
         rax.set_ylabel("time / torch eager's\n(below 1 = faster)")
         rax.set_xlabel("rows N" if by_rows else f"size: {e.size_name}")
     fig.suptitle(f"Time vs size, fwd+bwd: where lossfuse overtakes torch eager\n{_subtitle(meta)}", fontsize=11)

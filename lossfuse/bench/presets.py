@@ -91,7 +91,7 @@ QUICK = (
 
 DEFAULT = (
     _c("ce", (4096, 32000), (F32, BF16), target="ce")
-    + _c("ce", (8, 21, 256, 256), variant="ignore_index")
+    + _c("ce", (8, 21, 256, 256), variant="ignore_index", target="ce")
     + _c("sigmoid_focal", (200000, 80), variant="float", target="sigmoid_focal")
     + _c("sigmoid_focal", (200000, 80), variant="index", target="sigmoid_focal")
     + _c("softmax_focal", (65536, 1000), target="softmax_focal")

@@ -39,7 +39,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-MODES = ("fwd", "bwd", "fwd+bwd")
+# "eval": the forward under torch.no_grad(), as validation and inference loops call a loss (no graph,
+# nothing saved for a backward); it reads what "fwd" reads.
+MODES = ("fwd", "bwd", "fwd+bwd", "eval")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,11 +115,12 @@ def _count(inputs_read: int, grads_written: int, mode: str) -> int:
     bwd      reads every input once and writes the gradient of each differentiable input once
              (what an implementation saves for itself, e.g. a per-row log-sum-exp, is not counted);
     fwd+bwd  the same: a fused single-pass implementation reads the inputs once and writes the
-             gradients once, so that is the floor the whole training step is measured against.
+             gradients once, so that is the floor the whole training step is measured against;
+    eval     as fwd (the forward under no_grad writes no gradient).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
-    return inputs_read if mode == "fwd" else inputs_read + grads_written
+    return inputs_read if mode in ("fwd", "eval") else inputs_read + grads_written
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,7 @@ def _ce_bytes(shape, dtype, variant, mode):
     return _count(logits + targets + weight, logits, mode)
 
 
-CE_FORMULA = ("fwd: N*C*b + R*8;  bwd, fwd+bwd: 2*N*C*b + R*8  "
+CE_FORMULA = ("fwd, eval: N*C*b + R*8;  bwd, fwd+bwd: 2*N*C*b + R*8  "
               "(b = bytes per logit, R = N*d1*...*dk int64 targets; probability targets: N*C*b instead "
               "of R*8; class weights add C*b)")
 
@@ -263,7 +266,7 @@ def _sigmoid_focal_bytes(shape, dtype, variant, mode):
     return _count(x + t, x, mode)
 
 
-SIGMOID_FOCAL_FORMULA = ("fwd: N*C*b + T;  bwd, fwd+bwd: 2*N*C*b + T  "
+SIGMOID_FOCAL_FORMULA = ("fwd, eval: N*C*b + T;  bwd, fwd+bwd: 2*N*C*b + T  "
                          "(T = N*C*b for float targets, N*8 for int64 class-index targets)")
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,7 +320,7 @@ def _regression_bytes(shape, dtype, variant, mode):
     return _count(2 * x, x, mode)
 
 
-REGRESSION_FORMULA = "fwd: 2*n*b;  bwd, fwd+bwd: 3*n*b  (n elements of input and of target, b bytes each)"
+REGRESSION_FORMULA = "fwd, eval: 2*n*b;  bwd, fwd+bwd: 3*n*b  (n elements of input and of target, b bytes each)"
 
 # ---------------------------------------------------------------------------------------------------
 # Linear + cross-entropy (mean): hidden states (N, H), the projection's weight (V, H), int64 targets
@@ -354,7 +357,7 @@ def _lce_flops(shape, dtype, variant, mode):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     n, h, v = shape
-    return {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode] * 2 * n * h * v
+    return {"fwd": 1, "eval": 1, "bwd": 2, "fwd+bwd": 3}[mode] * 2 * n * h * v
 
 
 def _lce_logits_bytes(shape, dtype, variant):
@@ -362,10 +365,10 @@ def _lce_logits_bytes(shape, dtype, variant):
     return n * v * itemsize(dtype)
 
 
-LCE_FORMULA = ("fwd: (N*H + V*H)*b + N*8;  bwd, fwd+bwd: 2*(N*H + V*H)*b + N*8  (input (N, H), weight (V, H), "
+LCE_FORMULA = ("fwd, eval: (N*H + V*H)*b + N*8;  bwd, fwd+bwd: 2*(N*H + V*H)*b + N*8  (input (N, H), weight (V, H), "
                "b bytes each; int64 targets; the (N, V) logits are not counted). The matmul FLOPs dominate "
                "(fwd+bwd: 3 x 2*N*H*V): GB/s is not the lens here, GFLOP/s is")
-LCE_FLOPS_FORMULA = "fwd: 2*N*H*V;  bwd: 2 x 2*N*H*V;  fwd+bwd: 3 x 2*N*H*V  (the projection's matmuls)"
+LCE_FLOPS_FORMULA = "fwd, eval: 2*N*H*V;  bwd: 2 x 2*N*H*V;  fwd+bwd: 3 x 2*N*H*V  (the projection's matmuls)"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -527,7 +530,7 @@ LOSSES: dict[str, LossEntry] = {
             anchor="torch-chunked",
             lossfuse_notes={
                 "fwd": "computes the gradients in its forward when the inputs require grad (three matmuls)"},
-            modes=("fwd", "fwd+bwd"),
+            modes=("fwd", "fwd+bwd", "eval"),
             modes_note=("lossfuse and torch's chunked version compute the gradients in the forward and "
                         "refuse a second backward through one graph (retain_graph), which bwd repeats; "
                         "fwd+bwd is the measure"),

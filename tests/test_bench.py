@@ -541,3 +541,209 @@ def test_hf_preset_and_targets():
     got = {r["target"].split(": ", 1)[1]: r for r in evaluate(rows, "cpu")}
     assert got["peak above parameters + gradients <= 40% of transformers' own"]["met"] is False
     assert got["time <= transformers' own"]["met"] is False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 12: the eval mode, the small preset and its time-vs-size sweep, the new targets, the
+# cut-cross-entropy torch_compile anchor, the thread sweep over every loss
+# ---------------------------------------------------------------------------------------------------
+
+
+def _grad_mode_provider(seen: list) -> Provider:
+    """torch's formula, recording whether grad mode was on at each call."""
+
+    def make(entry, case, device):
+        def call(*tensors):
+            seen.append(torch.is_grad_enabled())
+            return entry.torch_fn(*tensors)
+
+        return call
+
+    return Provider("spy", make)
+
+
+def test_eval_mode_runs_the_forward_under_no_grad(tmp_path):
+    cpu_kernels_or_skip()
+    seen: list = []
+    cases = [Case("ce", (16, 10)), Case("huber", (100,))]
+    result, _, printed = _run(tmp_path, ["--providers", "cpu,torch,spy", "--mode", "eval", "--no-plots"],
+                              extra_providers={"spy": _grad_mode_provider(seen)}, cases=cases)
+    assert [(r["loss"], r["provider"], r["mode"], r["status"]) for r in result.rows] == [
+        (c.loss, p, "eval", "ok") for c in cases for p in ("lossfuse-cpu", "torch", "spy")]
+    # The check against float64 runs fwd+bwd (grad on); every call of the eval mode after it has grad off.
+    per_case = len(seen) // len(cases)
+    assert seen[0] is True and seen.count(True) == len(cases) and len(seen) > 3 * len(cases)
+    assert seen[1:per_case] and not any(seen[1:per_case])
+    for r in result.rows:
+        case = next(c for c in cases if c.loss == r["loss"])
+        assert r["counted_bytes"] == case.entry.counted_bytes(case.shape, case.dtype, "", "fwd")
+        assert r["median_ms"] > 0 and r["speedup_vs_torch"] > 0
+    assert "eval" in printed
+
+
+def test_counted_bytes_of_eval_are_those_of_fwd():
+    for case in CASES_FOR_BYTES:
+        e = case.entry
+        assert e.counted_bytes(case.shape, case.dtype, case.variant, "eval") == \
+            e.counted_bytes(case.shape, case.dtype, case.variant, "fwd")
+    assert LOSSES["lce"].counted_flops((16, 8, 10), torch.float32, "", "eval") == 2 * 16 * 8 * 10
+
+
+def test_small_preset_holds_the_issue_12_cases():
+    from lossfuse.bench.presets import F32, SWEEP_SIZE_CE_ROWS, SWEEP_SIZE_HUBER, get_preset
+
+    preset = get_preset("small")
+    assert set(preset.modes) == {"fwd+bwd", "eval"}
+    by = {(c.loss, c.shape, c.variant): c for c in preset.cases}
+    wanted = [("ce", (1, 10), ""), ("ce", (8, 10), ""), ("ce", (64, 10), ""), ("ce", (256, 100), ""),
+              ("ce", (32, 1000), ""), ("softmax_focal", (64, 10), ""), ("sigmoid_focal", (64, 80), "float"),
+              ("sigmoid_focal", (64, 80), "index"), ("huber", (100,), ""), ("huber", (10000,), ""),
+              ("smooth_l1", (100,), ""), ("smooth_l1", (10000,), "")]
+    for key in wanted:
+        c = by[key]
+        assert c.main and c.dtype == F32 and set(c.modes) == {"fwd+bwd", "eval"}, c
+        assert "torch.compile" not in c.leave_out, c     # a small case is compared with torch.compile too
+    # The size sweep: CE (N, 10) from one row to 65536, Huber 100 to 10^6, fwd+bwd, against torch eager.
+    assert SWEEP_SIZE_CE_ROWS[0] == 1 and SWEEP_SIZE_CE_ROWS[-1] >= 65536
+    assert SWEEP_SIZE_HUBER[0] == 100 and SWEEP_SIZE_HUBER[-1] >= 10 ** 6
+    for n in SWEEP_SIZE_CE_ROWS:
+        assert "size" in by[("ce", (n, 10), "")].sweeps
+    for n in SWEEP_SIZE_HUBER:
+        assert "size" in by[("huber", (n,), "")].sweeps
+    only_sweep = [c for c in preset.cases if not c.main]
+    assert only_sweep and all(c.leave_out == ("torch.compile",) and c.modes == ("fwd+bwd",) for c in only_sweep)
+    assert preset.block_s <= 0.02 and preset.min_rounds >= 15
+
+
+def test_a_case_leaves_out_providers(tmp_path):
+    """The size sweep's points leave torch.compile out: no row, and no compile (which would take seconds)."""
+    result, _, _ = _run(tmp_path, ["--providers", "torch,compile", "--no-plots"],
+                        cases=[Case("ce", (4, 10), leave_out=("torch.compile",))])
+    assert [r["provider"] for r in result.rows] == ["torch"]
+
+
+def test_crossover():
+    from lossfuse.bench.plots import crossover
+
+    assert crossover([(1, 1.3), (10, 0.9), (100, 0.5)]) == (10, False)
+    assert crossover([(1, 0.9), (10, 1.1), (100, 0.5)]) == (100, False)   # the last crossing counts
+    assert crossover([(1, 0.9), (10, 0.8)]) == (1, True)
+    assert crossover([(1, 0.9), (10, 1.2)]) == (None, False)
+
+
+def test_time_vs_size_plot(tmp_path):
+    cpu_kernels_or_skip()
+    kw = dict(sweeps=("size",), main=False, modes=("fwd+bwd",), leave_out=("torch.compile",))
+    cases = [Case("ce", (1, 10), **kw), Case("ce", (64, 10), **kw), Case("huber", (100,), **kw),
+             Case("huber", (1000,), **kw)]
+    result, paths, _ = _run(tmp_path, ["--providers", "cpu,torch"], cases=cases)
+    assert len(result.rows) == 8 and all(r["status"] == "ok" for r in result.rows)
+    png = tmp_path / "time_vs_size.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC and png in paths.values()
+    # Sweep-only points stay out of the size comparisons (speedup_<mode>.png needs main rows).
+    assert not (tmp_path / "speedup_fwd_bwd.png").exists()
+
+
+def _target_rows(**over):
+    base = {"dtype": "float32", "variant": "", "mode": "fwd+bwd", "sweeps": "", "main": True, "note": "",
+            "status": "ok"}
+    return {**base, **over}
+
+
+def test_small_targets_from_the_rows():
+    from lossfuse.bench.targets import evaluate
+
+    rows = [
+        _target_rows(loss="ce", shape="64x10", provider="lossfuse-cpu", speedup_vs_torch=0.9, median_ms=0.1),
+        _target_rows(loss="ce", shape="64x10", mode="eval", provider="lossfuse-cpu", speedup_vs_torch=0.6,
+                     median_ms=0.05),
+        _target_rows(loss="huber", shape="100", mode="eval", provider="lossfuse-cpu", speedup_vs_torch=0.4,
+                     median_ms=0.05),
+        _target_rows(loss="huber", shape="100", provider="lossfuse-cpu", speedup_vs_torch=1.5, median_ms=0.05),
+    ]
+    got = {r["target"]: r for r in evaluate(rows, "cpu")}
+    assert len(got) == 4 and not any("(8, 10)" in k for k in got)     # only the cases that ran
+    ce = got["small: cross-entropy (64, 10) fp32 fwd+bwd: time <= torch eager's"]
+    assert ce["met"] is False and math.isclose(ce["value"], 1 / 0.9)
+    assert got["small: cross-entropy (64, 10) fp32 eval: forward under no_grad <= 2x torch eager's"]["met"] is True
+    assert got["small: Huber (100) fp32 eval: forward under no_grad <= 2x torch eager's"]["met"] is False
+    assert got["small: Huber (100) fp32 fwd+bwd: time <= torch eager's"]["met"] is True
+    # Every case of the small preset has both targets.
+    from lossfuse.bench.presets import get_preset
+    from lossfuse.bench.targets import TARGETS
+
+    small = [t for t in TARGETS if t.text.startswith("small: ")]
+    assert len(small) == 2 * len([c for c in get_preset("small").cases if c.main])
+
+
+def test_bf16_segmentation_and_lce_targets_from_the_rows():
+    from lossfuse.bench.targets import evaluate
+
+    ce = dict(loss="ce", shape="4096x32000", provider="lossfuse-cpu")
+    seg = dict(loss="ce", shape="8x21x256x256", variant="ignore_index")
+    lce = dict(loss="lce", shape="4096x512x32000")
+    rows = [
+        _target_rows(**ce, median_ms=300.0, speedup_vs_torch=12, speedup_vs_compile=7, extra_mem_pct=0.0),
+        _target_rows(**ce, dtype="bfloat16", median_ms=200.0),
+        # A thread-sweep point of the same case must not stand in for the run's own row.
+        _target_rows(**ce, sweeps="threads", threads=1, median_ms=900.0),
+        _target_rows(**seg, provider="lossfuse-cpu", median_ms=40.0, speedup_vs_torch=6.5, speedup_vs_compile=3.9,
+                     extra_mem_pct=20.0),
+        _target_rows(**lce, provider="lossfuse-cpu", median_ms=4550.0, extra_mem_pct=5.9),
+        _target_rows(**lce, provider="cce-compile", median_ms=4000.0),
+    ]
+    got = {r["target"]: r for r in evaluate(rows, "cpu")}
+    bf16 = got["cross-entropy (4096, 32000) bf16 fwd+bwd: >= 1.6x faster than fp32 (same run)"]
+    assert bf16["met"] is False and math.isclose(bf16["value"], 1.5)
+    rows[1]["median_ms"] = 150.0
+    got = {r["target"]: r for r in evaluate(rows, "cpu")}
+    assert got["cross-entropy (4096, 32000) bf16 fwd+bwd: >= 1.6x faster than fp32 (same run)"]["met"] is True
+    s = "cross-entropy (8, 21, 256, 256) fp32 ignore_index fwd+bwd: "
+    assert got[s + ">= 6x torch eager"]["met"] is True
+    assert got[s + ">= 4x torch.compile"]["met"] is False
+    assert got[s + "peak above logits + gradient <= 5% of the logits"]["met"] is False
+    cce = got["linear+CE (4096, 512, 32000) fp32 fwd+bwd: time <= cut-cross-entropy's torch_compile path"]
+    assert cce["met"] is False and math.isclose(cce["value"], 4550 / 4000)
+    assert got["linear+CE (4096, 512, 32000) fp32 fwd+bwd: peak above inputs + gradients <= 6% of the logits"]["met"]
+    # Without the anchor (cut-cross-entropy not installed) or without the fp32 row: n/a, saying why.
+    rows[-1] = _target_rows(**lce, provider="cce-compile", status="skipped", note="not installed")
+    del rows[0]
+    got = {r["target"]: r for r in evaluate(rows, "cpu")}
+    cce = got["linear+CE (4096, 512, 32000) fp32 fwd+bwd: time <= cut-cross-entropy's torch_compile path"]
+    assert cce["met"] is None and "not installed" in cce["note"]
+    bf16 = got["cross-entropy (4096, 32000) bf16 fwd+bwd: >= 1.6x faster than fp32 (same run)"]
+    assert bf16["met"] is None and "float32" in bf16["note"]
+
+
+def test_cce_compile_provider(tmp_path, monkeypatch):
+    """cut-cross-entropy's torch_compile path: lce only, a note where it is not installed, checked against
+    float64 and timed where it is."""
+    import importlib.util
+
+    cpu_kernels_or_skip()
+    result, _, _ = _run(tmp_path, ["--providers", "torch,cce-compile", "--no-plots"], cases=[Case("ce", (8, 10))])
+    assert [r["provider"] for r in result.rows] == ["torch"]
+    installed = importlib.util.find_spec("cut_cross_entropy") is not None
+    if not installed:
+        result, _, _ = _run(tmp_path, ["--providers", "torch,cce-compile", "--no-plots"],
+                            cases=[Case("lce", (32, 16, 100))])
+        by = {r["provider"]: r for r in result.rows}
+        assert by["cce-compile"]["status"] == "skipped" and "not installed" in by["cce-compile"]["note"]
+        pytest.skip("cut_cross_entropy is not installed: its timed path is not exercised")
+    result, _, _ = _run(tmp_path, ["--providers", "cpu,cce-compile", "--no-plots"], cases=[Case("lce", (32, 16, 100))])
+    by = {r["provider"]: r for r in result.rows}
+    assert by["cce-compile"]["status"] == "ok" and by["cce-compile"]["grad_rel_err"] <= by["cce-compile"]["tolerance"]
+
+
+def test_full_thread_sweep_covers_every_loss():
+    from lossfuse.bench.presets import _thread_counts, get_preset
+
+    full = get_preset("full")
+    swept = {(c.loss, c.variant) for c in full.cases if "threads" in c.sweeps}
+    main = {(c.loss, c.variant) for c in full.cases if c.main and c.loss != "hf"}
+    assert {loss for loss, _ in main} <= {loss for loss, _ in swept}
+    for key in [("ce", ""), ("ce", "ignore_index"), ("sigmoid_focal", "float"), ("sigmoid_focal", "index"),
+                ("softmax_focal", ""), ("huber", ""), ("smooth_l1", ""), ("lce", "")]:
+        assert key in swept, key
+    counts = {c.threads for c in full.cases if "threads" in c.sweeps}
+    assert counts == set(_thread_counts()) and 1 in counts

@@ -106,12 +106,34 @@ def _cuda_once(step: Callable, rep_ms: float) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
 
 
+def _calibrate(step: Callable, est: float, block_s: float, threads: int, setup: Callable | None) -> float:
+    """Seconds per call from blocks of growing size (x4) until one lasts a quarter of ``block_s``.
+
+    One call is a poor estimate of a ~10 us call on a loaded machine: a single preemption makes it look
+    milliseconds long, and the blocks sized from it would hold one or two calls each, as noisy as the
+    call itself -- and that first estimate is not trusted to decide either: only a call of a whole
+    block or more keeps it (no cost added; such blocks hold one call anyway)."""
+    if est >= block_s:
+        return est
+    best, number = est, 1
+    while number < 10000:
+        number = min(10000, number * 4)
+        if setup is not None:
+            setup()
+        t = _timer_once(step, number, threads)
+        best = min(best, t)   # preemption only ever adds time: the fastest block is the call's cost
+        if t * number >= block_s / 4:
+            break
+    return best
+
+
 def interleaved(steps: dict, device: torch.device, threads: int, *, rounds: int, min_rounds: int,
                 block_s: float, budget_s: float, setup: dict | None = None) -> tuple:
     """Time every step of ``steps`` (name -> callable) in interleaved rounds.
 
     Every step has already run once (the correctness check, where torch.compile compiled). The first
-    round times one call of each; it sizes the blocks of the later rounds (``block_s`` each) and how
+    round times one call of each; that, refined by ``_calibrate`` for calls shorter than a quarter
+    block, sizes the blocks of the later rounds (``block_s`` each) and how
     many rounds fit the budget. It counts as a round when every step is slow enough for one call per
     block -- where calls take seconds, a separate warm-up round would cost as much as a measured one --
     and is dropped as a warm-up otherwise.
@@ -138,6 +160,9 @@ def interleaved(steps: dict, device: torch.device, threads: int, *, rounds: int,
     first = {n: [] for n in names}
     one_round(0, {n: 1 for n in names}, first)
     est = {n: first[n][0] for n in names}
+    if device.type != "cuda":
+        for n in names:
+            est[n] = _calibrate(steps[n], est[n], block_s, threads, setup.get(n) if setup else None)
     if device.type == "cuda":
         number = {n: 1 for n in names}   # do_bench sizes its own repetitions
     else:

@@ -7,6 +7,8 @@
   scaling_classes.png     (full) time and GB/s vs number of classes, cross-entropy
   scaling_rows.png        (full) time and GB/s vs number of rows, cross-entropy
   threads.png             (full, CPU) time vs CPU threads
+  time_vs_size.png        (small) time per fwd+bwd vs input size from one row up, log-log, lossfuse
+                          against torch eager, and where lossfuse overtakes it
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..catalog import LOSSES
 COLORS = {
     "lossfuse-cpu": "#1f63b4", "lossfuse-triton": "#1f63b4", "lossfuse-reference": "#8fb8e0",
     "torch": "#6e6e6e", "torch.compile": "#e8790c", "liger": "#2a9d3c", "torch-chunked": "#8e44ad",
+    "cce-compile": "#b5651d",
 }
 MARKERS = {"float32": "o", "bfloat16": "s", "float16": "^", "float64": "D"}
 
@@ -284,6 +287,86 @@ def threads_plot(rows, meta, path: Path) -> Path | None:
     return _save(plt, fig, path)
 
 
+def crossover(points: list) -> tuple:
+    """(size, always): ``points`` are (size, lossfuse time / torch time) sorted by size. ``size`` is the
+    smallest size from which lossfuse is at least as fast as torch at every larger size measured (None:
+    slower at the largest); ``always`` is True when that holds at every size."""
+    start = None
+    for size, ratio in reversed(points):
+        if ratio > 1.0:
+            break
+        start = size
+    return start, start is not None and start == points[0][0]
+
+
+def size_sweep_plot(rows, meta, path: Path) -> Path | None:
+    """Time per fwd+bwd vs size (the ``size`` sweep), log-log, one column per loss; below, lossfuse's time
+    over torch eager's (the median of the same-round ratios), so the crossing of 1 is easy to read."""
+    rows = [r for r in _ok(rows) if "size" in (r.get("sweeps") or "").split("+") and r["mode"] == "fwd+bwd"]
+    panels = list(dict.fromkeys((r["loss"], r["variant"], r["dtype"]) for r in rows))
+    panels = [k for k in panels if len({r["size"] for r in rows if (r["loss"], r["variant"], r["dtype"]) == k}) >= 2]
+    if not panels:
+        return None
+    plt = _plt()
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.2 * len(panels), 6.4), squeeze=False,
+                             gridspec_kw={"height_ratios": (2.2, 1)}, sharex="col")
+    for col, key in enumerate(panels):
+        mine = [r for r in rows if (r["loss"], r["variant"], r["dtype"]) == key]
+        ax, rax = axes[0, col], axes[1, col]
+        # Cross-entropy against its rows (the batch size people choose); the others against elements.
+        by_rows = len({r["shape"].split("x", 1)[-1] for r in mine}) == 1 and "x" in mine[0]["shape"]
+
+        def xval(r):
+            return int(r["shape"].split("x")[0]) if by_rows else r["size"]
+
+        for i, p in enumerate(dict.fromkeys(r["provider"] for r in mine)):
+            pts = sorted((xval(r), r["median_ms"], r.get("speedup_vs_torch")) for r in mine if r["provider"] == p)
+            xs = [a for a, _, _ in pts]
+            ax.plot(xs, [b * 1e3 for _, b, _ in pts], marker="o", ms=4, color=_color(p), label=p)
+            if p == "torch":
+                continue
+            ratio = [(a, 1.0 / s) for a, _, s in pts if s]
+            if not ratio:
+                continue
+            rax.plot([a for a, _ in ratio], [b for _, b in ratio], marker="o", ms=4, color=_color(p), label=p)
+            start, always = crossover(ratio)
+            if always:
+                text = f"{p}: as fast or faster at every size"
+            elif start is None:
+                text = f"{p}: slower than torch at the largest size"
+            else:
+                text = f"{p}: as fast or faster from {_human(start)} on"
+                for a in (ax, rax):
+                    a.axvline(start, color=_color(p), ls=":", lw=1.2)
+            rax.annotate(text, (0.02, 0.95 - 0.1 * i), xycoords="axes fraction", va="top", fontsize=7.5, color=_color(p))
+        rax.axhline(1.0, color=_color("torch"), ls="--", lw=1)
+        ratios = [1.0 / r["speedup_vs_torch"] for r in mine if r["provider"] != "torch" and r.get("speedup_vs_torch")]
+        if ratios:  # at least 0.5x-2x, so that ticks on both sides of 1 show how far from it a point is
+            rax.set_ylim(min(ratios + [0.5]) / 1.15, max(ratios + [2.0]) * 1.6)
+        e = LOSSES[key[0]]
+        title = e.title + (f" — {e.label_variant(key[1])}" if key[1] else "")
+        if by_rows:
+            title += f" ({mine[0]['shape'].split('x', 1)[1].replace('x', ' x ')} per row)"
+        ax.set_title(f"{title}, {key[2].replace('float', 'fp')}")
+        for a in (ax, rax):
+            a.set_xscale("log")
+            a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _human(v)))
+            a.xaxis.set_minor_formatter(NullFormatter())
+        for a, unit, subs in ((ax, "", (1.0, 2.0, 5.0)), (rax, "x", (1.0, 1.5, 2.0, 3.0, 5.0, 7.0))):
+            a.set_yscale("log")
+            a.yaxis.set_major_locator(LogLocator(subs=subs))
+            a.yaxis.set_major_formatter(FuncFormatter(lambda v, _, u=unit: f"{v:g}{u}"))
+            a.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylabel("time per fwd+bwd, us (lower is better)")
+        ax.legend(loc="upper left")
+        rax.set_ylabel("time / torch eager's\n(below 1 = faster)")
+        rax.set_xlabel("rows N" if by_rows else f"size: {e.size_name}")
+    fig.suptitle(f"Time vs size, fwd+bwd: where lossfuse overtakes torch eager\n{_subtitle(meta)}", fontsize=11)
+    return _save(plt, fig, path)
+
+
 def make_plots(rows, meta, copy_gbps, out_dir: Path) -> list:
     """Every plot the rows allow; returns the paths written."""
     out = []
@@ -296,4 +379,5 @@ def make_plots(rows, meta, copy_gbps, out_dir: Path) -> list:
     out.append(sweep_plot(rows, meta, copy_gbps, "classes", out_dir / "scaling_classes.png"))
     out.append(sweep_plot(rows, meta, copy_gbps, "rows", out_dir / "scaling_rows.png"))
     out.append(threads_plot(rows, meta, out_dir / "threads.png"))
+    out.append(size_sweep_plot(rows, meta, out_dir / "time_vs_size.png"))
     return [p for p in out if p is not None]

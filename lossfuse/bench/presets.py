@@ -40,6 +40,7 @@ class Case:
     target: str = ""                    # the project target this case is quoted for, if any
     main: bool = True                   # False: a point of a scaling sweep only (kept out of the size plots)
     rounds: int | None = None           # at most this many interleaved rounds (calls of seconds); --repeats overrides
+    leave_out: tuple = ()               # providers not run on this case (a sweep point timed against fewer)
 
     @property
     def entry(self):
@@ -91,7 +92,7 @@ QUICK = (
 
 DEFAULT = (
     _c("ce", (4096, 32000), (F32, BF16), target="ce")
-    + _c("ce", (8, 21, 256, 256), variant="ignore_index")
+    + _c("ce", (8, 21, 256, 256), variant="ignore_index", target="ce")
     + _c("sigmoid_focal", (200000, 80), variant="float", target="sigmoid_focal")
     + _c("sigmoid_focal", (200000, 80), variant="index", target="sigmoid_focal")
     + _c("softmax_focal", (65536, 1000), target="softmax_focal")
@@ -155,6 +156,33 @@ DETECTION = (
     + _c("huber", (1000000, 4)) + _c("huber", (16777216,))
 )
 
+# Small calls (issue 12): what classification, tabular and CI training loops on a CPU pass a loss, where
+# per-call overhead, not the kernel, sets the time. Each in a training step (fwd+bwd) and in a validation
+# loop (eval: the forward under no_grad); both are checked against torch eager in targets.py.
+_SMALL_MODES = ("fwd+bwd", "eval")
+SMALL = (
+    [c for shape in [(1, 10), (8, 10), (64, 10), (256, 100), (32, 1000)]
+     for c in _c("ce", shape, target="small", modes=_SMALL_MODES)]
+    + _c("softmax_focal", (64, 10), target="small", modes=_SMALL_MODES)
+    + [c for v in _SIGMOID_VARIANTS for c in _c("sigmoid_focal", (64, 80), variant=v, target="small",
+                                                modes=_SMALL_MODES)]
+    + [c for loss in ("huber", "smooth_l1") for n in (100, 10000)
+       for c in _c(loss, (n,), target="small", modes=_SMALL_MODES)]
+)
+
+# Time vs size, from one row up (the time_vs_size plot: where lossfuse overtakes torch eager). Against
+# torch eager alone: the targets are stated against it, and a fresh torch.compile per point would
+# double the preset's time without adding to the picture.
+SWEEP_SIZE_CE_ROWS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)     # CE (N, 10)
+SWEEP_SIZE_HUBER = (100, 1000, 10000, 100000, 1000000)                 # Huber, elements
+
+
+def _size_sweep() -> list:
+    kw = dict(sweeps=("size",), modes=("fwd+bwd",), main=False, leave_out=("torch.compile",))
+    return ([Case("ce", (n, 10), F32, **kw) for n in SWEEP_SIZE_CE_ROWS]
+            + [Case("huber", (n,), F32, **kw) for n in SWEEP_SIZE_HUBER])
+
+
 SWEEP_ROWS_FIXED = 1024          # rows of the classes sweep
 SWEEP_CLASSES_FIXED = 32000      # classes of the rows sweep
 SWEEP_CLASSES = (1024, 4096, 16384, 32768, 65536, 131072, 262144)
@@ -177,10 +205,18 @@ def _sweeps() -> list:
            for c in SWEEP_CLASSES]
     out += [Case("ce", (n, SWEEP_CLASSES_FIXED), F32, sweeps=("rows",), modes=fwdbwd, main=False)
             for n in SWEEP_ROWS]
+    # Every loss at its default-preset shape, and linear + cross-entropy at its target shape. That one
+    # costs the most: 10-30 s per call on one thread for each provider, three rounds (as in llm) plus the
+    # check and the memory call, several minutes per thread count -- a small part of full's hour.
     for t in _thread_counts():
-        for loss, shape, variant in [("ce", (4096, 32000), ""), ("sigmoid_focal", (200000, 80), "float"),
-                                     ("huber", (16777216,), "")]:
+        for loss, shape, variant in [("ce", (4096, 32000), ""), ("ce", (8, 21, 256, 256), "ignore_index"),
+                                     ("sigmoid_focal", (200000, 80), "float"),
+                                     ("sigmoid_focal", (200000, 80), "index"),
+                                     ("softmax_focal", (65536, 1000), ""),
+                                     ("huber", (16777216,), ""), ("smooth_l1", (16777216,), "")]:
             out.append(Case(loss, shape, F32, variant, threads=t, sweeps=("threads",), modes=fwdbwd, main=False))
+        out.append(Case("lce", (4096, 512, 32000), F32, threads=t, sweeps=("threads",), modes=fwdbwd, main=False,
+                        rounds=3))
     return out
 
 
@@ -193,7 +229,8 @@ def _merge(cases) -> tuple:
             old = seen[k]
             modes = None if old.modes is None or c.modes is None else tuple(dict.fromkeys(old.modes + c.modes))
             seen[k] = replace(old, sweeps=tuple(dict.fromkeys(old.sweeps + c.sweeps)), modes=modes,
-                              target=old.target or c.target, main=old.main or c.main)
+                              target=old.target or c.target, main=old.main or c.main,
+                              leave_out=tuple(p for p in old.leave_out if p in c.leave_out))
         else:
             seen[k] = c
     return tuple(seen.values())
@@ -202,6 +239,12 @@ def _merge(cases) -> tuple:
 PRESETS = {
     "quick": Preset("quick", _merge(QUICK), rounds=3, min_rounds=3, block_s=0.02, budget_s=1.5,
                     description="tiny shapes: a smoke test of the machinery, in seconds"),
+    # ~10 us calls: short blocks (hundreds of calls each), many interleaved rounds, so that a preemption
+    # on a loaded machine spoils a few blocks and the medians of the same-round ratios stay put.
+    "small": Preset("small", _merge(SMALL + _size_sweep()), modes=_SMALL_MODES, rounds=61, min_rounds=21,
+                    block_s=0.01, budget_s=2.0,
+                    description="small calls (CE from 1 row, focal, Huber/SmoothL1 at 100 and 10k elements), "
+                                "fwd+bwd and eval (forward under no_grad); time vs size from 1 row up"),
     # Four rounds at least: the eager formulas of the target cases take 1-4 s a call on 2 cores.
     "default": Preset("default", _merge(DEFAULT), rounds=7, min_rounds=4, budget_s=10.0,
                       description="the cases the project's targets are quoted on (~3 min on 2 CPU cores)"),
@@ -227,7 +270,7 @@ def full_preset() -> Preset:
                               "(classes 1k->256k, rows, CPU threads)")
 
 
-PRESET_NAMES = ("quick", "default", "llm", "vision", "detection", "hf", "gpu", "full")
+PRESET_NAMES = ("quick", "small", "default", "llm", "vision", "detection", "hf", "gpu", "full")
 
 
 def get_preset(name: str) -> Preset:

@@ -10,6 +10,8 @@
                       (CUDA; an anchor, when it is installed)
   cce                 cut-cross-entropy's ``linear_cross_entropy`` (Apple's CCE; ``lce`` on CUDA, when
                       installed), with its defaults: impl "cce" and gradient filtering (filter_eps "auto")
+  cce-compile         cut-cross-entropy's ``linear_cross_entropy(..., impl="torch_compile")``: the logits
+                      under torch.compile, on any device (``lce``, when installed; the CPU anchor of issue 12)
   torch-chunked       torch's own chunked linear + cross-entropy, ``F.linear_cross_entropy(...,
                       options=torch.nn.LinearCrossEntropyOptions())`` (torch >= 2.13; the anchor of ``lce``)
   hf-logits-lossfuse  the ``hf`` entry's model under ``lossfuse.transformers.apply(model, fused_linear=False)``
@@ -136,10 +138,11 @@ def _liger_distill_make(entry, case, device):
     return lambda x, w, xt, wt: module(x, w, xt, wt)
 
 
-def _cce_make(entry, case, device):
+def _cce_function(entry, device, impl: str):
+    """cut-cross-entropy's ``linear_cross_entropy`` bound to ``impl``, or why it does not apply."""
     if entry.key != "lce":
         return "cut-cross-entropy implements linear + cross-entropy only"
-    if device.type != "cuda":
+    if impl == "cce" and device.type != "cuda":
         return "cut-cross-entropy's kernels run on CUDA only"
     if importlib.util.find_spec("cut_cross_entropy") is None:
         return "cut-cross-entropy is not installed (pip install cut-cross-entropy; offline: bench/README.md)"
@@ -149,9 +152,19 @@ def _cce_make(entry, case, device):
         return f"cut-cross-entropy does not import: {type(exc).__name__}: {exc}"
 
     def call(x, w, y):  # CCE's order: (embeddings (N, H), classifier (V, H), targets)
-        return linear_cross_entropy(x, w, y, reduction="mean")
+        return linear_cross_entropy(x, w, y, reduction="mean", impl=impl)
 
     return call
+
+
+def _cce_make(entry, case, device):
+    return _cce_function(entry, device, "cce")
+
+
+def _cce_compile_make(entry, case, device):
+    # Its compiled function is module-level: the runner's per-case dynamo reset makes the check call
+    # compile it afresh for the case's shapes, untimed, as for the torch.compile provider.
+    return _cce_function(entry, device, "torch_compile")
 
 
 def _torch_chunked_make(entry, case, device):
@@ -192,6 +205,7 @@ PROVIDERS = {
         # liger writes the gradient into the logits during the forward: it gets its own copies.
         Provider("liger", _liger_make, mutates_inputs=True, losses=("ce", "lce", "distill", "ldistill")),
         Provider("cce", _cce_make, losses=("lce",)),
+        Provider("cce-compile", _cce_compile_make, losses=("lce",)),
         Provider("torch-chunked", _torch_chunked_make, losses=("lce",)),
         # lossfuse.transformers.apply(model, fused_linear=False): lossfuse's cross-entropy on the logits.
         Provider("hf-logits-lossfuse", _hf_logits_make, losses=("hf",)),
@@ -201,7 +215,7 @@ PROVIDERS = {
 ALIASES = {
     "cpu": "lossfuse-cpu", "triton": "lossfuse-triton", "reference": "lossfuse-reference",
     "eager": EAGER, "compile": COMPILE, "liger-kernel": "liger", "chunked": "torch-chunked",
-    "cut-cross-entropy": "cce",
+    "cut-cross-entropy": "cce", "cce-torch-compile": "cce-compile",
     "logits": "hf-logits-lossfuse",
 }
 
@@ -233,6 +247,7 @@ def default_names(device: torch.device, with_reference: bool) -> list:
     names += [EAGER, COMPILE]
     if device.type == "cuda":
         names += ["liger", "cce"]
+    names.append("cce-compile")     # on lce cases only; a note where cut-cross-entropy is not installed
     names.append("torch-chunked")   # on lce cases only (Provider.losses); a note where torch lacks it
     names.append("hf-logits-lossfuse")  # on hf cases only
     return names

@@ -34,7 +34,7 @@ COLUMNS = {
     "shape": "shape of the main input",
     "size": "elements of the main input",
     "dtype": "dtype of the floating inputs",
-    "mode": "fwd, bwd (backward alone, graph built untimed) or fwd+bwd",
+    "mode": "fwd, bwd (backward alone, graph built untimed), fwd+bwd or eval (forward under torch.no_grad)",
     "threads": "CPU threads (torch.set_num_threads; lossfuse's OpenMP uses the same count)",
     "provider": "implementation timed",
     "status": "ok | WRONG (disagrees with float64; not timed) | error (raised; not timed) | skipped",
@@ -68,7 +68,7 @@ COLUMNS = {
     "loss_rel_err": "|loss - loss64| / |loss64| on the check inputs",
     "grad_rel_err": "||grad - grad64|| / ||grad64||, worst differentiable input",
     "tolerance": "largest relative error accepted for this dtype",
-    "sweeps": "scaling sweeps this case belongs to (classes, rows, threads)",
+    "sweeps": "scaling sweeps this case belongs to (classes, rows, threads, size)",
     "target": "the project target this case is quoted for",
 }
 
@@ -265,6 +265,18 @@ def make_step(fn: Callable, sets: list, entry, mode: str) -> tuple:
         def mem_call():
             fn(*sets[0].values()).backward()
             return [sets[0][n].grad for n in names]
+
+    elif mode == "eval":
+        # Validation and inference loops: no graph is built, nothing is saved for a backward.
+        def step():
+            s = sets[state["i"]]
+            state["i"] = (state["i"] + 1) % k
+            with torch.no_grad():
+                return fn(*s.values())
+
+        def mem_call():
+            with torch.no_grad():
+                return fn(*sets[0].values())
 
     elif mode == "bwd":
         # The graphs are built here, untimed; backward runs on them again and again.
@@ -473,6 +485,8 @@ def _run_case(case, cfg, providers, device, copy_gbps, rounds, min_rounds, block
         p: Provider = providers[name]
         if p.losses is not None and entry.key not in p.losses:
             continue  # an anchor of other losses: no row
+        if name in case.leave_out:
+            continue  # a sweep point timed against fewer providers (the case says which)
         made = p.make(entry, case, device)
         if isinstance(made, str):
             status[name] = ("skipped", made, None, None)
@@ -600,7 +614,7 @@ def _fill_memory(c: _ModeContext, row: dict, mode: str, mem: tuple, tensors: dic
     finally:
         prepare()
     diff_bytes = sum(tensors[n].numel() * tensors[n].element_size() for n in c.entry.grad_inputs)
-    grad_bytes = 0 if mode == "fwd" else diff_bytes
+    grad_bytes = 0 if mode in ("fwd", "eval") else diff_bytes
     ref = mem_ref_bytes(c.entry, c.case, tensors)
     row["peak_mem_mb"] = peak / 2**20
     row["mem_ref_bytes"] = ref

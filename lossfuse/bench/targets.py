@@ -1,4 +1,4 @@
-"""The project's stated targets (issues 3, 4, 5, 6, 11), checked against a run's rows and printed at its end.
+"""The project's stated targets (issues 3, 4, 5, 6, 11, 12, 13), checked against a run's rows and printed at its end.
 
 A target is met or missed only where its case ran on its kind of device; otherwise it is left out.
 These are the numbers the issues ask to quote from one run: ratios measured side by side.
@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .presets import SMALL
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -24,9 +26,13 @@ class Target:
     metric: str            # a row column, "speedup_vs_liger", "time_vs_torch" (1 / speedup_vs_torch), or
                            # "mem_vs_liger" (peak_mem_mb / liger's on the same case)
                            # "mem_vs_torch" (extra_mem_pct over torch eager's)
+                           # "speedup_vs_float32" (the float32 row's median over this row's: same case,
+                           # mode and provider, another dtype)
+                           # "time_vs_base" (median over the median of provider ``base``, same case)
     op: str                # ">=" or "<="
     value: float
     mode: str = "fwd+bwd"
+    base: str = ""         # the provider of "time_vs_base"
 
 
 TARGETS = [
@@ -75,6 +81,21 @@ TARGETS = [
       for what, metric, value in (
           ("peak above parameters + gradients <= 40% of transformers' own", "mem_vs_torch", 0.4),
           ("time <= transformers' own", "time_vs_torch", 1.0))],
+    # Issue 12: bf16 moves half of fp32's bytes, so it must be clearly faster; segmentation with
+    # ignore_index; linear + cross-entropy against cut-cross-entropy's torch.compile path (the
+    # ``cce-compile`` provider, where cut_cross_entropy is installed).
+    Target("cross-entropy (4096, 32000) bf16 fwd+bwd: >= 1.6x faster than fp32 (same run)", "cpu", "ce",
+           (4096, 32000), BF16, "", "speedup_vs_float32", ">=", 1.6),
+    Target("cross-entropy (8, 21, 256, 256) fp32 ignore_index fwd+bwd: >= 6x torch eager", "cpu", "ce",
+           (8, 21, 256, 256), F32, "ignore_index", "speedup_vs_torch", ">=", 6),
+    Target("cross-entropy (8, 21, 256, 256) fp32 ignore_index fwd+bwd: >= 4x torch.compile", "cpu", "ce",
+           (8, 21, 256, 256), F32, "ignore_index", "speedup_vs_compile", ">=", 4),
+    Target("cross-entropy (8, 21, 256, 256) fp32 ignore_index fwd+bwd: peak above logits + gradient <= 5% of "
+           "the logits", "cpu", "ce", (8, 21, 256, 256), F32, "ignore_index", "extra_mem_pct", "<=", 5),
+    Target("linear+CE (4096, 512, 32000) fp32 fwd+bwd: time <= cut-cross-entropy's torch_compile path", "cpu",
+           "lce", (4096, 512, 32000), F32, "", "time_vs_base", "<=", 1.0, base="cce-compile"),
+    Target("linear+CE (4096, 512, 32000) fp32 fwd+bwd: peak above inputs + gradients <= 6% of the logits", "cpu",
+           "lce", (4096, 512, 32000), F32, "", "extra_mem_pct", "<=", 6),
     Target("cross-entropy (4096, 32000) bf16 fwd+bwd: >= 80% of copy bandwidth", "cuda", "ce", (4096, 32000),
            BF16, "", "copy_bw_frac", ">=", 0.8),
     Target("cross-entropy (4096, 32000) bf16 fwd+bwd: at least as fast as liger-kernel", "cuda", "ce",
@@ -102,6 +123,16 @@ TARGETS += [
 ]
 
 
+# Issue 12, the ``small`` preset: never slower than torch eager in a training step, at most twice its
+# time in a validation loop (the forward under no_grad), at every small case.
+_MODE_LIMITS = (("fwd+bwd", 1.0, "time <= torch eager's"), ("eval", 2.0, "forward under no_grad <= 2x torch eager's"))
+for _c in SMALL:
+    _what = f"{_c.entry.title} ({', '.join(str(d) for d in _c.shape)}) fp32" + (f" {_c.variant}" if _c.variant else "")
+    TARGETS += [Target(f"small: {_what} {mode}: {text}", "cpu", _c.loss, _c.shape, _c.dtype, _c.variant,
+                       "time_vs_torch", "<=", limit, mode=mode)
+                for mode, limit, text in _MODE_LIMITS]
+
+
 def _shape(t: Target) -> str:
     return "x".join(str(s) for s in t.shape)
 
@@ -117,6 +148,10 @@ def _fmt(metric: str, v: float) -> str:
         return f"{v:.2f}x torch eager's time (speed-up {1 / v:.2f}x)"
     if metric == "mem_vs_torch":
         return f"{100 * v:.1f}% of torch eager's"
+    if metric == "time_vs_base":
+        return f"{v:.2f}x its time"
+    if metric == "speedup_vs_float32":
+        return f"{v:.2f}x fp32's speed (fp32 time / this time)"
     return f"{v:.2f}x"
 
 
@@ -150,6 +185,22 @@ def evaluate(rows: list, device_type: str) -> list:
             mem = None if eager is None else eager.get("extra_mem_pct")
             value = None if mem is None or row.get("extra_mem_pct") is None or mem <= 0 else (
                 row["extra_mem_pct"] / mem)
+        elif t.metric == "speedup_vs_float32":
+            fp32 = next((r for r in rows if r["loss"] == t.loss and r["shape"] == _shape(t) and r["mode"] == t.mode
+                         and r["dtype"] == "float32" and r["variant"] == t.variant and r["provider"] == provider
+                         and r["status"] == "ok" and r.get("main", True)
+                         and "threads" not in (r.get("sweeps") or "")), None)
+            if fp32 is None:
+                out.append({"target": t.text, "measured": None, "met": None, "note": "no float32 row in this run"})
+                continue
+            value = fp32["median_ms"] / row["median_ms"]
+        elif t.metric == "time_vs_base":
+            base = next((r for r in mine if r["provider"] == t.base), None)
+            if base is None or base["status"] != "ok":
+                why = f"{t.base} not run" if base is None else f"{t.base} {base['status']}: {base['note']}"
+                out.append({"target": t.text, "measured": None, "met": None, "note": why})
+                continue
+            value = row["median_ms"] / base["median_ms"]
         elif t.metric == "time_vs_torch":
             s = row.get("speedup_vs_torch")
             value = 1.0 / s if s else None

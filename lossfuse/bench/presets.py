@@ -213,10 +213,12 @@ def _sweeps() -> list:
                                      ("sigmoid_focal", (200000, 80), "float"),
                                      ("sigmoid_focal", (200000, 80), "index"),
                                      ("softmax_focal", (65536, 1000), ""),
-                                     ("huber", (16777216,), ""), ("smooth_l1", (16777216,), "")]:
+                                     ("huber", (16777216,), ""), ("smooth_l1", (16777216,), ""),
+                                     ("distill", (4096, 32000), ""), ("kl_div", (4096, 32000), "")]:
             out.append(Case(loss, shape, F32, variant, threads=t, sweeps=("threads",), modes=fwdbwd, main=False))
-        out.append(Case("lce", (4096, 512, 32000), F32, threads=t, sweeps=("threads",), modes=fwdbwd, main=False,
-                        rounds=3))
+        for loss in ("lce", "ldistill"):
+            out.append(Case(loss, (4096, 512, 32000), F32, threads=t, sweeps=("threads",), modes=fwdbwd, main=False,
+                            rounds=3))
     return out
 
 

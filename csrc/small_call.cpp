@@ -134,6 +134,21 @@ Tensor scalar_of(double v, at::ScalarType dtype) {
 // (lossfuse/ops/_common.py, reduce_rows; lossfuse/_layout.py, mean_denominator): the two paths give
 // the same bits.
 
+// The value of a 0-dim upstream gradient, read directly where it is a CPU tensor (Tensor.item goes
+// through the dispatcher: a microsecond, which calls this small feel).
+double scalar_value(const Tensor& g) {
+  if (g.dim() == 0 && g.device().is_cpu() && !g.is_neg() && !g.is_conj()) {
+    switch (g.scalar_type()) {
+      case at::kFloat: return *g.const_data_ptr<float>();
+      case at::kDouble: return *g.const_data_ptr<double>();
+      case at::kBFloat16: return float(*g.const_data_ptr<at::BFloat16>());
+      case at::kHalf: return float(*g.const_data_ptr<at::Half>());
+      default: break;
+    }
+  }
+  return g.item<double>();
+}
+
 // As torch.autograd.function.once_differentiable: a gradient computed while a graph is being built
 // (create_graph=True with an upstream gradient that requires grad) carries an error node, so that
 // differentiating it again raises instead of silently missing the second-order terms.
@@ -271,7 +286,8 @@ Tensor row_result(const RowCall& r, const Tensor& loss) {
   if (r.reduction == kNone) return (r.x.dim() == 2 ? loss.view({r.n}) : loss.view(at::IntArrayRef())).to(r.dt);
   // torch's sum, then the mean's division and the cast as scalar arithmetic: one IEEE division in the
   // accumulation type and one rounding, the bits of the general path's 0-dim tensor ops.
-  const Tensor s = loss.sum();
+  // One row: its loss is the sum, bit for bit, without the reduction's dispatch.
+  const Tensor s = r.n == 1 ? loss : loss.sum();
   if (r.acc == at::kDouble) {
     const double v = *s.data_ptr<double>();
     return scalar_of(r.reduction == kMean ? v / *r.denom.data_ptr<double>() : v, r.dt);
@@ -319,7 +335,7 @@ struct RowBackward : torch::autograd::Node {
     if (fused.defined()) {
       Tensor f = std::move(fused);
       fused.reset();
-      if (g.item<double>() == 1.0) {
+      if (scalar_value(g) == 1.0) {
         gx3 = f;
       } else if (f.scalar_type() == r.acc) {
         gx3 = f.mul(g.to(r.acc));
@@ -450,7 +466,7 @@ struct HuberBackward : torch::autograd::Node {
       Tensor ax = std::move(gx), ay = std::move(gy);
       gx.reset();
       gy.reset();
-      const double s = g.item<double>();
+      const double s = scalar_value(g);
       if (s != 1.0) {
         if (ax.defined() && ax.numel()) ax.mul_(s);
         if (ay.defined() && ay.numel()) ay.mul_(s);

@@ -747,3 +747,18 @@ def test_full_thread_sweep_covers_every_loss():
         assert key in swept, key
     counts = {c.threads for c in full.cases if "threads" in c.sweeps}
     assert counts == set(_thread_counts()) and 1 in counts
+
+
+def test_exit_status_fails_only_on_a_wrong_lossfuse_provider(monkeypatch):
+    from types import SimpleNamespace
+
+    from lossfuse.bench import cli
+
+    def run_with(rows):
+        monkeypatch.setattr(cli, "run_suite", lambda argv=None: (SimpleNamespace(rows=rows, notes=[]), {}))
+        return cli.main([])
+
+    ok = {"provider": "lossfuse-cpu", "status": "ok"}
+    assert run_with([ok, {"provider": "torch", "status": "WRONG"}]) == 0
+    assert run_with([ok, {"provider": "lossfuse-cpu", "status": "WRONG"}]) == 1
+    assert run_with([ok]) == 0

@@ -171,7 +171,9 @@ def main(argv=None) -> int:
     result, _ = run_suite(argv)
     if result is None:
         return 0
-    # Exit status 1 when a provider was wrong: a benchmark run doubles as a check on the device at hand.
-    if any(r["status"] == "WRONG" for r in result.rows):
+    # Exit status 1 when a lossfuse provider was wrong: a benchmark run doubles as a check of our kernels
+    # on the device at hand. A baseline that misses the tolerance (torch's own bfloat16 distillation
+    # formula does) is a finding about that baseline, reported in the table, not a failure of the run.
+    if any(r["status"] == "WRONG" and str(r["provider"]).startswith("lossfuse") for r in result.rows):
         return 1
     return 130 if any(n.startswith("interrupted") for n in result.notes) else 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -41,6 +44,25 @@ def check_same_device(name: str, *tensors) -> None:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels compute in: float64 for float64 inputs, float32 for everything else."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def to_f32(x: float) -> float:
+    """x rounded to the nearest float32 (ties to even), as a Python float."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # beyond float32's range once rounded: infinity, as a float32 cast
+        return math.copysign(math.inf, x)
+
+
+def reciprocal_as(n: int, dtype: torch.dtype) -> float:
+    """1 / n exactly as ``torch.ones((), dtype=dtype) / n`` rounds it (a mean's scale, as the unfused
+    backward forms it), computed on the host without a tensor, so without any device. float32: n and
+    the quotient are each rounded to float32. Going through the double quotient is exact: with both
+    significands at most 24 bits, 1 / n never lies close enough to a float32 rounding midpoint for the
+    double's own rounding to tip it."""
+    if dtype == torch.float64:
+        return 1.0 / n
+    return to_f32(1.0 / to_f32(float(n)))
 
 
 def result_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

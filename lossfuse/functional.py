@@ -23,8 +23,8 @@ from ._utils import (
     weighted_result_dtype,
 )
 from .ops import huber as _huber
-from .ops._common import fused_gradient
-from .ops.cross_entropy import TRITON_FUSED_DTYPES, CrossEntropyFunction
+from .ops._common import TRITON_FUSED_DTYPES, fused_gradient
+from .ops.cross_entropy import CrossEntropyFunction
 from .ops.linear_cross_entropy import LinearCrossEntropyFunction, default_chunk_size
 from .ops.focal import SigmoidFocalFunction, SoftmaxFocalFunction
 from .ops import distillation as _distill
@@ -525,7 +525,7 @@ def sigmoid_focal_loss(
             torch._assert_async(ok.all(), f"{name}: a class index is out of bounds [0, C]")
         elif backend != "cpu":  # the C++ kernels check the indices themselves
             reference.check_targets_in_range(targets, num_classes + 1)
-    fused = fused_gradient(backend, reduction, inputs)
+    fused = fused_gradient(backend, reduction, inputs, triton_dtypes=TRITON_FUSED_DTYPES)
     return SigmoidFocalFunction.apply(inputs, targets, float(alpha), float(gamma), reduction, backend, fused)
 
 
@@ -594,7 +594,7 @@ def softmax_focal_loss(
         torch._assert_async(ok.all(), f"{name}: a target is out of bounds [0, C)")
     elif backend != "cpu":  # the C++ kernels check targets themselves
         reference.check_targets_in_range(target, num_classes, ignore_index)
-    fused = fused_gradient(backend, reduction, input)
+    fused = fused_gradient(backend, reduction, input, triton_dtypes=TRITON_FUSED_DTYPES)
     return SoftmaxFocalFunction.apply(
         input, target, alpha, float(gamma), weight, ignore_index, reduction, backend, fused
     )

@@ -61,11 +61,28 @@ class Op:
         return f"Op(lossfuse::{self.name})"
 
 
+def cuda_only(lib: torch.library.Library, *ops: Op) -> None:
+    """Ops with a Triton launcher and no C++ kernel (the CUDA fused paths). Under Triton's interpreter
+    their CPU key is the launcher, so that opcheck and torch.compile exercise them on CPU tensors in CI."""
+    from .._backend import triton_interpreting
+
+    if triton_interpreting():
+        for op in ops:
+            lib.impl(op.name, lambda *args, _op=op: _op.launcher()(*args), "CPU")
+
+
 # ----------------------------------------------------------------------------------------------
 # The fused-gradient contract (docs/design.md, "The fused gradient"). A forward that knows its loss will
 # be reduced and differentiated may write the input gradient for grad_output = 1 in the same pass that
 # computes the loss, and backward() hands it out instead of reading the input again.
 # ----------------------------------------------------------------------------------------------
+
+
+# The dtypes whose Triton forward writes the gradient (the losses whose backward checks grad_output on
+# the device and recomputes when it is not 1, so the gradient is rounded once whatever it is). Not
+# float16: its users scale the loss (GradScaler), grad_output is then never 1, and the forward's
+# gradient would be a write wasted on every step.
+TRITON_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 
 def fused_gradient(backend: str, reduction: str, input: torch.Tensor,

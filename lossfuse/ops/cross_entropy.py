@@ -73,10 +73,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._backend import triton_interpreting
 from .._layout import RowShapes, empty_like_layout, mean_denominator
 from .._utils import acc_dtype, result_dtype
-from ._common import Op, reduce_rows, row_grads, take_fused_gradient
+from ._common import TRITON_FUSED_DTYPES, Op, cuda_only, reduce_rows, row_grads, take_fused_gradient
 
 _lib = torch.library.Library("lossfuse", "FRAGMENT")
 
@@ -170,17 +169,12 @@ CE_FUSED_BWD = _op(
 CE_SCALE_INPLACE = _op("cross_entropy_scale_inplace(Tensor grad_output, Tensor(a!) grad_input) -> ()",
                        _scale_inplace_fake)
 
-for _cuda_only in (CE_FUSED_SCALED, CE_FUSED_SCALED_INPLACE, CE_FUSED_BWD, CE_SCALE_INPLACE):
-    # These ops have no C++ kernel. Under Triton's interpreter their CPU key is the Triton launcher, so
-    # that opcheck and torch.compile can exercise them on CPU tensors in CI.
-    if triton_interpreting():
-        _lib.impl(_cuda_only.name, lambda *args, _op=_cuda_only: _op.launcher()(*args), "CPU")
+cuda_only(_lib, CE_FUSED_SCALED, CE_FUSED_SCALED_INPLACE, CE_FUSED_BWD, CE_SCALE_INPLACE)
 
-# The Triton backend's fused path (module docstring): the dtypes whose forward writes the gradient,
-# and those among them whose in-place forward writes it over the logits (the ones where scaling
-# that gradient by a grad_output != 1 afterwards is a rounding in the accumulation type, not a
-# second rounding to a narrower type).
-TRITON_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+# The Triton backend's fused path (module docstring): the dtypes whose forward writes the gradient
+# (TRITON_FUSED_DTYPES, ops/_common.py), and those among them whose in-place forward writes it over
+# the logits (the ones where scaling that gradient by a grad_output != 1 afterwards is a rounding in
+# the accumulation type, not a second rounding to a narrower type).
 # Empty: writing the gradient over the logits inside the forward is off. The Function does not return
 # the logits marked dirty (ctx.mark_dirty), and torch 2.13 then crashes (a segfault, not an error) when
 # a hook is registered on a view of logits that a forward modified in place -- and a user reading the

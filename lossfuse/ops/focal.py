@@ -30,12 +30,25 @@ Softmax focal loss, per row, over logits viewed as (N, C, S) exactly as cross-en
 CPU kernels are C++ (csrc/focal.cpp), CUDA kernels Triton (lossfuse/triton/focal.py). Reductions and
 their denominators are computed here, once, for every backend.
 
-The fused path (CPU, float32/float64, mean or sum, input requiring grad): the forward op also writes
-the gradient for grad_output = 1, sharing one pass over the input -- and its transcendental work --
-with the loss. backward() hands that tensor back as it is when grad_output is 1 (``loss.backward()``),
-else scales it: one extra float32 rounding, which is why float16/bfloat16 inputs (whose gradient
-must be scaled before its single cast, docs/design.md, "Mixed precision") never take this path, nor does CUDA
-(where checking grad_output == 1 would be a host sync) or torch.compile.
+The fused path (mean or sum, input requiring grad, not under torch.compile): the forward op also
+writes the gradient for grad_output = 1, sharing one pass over the input -- and its transcendental
+work -- with the loss.
+- CPU, float32/float64: backward() hands that tensor back as it is when grad_output is 1
+  (``loss.backward()``), else scales it: one extra float32 rounding, which is why float16/bfloat16
+  inputs (whose gradient must be scaled before its single cast, docs/design.md, "Mixed precision")
+  do not take this path there.
+- Triton, float32/bfloat16 (TRITON_FUSED_DTYPES): checking grad_output == 1 on the host would be a
+  device sync, so backward() always launches a fused_bwd op whose kernel reads grad_output on the
+  device, returns at once when it is 1 and otherwise recomputes the gradient from the input, rounded
+  once. The softmax loss's mean scale 1 / denom stays a device tensor
+  (lossfuse::softmax_focal_fused_scaled); the sigmoid loss's 1 / numel is known on the host.
+
+  lossfuse::sigmoid_focal_fused_bwd(grad_output, grad, grad_input!, input, target, alpha, gamma)
+  lossfuse::softmax_focal_fused_scaled(input, target, scale, alpha, gamma, ignore_index, grad_scale)
+      -> as softmax_focal_fwd; grad_scale a one-value tensor (None: 1)
+  lossfuse::softmax_focal_fused_bwd(grad_output, grad, grad_input!, input, target, lse, dscale, ignore_index)
+      CUDA only: the backwards of the forwards above, ``grad`` the unfused backward's upstream
+      gradient (the scalar, or the (N, S) rows), used only when grad_output is not 1.
 """
 
 from __future__ import annotations
@@ -43,9 +56,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._utils import acc_dtype, result_dtype
+from .._utils import acc_dtype, reciprocal_as, result_dtype
 from .._layout import RowShapes, empty_like_layout, mean_denominator
-from ._common import Op, reduce_rows, row_grads, take_fused_gradient
+from ._common import Op, cuda_only, reduce_rows, row_grads, take_fused_gradient
 
 # Elements per partial sum of a reduced sigmoid focal loss (every backend sums in these blocks).
 SUM_BLOCK = 4096
@@ -75,6 +88,10 @@ def _softmax_bwd_fake(grad, input, target, lse, dscale, ignore_index):
     return empty_like_layout(input)
 
 
+def _softmax_fused_scaled_fake(input, target, scale, alpha, gamma, ignore_index, grad_scale):
+    return _softmax_fwd_fake(input, target, scale, alpha, gamma, ignore_index, 1.0)
+
+
 SIGMOID_FOCAL_FWD = Op(
     _lib,
     "sigmoid_focal_fwd(Tensor input, Tensor target, float alpha, float gamma, int sum_block, "
@@ -102,6 +119,30 @@ SOFTMAX_FOCAL_BWD = Op(
     _softmax_bwd_fake,
     triton="lossfuse.triton.focal.softmax_focal_bwd",
 )
+# The CUDA fused path (see the module docstring): the gradient's scale is a device tensor, and the
+# backward decides on the device whether the forward's gradient stands.
+SIGMOID_FOCAL_FUSED_BWD = Op(
+    _lib,
+    "sigmoid_focal_fused_bwd(Tensor grad_output, Tensor grad, Tensor(a!) grad_input, Tensor input, Tensor target, "
+    "float alpha, float gamma) -> ()",
+    lambda *args: None,
+    triton="lossfuse.triton.focal.sigmoid_focal_fused_bwd",
+)
+SOFTMAX_FOCAL_FUSED_SCALED = Op(
+    _lib,
+    "softmax_focal_fused_scaled(Tensor input, Tensor target, Tensor? scale, float alpha, float gamma, "
+    "int ignore_index, Tensor? grad_scale) -> (Tensor, Tensor, Tensor, Tensor)",
+    _softmax_fused_scaled_fake,
+    triton="lossfuse.triton.focal.softmax_focal_fused_scaled",
+)
+SOFTMAX_FOCAL_FUSED_BWD = Op(
+    _lib,
+    "softmax_focal_fused_bwd(Tensor grad_output, Tensor grad, Tensor(a!) grad_input, Tensor input, Tensor target, "
+    "Tensor lse, Tensor dscale, int ignore_index) -> ()",
+    lambda *args: None,
+    triton="lossfuse.triton.focal.softmax_focal_fused_bwd",
+)
+cuda_only(_lib, SIGMOID_FOCAL_FUSED_BWD, SOFTMAX_FOCAL_FUSED_SCALED, SOFTMAX_FOCAL_FUSED_BWD)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,8 +178,11 @@ class SigmoidFocalFunction(torch.autograd.Function):
         if reduction == "none":
             out, _ = SIGMOID_FOCAL_FWD(backend, x, t, alpha, gamma, 0, None)
         else:
-            # The mean's 1/numel goes into the fused gradient in float64, rounded once.
+            # The mean's 1/numel goes into the fused gradient in float64, rounded once (on the Triton
+            # backend rounded as the unfused backward's grad_output / numel, which its backward may redo).
             scale = (1.0 / x.numel() if reduction == "mean" and x.numel() else 1.0) if fused else None
+            if fused and backend == "triton" and reduction == "mean" and x.numel():
+                scale = reciprocal_as(x.numel(), acc)
             partial, ctx.fused_grad = SIGMOID_FOCAL_FWD(backend, x, t, alpha, gamma, SUM_BLOCK, scale)
             out = partial.sum()
             if reduction == "mean":
@@ -155,10 +199,18 @@ class SigmoidFocalFunction(torch.autograd.Function):
         x, t = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 7
+        acc = acc_dtype(x.dtype)
+        if ctx.backend == "triton" and ctx.fused_grad is not None:
+            # Handed out once (a retained graph's second backward recomputes below); whether
+            # grad_output is 1 is decided by the kernel, on the device.
+            gx, ctx.fused_grad = ctx.fused_grad, None
+            go = grad_out.to(acc)
+            g = go / x.numel() if ctx.reduction == "mean" else go
+            SIGMOID_FOCAL_FUSED_BWD(ctx.backend, go, g, gx, x, t, ctx.alpha, ctx.gamma)
+            return gx, None, None, None, None, None, None
         gx = take_fused_gradient(ctx, grad_out)
         if gx is not None:
             return gx, None, None, None, None, None, None
-        acc = acc_dtype(x.dtype)
         if ctx.reduction == "none":
             if grad_out.dim() and all(st == 0 for st in grad_out.stride()):
                 grad_out = grad_out.as_strided((), ())  # an expanded scalar (e.g. from .sum()): no copy
@@ -207,13 +259,21 @@ class SoftmaxFocalFunction(torch.autograd.Function):
         acc = acc_dtype(input.dtype)
         scale, alpha_f = class_scale(alpha, weight, acc)
         denom = mean_denominator(t3, weight, ignore_index, False, acc) if reduction == "mean" else None
-        grad_scale = None
-        if fused:
-            # 1 / denom in float32 (float64), the value the unfused backward would divide out.
-            grad_scale = float(torch.ones((), dtype=acc) / denom) if denom is not None else 1.0
-        loss, lse, dscale, ctx.fused_grad = SOFTMAX_FOCAL_FWD(
-            backend, x3, t3, scale, alpha_f, float(gamma), ignore_index, grad_scale,
-        )
+        if fused and backend == "triton":
+            # 1 / denom on the device (IEEE division, the value the unfused backward scales by): the
+            # kernel reads it from memory, the host never waits for the count of kept rows.
+            grad_scale = torch.reciprocal(denom) if denom is not None else None
+            loss, lse, dscale, ctx.fused_grad = SOFTMAX_FOCAL_FUSED_SCALED(
+                backend, x3, t3, scale, alpha_f, float(gamma), ignore_index, grad_scale,
+            )
+        else:
+            grad_scale = None
+            if fused:
+                # 1 / denom in float32 (float64), the value the unfused backward would divide out.
+                grad_scale = float(torch.ones((), dtype=acc) / denom) if denom is not None else 1.0
+            loss, lse, dscale, ctx.fused_grad = SOFTMAX_FOCAL_FWD(
+                backend, x3, t3, scale, alpha_f, float(gamma), ignore_index, grad_scale,
+            )
         if not fused:
             ctx.fused_grad = None
         out = reduce_rows(loss, reduction, denom, shapes.row_shape())
@@ -230,6 +290,12 @@ class SoftmaxFocalFunction(torch.autograd.Function):
         x3, t3, lse, dscale, denom = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 9
+        if ctx.backend == "triton" and ctx.fused_grad is not None:
+            gx3, ctx.fused_grad = ctx.fused_grad, None  # handed out once, as the sigmoid loss's
+            grad_rows = row_grads(grad_out, ctx.reduction, denom, lse.shape, lse.dtype)
+            SOFTMAX_FOCAL_FUSED_BWD(ctx.backend, grad_out.to(lse.dtype), grad_rows, gx3, x3, t3, lse, dscale,
+                                    ctx.ignore_index)
+            return ctx.shapes.from3d(gx3), None, None, None, None, None, None, None, None
         gx3 = take_fused_gradient(ctx, grad_out)
         if gx3 is None:
             grad_rows = row_grads(grad_out, ctx.reduction, denom, lse.shape, lse.dtype)

@@ -12,8 +12,11 @@ equals Huber(delta=beta) / beta in exact arithmetic, but not after rounding: tor
                   ceil(numel / block) of them: all a mean or sum needs, and no N-element write
   lossfuse::huber_fwd_grad(input, target, weight, mode, delta, block, scale, input_grad, target_grad)
       -> (partials as huber_fwd, grad_input, grad_target): a reducing forward that also writes the
-         gradients for a scalar upstream gradient ``scale`` (1/N for mean, 1 for sum) in the same pass.
-         CPU, float32/float64 only (see HuberFunction for when it is used).
+         gradients for a scalar upstream gradient ``scale`` (1/N for mean, 1 for sum) in the same pass
+         (see _eager_gradient for when it is used).
+  lossfuse::huber_fused_bwd(grad_output, grad, grad_input!, grad_target!, input, target, weight, loss_mode, delta)
+      CUDA only: the backward of huber_fwd_grad. It reads grad_output on the device and leaves the
+      forward's gradients as they are when it is 1, else rewrites them for the scalar ``grad``.
   lossfuse::huber_bwd(grad, input, target, weight, mode, delta, input_grad, target_grad, weight_grad)
       -> (grad_input, grad_target, grad_weight)  each laid out like the forward's per-element loss,
          in its operand's dtype; a 0-element tensor where not requested.
@@ -30,9 +33,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._utils import acc_dtype
+from .._utils import acc_dtype, reciprocal_as
 from .._layout import empty_like_walk
-from ._common import Op
+from ._common import TRITON_FUSED_DTYPES, Op, cuda_only
 
 HUBER, SMOOTH_L1, L1 = 0, 1, 2
 
@@ -78,13 +81,24 @@ HUBER_BWD = Op(
     _bwd_fake,
     triton="lossfuse.triton.huber.huber_bwd",
 )
-# C++ only: see EAGER_GRADIENT.
+# See EAGER_GRADIENT.
 HUBER_FWD_GRAD = Op(
     _lib,
     "huber_fwd_grad(Tensor input, Tensor target, Tensor? weight, int mode, float delta, int block, float scale, "
     "bool input_grad, bool target_grad) -> (Tensor, Tensor, Tensor)",
     _fwd_grad_fake,
+    triton="lossfuse.triton.huber.huber_fwd_grad",
 )
+HUBER_FUSED_BWD = Op(
+    _lib,
+    # loss_mode, not mode: torch's auto_functionalize passes a mutating op's arguments by name next to
+    # its own ``mode`` argument
+    "huber_fused_bwd(Tensor grad_output, Tensor grad, Tensor(a!) grad_input, Tensor(b!) grad_target, Tensor input, "
+    "Tensor target, Tensor? weight, int loss_mode, float delta) -> ()",
+    lambda *args: None,
+    triton="lossfuse.triton.huber.huber_fused_bwd",
+)
+cuda_only(_lib, HUBER_FUSED_BWD)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,12 +106,15 @@ HUBER_FWD_GRAD = Op(
 # ----------------------------------------------------------------------------------------------
 
 
-# The CPU backend forms the input/target gradient during a reducing forward (lossfuse::huber_fwd_grad)
-# when the usual backward would be `grad_output = 1` (or another scalar): one pass over input and
-# target instead of two, 3 N instead of 5 N elements of memory traffic for a training step. Only in
-# eager mode (under torch.compile the backward must not branch on grad_output's value) and for
-# float32/float64 (an fp16/bf16 gradient must be cast after the loss scale is applied: it would
-# have to be kept in fp32, which costs more than it saves). Set False to always recompute.
+# A reducing forward forms the input/target gradient too (lossfuse::huber_fwd_grad), for the usual
+# backward's `grad_output = 1`: one pass over input and target instead of two, 3 N instead of 5 N
+# elements of memory traffic for a training step. Only in eager mode (under torch.compile the
+# backward must not depend on grad_output's value). The CPU backend takes float32/float64 and scales
+# the gradient in place for another grad_output (a CPU scalar: reading it is free); an fp16/bf16
+# gradient would have to be scaled before its cast, so it is not formed early. The Triton backend
+# takes TRITON_FUSED_DTYPES (ops/_common.py): its backward (lossfuse::huber_fused_bwd) reads
+# grad_output on the device and recomputes the gradient, rounded once, when it is not 1. Set False to
+# always recompute.
 EAGER_GRADIENT = True
 
 
@@ -105,11 +122,11 @@ def _eager_gradient(ctx, input, target, weight, reduction, backend) -> bool:
     need = ctx.needs_input_grad
     return (
         EAGER_GRADIENT
-        and backend == "cpu"
+        and ((backend == "cpu" and input.dtype in (torch.float32, torch.float64))
+             or (backend == "triton" and input.dtype in TRITON_FUSED_DTYPES))
         and reduction != "none"
         and (need[0] or need[1])
         and not (weight is not None and need[2])
-        and input.dtype in (torch.float32, torch.float64)
         and target.dtype == input.dtype
         and not torch.compiler.is_compiling()
     )
@@ -134,6 +151,9 @@ class HuberFunction(torch.autograd.Function):
         else:
             if _eager_gradient(ctx, input, target, weight, reduction, backend):
                 scale = 1.0 / n if reduction == "mean" and n > 0 else 1.0
+                if backend == "triton" and reduction == "mean" and n > 0:
+                    # 1 / N rounded as the unfused backward's grad_output / N (in the accumulation type)
+                    scale = reciprocal_as(n, acc_dtype(input.dtype))
                 need = ctx.needs_input_grad
                 partials, gx, gy = HUBER_FWD_GRAD(backend, input, target, weight, mode, float(delta), PARTIAL_BLOCK, scale,
                                        need[0], need[1])
@@ -165,6 +185,11 @@ class HuberFunction(torch.autograd.Function):
             # retained graph recomputes below), scaled in place for any other grad_output.
             gx, gy = ctx.eager_grads
             ctx.eager_grads = None
+            if ctx.backend == "triton":
+                go = grad_out.to(acc_dtype(input.dtype))
+                g = go / ctx.numel if ctx.reduction == "mean" else go
+                HUBER_FUSED_BWD(ctx.backend, go, g, gx, gy, input, target, weight, ctx.mode, ctx.delta)
+                return (gx if need[0] else None, gy if need[1] else None, None, None, None, None, None, None)
             g = grad_out.item()  # a CPU scalar: no device sync
             if g != 1.0:
                 gx.mul_(g)

@@ -277,9 +277,10 @@ def _ce_scale_args(ch, cfg):
 
 def _sigmoid_fwd_args(ch, cfg):
     return dict(
-        x_ptr=Ptr(ch["x"]), t_ptr=Ptr("i64" if ch["INDEX"] else ch["x"]), out_ptr=Ptr("fp32"),
-        numel=8192 * 80, C=80, alpha=0.25, gamma=2.0, SUM_BLOCK=4096 if cfg["PARTIAL"] else cfg["BLOCK"],
-        HAS_ALPHA=ch["HAS_ALPHA"], INDEX=ch["INDEX"],
+        x_ptr=Ptr(ch["x"]), t_ptr=Ptr("i64" if ch["INDEX"] else ch["x"]), out_ptr=Ptr("fp32"), gs_ptr=Ptr("fp32"),
+        gx_ptr=Ptr(ch["x"]), numel=8192 * 80, C=80, alpha=0.25, gamma=2.0,
+        SUM_BLOCK=4096 if cfg["PARTIAL"] else cfg["BLOCK"],
+        HAS_ALPHA=ch["HAS_ALPHA"], INDEX=ch["INDEX"], STORE_GRAD=ch["STORE_GRAD"],
     )
 
 
@@ -291,6 +292,12 @@ def _sigmoid_bwd_args(ch, cfg):
     )
 
 
+def _sigmoid_fused_bwd_args(ch, cfg):
+    a = _sigmoid_bwd_args(dict(ch, GRAD_SCALAR=True), cfg)
+    del a["GRAD_SCALAR"]
+    return dict(a, go_ptr=Ptr("fp32"))
+
+
 def _softmax_strides(ch):
     # (N, C) = (8192, 1000) as (N, C, 1), or (N, C, H*W) = (8, 21, 4096): the layouts the ops pass
     return ((1000, 1, 1), 1000, 1) if ch["layout"] == "rows" else ((21 * 4096, 4096, 1), 21, 4096)
@@ -300,8 +307,9 @@ def _softmax_fwd_args(ch, cfg):
     xs, c, s = _softmax_strides(ch)
     return dict(
         x_ptr=Ptr(ch["x"]), y_ptr=Ptr("i64"), scale_ptr=Ptr("fp32"), loss_ptr=Ptr("fp32"), lse_ptr=Ptr("fp32"),
-        d_ptr=Ptr("fp32"), C=c, S=s, x_sN=xs[0], x_sC=xs[1], x_sS=xs[2], y_sN=s, y_sS=1,
-        alpha=0.25, gamma=2.0, ignore_index=-100, HAS_SCALE=ch["HAS_SCALE"],
+        d_ptr=Ptr("fp32"), gs_ptr=Ptr("fp32"), gx_ptr=Ptr(ch["x"]), C=c, S=s, x_sN=xs[0], x_sC=xs[1], x_sS=xs[2],
+        y_sN=s, y_sS=1, gx_sN=xs[0], gx_sC=xs[1], gx_sS=xs[2],
+        alpha=0.25, gamma=2.0, ignore_index=-100, HAS_SCALE=ch["HAS_SCALE"], STORE_GRAD=ch["STORE_GRAD"],
     )
 
 
@@ -312,6 +320,10 @@ def _softmax_bwd_args(ch, cfg):
         gx_ptr=Ptr(ch["x"]), C=c, S=s, g_sN=0, g_sS=0, x_sN=xs[0], x_sC=xs[1], x_sS=xs[2], y_sN=s, y_sS=1,
         gx_sN=xs[0], gx_sC=xs[1], gx_sS=xs[2], ignore_index=-100,
     )
+
+
+def _softmax_fused_bwd_args(ch, cfg):
+    return dict(_softmax_bwd_args(ch, cfg), go_ptr=Ptr("fp32"))
 
 
 def _huber_operands(ch):
@@ -338,11 +350,12 @@ def _huber_fwd_args(ch, cfg):
     (s1, s2, s3), st = _huber_space(ch["NDIM"])
     ws = st if w is not None else [0, 0, 0, 0]
     return dict(
-        X=Ptr(x), Y=Ptr(t), Wt=Ptr(w or x), OUT=Ptr("fp64" if cfg["REDUCE"] else _acc(x)),
-        numel=2 * 48 * 80 * 1024, S1=s1, S2=s2, S3=s3,
+        X=Ptr(x), Y=Ptr(t), Wt=Ptr(w or x), OUT=Ptr("fp64" if cfg["REDUCE"] else _acc(x)), GS=Ptr(_acc(x)),
+        GX=Ptr(x), GY=Ptr(t), numel=2 * 48 * 80 * 1024, S1=s1, S2=s2, S3=s3,
         x_s0=st[0], x_s1=st[1], x_s2=st[2], x_s3=st[3], y_s0=st[0], y_s1=st[1], y_s2=st[2], y_s3=st[3],
         w_s0=ws[0], w_s1=ws[1], w_s2=ws[2], w_s3=ws[3], delta_hi=1.0, delta_lo=1e-9,
-        MODE=ch["MODE"], HAS_W=w is not None, NDIM=ch["NDIM"], F64=x == "fp64",
+        MODE=ch["MODE"], HAS_W=w is not None, WANT_GX="x" in ch["grads"], WANT_GY="y" in ch["grads"],
+        NDIM=ch["NDIM"], F64=x == "fp64",
     )
 
 
@@ -361,6 +374,13 @@ def _huber_bwd_args(ch, cfg):
         MODE=ch["MODE"], HAS_W=w is not None, G_SCALAR=ch["G_SCALAR"], WANT_GX="x" in grads, WANT_GY="y" in grads,
         WANT_GW="w" in grads, NDIM=ch["NDIM"], F64=x == "fp64",
     )
+
+
+def _huber_fused_bwd_args(ch, cfg):
+    a = _huber_bwd_args(dict(ch, G_SCALAR=True), cfg)
+    for k in ("GW", "g_s0", "g_s1", "g_s2", "g_s3", "G_SCALAR", "WANT_GW"):
+        del a[k]
+    return dict(a, GO=Ptr(_acc(ch["x"])))
 
 
 def _distill_args(ch, cfg):
@@ -415,22 +435,33 @@ KERNELS = [
     # the launcher takes a float32 or float64 gradient (a narrower one would be rounded twice)
     Kernel("cross_entropy", "_ce_scale_kernel", dict(gx=("fp32", "fp64")), _ce_scale_args, group=_walk,
            heavy=[dict(gx="fp32")]),
-    Kernel("focal", "_sigmoid_focal_fwd_kernel", dict(x=FLOAT, HAS_ALPHA=B, INDEX=B), _sigmoid_fwd_args,
-           heavy=[dict(HAS_ALPHA=True, INDEX=True), dict(HAS_ALPHA=True, INDEX=False)],
+    # STORE_GRAD: the forward that also writes the gradient (the Triton fused path)
+    Kernel("focal", "_sigmoid_focal_fwd_kernel", dict(x=FLOAT, HAS_ALPHA=B, INDEX=B, STORE_GRAD=B),
+           _sigmoid_fwd_args,
+           heavy=[dict(HAS_ALPHA=True, INDEX=True, STORE_GRAD=True), dict(HAS_ALPHA=True, INDEX=False, STORE_GRAD=True)],
            group=lambda cfg: "partial" if cfg["PARTIAL"] else "elementwise"),
     Kernel("focal", "_sigmoid_focal_bwd_kernel", dict(x=FLOAT, HAS_ALPHA=B, INDEX=B, GRAD_SCALAR=B),
            _sigmoid_bwd_args, heavy=[dict(HAS_ALPHA=True, INDEX=True, GRAD_SCALAR=False)]),
-    Kernel("focal", "_softmax_focal_fwd_kernel", dict(x=FLOAT, HAS_SCALE=B, layout=("rows", "spatial")),
-           _softmax_fwd_args, heavy=[dict(HAS_SCALE=True)]),
+    Kernel("focal", "_sigmoid_focal_fused_bwd_kernel", dict(x=FLOAT, HAS_ALPHA=B, INDEX=B), _sigmoid_fused_bwd_args,
+           heavy=[dict(HAS_ALPHA=True, INDEX=True)]),
+    Kernel("focal", "_softmax_focal_fwd_kernel",
+           dict(x=FLOAT, HAS_SCALE=B, STORE_GRAD=B, layout=("rows", "spatial")),
+           _softmax_fwd_args, heavy=[dict(HAS_SCALE=True, STORE_GRAD=True)]),
     Kernel("focal", "_softmax_focal_bwd_kernel", dict(x=FLOAT, layout=("rows", "spatial")), _softmax_bwd_args,
            heavy=[dict(layout="rows")]),
-    Kernel("huber", "huber_fwd_kernel", _HUBER_AXES, _huber_fwd_args,
-           heavy=[dict(weight="x", NDIM=4)], group=lambda cfg: "reduce" if cfg["REDUCE"] else "elementwise"),
+    Kernel("focal", "_softmax_focal_fused_bwd_kernel", dict(x=FLOAT, layout=("rows", "spatial")),
+           _softmax_fused_bwd_args, heavy=[dict(layout="rows")]),
+    # grads: the gradients a reducing forward also writes (huber_fwd_grad)
+    Kernel("huber", "huber_fwd_kernel", dict(_HUBER_AXES, grads=("", "x", "y", "xy")), _huber_fwd_args,
+           heavy=[dict(weight="x", NDIM=4, grads="xy")],
+           group=lambda cfg: "reduce" if cfg["REDUCE"] else "elementwise"),
     Kernel("huber", "huber_bwd_kernel",
            dict(_HUBER_AXES, G_SCALAR=B, grads=("x", "y", "w", "xy", "xw", "yw", "xyw")), _huber_bwd_args,
            # the launcher returns early when no gradient is wanted; a weight gradient needs a weight
            valid=lambda ch: "w" not in ch["grads"] or ch["weight"] is not None,
            heavy=[dict(weight="x", NDIM=4, G_SCALAR=False, grads="xyw")]),
+    Kernel("huber", "huber_fused_bwd_kernel", dict(_HUBER_AXES, grads=("x", "y", "xy")), _huber_fused_bwd_args,
+           heavy=[dict(weight="x", NDIM=4, grads="xy")]),
     # one kernel serves distillation_fwd and distillation_bwd; grads "" is the loss alone
     Kernel("distillation", "_distill_kernel", dict(x=FLOAT, MODE=(0, 1, 2), HAS_Y=B, grads=("", "s", "t", "st")),
            _distill_args, heavy=[dict(MODE=2, HAS_Y=True, grads="st")]),

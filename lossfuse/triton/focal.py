@@ -6,8 +6,15 @@
   softmax_focal_fwd(input, target, scale, alpha, gamma, ignore_index, grad_scale) -> (loss, lse, dscale, grad_input)
   softmax_focal_bwd(grad, input, target, lse, dscale, ignore_index) -> grad_input
 
-(grad_scale: the ops' fused gradient, which the autograd Functions request on the CPU only; here it is
-the backward kernel launched right after the forward.)
+  sigmoid_focal_fused_bwd(grad_output, grad, grad_input!, input, target, alpha, gamma)
+  softmax_focal_fused_scaled(input, target, scale, alpha, gamma, ignore_index, grad_scale) -> as softmax_focal_fwd
+  softmax_focal_fused_bwd(grad_output, grad, grad_input!, input, target, lse, dscale, ignore_index)
+
+(grad_scale: the gradient for that upstream gradient, written by the forward kernel from the terms
+the loss already has -- one read of the input for loss and gradient. The fused_bwd kernels are the
+backward of such a forward: they read grad_output on the device, stop at once when it is 1 and
+otherwise rewrite the gradient from the input, so the host never waits and the gradient is rounded
+once whatever grad_output is.)
 
 The math and its derivation are those of the C++ kernels (csrc/focal_kernel.h): the sigmoid focal
 term in log space from a log-sigmoid, the closed-form gradients without a (1 - p_t)^(gamma - 1) factor,
@@ -79,35 +86,77 @@ def _sigmoid_targets(t_ptr, offs, mask, C, INDEX: tl.constexpr, ACC: tl.constexp
 
 
 @triton.jit
+def _sigmoid_focal_grad(x, t, alpha, gamma, HAS_ALPHA: tl.constexpr):
+    """(loss, d loss / dx) of each element, from one set of shared terms."""
+    pos, u, v, e, ce, agree, w, f = _sigmoid_focal_terms(x, t, gamma)
+    loss = ce * f
+    # d loss / dx = s alpha_t f [ (u - v e) d + gamma ce (u - v) r ], r = sigma'/q = e d / w (= d where u = 0)
+    d = 1.0 / (1.0 + e)
+    r = tl.where(agree, d, e * d / tl.where(agree, 1.0, w))
+    inner = (u - v * e) * d + gamma * ce * (u - v) * r
+    grad = f * inner
+    if HAS_ALPHA:
+        a_t = alpha * t + (1.0 - alpha) * (1.0 - t)
+        loss = a_t * loss
+        grad = a_t * grad
+    grad = tl.where(pos, grad, -grad)
+    return loss, grad
+
+
+@triton.jit
 def _sigmoid_focal_fwd_kernel(
-    x_ptr, t_ptr, out_ptr,
+    x_ptr, t_ptr, out_ptr, gs_ptr, gx_ptr,
     numel, C, alpha, gamma,
     SUM_BLOCK,
     HAS_ALPHA: tl.constexpr,
     INDEX: tl.constexpr,
     PARTIAL: tl.constexpr,
+    STORE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """The loss (per element, or one partial sum per SUM_BLOCK elements); with STORE_GRAD also the
+    gradient for the scalar upstream gradient at gs_ptr, from the same terms."""
     ACC = out_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
     start = pid * SUM_BLOCK
     acc = tl.zeros([BLOCK], ACC)
+    if STORE_GRAD:
+        gs = tl.load(gs_ptr).to(ACC)
     for off in range(0, SUM_BLOCK, BLOCK):
         offs = start + off + tl.arange(0, BLOCK).to(tl.int64)
         mask = (offs < numel) & (off + tl.arange(0, BLOCK) < SUM_BLOCK)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         t, valid = _sigmoid_targets(t_ptr, offs, mask, C, INDEX, ACC)
-        pos, u, v, e, ce, agree, w, f = _sigmoid_focal_terms(x, t, gamma)
-        loss = ce * f
-        if HAS_ALPHA:
-            loss = (alpha * t + (1.0 - alpha) * (1.0 - t)) * loss
+        loss, grad = _sigmoid_focal_grad(x, t, alpha, gamma, HAS_ALPHA)
         loss = tl.where(valid, loss, _NAN)  # a class index out of [0, C] is a loud NaN, not a 0
+        if STORE_GRAD:
+            o = tl.where(valid, gs * grad, _NAN)
+            tl.store(gx_ptr + offs, o.to(gx_ptr.dtype.element_ty), mask=mask)
         if PARTIAL:
             acc += tl.where(mask, loss, 0.0)
         else:
             tl.store(out_ptr + offs, loss.to(ACC), mask=mask)
     if PARTIAL:
         tl.store(out_ptr + pid, tl.sum(acc, axis=0).to(ACC))
+
+
+@triton.jit
+def _sigmoid_focal_bwd_block(g_ptr, x_ptr, t_ptr, gx_ptr, numel, C, alpha, gamma,
+                             HAS_ALPHA: tl.constexpr, INDEX: tl.constexpr, GRAD_SCALAR: tl.constexpr,
+                             BLOCK: tl.constexpr):
+    ACC = g_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    t, valid = _sigmoid_targets(t_ptr, offs, mask, C, INDEX, ACC)
+    _, grad = _sigmoid_focal_grad(x, t, alpha, gamma, HAS_ALPHA)
+    if GRAD_SCALAR:
+        g = tl.load(g_ptr).to(ACC)
+    else:
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
+    o = tl.where(valid, g * grad, _NAN)
+    tl.store(gx_ptr + offs, o.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -119,27 +168,24 @@ def _sigmoid_focal_bwd_kernel(
     GRAD_SCALAR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    ACC = g_ptr.dtype.element_ty
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < numel
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    t, valid = _sigmoid_targets(t_ptr, offs, mask, C, INDEX, ACC)
-    pos, u, v, e, ce, agree, w, f = _sigmoid_focal_terms(x, t, gamma)
-    # d loss / dx = s alpha_t f [ (u - v e) d + gamma ce (u - v) r ], r = sigma'/q = e d / w (= d where u = 0)
-    d = 1.0 / (1.0 + e)
-    r = tl.where(agree, d, e * d / tl.where(agree, 1.0, w))
-    inner = (u - v * e) * d + gamma * ce * (u - v) * r
-    grad = f * inner
-    if HAS_ALPHA:
-        grad = (alpha * t + (1.0 - alpha) * (1.0 - t)) * grad
-    grad = tl.where(pos, grad, -grad)
-    if GRAD_SCALAR:
-        g = tl.load(g_ptr).to(ACC)
-    else:
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
-    o = tl.where(valid, g * grad, _NAN)
-    tl.store(gx_ptr + offs, o.to(gx_ptr.dtype.element_ty), mask=mask)
+    _sigmoid_focal_bwd_block(g_ptr, x_ptr, t_ptr, gx_ptr, numel, C, alpha, gamma, HAS_ALPHA, INDEX, GRAD_SCALAR,
+                             BLOCK)
+
+
+@triton.jit
+def _sigmoid_focal_fused_bwd_kernel(
+    go_ptr, g_ptr, x_ptr, t_ptr, gx_ptr,
+    numel, C, alpha, gamma,
+    HAS_ALPHA: tl.constexpr,
+    INDEX: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The backward of the gradient-writing forward: its gradient stands when grad_output is 1 --
+    decided here, on the device, so the host never waits -- and is otherwise rewritten for the
+    scalar ``g`` (grad_output, divided by numel for a mean), rounded once as the unfused backward."""
+    if tl.load(go_ptr) == 1.0:
+        return
+    _sigmoid_focal_bwd_block(g_ptr, x_ptr, t_ptr, gx_ptr, numel, C, alpha, gamma, HAS_ALPHA, INDEX, True, BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,20 +194,10 @@ def _sigmoid_focal_bwd_kernel(
 
 
 @triton.jit
-def _softmax_focal_fwd_kernel(
-    x_ptr, y_ptr, scale_ptr, loss_ptr, lse_ptr, d_ptr,
-    C, S,
-    x_sN, x_sC, x_sS,
-    y_sN, y_sS,
-    alpha, gamma, ignore_index,
-    HAS_SCALE: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    ACC = lse_ptr.dtype.element_ty
-    r = tl.program_id(0).to(tl.int64)
-    n = r // S
-    s = r - n * S
-    x_row = x_ptr + (n * x_sN + s * x_sS)
+def _softmax_focal_row(x_row, y, C, x_sC, scale_ptr, alpha, gamma, ignore_index,
+                       HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """One row's (lse, loss, dscale, x_y, live, fill): live says the row counts; fill is what a row
+    that does not count gets (0 when ignored, a loud NaN when the target is out of range)."""
     # Online max / sum-exp relative to a finite shift: the running max, or 0 while every logit so far
     # is -inf (a masked vocabulary), so -inf - -inf is never formed. exp(m - ref_new) is 0 while m is
     # -inf and the sum is still 0: no 0 * inf.
@@ -178,7 +214,6 @@ def _softmax_focal_fwd_kernel(
     logsum = tl.log(tl.sum(sum_exp, axis=0))
     lse = ref + logsum
 
-    y = tl.load(y_ptr + (n * y_sN + s * y_sS))
     valid = (y >= 0) & (y < C)
     live = valid & (y != ignore_index)
     y_safe = tl.where(valid, y, 0)
@@ -198,10 +233,81 @@ def _softmax_focal_fwd_kernel(
     pnl = tl.where(p > 0.0, p * ratio, 0.0)
     loss = k * f * nl
     dscale = k * f * (1.0 + gamma * pnl)
-    fill = tl.where(y == ignore_index, 0.0, _NAN)  # out of range and not ignored: a loud NaN
+    fill = tl.where(y == ignore_index, 0.0, _NAN).to(ACC)
+    return lse.to(ACC), loss, dscale, x_y, live, fill
+
+
+@triton.jit
+def _softmax_focal_grad_row(x_row, gx_row, C, x_sC, gx_sC, y, x_y, lse, kp, live, fill, BLOCK_C: tl.constexpr):
+    """One row's gradient, kp (p_c - [c = y]) with kp = upstream gradient x dscale, applied in fp32
+    before the single cast. Rows that do not count get ``fill`` by a select: NaN logits cannot leak in."""
+    gy = kp * expm1(x_y - lse)  # dscale (p_y - 1)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        cmask = cols < C
+        x = tl.load(x_row + cols * x_sC, mask=cmask, other=0.0).to(lse.dtype)
+        o = tl.exp(x - lse) * kp
+        o = tl.where(cols == y, gy, o)
+        o = tl.where(live, o, fill)
+        tl.store(gx_row + cols * gx_sC, o.to(gx_row.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _softmax_focal_fwd_kernel(
+    x_ptr, y_ptr, scale_ptr, loss_ptr, lse_ptr, d_ptr, gs_ptr, gx_ptr,
+    C, S,
+    x_sN, x_sC, x_sS,
+    y_sN, y_sS,
+    gx_sN, gx_sC, gx_sS,
+    alpha, gamma, ignore_index,
+    HAS_SCALE: tl.constexpr,
+    STORE_GRAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One program per row: loss, lse and dscale; with STORE_GRAD also the row's gradient for the
+    upstream gradient at gs_ptr (one value, e.g. 1 / denom on the device), read again while the
+    row is still in cache."""
+    ACC = lse_ptr.dtype.element_ty
+    r = tl.program_id(0).to(tl.int64)
+    n = r // S
+    s = r - n * S
+    x_row = x_ptr + (n * x_sN + s * x_sS)
+    y = tl.load(y_ptr + (n * y_sN + s * y_sS))
+    lse, loss, dscale, x_y, live, fill = _softmax_focal_row(x_row, y, C, x_sC, scale_ptr, alpha, gamma,
+                                                            ignore_index, HAS_SCALE, BLOCK_C, ACC)
+    dscale = tl.where(live, dscale, fill)
     tl.store(loss_ptr + r, tl.where(live, loss, fill).to(ACC))
-    tl.store(d_ptr + r, tl.where(live, dscale, fill).to(ACC))
-    tl.store(lse_ptr + r, lse.to(ACC))
+    tl.store(d_ptr + r, dscale.to(ACC))
+    tl.store(lse_ptr + r, lse)
+    if STORE_GRAD:
+        kp = tl.load(gs_ptr).to(ACC) * dscale
+        _softmax_focal_grad_row(x_row, gx_ptr + (n * gx_sN + s * gx_sS), C, x_sC, gx_sC, y, x_y, lse, kp, live,
+                                fill, BLOCK_C)
+
+
+@triton.jit
+def _softmax_focal_bwd_block(
+    g_ptr, x_ptr, y_ptr, lse_ptr, d_ptr, gx_ptr,
+    C, S, g_sN, g_sS, x_sN, x_sC, x_sS, y_sN, y_sS, gx_sN, gx_sC, gx_sS,
+    ignore_index,
+    BLOCK_C: tl.constexpr,
+):
+    ACC = lse_ptr.dtype.element_ty
+    r = tl.program_id(0).to(tl.int64)
+    n = r // S
+    s = r - n * S
+    x_row = x_ptr + (n * x_sN + s * x_sS)
+    g = tl.load(g_ptr + (n * g_sN + s * g_sS)).to(ACC)
+    lse = tl.load(lse_ptr + r).to(ACC)
+    kp = g * tl.load(d_ptr + r).to(ACC)  # g * dscale, applied in fp32 before the single cast
+    y = tl.load(y_ptr + (n * y_sN + s * y_sS))
+    valid = (y >= 0) & (y < C)
+    live = valid & (y != ignore_index)
+    y_safe = tl.where(valid, y, 0)
+    x_y = tl.load(x_row + y_safe * x_sC, mask=valid, other=0.0).to(ACC)
+    fill = tl.where(y == ignore_index, 0.0, _NAN).to(ACC)
+    _softmax_focal_grad_row(x_row, gx_ptr + (n * gx_sN + s * gx_sS), C, x_sC, gx_sC, y, x_y, lse, kp, live, fill,
+                            BLOCK_C)
 
 
 @triton.jit
@@ -215,32 +321,27 @@ def _softmax_focal_bwd_kernel(
     ignore_index,
     BLOCK_C: tl.constexpr,
 ):
-    ACC = lse_ptr.dtype.element_ty
-    r = tl.program_id(0).to(tl.int64)
-    n = r // S
-    s = r - n * S
-    x_row = x_ptr + (n * x_sN + s * x_sS)
-    gx_row = gx_ptr + (n * gx_sN + s * gx_sS)
-    g = tl.load(g_ptr + (n * g_sN + s * g_sS)).to(ACC)
-    lse = tl.load(lse_ptr + r).to(ACC)
-    kp = g * tl.load(d_ptr + r).to(ACC)  # g * dscale, applied in fp32 before the single cast
-    y = tl.load(y_ptr + (n * y_sN + s * y_sS))
-    valid = (y >= 0) & (y < C)
-    live = valid & (y != ignore_index)
-    y_safe = tl.where(valid, y, 0)
-    x_y = tl.load(x_row + y_safe * x_sC, mask=valid, other=0.0).to(ACC)
-    gy = kp * expm1(x_y - lse)  # dscale (p_y - 1)
-    # Rows that do not count: exact zeros when ignored (a select: NaN logits cannot leak in), NaN
-    # when the target is out of range.
-    fill = tl.where(y == ignore_index, 0.0, _NAN).to(ACC)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        cmask = cols < C
-        x = tl.load(x_row + cols * x_sC, mask=cmask, other=0.0).to(ACC)
-        o = tl.exp(x - lse) * kp
-        o = tl.where(cols == y, gy, o)
-        o = tl.where(live, o, fill)
-        tl.store(gx_row + cols * gx_sC, o.to(gx_ptr.dtype.element_ty), mask=cmask)
+    _softmax_focal_bwd_block(g_ptr, x_ptr, y_ptr, lse_ptr, d_ptr, gx_ptr, C, S, g_sN, g_sS, x_sN, x_sC, x_sS,
+                             y_sN, y_sS, gx_sN, gx_sC, gx_sS, ignore_index, BLOCK_C)
+
+
+@triton.jit
+def _softmax_focal_fused_bwd_kernel(
+    go_ptr, g_ptr, x_ptr, y_ptr, lse_ptr, d_ptr, gx_ptr,
+    C, S,
+    g_sN, g_sS,
+    x_sN, x_sC, x_sS,
+    y_sN, y_sS,
+    gx_sN, gx_sC, gx_sS,
+    ignore_index,
+    BLOCK_C: tl.constexpr,
+):
+    """The backward of the gradient-writing forward: the gradient stands when grad_output is 1 --
+    decided here, on the device -- and is otherwise rewritten for the per-row ``g``."""
+    if tl.load(go_ptr) == 1.0:
+        return
+    _softmax_focal_bwd_block(g_ptr, x_ptr, y_ptr, lse_ptr, d_ptr, gx_ptr, C, S, g_sN, g_sS, x_sN, x_sC, x_sS,
+                             y_sN, y_sS, gx_sN, gx_sC, gx_sS, ignore_index, BLOCK_C)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,16 +412,15 @@ def sigmoid_focal_fwd(input, target, alpha, gamma, sum_block, grad_scale=None):
     else:
         out = torch.empty(input.shape, dtype=acc, device=input.device)
     block, span, num_warps = _sigmoid_fwd_config(sum_block)
-    if grad_scale is None:
-        gx = input.new_empty((0,))
-    else:
-        gx = sigmoid_focal_bwd(torch.tensor(float(grad_scale), dtype=acc, device=input.device),
-                               input, target, alpha, gamma)
+    store_grad = grad_scale is not None
+    gx = torch.empty(input.shape, dtype=input.dtype, device=input.device) if store_grad else input.new_empty((0,))
     if numel == 0:
         return out, gx
+    gs = torch.full((1,), float(grad_scale), dtype=acc, device=input.device) if store_grad else out
     _sigmoid_focal_fwd_kernel[(triton.cdiv(numel, span),)](
-        x, t, out, numel, c, float(alpha), float(gamma), span,
-        HAS_ALPHA=alpha >= 0, INDEX=index, PARTIAL=partial, BLOCK=block, num_warps=num_warps,
+        x, t, out, gs, gx if store_grad else x, numel, c, float(alpha), float(gamma), span,
+        HAS_ALPHA=alpha >= 0, INDEX=index, PARTIAL=partial, STORE_GRAD=store_grad, BLOCK=block,
+        num_warps=num_warps,
     )
     return out, gx
 
@@ -341,6 +441,26 @@ def sigmoid_focal_bwd(grad, input, target, alpha, gamma):
         num_warps=_num_warps(_BLOCK),
     )
     return gx
+
+
+def sigmoid_focal_fused_bwd(grad_output, grad, grad_input, input, target, alpha, gamma):
+    """The backward of sigmoid_focal_fwd with a grad_scale (1/numel or 1): ``grad_input`` holds the
+    gradient for grad_output 1. The kernel reads ``grad_output`` (one value) on the device and
+    leaves grad_input as it is when it is 1; otherwise it rewrites it for the scalar upstream
+    gradient ``grad`` (grad_output / numel for a mean). No host sync."""
+    x, t, index, c = _sigmoid_prepare(input, target, "sigmoid_focal_fused_bwd")
+    if grad_output.numel() != 1 or grad.numel() != 1:
+        raise ValueError("sigmoid_focal_fused_bwd: grad_output and grad must hold one value each")
+    if grad_input.shape != input.shape or grad_input.dtype != input.dtype or not grad_input.is_contiguous():
+        raise ValueError("sigmoid_focal_fused_bwd: grad_input must be contiguous with the input's shape and dtype")
+    numel = x.numel()
+    if numel == 0:
+        return
+    acc = acc_dtype(input.dtype)
+    _sigmoid_focal_fused_bwd_kernel[(triton.cdiv(numel, _BLOCK),)](
+        grad_output.to(acc).reshape(1), grad.to(acc).reshape(1), x, t, grad_input, numel, c, float(alpha),
+        float(gamma), HAS_ALPHA=alpha >= 0, INDEX=index, BLOCK=_BLOCK, num_warps=_num_warps(_BLOCK),
+    )
 
 
 def _softmax_check(input, target, who):
@@ -377,59 +497,80 @@ def launch_configs():
     for sum_block in (0, SUM_BLOCK):
         block, _, warps = _sigmoid_fwd_config(sum_block)
         fwd.append(dict(PARTIAL=sum_block > 0, BLOCK=block, num_warps=warps))
+    bwd = [dict(BLOCK=_BLOCK, num_warps=_num_warps(_BLOCK))]
     softmax = {}
     for k in range((2 * _MAX_BLOCK_C).bit_length()):
         block_c = _block_c(1 << k, interpret=False)
         softmax[block_c] = dict(BLOCK_C=block_c, num_warps=_num_warps(block_c))
     return {
         "_sigmoid_focal_fwd_kernel": fwd,
-        "_sigmoid_focal_bwd_kernel": [dict(BLOCK=_BLOCK, num_warps=_num_warps(_BLOCK))],
+        "_sigmoid_focal_bwd_kernel": bwd,
+        "_sigmoid_focal_fused_bwd_kernel": bwd,
         "_softmax_focal_fwd_kernel": list(softmax.values()),
         "_softmax_focal_bwd_kernel": list(softmax.values()),
+        "_softmax_focal_fused_bwd_kernel": list(softmax.values()),
     }
 
 
 def softmax_focal_fwd(input, target, scale, alpha, gamma, ignore_index, grad_scale=None):
-    _softmax_check(input, target, "softmax_focal_fwd")
+    acc = acc_dtype(input.dtype)
+    gs = None if grad_scale is None else torch.full((1,), float(grad_scale), dtype=acc, device=input.device)
+    return _softmax_fwd_launch(input, target, scale, alpha, gamma, ignore_index, gs, grad_scale is not None,
+                               "softmax_focal_fwd")
+
+
+def softmax_focal_fused_scaled(input, target, scale, alpha, gamma, ignore_index, grad_scale):
+    """softmax_focal_fwd that also writes the gradient for the upstream gradient ``grad_scale`` (a
+    one-value tensor read on the device, e.g. 1 / denom of a mean; None: 1) in the same kernel."""
+    if grad_scale is None:
+        grad_scale = torch.ones((1,), dtype=acc_dtype(input.dtype), device=input.device)
+    elif grad_scale.numel() != 1:
+        raise ValueError("softmax_focal_fused_scaled: grad_scale must hold one value")
+    gs = grad_scale.to(acc_dtype(input.dtype)).reshape(1)
+    return _softmax_fwd_launch(input, target, scale, alpha, gamma, ignore_index, gs, True,
+                               "softmax_focal_fused_scaled")
+
+
+def _softmax_fwd_launch(input, target, scale, alpha, gamma, ignore_index, gs, store_grad, who):
+    _softmax_check(input, target, who)
     n, c, s = input.shape
     acc = acc_dtype(input.dtype)
     loss, lse, dscale = (torch.empty((n, s), dtype=acc, device=input.device) for _ in range(3))
+    gx = empty_like_layout(input) if store_grad else input.new_empty((0,))
     if n * s == 0:
-        gx = empty_like_layout(input) if grad_scale is not None else input.new_empty((0,))
         return loss, lse, dscale, gx
     if scale is not None:
         if scale.shape != (c,):
-            raise ValueError(f"softmax_focal_fwd: scale must have shape ({c},); got {list(scale.shape)}")
+            raise ValueError(f"{who}: scale must have shape ({c},); got {list(scale.shape)}")
         scale = scale.to(acc).contiguous()
     block_c = _block_c(c)
+    gxs = gx.stride() if store_grad else (0, 0, 0)
     _softmax_focal_fwd_kernel[(n * s,)](
         input, target, scale if scale is not None else lse, loss, lse, dscale,
+        gs if store_grad else lse, gx if store_grad else input,
         c, s,
         input.stride(0), input.stride(1), input.stride(2),
         target.stride(0), target.stride(1),
+        *gxs,
         float(alpha), float(gamma), int(ignore_index),
-        HAS_SCALE=scale is not None, BLOCK_C=block_c, num_warps=_num_warps(block_c),
+        HAS_SCALE=scale is not None, STORE_GRAD=store_grad, BLOCK_C=block_c, num_warps=_num_warps(block_c),
     )
-    if grad_scale is None:
-        return loss, lse, dscale, input.new_empty((0,))
-    g = torch.full((1, 1), float(grad_scale), dtype=acc, device=input.device).expand(n, s)
-    return loss, lse, dscale, softmax_focal_bwd(g, input, target, lse, dscale, ignore_index)
+    return loss, lse, dscale, gx
 
 
-def softmax_focal_bwd(grad, input, target, lse, dscale, ignore_index):
-    _softmax_check(input, target, "softmax_focal_bwd")
-    n, c, s = input.shape
-    gi = empty_like_layout(input)  # as the fake kernel (ops/focal.py)
-    if n * s * c == 0:
-        return gi
+def _softmax_bwd_check(grad, input, target, lse, dscale, who):
+    _softmax_check(input, target, who)
+    n, _, s = input.shape
     for name, t in (("grad", grad), ("lse", lse), ("dscale", dscale)):
         if tuple(t.shape) != (n, s):
-            raise ValueError(f"softmax_focal_bwd: {name} must have shape {[n, s]}; got {list(t.shape)}")
-    lse = lse.contiguous()
-    dscale = dscale.contiguous()
+            raise ValueError(f"{who}: {name} must have shape {[n, s]}; got {list(t.shape)}")
+
+
+def _softmax_bwd_launch(kernel, lead, grad, input, target, lse, dscale, gi, ignore_index):
+    n, c, s = input.shape
     block_c = _block_c(c)
-    _softmax_focal_bwd_kernel[(n * s,)](
-        grad, input, target, lse, dscale, gi,
+    kernel[(n * s,)](
+        *lead, grad, input, target, lse.contiguous(), dscale.contiguous(), gi,
         c, s,
         grad.stride(0), grad.stride(1),
         input.stride(0), input.stride(1), input.stride(2),
@@ -438,4 +579,29 @@ def softmax_focal_bwd(grad, input, target, lse, dscale, ignore_index):
         int(ignore_index),
         BLOCK_C=block_c, num_warps=_num_warps(block_c),
     )
+
+
+def softmax_focal_bwd(grad, input, target, lse, dscale, ignore_index):
+    _softmax_bwd_check(grad, input, target, lse, dscale, "softmax_focal_bwd")
+    gi = empty_like_layout(input)  # as the fake kernel (ops/focal.py)
+    if input.numel() == 0:
+        return gi
+    _softmax_bwd_launch(_softmax_focal_bwd_kernel, (), grad, input, target, lse, dscale, gi, ignore_index)
     return gi
+
+
+def softmax_focal_fused_bwd(grad_output, grad, grad_input, input, target, lse, dscale, ignore_index):
+    """The backward of softmax_focal_fused_scaled: ``grad_input`` holds the gradient for grad_output 1.
+    The kernel reads ``grad_output`` (one value) on the device and leaves grad_input as it is when it
+    is 1; otherwise it rewrites it for the per-row upstream gradient ``grad`` ((N, S), e.g.
+    grad_output / denom expanded). No host sync."""
+    _softmax_bwd_check(grad, input, target, lse, dscale, "softmax_focal_fused_bwd")
+    if grad_output.numel() != 1:
+        raise ValueError("softmax_focal_fused_bwd: grad_output must hold one value")
+    if grad_input.shape != input.shape or grad_input.dtype != input.dtype:
+        raise ValueError("softmax_focal_fused_bwd: grad_input must have the input's shape and dtype")
+    if input.numel() == 0:
+        return
+    go = grad_output.to(acc_dtype(input.dtype)).reshape(1)
+    _softmax_bwd_launch(_softmax_focal_fused_bwd_kernel, (go,), grad, input, target, lse, dscale, grad_input,
+                        ignore_index)

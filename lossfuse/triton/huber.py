@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .._layout import collapse, empty_like_walk
+from .._utils import to_f32
 
 MAX_DIMS = 4
 ELEMENTWISE_BLOCK = 1024
@@ -86,13 +87,25 @@ def _delta(delta_hi, delta_lo, F64: tl.constexpr):
 
 
 @triton.jit
+def _input_grads(g, d, i, mask, GX, GY, delta, MODE: tl.constexpr, WANT_GX: tl.constexpr, WANT_GY: tl.constexpr):
+    # g holds the loss scale (and the weight): formed in fp32 (fp64), cast once at the store.
+    gd = g * _slope(d, delta, MODE)
+    if WANT_GX:
+        tl.store(GX + i, gd.to(GX.dtype.element_ty), mask=mask)
+    if WANT_GY:
+        tl.store(GY + i, (-gd).to(GY.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def huber_fwd_kernel(
-    X, Y, Wt, OUT, numel, S1, S2, S3,
+    X, Y, Wt, OUT, GS, GX, GY, numel, S1, S2, S3,
     x_s0, x_s1, x_s2, x_s3, y_s0, y_s1, y_s2, y_s3, w_s0, w_s1, w_s2, w_s3,
     delta_hi, delta_lo,
-    MODE: tl.constexpr, HAS_W: tl.constexpr, REDUCE: tl.constexpr, NDIM: tl.constexpr,
-    F64: tl.constexpr, BLOCK: tl.constexpr,
+    MODE: tl.constexpr, HAS_W: tl.constexpr, REDUCE: tl.constexpr, WANT_GX: tl.constexpr,
+    WANT_GY: tl.constexpr, NDIM: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """The loss (per element, or one partial sum per program); with WANT_GX / WANT_GY also the
+    gradients for the scalar upstream gradient at GS, from the same loads (huber_fwd_grad)."""
     pid = tl.program_id(0).to(tl.int64)
     i = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = i < numel
@@ -101,10 +114,16 @@ def huber_fwd_kernel(
     ctype = tl.float64 if F64 else tl.float32
     x = tl.load(X + _offsets(i, S1, S2, S3, x_s0, x_s1, x_s2, x_s3, NDIM), mask=mask, other=0.0).to(ctype)
     y = tl.load(Y + _offsets(i, S1, S2, S3, y_s0, y_s1, y_s2, y_s3, NDIM), mask=mask, other=0.0).to(ctype)
-    loss = _loss(x - y, delta, half, MODE)  # masked lanes: d = 0, loss 0
+    d = x - y
+    loss = _loss(d, delta, half, MODE)  # masked lanes: d = 0, loss 0
     if HAS_W:
         w = tl.load(Wt + _offsets(i, S1, S2, S3, w_s0, w_s1, w_s2, w_s3, NDIM), mask=mask, other=0.0).to(ctype)
         loss = loss * w
+    if WANT_GX or WANT_GY:
+        g = tl.load(GS).to(ctype)
+        if HAS_W:
+            g = g * w  # the backward kernel's order, so both give the same bits
+        _input_grads(g, d, i, mask, GX, GY, delta, MODE, WANT_GX, WANT_GY)
     if REDUCE:
         total = tl.sum(tl.where(mask, loss, 0.0), axis=0)
         tl.store(OUT + pid, total.to(tl.float64))
@@ -113,7 +132,7 @@ def huber_fwd_kernel(
 
 
 @triton.jit
-def huber_bwd_kernel(
+def _huber_bwd_block(
     G, X, Y, Wt, GX, GY, GW, numel, S1, S2, S3,
     x_s0, x_s1, x_s2, x_s3, y_s0, y_s1, y_s2, y_s3, w_s0, w_s1, w_s2, w_s3, g_s0, g_s1, g_s2, g_s3,
     delta_hi, delta_lo,
@@ -137,12 +156,38 @@ def huber_bwd_kernel(
         tl.store(GW + i, gw.to(GW.dtype.element_ty), mask=mask)
     if HAS_W:
         g = g * tl.load(Wt + _offsets(i, S1, S2, S3, w_s0, w_s1, w_s2, w_s3, NDIM), mask=mask, other=0.0).to(ctype)
-    # Formed in fp32 (fp64) with the loss scale inside g, cast once at the store.
-    gd = g * _slope(d, delta, MODE)
-    if WANT_GX:
-        tl.store(GX + i, gd.to(GX.dtype.element_ty), mask=mask)
-    if WANT_GY:
-        tl.store(GY + i, (-gd).to(GY.dtype.element_ty), mask=mask)
+    _input_grads(g, d, i, mask, GX, GY, delta, MODE, WANT_GX, WANT_GY)
+
+
+@triton.jit
+def huber_bwd_kernel(
+    G, X, Y, Wt, GX, GY, GW, numel, S1, S2, S3,
+    x_s0, x_s1, x_s2, x_s3, y_s0, y_s1, y_s2, y_s3, w_s0, w_s1, w_s2, w_s3, g_s0, g_s1, g_s2, g_s3,
+    delta_hi, delta_lo,
+    MODE: tl.constexpr, HAS_W: tl.constexpr, G_SCALAR: tl.constexpr, WANT_GX: tl.constexpr,
+    WANT_GY: tl.constexpr, WANT_GW: tl.constexpr, NDIM: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    _huber_bwd_block(G, X, Y, Wt, GX, GY, GW, numel, S1, S2, S3,
+                     x_s0, x_s1, x_s2, x_s3, y_s0, y_s1, y_s2, y_s3, w_s0, w_s1, w_s2, w_s3, g_s0, g_s1, g_s2, g_s3,
+                     delta_hi, delta_lo, MODE, HAS_W, G_SCALAR, WANT_GX, WANT_GY, WANT_GW, NDIM, F64, BLOCK)
+
+
+@triton.jit
+def huber_fused_bwd_kernel(
+    GO, G, X, Y, Wt, GX, GY, numel, S1, S2, S3,
+    x_s0, x_s1, x_s2, x_s3, y_s0, y_s1, y_s2, y_s3, w_s0, w_s1, w_s2, w_s3,
+    delta_hi, delta_lo,
+    MODE: tl.constexpr, HAS_W: tl.constexpr, WANT_GX: tl.constexpr, WANT_GY: tl.constexpr,
+    NDIM: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The backward of huber_fwd_grad: its gradients stand when grad_output (GO) is 1 -- decided
+    here, on the device, so the host never waits -- and are otherwise rewritten from the operands for
+    the scalar G (grad_output, divided by N for a mean), one rounding as the unfused backward."""
+    if tl.load(GO) == 1.0:
+        return
+    _huber_bwd_block(G, X, Y, Wt, GX, GY, GX, numel, S1, S2, S3,
+                     x_s0, x_s1, x_s2, x_s3, y_s0, y_s1, y_s2, y_s3, w_s0, w_s1, w_s2, w_s3, 0, 0, 0, 0,
+                     delta_hi, delta_lo, MODE, HAS_W, True, WANT_GX, WANT_GY, False, NDIM, F64, BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,16 +230,16 @@ def launch_configs():
         b, warps = _launch_config(block)
         fwd.append(dict(REDUCE=block > 0, BLOCK=b, num_warps=warps))
     b, warps = _launch_config(0)
-    return {"huber_fwd_kernel": fwd, "huber_bwd_kernel": [dict(BLOCK=b, num_warps=warps)]}
+    bwd = [dict(BLOCK=b, num_warps=warps)]
+    return {"huber_fwd_kernel": fwd, "huber_bwd_kernel": bwd, "huber_fused_bwd_kernel": bwd}
 
 
 def _delta_parts(delta: float):
-    hi = float(torch.tensor(delta, dtype=torch.float32))
-    lo = float(torch.tensor(delta - hi, dtype=torch.float32))
-    return hi, lo
+    hi = to_f32(delta)
+    return hi, to_f32(delta - hi)
 
 
-def huber_fwd(input, target, weight, mode, delta, block):
+def _fwd_launch(input, target, weight, mode, delta, block, scale, gx, gy):
     numel = input.numel()
     f64 = input.dtype == torch.float64
     if block > 0:
@@ -207,24 +252,76 @@ def huber_fwd(input, target, weight, mode, delta, block):
     x, y, w, _, sizes, st, ndim = _space(input, target, weight)
     hi, lo = _delta_parts(delta)
     grid = (triton.cdiv(numel, BLOCK),)
+    want_gx, want_gy = gx is not None and gx.numel() > 0, gy is not None and gy.numel() > 0
     huber_fwd_kernel[grid](
-        x, y, w if w is not None else x, out, numel, *sizes, *st[0], *st[1], *st[2], hi, lo,
-        MODE=mode, HAS_W=w is not None, REDUCE=block > 0, NDIM=ndim, F64=f64, BLOCK=BLOCK,
-        num_warps=num_warps,
+        x, y, w if w is not None else x, out, scale if scale is not None else out,
+        gx if want_gx else x, gy if want_gy else x,
+        numel, *sizes, *st[0], *st[1], *st[2], hi, lo,
+        MODE=mode, HAS_W=w is not None, REDUCE=block > 0, WANT_GX=want_gx, WANT_GY=want_gy, NDIM=ndim, F64=f64,
+        BLOCK=BLOCK, num_warps=num_warps,
     )
     return out
+
+
+def huber_fwd(input, target, weight, mode, delta, block):
+    return _fwd_launch(input, target, weight, mode, delta, block, None, None, None)
+
+
+def huber_fwd_grad(input, target, weight, mode, delta, block, scale, input_grad, target_grad):
+    """The reducing forward that also writes the input / target gradients for the scalar upstream
+    gradient ``scale``, from the same loads: the loss's one pass over the operands (ops/huber.py)."""
+    if block <= 0:
+        raise ValueError(f"huber_fwd_grad: takes a reducing forward (block > 0); got block {block}")
+    gx, gy, _ = _grads_like(input, target, weight, input_grad, target_grad, False)
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    s = torch.full((1,), float(scale), dtype=acc, device=input.device)
+    return _fwd_launch(input, target, weight, mode, delta, block, s, gx, gy), gx, gy
+
+
+def _grads_like(input, target, weight, input_grad, target_grad, weight_grad):
+    """The gradient buffers, laid out like the forward's per-element loss; 0 elements where not wanted."""
+    gx = empty_like_walk(input, target, weight, input.dtype) if input_grad else input.new_empty((0,))
+    gy = empty_like_walk(input, target, weight, target.dtype) if target_grad else target.new_empty((0,))
+    if weight is not None and weight_grad:
+        gw = empty_like_walk(input, target, weight, weight.dtype)
+    else:
+        gw = (weight if weight is not None else input).new_empty((0,))
+    return gx, gy, gw
+
+
+def huber_fused_bwd(grad_output, grad, grad_input, grad_target, input, target, weight, mode, delta):
+    """The backward of huber_fwd_grad (scale 1/N or 1): ``grad_input`` / ``grad_target`` (0 elements
+    where not wanted) hold the gradients for grad_output 1. The kernel reads ``grad_output`` (one
+    value) on the device and leaves them as they are when it is 1; otherwise it rewrites them for
+    the scalar upstream gradient ``grad`` (grad_output / N for a mean). No host sync."""
+    if grad_output.numel() != 1 or grad.numel() != 1:
+        raise ValueError("huber_fused_bwd: grad_output and grad must hold one value each")
+    numel = input.numel()
+    want_gx, want_gy = grad_input.numel() > 0, grad_target.numel() > 0
+    for name, g in (("grad_input", grad_input), ("grad_target", grad_target)):
+        if g.numel() not in (0, numel):
+            raise ValueError(f"huber_fused_bwd: {name} must have {numel} elements or none; got {g.numel()}")
+    if numel == 0 or not (want_gx or want_gy):
+        return
+    f64 = input.dtype == torch.float64
+    acc = torch.float64 if f64 else torch.float32
+    x, y, w, _, sizes, st, ndim = _space(input, target, weight)
+    hi, lo = _delta_parts(delta)
+    BLOCK, num_warps = _launch_config(0)
+    huber_fused_bwd_kernel[(triton.cdiv(numel, BLOCK),)](
+        grad_output.to(acc).reshape(1), grad.to(acc).reshape(1), x, y, w if w is not None else x,
+        grad_input if want_gx else x, grad_target if want_gy else x,
+        numel, *sizes, *st[0], *st[1], *st[2], hi, lo,
+        MODE=mode, HAS_W=w is not None, WANT_GX=want_gx, WANT_GY=want_gy, NDIM=ndim, F64=f64, BLOCK=BLOCK,
+        num_warps=num_warps,
+    )
 
 
 def huber_bwd(grad, input, target, weight, mode, delta, input_grad, target_grad, weight_grad):
     numel = input.numel()
     f64 = input.dtype == torch.float64
     want_w = weight is not None and weight_grad
-    gx = empty_like_walk(input, target, weight, input.dtype) if input_grad else input.new_empty((0,))
-    gy = empty_like_walk(input, target, weight, target.dtype) if target_grad else target.new_empty((0,))
-    if want_w:
-        gw = empty_like_walk(input, target, weight, weight.dtype)
-    else:
-        gw = (weight if weight is not None else input).new_empty((0,))
+    gx, gy, gw = _grads_like(input, target, weight, input_grad, target_grad, weight_grad)
     if numel == 0 or not (input_grad or target_grad or want_w):
         return gx, gy, gw
     x, y, w, g, sizes, st, ndim = _space(input, target, weight, grad)

@@ -54,6 +54,22 @@ def cpu_kernels_or_skip():
     pytest.fail(f"lossfuse._C failed to load: {_backend._C_ERROR}")
 
 
+def triton_device_or_skip() -> str:
+    """The device the Triton tests run on: "cuda" with a GPU, else "cpu", whose tensors Triton's
+    interpreter runs (TRITON_INTERPRET=1, which conftest.py sets before anything imports Triton).
+    Called at a test module's top: skips the module where Triton is missing or the interpreter is off."""
+    import os
+
+    import pytest
+
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+    return "cpu"
+
+
 def ulps_apart(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """|actual - expected| in units of ``dtype``'s spacing at the expected value (subnormals included)."""
     info = torch.finfo(dtype)

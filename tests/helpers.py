@@ -14,6 +14,15 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # The one tolerance table (lossfuse/catalog.py): tests, verify and the benchmark suite share it.
 TOLERANCES = {dtype: (t.atol, t.rtol) for dtype, t in catalog.TOLERANCES.items()}
 
+# The options every class-index loss's parity grid starts from (cross-entropy, softmax focal), read by
+# each test file's make_case: class weights, an ignore_index outside and inside [0, C).
+CLASS_OPTIONS = {
+    "plain": {},
+    "weight": {"weight": True},
+    "ignore": {"ignore": -100},
+    "ignore_pos": {"ignore": 1},
+}
+
 CPU_BACKENDS = ["cpu", "reference"]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import lossfuse
-from helpers import CPU_BACKENDS, DTYPES, assert_close, cpu_kernels_or_skip, ulps_apart
+from helpers import CLASS_OPTIONS, CPU_BACKENDS, DTYPES, assert_close, cpu_kernels_or_skip, ulps_apart
 
 # ------------------------------------------------------------------------------------------------
 # Inputs
@@ -25,10 +25,7 @@ from helpers import CPU_BACKENDS, DTYPES, assert_close, cpu_kernels_or_skip, ulp
 SHAPES = [(7, 3), (33, 1000), (4, 32001), (6, 1), (5,), (2, 5, 3, 4), (3, 7, 11), (2, 3, 2, 3, 2)]
 
 OPTIONS = {
-    "plain": {},
-    "weight": {"weight": True},
-    "ignore": {"ignore": -100},
-    "ignore_pos": {"ignore": 1},
+    **CLASS_OPTIONS,
     "smooth": {"label_smoothing": 0.1},
     "all": {"weight": True, "ignore": -100, "label_smoothing": 0.25},
     "prob": {"prob": True},
@@ -80,6 +77,27 @@ def grad_output_for(loss):
     return torch.rand_like(loss, dtype=torch.float64) + 0.5 if loss.dim() else torch.tensor(1.7, dtype=torch.float64)
 
 
+def check_grads(out, ref, leaves, leaves_ref, dtype):
+    """The gradients of ``out`` for ``leaves`` (the input, then a probability target) against those of
+    the float64 ``ref`` for ``leaves_ref``, under random per-row upstream gradients; returns them."""
+    go = grad_output_for(ref)
+    grads = torch.autograd.grad(out, leaves, go.to(out.dtype))
+    grads_ref = torch.autograd.grad(ref, leaves_ref, go)
+    for name, g, gr in zip(("input", "target"), grads, grads_ref):
+        assert_close(g, gr, dtype, f"grad {name}")
+    return grads
+
+
+def rows_against_torch(x, y, label_smoothing, backend):
+    """Per-row losses of float32 ``x`` against torch's in float64, checked; (leaf, loss, leaf64, ref)."""
+    xr = x.clone().requires_grad_(True)
+    out = lossfuse.cross_entropy(xr, y, reduction="none", label_smoothing=label_smoothing, backend=backend)
+    xd = x.double().requires_grad_(True)
+    ref = F.cross_entropy(xd, y, reduction="none", label_smoothing=label_smoothing)
+    assert_close(out, ref, torch.float32, "loss")
+    return xr, out, xd, ref
+
+
 # ------------------------------------------------------------------------------------------------
 # Parity grid
 # ------------------------------------------------------------------------------------------------
@@ -108,13 +126,8 @@ def test_parity_with_torch(shape, option, dtype, reduction, backend):
     assert out.shape == ref.shape
     assert_close(out, ref, dtype, "loss")
 
-    go = grad_output_for(ref)
-    grads = torch.autograd.grad(out, (x, target) if prob else (x,), go.to(out.dtype))
-    grads_ref = torch.autograd.grad(ref, (xd, td) if prob else (xd,), go)
+    grads = check_grads(out, ref, (x, target) if prob else (x,), (xd, td) if prob else (xd,), dtype)
     assert grads[0].dtype == x.dtype and grads[0].shape == x.shape
-    assert_close(grads[0], grads_ref[0], dtype, "grad input")
-    if prob:
-        assert_close(grads[1], grads_ref[1], dtype, "grad target")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -127,15 +140,8 @@ def test_reference_and_cpu_agree_on_large_vocab(backend):
     x[2, :50_000] -= 40.0
     y = torch.tensor([5, 70_000, 99_999])
     for ls in (0.0, 0.3):
-        xr = x.clone().requires_grad_(True)
-        out = lossfuse.cross_entropy(xr, y, reduction="none", label_smoothing=ls, backend=backend)
-        xd = x.double().requires_grad_(True)
-        ref = F.cross_entropy(xd, y, reduction="none", label_smoothing=ls)
-        assert_close(out, ref, torch.float32, "loss")
-        go = torch.rand(3, dtype=torch.float64)
-        (g,) = torch.autograd.grad(out, xr, go.float())
-        (gr,) = torch.autograd.grad(ref, xd, go)
-        assert_close(g, gr, torch.float32, "grad")
+        xr, out, xd, ref = rows_against_torch(x, y, ls, backend)
+        check_grads(out, ref, (xr,), (xd,), torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,12 +175,7 @@ def test_strided_inputs(shape, layout, prob, backend):
     td = target.detach().double().requires_grad_(True) if prob else target
     ref = torch_f64(xd, td, "none", **kw)
     assert_close(out, ref, torch.float32, "loss")
-    go = grad_output_for(ref)
-    grads = torch.autograd.grad(out, (x, target) if prob else (x,), go.float())
-    grads_ref = torch.autograd.grad(ref, (xd, td) if prob else (xd,), go)
-    assert_close(grads[0], grads_ref[0], torch.float32, "grad input")
-    if prob:
-        assert_close(grads[1], grads_ref[1], torch.float32, "grad target")
+    check_grads(out, ref, (x, target) if prob else (x,), (xd, td) if prob else (xd,), torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["rows", "channels_last", "transposed_rows"])
@@ -203,12 +204,7 @@ def test_short_rows_in_tile_layout(layout, opts, inplace):
     td = target.double().requires_grad_(True) if prob else target
     ref = torch_f64(xd, td, "none", **kw)
     assert_close(out, ref, torch.float32, "loss")
-    go = grad_output_for(ref)
-    grads = torch.autograd.grad(out, (leaf, tgt) if prob else (leaf,), go.float())
-    grads_ref = torch.autograd.grad(ref, (xd, td) if prob else (xd,), go)
-    assert_close(grads[0], grads_ref[0], torch.float32, "grad input")
-    if prob:
-        assert_close(grads[1], grads_ref[1], torch.float32, "grad target")
+    check_grads(out, ref, (leaf, tgt) if prob else (leaf,), (xd, td) if prob else (xd,), torch.float32)
 
 
 def test_gradient_keeps_channels_last_layout():
@@ -303,15 +299,9 @@ def test_masked_vocabulary_block(backend):
     x[1, 8000:] = -float("inf")
     y = torch.tensor([5000, 4100, 8999])
     for ls in (0.0, 0.2):
-        xr = x.clone().requires_grad_(True)
-        out = lossfuse.cross_entropy(xr, y, reduction="none", label_smoothing=ls, backend=backend)
-        xd = x.double().requires_grad_(True)
-        ref = F.cross_entropy(xd, y, reduction="none", label_smoothing=ls)
-        assert_close(out, ref, torch.float32, "loss")
-        if ls == 0.0:
-            (g,) = torch.autograd.grad(out.sum(), xr)
-            (gr,) = torch.autograd.grad(ref.sum(), xd)
-            assert_close(g, gr, torch.float32, "grad")
+        xr, out, xd, ref = rows_against_torch(x, y, ls, backend)
+        if ls == 0.0:  # with smoothing the -inf logits make the loss inf
+            check_grads(out, ref, (xr,), (xd,), torch.float32)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -63,6 +63,17 @@ def cpu_kernels_or_skip():
     pytest.fail(f"lossfuse._C failed to load: {_backend._C_ERROR}")
 
 
+def backend_or_skip(backend: str) -> None:
+    """Skip a test of ``backend`` (on CPU tensors) where that backend cannot run here: the C++ kernels
+    left out on purpose (cpu_kernels_or_skip), or Triton not installed or its interpreter off."""
+    if backend == "cpu":
+        cpu_kernels_or_skip()
+    elif backend == "triton" and "triton" not in lossfuse.available_backends("cpu"):
+        import pytest
+
+        pytest.skip("Triton is not installed or TRITON_INTERPRET is off")
+
+
 def triton_device_or_skip() -> str:
     """The device the Triton tests run on: "cuda" with a GPU, else "cpu", whose tensors Triton's
     interpreter runs (TRITON_INTERPRET=1, which conftest.py sets before anything imports Triton).

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import lossfuse
-from helpers import CLASS_OPTIONS, CPU_BACKENDS, DTYPES, assert_close, cpu_kernels_or_skip, ulps_apart
+from helpers import CLASS_OPTIONS, CPU_BACKENDS, DTYPES, assert_close, backend_or_skip, cpu_kernels_or_skip, ulps_apart
 
 # ------------------------------------------------------------------------------------------------
 # Inputs
@@ -108,8 +108,7 @@ def rows_against_torch(x, y, label_smoothing, backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,option", SHAPE_OPTIONS, ids=str)
 def test_parity_with_torch(shape, option, dtype, reduction, backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     opts = OPTIONS[option]
     x, target, kw = make_case(shape, dtype, opts)
     x.requires_grad_(True)
@@ -133,8 +132,7 @@ def test_parity_with_torch(shape, option, dtype, reduction, backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_reference_and_cpu_agree_on_large_vocab(backend):
     """A wide row crosses several of the kernel's summation blocks and its online-max rescaling."""
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     x = torch.randn(3, 100_003) * 4
     x[1, 70_000] = 30.0  # the max arrives late in the row: the running sum must be rescaled
     x[2, :50_000] -= 40.0
@@ -163,8 +161,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("shape", [(9, 37), (3, 6, 5, 7)], ids=str)
 @pytest.mark.parametrize("prob", [False, True])
 def test_strided_inputs(shape, layout, prob, backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     x0, target, kw = make_case(shape, torch.float32, {"prob": prob, "weight": True, "label_smoothing": 0.1})
     x = LAYOUTS[layout](x0.clone()).requires_grad_(True)
     assert torch.equal(x, x0)
@@ -222,8 +219,7 @@ def test_gradient_keeps_channels_last_layout():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_extreme_logits(dtype, backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     big = 1e4 if dtype != torch.float16 else 3e4  # fp16 tops out at 65504
     x = ((torch.rand(6, 50, dtype=torch.float64) * 2 - 1) * big).to(dtype)
     x[0] = big  # all equal: uniform softmax
@@ -249,8 +245,7 @@ def test_extreme_logits(dtype, backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_tiny_probabilities_are_not_flushed(backend):
     """Softmax values below the normal range survive into the gradient (exact subnormals or zeros)."""
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     x = torch.zeros(4, 64, dtype=torch.float64)
     x[:, 1:] = -torch.linspace(80, 120, 63, dtype=torch.float64)  # p down to e^-120, partly subnormal
     x = x.float().requires_grad_(True)
@@ -269,8 +264,7 @@ def test_tiny_probabilities_are_not_flushed(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_nan_and_inf_propagate_as_torch(backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     nan, inf = float("nan"), float("inf")
     x = torch.randn(6, 5)
     x[0, 2] = nan
@@ -292,8 +286,7 @@ def test_nan_and_inf_propagate_as_torch(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_masked_vocabulary_block(backend):
     """A whole block of -inf logits (a masked vocabulary tail) keeps the online max correct."""
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     x = torch.randn(3, 9000)
     x[:, :4096] = -float("inf")
     x[1, 8000:] = -float("inf")
@@ -306,8 +299,7 @@ def test_masked_vocabulary_block(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_empty_and_all_ignored(backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     empty = torch.randn(0, 5, requires_grad=True)
     t = torch.zeros(0, dtype=torch.long)
     assert torch.isnan(lossfuse.cross_entropy(empty, t, backend=backend))
@@ -396,8 +388,7 @@ def test_loss_scaling_under_autocast(dtype, backend):
     fp16 at N=1024, C=32000: softmax/N falls below fp16's smallest subnormal (6e-8) for most entries,
     so a kernel that divides by N or casts before applying the scale flushes them to zero.
     """
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     N, C, scale = 1024, 32000, 2.0 ** 16
     x = torch.randn(N, C, dtype=dtype).requires_grad_(True)
     y = torch.randint(0, C, (N,))
@@ -699,8 +690,7 @@ BAD_IDS = [b[0] for b in BAD_INPUTS]
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name,args,exc,match,torch_same", BAD_INPUTS, ids=BAD_IDS)
 def test_bad_input(name, args, exc, match, torch_same, backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     a, kw = args
     with pytest.raises(exc, match=match):
         lossfuse.cross_entropy(*a, backend=backend, **kw)
@@ -740,8 +730,7 @@ def test_legacy_size_average_and_reduce():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_result_dtypes_match_torch(backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     y = torch.randint(0, 5, (4,))
     for dtype in DTYPES:
         x = torch.randn(4, 5, dtype=dtype)

@@ -13,18 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import lossfuse
-from helpers import CLASS_OPTIONS, CPU_BACKENDS, DTYPES, assert_close, cpu_kernels_or_skip, ulps_apart
+from helpers import CLASS_OPTIONS, CPU_BACKENDS, DTYPES, assert_close, backend_or_skip, cpu_kernels_or_skip, ulps_apart
 from lossfuse import reference
 from lossfuse.ops.focal import SigmoidFocalFunction, SoftmaxFocalFunction
 
 GAMMAS = [0.0, 0.5, 1.0, 2.0, 5.0]
-
-
-def backend_or_skip(backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
-    elif backend == "triton" and "triton" not in lossfuse.available_backends("cpu"):
-        pytest.skip("Triton is not installed or TRITON_INTERPRET is off")
 
 
 def grad_output_for(loss):

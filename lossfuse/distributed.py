@@ -159,13 +159,7 @@ def vocab_parallel_cross_entropy(
         _check_class_index_target(local_logits, target)
     _check_class_weight(weight, v_local, f"{name}: local ")
     backend = _backend.resolve(backend, local_logits.device)
-
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise RuntimeError(f"{name}: this process is not a member of `group`")
-    acc = acc_dtype(local_logits.dtype)
-    start, num_classes, sizes_acc = _slices(vocab_sizes, group, world, rank, v_local, local_logits.device, acc)
+    world, start, num_classes, sizes_acc = _slices(name, vocab_sizes, group, v_local, local_logits)
 
     y = target if prob else _checked_targets(name, target, num_classes, ignore_index)
 
@@ -176,14 +170,19 @@ def vocab_parallel_cross_entropy(
     return (loss, lse) if return_lse else loss
 
 
-def _slices(vocab_sizes, group, world, rank, v_local, device, acc):
-    """(this rank's first class, C, the (world,) slice sizes in ``acc``) from ``vocab_sizes`` or one
-    all_gather of the local sizes."""
+def _slices(name, vocab_sizes, group, v_local, like):
+    """(the group's size, this rank's first class, C, the (world,) slice sizes in the accumulation dtype
+    of ``like``, on its device) from ``vocab_sizes`` or one all_gather of the local sizes."""
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise RuntimeError(f"{name}: this process is not a member of `group`")
+    device, acc = like.device, acc_dtype(like.dtype)
     if vocab_sizes is not None:
         sizes = _check_vocab_sizes(vocab_sizes, world, rank, v_local)
         # The cache is for eager calls; under torch.compile the copy is a graph constant anyway.
         make = _sizes_tensor.__wrapped__ if torch.compiler.is_compiling() else _sizes_tensor
-        return sum(sizes[:rank]), sum(sizes), make(sizes, device, acc)
+        return world, sum(sizes[:rank]), sum(sizes), make(sizes, device, acc)
     # One extra collective; a fill kernel rather than a host-to-device copy of the size.
     mine = torch.full((1,), v_local, dtype=torch.int64, device=device)
     all_sizes = _all_gather(mine, group, world)
@@ -192,7 +191,7 @@ def _slices(vocab_sizes, group, world, rank, v_local, device, acc):
         start, num_classes = sum(sizes[:rank]), sum(sizes)
     else:  # device scalars: a host sync here would stall the GPU
         start, num_classes = all_sizes[:rank].sum(), all_sizes.sum()
-    return start, num_classes, all_sizes.to(acc)
+    return world, start, num_classes, all_sizes.to(acc)
 
 
 def _checked_targets(name, target, num_classes, ignore_index):
@@ -570,12 +569,7 @@ def vocab_parallel_linear_cross_entropy(
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"{name}: chunk_size must be a positive int or None; got {chunk_size!r}")
     backend = _backend.resolve(backend, input.device)
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise RuntimeError(f"{name}: this process is not a member of `group`")
-    acc = acc_dtype(input.dtype)
-    start, num_classes, sizes_acc = _slices(vocab_sizes, group, world, rank, v_local, input.device, acc)
+    world, start, num_classes, sizes_acc = _slices(name, vocab_sizes, group, v_local, input)
     x2 = input.reshape(-1, h)
     n = x2.shape[0]
     t2 = target.reshape(n, v_local) if prob else _checked_targets(name, target.reshape(n), num_classes,

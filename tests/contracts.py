@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import lossfuse
-from helpers import DTYPES, assert_close, cpu_kernels_or_skip, spy_ops, ulps_apart
+from helpers import DTYPES, assert_close, backend_or_skip, cpu_kernels_or_skip, spy_ops, ulps_apart
 from lossfuse import catalog
 
 LOW_PRECISION = [torch.float16, torch.bfloat16]
@@ -100,8 +100,7 @@ class LossContract:
     @pytest.mark.parametrize("backend", ["cpu", "reference"])
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_matches_torch_in_float64(self, variant, dtype, backend):
-        if backend == "cpu":
-            cpu_kernels_or_skip()
+        backend_or_skip(backend)
         x, rest = self.inputs(variant, dtype)
         xr = x.clone().requires_grad_(True)
         loss = self.call(xr, rest, variant, backend)

@@ -14,6 +14,15 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # The one tolerance table (lossfuse/catalog.py): tests, verify and the benchmark suite share it.
 TOLERANCES = {dtype: (t.atol, t.rtol) for dtype, t in catalog.TOLERANCES.items()}
 
+# The options every class-index loss's parity grid starts from (cross-entropy, softmax focal), read by
+# each test file's make_case: class weights, an ignore_index outside and inside [0, C).
+CLASS_OPTIONS = {
+    "plain": {},
+    "weight": {"weight": True},
+    "ignore": {"ignore": -100},
+    "ignore_pos": {"ignore": 1},
+}
+
 CPU_BACKENDS = ["cpu", "reference"]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -52,6 +61,33 @@ def cpu_kernels_or_skip():
     from lossfuse import _backend
 
     pytest.fail(f"lossfuse._C failed to load: {_backend._C_ERROR}")
+
+
+def backend_or_skip(backend: str) -> None:
+    """Skip a test of ``backend`` (on CPU tensors) where that backend cannot run here: the C++ kernels
+    left out on purpose (cpu_kernels_or_skip), or Triton not installed or its interpreter off."""
+    if backend == "cpu":
+        cpu_kernels_or_skip()
+    elif backend == "triton" and "triton" not in lossfuse.available_backends("cpu"):
+        import pytest
+
+        pytest.skip("Triton is not installed or TRITON_INTERPRET is off")
+
+
+def triton_device_or_skip() -> str:
+    """The device the Triton tests run on: "cuda" with a GPU, else "cpu", whose tensors Triton's
+    interpreter runs (TRITON_INTERPRET=1, which conftest.py sets before anything imports Triton).
+    Called at a test module's top: skips the module where Triton is missing or the interpreter is off."""
+    import os
+
+    import pytest
+
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+    return "cpu"
 
 
 def ulps_apart(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import lossfuse
-from helpers import CPU_BACKENDS, DTYPES, assert_close, cpu_kernels_or_skip, ulps_apart
+from helpers import CLASS_OPTIONS, CPU_BACKENDS, DTYPES, assert_close, backend_or_skip, cpu_kernels_or_skip, ulps_apart
 
 # ------------------------------------------------------------------------------------------------
 # Inputs
@@ -25,10 +25,7 @@ from helpers import CPU_BACKENDS, DTYPES, assert_close, cpu_kernels_or_skip, ulp
 SHAPES = [(7, 3), (33, 1000), (4, 32001), (6, 1), (5,), (2, 5, 3, 4), (3, 7, 11), (2, 3, 2, 3, 2)]
 
 OPTIONS = {
-    "plain": {},
-    "weight": {"weight": True},
-    "ignore": {"ignore": -100},
-    "ignore_pos": {"ignore": 1},
+    **CLASS_OPTIONS,
     "smooth": {"label_smoothing": 0.1},
     "all": {"weight": True, "ignore": -100, "label_smoothing": 0.25},
     "prob": {"prob": True},
@@ -80,6 +77,27 @@ def grad_output_for(loss):
     return torch.rand_like(loss, dtype=torch.float64) + 0.5 if loss.dim() else torch.tensor(1.7, dtype=torch.float64)
 
 
+def check_grads(out, ref, leaves, leaves_ref, dtype):
+    """The gradients of ``out`` for ``leaves`` (the input, then a probability target) against those of
+    the float64 ``ref`` for ``leaves_ref``, under random per-row upstream gradients; returns them."""
+    go = grad_output_for(ref)
+    grads = torch.autograd.grad(out, leaves, go.to(out.dtype))
+    grads_ref = torch.autograd.grad(ref, leaves_ref, go)
+    for name, g, gr in zip(("input", "target"), grads, grads_ref):
+        assert_close(g, gr, dtype, f"grad {name}")
+    return grads
+
+
+def rows_against_torch(x, y, label_smoothing, backend):
+    """Per-row losses of float32 ``x`` against torch's in float64, checked; (leaf, loss, leaf64, ref)."""
+    xr = x.clone().requires_grad_(True)
+    out = lossfuse.cross_entropy(xr, y, reduction="none", label_smoothing=label_smoothing, backend=backend)
+    xd = x.double().requires_grad_(True)
+    ref = F.cross_entropy(xd, y, reduction="none", label_smoothing=label_smoothing)
+    assert_close(out, ref, torch.float32, "loss")
+    return xr, out, xd, ref
+
+
 # ------------------------------------------------------------------------------------------------
 # Parity grid
 # ------------------------------------------------------------------------------------------------
@@ -90,8 +108,7 @@ def grad_output_for(loss):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,option", SHAPE_OPTIONS, ids=str)
 def test_parity_with_torch(shape, option, dtype, reduction, backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     opts = OPTIONS[option]
     x, target, kw = make_case(shape, dtype, opts)
     x.requires_grad_(True)
@@ -108,34 +125,21 @@ def test_parity_with_torch(shape, option, dtype, reduction, backend):
     assert out.shape == ref.shape
     assert_close(out, ref, dtype, "loss")
 
-    go = grad_output_for(ref)
-    grads = torch.autograd.grad(out, (x, target) if prob else (x,), go.to(out.dtype))
-    grads_ref = torch.autograd.grad(ref, (xd, td) if prob else (xd,), go)
+    grads = check_grads(out, ref, (x, target) if prob else (x,), (xd, td) if prob else (xd,), dtype)
     assert grads[0].dtype == x.dtype and grads[0].shape == x.shape
-    assert_close(grads[0], grads_ref[0], dtype, "grad input")
-    if prob:
-        assert_close(grads[1], grads_ref[1], dtype, "grad target")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_reference_and_cpu_agree_on_large_vocab(backend):
     """A wide row crosses several of the kernel's summation blocks and its online-max rescaling."""
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     x = torch.randn(3, 100_003) * 4
     x[1, 70_000] = 30.0  # the max arrives late in the row: the running sum must be rescaled
     x[2, :50_000] -= 40.0
     y = torch.tensor([5, 70_000, 99_999])
     for ls in (0.0, 0.3):
-        xr = x.clone().requires_grad_(True)
-        out = lossfuse.cross_entropy(xr, y, reduction="none", label_smoothing=ls, backend=backend)
-        xd = x.double().requires_grad_(True)
-        ref = F.cross_entropy(xd, y, reduction="none", label_smoothing=ls)
-        assert_close(out, ref, torch.float32, "loss")
-        go = torch.rand(3, dtype=torch.float64)
-        (g,) = torch.autograd.grad(out, xr, go.float())
-        (gr,) = torch.autograd.grad(ref, xd, go)
-        assert_close(g, gr, torch.float32, "grad")
+        xr, out, xd, ref = rows_against_torch(x, y, ls, backend)
+        check_grads(out, ref, (xr,), (xd,), torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,8 +161,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("shape", [(9, 37), (3, 6, 5, 7)], ids=str)
 @pytest.mark.parametrize("prob", [False, True])
 def test_strided_inputs(shape, layout, prob, backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     x0, target, kw = make_case(shape, torch.float32, {"prob": prob, "weight": True, "label_smoothing": 0.1})
     x = LAYOUTS[layout](x0.clone()).requires_grad_(True)
     assert torch.equal(x, x0)
@@ -169,12 +172,7 @@ def test_strided_inputs(shape, layout, prob, backend):
     td = target.detach().double().requires_grad_(True) if prob else target
     ref = torch_f64(xd, td, "none", **kw)
     assert_close(out, ref, torch.float32, "loss")
-    go = grad_output_for(ref)
-    grads = torch.autograd.grad(out, (x, target) if prob else (x,), go.float())
-    grads_ref = torch.autograd.grad(ref, (xd, td) if prob else (xd,), go)
-    assert_close(grads[0], grads_ref[0], torch.float32, "grad input")
-    if prob:
-        assert_close(grads[1], grads_ref[1], torch.float32, "grad target")
+    check_grads(out, ref, (x, target) if prob else (x,), (xd, td) if prob else (xd,), torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["rows", "channels_last", "transposed_rows"])
@@ -203,12 +201,7 @@ def test_short_rows_in_tile_layout(layout, opts, inplace):
     td = target.double().requires_grad_(True) if prob else target
     ref = torch_f64(xd, td, "none", **kw)
     assert_close(out, ref, torch.float32, "loss")
-    go = grad_output_for(ref)
-    grads = torch.autograd.grad(out, (leaf, tgt) if prob else (leaf,), go.float())
-    grads_ref = torch.autograd.grad(ref, (xd, td) if prob else (xd,), go)
-    assert_close(grads[0], grads_ref[0], torch.float32, "grad input")
-    if prob:
-        assert_close(grads[1], grads_ref[1], torch.float32, "grad target")
+    check_grads(out, ref, (leaf, tgt) if prob else (leaf,), (xd, td) if prob else (xd,), torch.float32)
 
 
 def test_gradient_keeps_channels_last_layout():
@@ -226,8 +219,7 @@ def test_gradient_keeps_channels_last_layout():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_extreme_logits(dtype, backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     big = 1e4 if dtype != torch.float16 else 3e4  # fp16 tops out at 65504
     x = ((torch.rand(6, 50, dtype=torch.float64) * 2 - 1) * big).to(dtype)
     x[0] = big  # all equal: uniform softmax
@@ -253,8 +245,7 @@ def test_extreme_logits(dtype, backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_tiny_probabilities_are_not_flushed(backend):
     """Softmax values below the normal range survive into the gradient (exact subnormals or zeros)."""
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     x = torch.zeros(4, 64, dtype=torch.float64)
     x[:, 1:] = -torch.linspace(80, 120, 63, dtype=torch.float64)  # p down to e^-120, partly subnormal
     x = x.float().requires_grad_(True)
@@ -273,8 +264,7 @@ def test_tiny_probabilities_are_not_flushed(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_nan_and_inf_propagate_as_torch(backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     nan, inf = float("nan"), float("inf")
     x = torch.randn(6, 5)
     x[0, 2] = nan
@@ -296,28 +286,20 @@ def test_nan_and_inf_propagate_as_torch(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_masked_vocabulary_block(backend):
     """A whole block of -inf logits (a masked vocabulary tail) keeps the online max correct."""
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     x = torch.randn(3, 9000)
     x[:, :4096] = -float("inf")
     x[1, 8000:] = -float("inf")
     y = torch.tensor([5000, 4100, 8999])
     for ls in (0.0, 0.2):
-        xr = x.clone().requires_grad_(True)
-        out = lossfuse.cross_entropy(xr, y, reduction="none", label_smoothing=ls, backend=backend)
-        xd = x.double().requires_grad_(True)
-        ref = F.cross_entropy(xd, y, reduction="none", label_smoothing=ls)
-        assert_close(out, ref, torch.float32, "loss")
-        if ls == 0.0:
-            (g,) = torch.autograd.grad(out.sum(), xr)
-            (gr,) = torch.autograd.grad(ref.sum(), xd)
-            assert_close(g, gr, torch.float32, "grad")
+        xr, out, xd, ref = rows_against_torch(x, y, ls, backend)
+        if ls == 0.0:  # with smoothing the -inf logits make the loss inf
+            check_grads(out, ref, (xr,), (xd,), torch.float32)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_empty_and_all_ignored(backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     empty = torch.randn(0, 5, requires_grad=True)
     t = torch.zeros(0, dtype=torch.long)
     assert torch.isnan(lossfuse.cross_entropy(empty, t, backend=backend))
@@ -406,8 +388,7 @@ def test_loss_scaling_under_autocast(dtype, backend):
     fp16 at N=1024, C=32000: softmax/N falls below fp16's smallest subnormal (6e-8) for most entries,
     so a kernel that divides by N or casts before applying the scale flushes them to zero.
     """
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     N, C, scale = 1024, 32000, 2.0 ** 16
     x = torch.randn(N, C, dtype=dtype).requires_grad_(True)
     y = torch.randint(0, C, (N,))
@@ -709,8 +690,7 @@ BAD_IDS = [b[0] for b in BAD_INPUTS]
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name,args,exc,match,torch_same", BAD_INPUTS, ids=BAD_IDS)
 def test_bad_input(name, args, exc, match, torch_same, backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     a, kw = args
     with pytest.raises(exc, match=match):
         lossfuse.cross_entropy(*a, backend=backend, **kw)
@@ -750,8 +730,7 @@ def test_legacy_size_average_and_reduce():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_result_dtypes_match_torch(backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     y = torch.randint(0, 5, (4,))
     for dtype in DTYPES:
         x = torch.randn(4, 5, dtype=dtype)

@@ -10,14 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import lossfuse
-from helpers import HAS_TRITON, assert_close, cpu_kernels_or_skip, ulps_apart
+from helpers import HAS_TRITON, assert_close, backend_or_skip, cpu_kernels_or_skip, ulps_apart
 
 BACKENDS = ["cpu", "reference"] + (["triton"] if HAS_TRITON else [])
-
-
-def _backend_or_skip(backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
 
 
 def torch_llm_f64(x, y, *, reduction="mean", z_loss=0.0, softcap=None, ignore_index=-100, **kw):
@@ -79,7 +74,7 @@ def _case(shape, dtype, opts):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_options_match_definition(shape, case, dtype, reduction, inplace, backend):
-    _backend_or_skip(backend)
+    backend_or_skip(backend)
     x, y, kw = _case(shape, dtype, CASES[case])
     leaf = x.clone().requires_grad_(True)
     logits = leaf * 1  # a non-leaf, as a model's logits are; in place overwrites this one
@@ -110,7 +105,7 @@ def test_gradcheck_options(case):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reduction_none_uses_every_rows_grad_output(backend):
     """A known bug elsewhere: every row scaled by grad_output[0]."""
-    _backend_or_skip(backend)
+    backend_or_skip(backend)
     x = torch.randn(6, 11, requires_grad=True)
     y = torch.randint(0, 11, (6,))
     go = torch.tensor([0.0, 1.0, -2.0, 3.5, 1e-3, 7.0])
@@ -131,7 +126,7 @@ def test_reduction_none_uses_every_rows_grad_output(backend):
 @pytest.mark.parametrize("backend", ["cpu"] + (["triton"] if HAS_TRITON else []))
 @pytest.mark.parametrize("layout", ["rows", "spatial", "transposed"])
 def test_inplace_writes_the_gradient_into_the_logits(backend, layout):
-    _backend_or_skip(backend)
+    backend_or_skip(backend)
     if layout == "spatial":
         base = torch.randn(2, 7, 4, 3)
         y = torch.randint(0, 7, (2, 4, 3))
@@ -157,7 +152,7 @@ def test_inplace_writes_the_gradient_into_the_logits(backend, layout):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_inplace_refuses_later_use_of_the_logits(backend):
-    _backend_or_skip(backend)
+    backend_or_skip(backend)
     h = torch.randn(8, 16, requires_grad=True)
     W = torch.randn(50, 16, requires_grad=True)
     y = torch.randint(0, 50, (8,))
@@ -250,7 +245,7 @@ def test_bad_options(kw, match):
 @pytest.mark.parametrize("shape", [(3, 9000), (2, 4, 3)], ids=str)
 def test_lse_of_an_all_minus_inf_row(backend, shape):
     """lse = -inf as torch.logsumexp (a vocabulary shard fully masked for a row); the loss is NaN, as torch's."""
-    _backend_or_skip(backend)
+    backend_or_skip(backend)
     x = torch.randn(shape)
     x[1] = -float("inf")
     y = torch.zeros((shape[0],) + tuple(shape[2:]), dtype=torch.long)

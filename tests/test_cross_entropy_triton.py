@@ -1,29 +1,22 @@
 """Cross-entropy Triton kernels against the float64 reference.
 
-Without a GPU the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, set below
-before triton or lossfuse is imported): slow, so the shapes are small -- and the interpreter's block
+Without a GPU the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, which
+conftest.py sets before triton or lossfuse is imported): slow, so the shapes are small -- and the interpreter's block
 sizes are small too (see _INTERPRET_* in lossfuse/triton/cross_entropy.py), so these shapes still go
 through several class chunks, the online max rescaling, masked tails and multi-row tiles. With a GPU
 the same tests run on CUDA tensors.
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers import triton_device_or_skip
 
-pytest.importorskip("triton")
+DEVICE = triton_device_or_skip()
 
 import lossfuse  # noqa: E402
 from lossfuse import reference  # noqa: E402
 from lossfuse.ops import cross_entropy as ops_ce  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 from lossfuse.triton import cross_entropy as tk  # noqa: E402
 

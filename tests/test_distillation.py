@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import lossfuse
-from helpers import DTYPES, assert_close, cpu_kernels_or_skip
+from helpers import DTYPES, assert_close, backend_or_skip, cpu_kernels_or_skip
 
 BETAS = [0.0, 0.5, 1.0]
 TEMPERATURES = [1.0, 2.0, 4.0]
@@ -64,8 +64,7 @@ def test_gradcheck_student_and_teacher_with_ignored_rows(beta, temperature):
 @pytest.mark.parametrize("beta,temperature", list(itertools.product(BETAS, TEMPERATURES)))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_matches_the_definitions_in_float64(backend, beta, temperature, reduction):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     s, t, y = _inputs(n=9, v=23)
     s.requires_grad_(True)
     t.requires_grad_(True)

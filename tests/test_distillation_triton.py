@@ -27,6 +27,17 @@ def _inputs(n, v, dtype, seed):
     return s, t, y.to(DEVICE)
 
 
+def _check_loss_and_grads(out, ref, a, b, names):
+    """float32 ``out`` against the float64 ``ref``, and the gradients of the leaves ``a`` against those of
+    ``b``, for random per-element upstream gradients (one scale for a reduced loss)."""
+    w = torch.randn(ref.shape, dtype=torch.float64)
+    (out * w.to(out)).sum().backward()
+    (ref * w).sum().backward()
+    assert_close(out, ref.detach(), torch.float32, "loss")
+    for name, x, xd in zip(names, a, b):
+        assert_close(x.grad, xd.grad, torch.float32, f"{name} grad")
+
+
 @pytest.mark.parametrize("beta,temperature,reduction,v", [
     (b, T, r, v) for (b, T), r, v in itertools.product(
         [(0.0, 1.0), (0.0, 2.0), (1.0, 4.0), (0.5, 2.0), (0.25, 1.0)], ["batchmean", "none"], [37, 300])])
@@ -38,12 +49,7 @@ def test_distillation_triton_float32(beta, temperature, reduction, v):
     b = [s.double().cpu().requires_grad_(True), t.double().cpu().requires_grad_(True)]
     ref = lossfuse.distillation_loss(b[0], b[1], temperature=temperature, beta=beta, target=y.cpu(),
                                      reduction=reduction, backend="reference")
-    w = torch.randn(ref.shape, dtype=torch.float64)
-    (out * w.to(out)).sum().backward()
-    (ref * w).sum().backward()
-    assert_close(out, ref.detach(), torch.float32, "loss")
-    assert_close(a[0].grad, b[0].grad, torch.float32, "student grad")
-    assert_close(a[1].grad, b[1].grad, torch.float32, "teacher grad")
+    _check_loss_and_grads(out, ref, a, b, ("student", "teacher"))
     keep = y.cpu() != -100
     assert torch.equal(a[0].grad.cpu()[~keep], torch.zeros_like(a[0].grad.cpu()[~keep]))
 
@@ -78,12 +84,7 @@ def test_kl_div_triton(reduction, log_target, zeros):
         warnings.simplefilter("ignore")
         out = lossfuse.kl_div(a[0], a[1], reduction=reduction, log_target=log_target, backend="triton")
         ref = F.kl_div(b[0], b[1], reduction=reduction, log_target=log_target)
-    w = torch.randn(ref.shape, dtype=torch.float64)
-    (out * w.to(out)).sum().backward()
-    (ref * w).sum().backward()
-    assert_close(out, ref.detach(), torch.float32, "loss")
-    assert_close(a[0].grad, b[0].grad, torch.float32, "input grad")
-    assert_close(a[1].grad, b[1].grad, torch.float32, "target grad")
+    _check_loss_and_grads(out, ref, a, b, ("input", "target"))
 
 
 def test_linear_distillation_triton():

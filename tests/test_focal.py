@@ -13,18 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import lossfuse
-from helpers import CPU_BACKENDS, DTYPES, assert_close, cpu_kernels_or_skip, ulps_apart
+from helpers import CLASS_OPTIONS, CPU_BACKENDS, DTYPES, assert_close, backend_or_skip, cpu_kernels_or_skip, ulps_apart
 from lossfuse import reference
 from lossfuse.ops.focal import SigmoidFocalFunction, SoftmaxFocalFunction
 
 GAMMAS = [0.0, 0.5, 1.0, 2.0, 5.0]
-
-
-def backend_or_skip(backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
-    elif backend == "triton" and "triton" not in lossfuse.available_backends("cpu"):
-        pytest.skip("Triton is not installed or TRITON_INTERPRET is off")
 
 
 def grad_output_for(loss):
@@ -287,10 +280,7 @@ def test_sigmoid_gradcheck_cpu_kernel(case, reduction, path):
 SM_SHAPES = [(7, 3), (13, 1000), (6, 1), (5,), (2, 5, 3, 4), (3, 7, 11)]
 SM_CASES = [(shape, "cpu") for shape in SM_SHAPES] + [((7, 3), "reference"), ((2, 5, 3, 4), "reference")]
 SM_OPTIONS = {
-    "plain": {},
-    "weight": {"weight": True},
-    "ignore": {"ignore": -100},
-    "ignore_pos": {"ignore": 1},
+    **CLASS_OPTIONS,
     "alpha_float": {"alpha": 0.3},
     "alpha_tensor": {"alpha": "tensor"},
     "gamma0": {"gamma": 0.0},

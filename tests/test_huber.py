@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import lossfuse
-from helpers import CPU_BACKENDS, DTYPES, HAS_TRITON, assert_close, cpu_kernels_or_skip, spy_ops, ulps_apart
+from helpers import (CPU_BACKENDS, DTYPES, HAS_TRITON, assert_close, backend_or_skip, cpu_kernels_or_skip, spy_ops,
+                     ulps_apart)
 from lossfuse._layout import empty_like_walk
 from lossfuse.ops import huber as huber_ops
 
@@ -119,8 +120,7 @@ def check_against_torch(loss, x, y, reduction, threshold, w, backend, dtype, rto
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_parity_with_torch(shape, dtype, reduction, option, backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     loss, threshold, weighted = OPTIONS[option]
     x, y, w = make_case(shape, dtype, threshold, weighted)
     check_against_torch(loss, x, y, reduction, threshold, w, backend, dtype)
@@ -166,8 +166,7 @@ def test_threshold_ties_take_the_linear_branch():
 @pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if HAS_TRITON else []))
 def test_l1_gradient_is_sign_with_zero_at_zero(backend):
     """beta = 0 is L1: gradient sign(d), exactly 0 where d = 0 (no NaN from a 0/0)."""
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     x = torch.randn(50)
     y = x.clone()
     y[::2] += torch.randn(25)
@@ -269,8 +268,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("shape", [(37, 9), (3, 6, 5, 7)], ids=str)
 def test_strided_operands(shape, layout, backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     x, y, w = make_case(shape, torch.float32, 0.5, weight=True)
     x = LAYOUTS[layout](x.clone())
     y = LAYOUTS["permuted" if layout == "contiguous" else layout](y.clone())  # mixed layouts too
@@ -333,8 +331,7 @@ BROADCASTS = [((4, 5), (5,)), ((5,), (4, 5)), ((4, 1), (1, 5)), ((3, 1, 6), (2, 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if HAS_TRITON else []))
 @pytest.mark.parametrize("shapes", BROADCASTS, ids=str)
 def test_broadcasting_warns_and_reduces_gradients(shapes, backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     xs, ts = shapes
     x = torch.randn(xs, dtype=torch.float64)
     y = torch.randn(ts, dtype=torch.float64)
@@ -387,8 +384,7 @@ MIXED = [
 def test_mixed_dtypes(dtypes, backend):
     """huber_loss returns the input's dtype, smooth_l1_loss the promoted one; gradients come back in
     each operand's own dtype."""
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     xd, yd = dtypes
     x = torch.randn(6, 7, dtype=torch.float64).to(xd)
     y = (torch.randn(6, 7, dtype=torch.float64) * 2).to(yd)
@@ -407,8 +403,7 @@ def test_mixed_dtypes(dtypes, backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_result_dtypes_match_torch(backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     for autocast in (None, torch.bfloat16, torch.float16):
         ctx = torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False)
         with ctx, warnings.catch_warnings():
@@ -438,8 +433,7 @@ def test_result_dtypes_match_torch(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if HAS_TRITON else []))
 @pytest.mark.parametrize("loss,threshold", [("huber", 1.0), ("smooth_l1", 0.5), ("smooth_l1", 0.0)])
 def test_nan_and_inf_propagate_as_torch(loss, threshold, backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     inf, nan = float("inf"), float("nan")
     x = torch.tensor([nan, inf, -inf, inf, 1e30, 0.3, 2.0, nan, 3e38])
     y = torch.tensor([0.0, 0.0, 0.0, inf, -1e30, nan, -inf, nan, -3e38])
@@ -472,8 +466,7 @@ def test_loss_scaling_under_autocast(dtype, loss, threshold, backend):
     Mean over N = 2^20 elements: slope / N falls below fp16's smallest subnormal (6e-8) wherever
     |slope| < 1/16, so a kernel that divides by N, or casts, before applying the scale flushes them.
     """
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     N, scale = 1 << 20, 2.0 ** 16
     x = torch.randn(1024, 1024, dtype=dtype).requires_grad_(True)
     y = torch.randn(1024, 1024, dtype=dtype)
@@ -697,8 +690,7 @@ def _call_named(fn_module, loss, args, kwargs):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name,loss,args,exc,match,same_message", BAD_INPUTS, ids=BAD_IDS)
 def test_bad_input(name, loss, args, exc, match, same_message, backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     a, kw = args
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import lossfuse
-from helpers import DTYPES, assert_close, cpu_kernels_or_skip
+from helpers import DTYPES, assert_close, backend_or_skip, cpu_kernels_or_skip
 
 REDUCTIONS = ["none", "mean", "batchmean", "sum"]
 
@@ -42,8 +42,7 @@ def _both(fn_a, fn_b, x, t, grad_t=True):
 @pytest.mark.parametrize("reduction,log_target,zeros", [
     (r, lt, z) for r, lt, z in itertools.product(REDUCTIONS, [False, True], [False, True]) if not (lt and z)])
 def test_matches_torch_float64(backend, reduction, log_target, zeros):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
+    backend_or_skip(backend)
     x, t = _operands((7, 13), log_target, zeros)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -7,14 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import lossfuse
-from helpers import HAS_TRITON, assert_close, cpu_kernels_or_skip
+from helpers import HAS_TRITON, assert_close, backend_or_skip, cpu_kernels_or_skip
 
 BACKENDS = ["cpu", "reference"] + (["triton"] if HAS_TRITON else [])
-
-
-def _skip(backend):
-    if backend == "cpu":
-        cpu_kernels_or_skip()
 
 
 def definition_f64(x, W, y, b=None, *, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
@@ -73,7 +68,7 @@ OPTIONS = {
 def test_matches_definition(option, dtype, reduction, chunk, backend):
     """mean/sum in fp32/bf16 compute gradients during the forward pass, reduction="none" and fp16
     recompute them in the backward pass: both schedules are covered."""
-    _skip(backend)
+    backend_or_skip(backend)
     opts = dict(OPTIONS[option])
     prob = opts.pop("prob", False)
     x, W, b, y = _inputs((3, 11), 16, 53, dtype, prob=prob)

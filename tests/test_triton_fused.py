@@ -7,23 +7,16 @@ are compared with the unfused kernels (bit for bit: the same expressions in the 
 the float64 reference.
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers import triton_device_or_skip
 
-pytest.importorskip("triton")
+DEVICE = triton_device_or_skip()
 
 import lossfuse  # noqa: E402
 from lossfuse import reference  # noqa: E402
 from lossfuse.ops import cross_entropy as ops_ce  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 from helpers import ulps_apart  # noqa: E402
 

@@ -177,6 +177,16 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
+def _hbar_figure(rows, key: str, annot):
+    """A figure of horizontal bars, one group per case and one bar per provider, of each row's ``key``
+    (``annot(case, provider, value)`` written beside each bar), sized to the bars; (plt, fig, ax)."""
+    plt = _plt()
+    cases, providers = _cases_by_provider(rows)
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(cases) * max(1, len(providers)) / 2 + 1.8))
+    _hbars(ax, cases, providers, lambda c, p: _get(c, p, key), annot)
+    return plt, fig, ax
+
+
 def _finish_hbars(plt, fig, ax, path: Path) -> Path:
     """The legend beside the bars, no horizontal grid lines, then saved."""
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -188,11 +198,7 @@ def bandwidth_plot(rows, meta, copy_gbps, mode, path: Path) -> Path | None:
     rows = [r for r in _size_rows(rows) if r["mode"] == mode and r.get("gbps")]
     if not rows:
         return None
-    plt = _plt()
-    cases, providers = _cases_by_provider(rows)
-    fig, ax = plt.subplots(figsize=(9, 0.55 * len(cases) * max(1, len(providers)) / 2 + 1.8))
-    _hbars(ax, cases, providers, lambda c, p: _get(c, p, "gbps"),
-           lambda c, p, v: f"{v:.1f} ({100 * v / copy_gbps:.0f}%)")
+    plt, fig, ax = _hbar_figure(rows, "gbps", lambda c, p, v: f"{v:.1f} ({100 * v / copy_gbps:.0f}%)")
     ax.axvline(copy_gbps, color="black", ls="--", lw=1.2, label=f"copy bandwidth {copy_gbps:.1f} GB/s")
     top = max([copy_gbps] + [r["gbps"] for r in rows])
     ax.set_xlim(0, top * 1.25)
@@ -206,11 +212,8 @@ def memory_plot(rows, meta, mode, path: Path) -> Path | None:
     rows = [r for r in _size_rows(rows) if r["mode"] == mode and r.get("extra_mem_pct") is not None]
     if not rows:
         return None
-    plt = _plt()
-    cases, providers = _cases_by_provider(rows)
-    fig, ax = plt.subplots(figsize=(9, 0.55 * len(cases) * max(1, len(providers)) / 2 + 1.8))
-    _hbars(ax, cases, providers, lambda c, p: _get(c, p, "extra_mem_pct"),
-           lambda c, p, v: f"{v:.1f}%  ({_get(c, p, 'peak_mem_mb'):,.0f} MiB peak)")
+    plt, fig, ax = _hbar_figure(rows, "extra_mem_pct",
+                                lambda c, p, v: f"{v:.1f}%  ({_get(c, p, 'peak_mem_mb'):,.0f} MiB peak)")
     top = max(r["extra_mem_pct"] for r in rows)
     ax.set_xlim(min(0, min(r["extra_mem_pct"] for r in rows)), max(10, top) * 1.45)
     what = "gradients" if mode != "fwd" else "nothing returned but the loss"

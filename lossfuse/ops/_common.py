@@ -117,6 +117,18 @@ def take_fused_gradient(ctx, grad_out):
     return None
 
 
+def take_eager_grads(ctx, g: torch.Tensor, dtypes, message: str) -> list:
+    """The gradients a chunked forward (linear_cross_entropy.py, linear_distillation.py) computed for
+    grad_output = 1 and kept as ``ctx.eager_grads`` -- off save_for_backward, whose version checks
+    would see this scaling -- times ``g`` (grad_output in their float32/float64 dtype), in place (no
+    second copy of a weight gradient), then cast once to ``dtypes``. They are handed out once: a second
+    backward through the same graph raises ``message`` rather than scale them twice."""
+    grads, ctx.eager_grads = ctx.eager_grads, None
+    if grads is None:
+        raise RuntimeError(message)
+    return [None if t is None else t.mul_(g).to(dt) for t, dt in zip(grads, dtypes)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Reductions of per-row losses (cross-entropy, softmax focal, the vocab-parallel cross-entropy).
 # ----------------------------------------------------------------------------------------------

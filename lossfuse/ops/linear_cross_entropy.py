@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .._utils import acc_dtype
+from ._common import take_eager_grads
 from .cross_entropy import CE_BWD_INPLACE, CE_FWD
 
 # Default chunk: 1/16 of the rows (6% extra memory), but at least 256 rows and 2^22 elements, at most
@@ -101,15 +102,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         g = grad_out.to(acc)
         dtypes = (xdt, Wdt, tdt, bdt)
         if ctx.eager:
-            grads, ctx.eager_grads = ctx.eager_grads, None
-            if grads is None:
-                raise RuntimeError(
-                    "lossfuse.linear_cross_entropy: a second backward through the same graph is not "
-                    "supported when the gradients were computed during the forward pass (reduction "
-                    "'mean'/'sum', fp32/bf16). Use reduction='none' followed by .sum()/.mean() for that."
-                )
-            # Scale in float32 (in place: no second copy of the weight gradient), cast once.
-            grads = [None if t is None else t.mul_(g).to(dt) for t, dt in zip(grads, dtypes)]
+            grads = take_eager_grads(
+                ctx, g, dtypes,
+                "lossfuse.linear_cross_entropy: a second backward through the same graph is not "
+                "supported when the gradients were computed during the forward pass (reduction "
+                "'mean'/'sum', fp32/bf16). Use reduction='none' followed by .sum()/.mean() for that.")
         else:
             x, W, target, bias, weight, lse, denom = ctx.saved_tensors
             n = x.shape[0]

@@ -20,6 +20,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._utils import acc_dtype, result_dtype
+from ._common import take_eager_grads
 from .distillation import DISTILL_FWD, reduce_loss, row_grads, scales
 
 # Default chunk: 1/40 of the logits, at least 2^21 elements. Three chunk-sized buffers exist at once
@@ -61,14 +62,11 @@ class LinearDistillationFunction(torch.autograd.Function):
         reduction, opts, chunk_size, backend, need, factor, xdt, Wdt = ctx.args
         acc = acc_dtype(xdt)
         if ctx.eager:
-            grads, ctx.eager_grads = ctx.eager_grads, None
-            if grads is None:
-                raise RuntimeError(
-                    "lossfuse.linear_distillation_loss: a second backward through the same graph is not supported "
-                    "when the gradients were computed during the forward pass (reduction 'mean'/'batchmean'/'sum', "
-                    "fp32/bf16). Use reduction='none' followed by a sum for that.")
-            g = grad_out.to(acc)
-            grads = [None if t is None else t.mul_(g).to(dt) for t, dt in zip(grads, (xdt, Wdt))]
+            grads = take_eager_grads(
+                ctx, grad_out.to(acc), (xdt, Wdt),
+                "lossfuse.linear_distillation_loss: a second backward through the same graph is not supported "
+                "when the gradients were computed during the forward pass (reduction 'mean'/'batchmean'/'sum', "
+                "fp32/bf16). Use reduction='none' followed by a sum for that.")
         else:
             xs, Ws, xt, Wt, target, denom = ctx.saved_tensors
             rows = row_grads(grad_out, reduction, denom, xs.shape[0], acc, factor)

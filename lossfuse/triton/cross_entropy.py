@@ -33,14 +33,14 @@ and cast to the output dtype once, at the store.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .._backend import triton_interpreting as _interpreting
 from .._utils import acc_dtype
 from .._layout import classes_contiguous, empty_like_layout
+from ._launch import check_device
 
 __all__ = [
     "cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_inplace", "cross_entropy_fused",
@@ -669,10 +669,6 @@ _INTERPRET_TILE = 128
 _INTERPRET_MAX_BLOCK_S = 16
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _spatial_walk(x3: torch.Tensor) -> bool:
     return not classes_contiguous(x3) and x3.shape[2] > 1
 
@@ -781,19 +777,7 @@ def _check_inputs(input: torch.Tensor, target: torch.Tensor, who: str) -> bool:
     """Cheap invariants that protect memory; returns True for a probability target."""
     if input.dim() != 3:
         raise ValueError(f"{who}: input must be viewed as (N, C, S); got shape {list(input.shape)}")
-    if input.device.type == "cuda":
-        if input.dtype == torch.float64:
-            raise NotImplementedError(
-                f"{who}: the Triton kernels do not support float64 on CUDA; use backend='reference' "
-                "(or float32)"
-            )
-    elif not (input.device.type == "cpu" and _interpreting()):
-        raise RuntimeError(
-            f"{who}: the Triton kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
-            f"got a tensor on {input.device}"
-        )
-    if input.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"{who}: input must be float32, float16, bfloat16 (or float64); got {input.dtype}")
+    check_device(input, who)
     n, c, s = input.shape
     if target.is_floating_point():
         if tuple(target.shape) != (n, c, s):

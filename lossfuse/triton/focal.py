@@ -27,14 +27,14 @@ in fp32 and cast once, at the store. Offsets are int64. Core ``tl`` ops only (Tr
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .._utils import acc_dtype
 from .._layout import empty_like_layout
+from .._backend import triton_interpreting as _interpreting
+from ._launch import check_device as _check_device
 from ._math import expm1, log1p
 
 __all__ = ["sigmoid_focal_fwd", "sigmoid_focal_bwd", "softmax_focal_fwd", "softmax_focal_bwd"]
@@ -353,25 +353,6 @@ _MAX_BLOCK_C = 4096  # softmax: classes per loop step
 # Under the interpreter every block op is a numpy call per program: small class chunks, so that small
 # test shapes still go through the online rescaling and the masked tails.
 _INTERPRET_MAX_BLOCK_C = 32
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _check_device(input: torch.Tensor, who: str) -> None:
-    if input.device.type == "cuda":
-        if input.dtype == torch.float64:
-            raise NotImplementedError(
-                f"{who}: the Triton kernels do not support float64 on CUDA; use backend='reference' (or float32)"
-            )
-    elif not (input.device.type == "cpu" and _interpreting()):
-        raise RuntimeError(
-            f"{who}: the Triton kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
-            f"got a tensor on {input.device}"
-        )
-    if input.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"{who}: input must be float32, float16, bfloat16 (or float64); got {input.dtype}")
 
 
 def _num_warps(block: int) -> int:

@@ -16,9 +16,10 @@ import triton.language as tl
 
 from .._layout import collapse, empty_like_walk
 from .._utils import to_f32
+from ._launch import elementwise_launch_config as _launch_config
+from ._launch import elementwise_launch_configs
 
 MAX_DIMS = 4
-ELEMENTWISE_BLOCK = 1024
 
 
 @triton.jit
@@ -213,25 +214,14 @@ def _space(x, y, w, g=None):
     return x, y, w, g, sizes[1:], strides, ndim
 
 
-def _launch_config(block: int):
-    """(BLOCK, num_warps): ``block`` elements per program for a reducing forward (the op's partial-sum
-    block), else ELEMENTWISE_BLOCK (every per-element launch, the backward's too)."""
-    block = block if block > 0 else ELEMENTWISE_BLOCK
-    return block, 8 if block >= 2048 else 4
-
-
 def launch_configs():
-    """Every GPU launch configuration (constexprs + num_warps), from _launch_config over what the op
-    passes (ops/huber.py PARTIAL_BLOCK, or 0): lossfuse/triton/aot.py compiles them."""
+    """Every GPU launch configuration, for lossfuse/triton/aot.py (what the op passes: ops/huber.py
+    PARTIAL_BLOCK, or 0)."""
     from ..ops.huber import PARTIAL_BLOCK
 
-    fwd = []
-    for block in (0, PARTIAL_BLOCK):
-        b, warps = _launch_config(block)
-        fwd.append(dict(REDUCE=block > 0, BLOCK=b, num_warps=warps))
-    b, warps = _launch_config(0)
-    bwd = [dict(BLOCK=b, num_warps=warps)]
-    return {"huber_fwd_kernel": fwd, "huber_bwd_kernel": bwd, "huber_fused_bwd_kernel": bwd}
+    configs = elementwise_launch_configs(PARTIAL_BLOCK, "huber_fwd_kernel", "huber_bwd_kernel")
+    configs["huber_fused_bwd_kernel"] = configs["huber_bwd_kernel"]  # the backward's walk, one check more
+    return configs
 
 
 def _delta_parts(delta: float):

@@ -14,10 +14,10 @@ import triton
 import triton.language as tl
 
 from .._utils import acc_dtype
+from ._launch import elementwise_launch_config as _launch_config
+from ._launch import elementwise_launch_configs
 
 __all__ = ["kl_div_fwd", "kl_div_bwd"]
-
-ELEMENTWISE_BLOCK = 1024
 
 
 @triton.jit
@@ -68,22 +68,12 @@ def kl_div_bwd_kernel(G, X, T, GX, GT, numel, LOG_TARGET: tl.constexpr, G_SCALAR
         tl.store(GT + i, (g * dt).to(GT.dtype.element_ty), mask=mask)
 
 
-def _launch_config(block: int):
-    """(BLOCK, num_warps): block == 0 the elementwise loss or the backward, else one partial per program."""
-    b = block if block > 0 else ELEMENTWISE_BLOCK
-    return b, (4 if b <= 1024 else 8)
-
-
 def launch_configs():
-    """Every GPU launch configuration (lossfuse/triton/aot.py compiles them)."""
+    """Every GPU launch configuration, for lossfuse/triton/aot.py (what the op passes: ops/kl_div.py
+    PARTIAL_BLOCK, or 0)."""
     from ..ops.kl_div import PARTIAL_BLOCK
 
-    fwd = []
-    for block in (0, PARTIAL_BLOCK):
-        b, warps = _launch_config(block)
-        fwd.append(dict(REDUCE=block > 0, BLOCK=b, num_warps=warps))
-    b, warps = _launch_config(0)
-    return {"kl_div_fwd_kernel": fwd, "kl_div_bwd_kernel": [dict(BLOCK=b, num_warps=warps)]}
+    return elementwise_launch_configs(PARTIAL_BLOCK, "kl_div_fwd_kernel", "kl_div_bwd_kernel")
 
 
 def kl_div_fwd(input, target, log_target, block):

@@ -380,10 +380,11 @@ struct TileGrad {
 
 // The gradient pass of a tile: every element but the targets', and per lane sum_{c != y} p_c into
 // `rest` (zeroed here) for the target element, which the caller writes (p_y - 1 formed as -rest where
-// p_y > 1/2: see the row backward). exp_fn as with_exact_redo hands it.
-template <class T, class A, class O, class ExpFn>
-inline void tile_grad_pass(O opt, const SoftCapOf<A, O>& cap, const T* x, T* gx, int64_t C, int64_t sC, int64_t gsC,
-                           const Tile<A>& tl, const TileGrad<A>& tg, const A* w, double* rest, ExpFn&& vexp_fn) {
+// p_y > 1/2: see the row backward). prob(c, u, kv, slope) gives p_c of the kv live lanes of vector u
+// and, where opt.cap, d x'/d x in slope; ahead(c) prefetches what prob reads later.
+template <class T, class A, class O, class Ahead, class Prob>
+inline void tile_grad_walk(O opt, T* gx, int64_t C, int64_t gsC, const Tile<A>& tl, const TileGrad<A>& tg, const A* w,
+                           double* rest, Ahead&& ahead, Prob&& prob) {
   using V = Vec<A>;
   constexpr int W = V::W;
   for (int j = 0; j < Tile<A>::L; ++j) rest[j] = 0;
@@ -392,15 +393,14 @@ inline void tile_grad_pass(O opt, const SoftCapOf<A, O>& cap, const T* x, T* gx,
     V r[kU];
     for (int u = 0; u < kU; ++u) r[u] = V(A(0));
     for (int64_t c = c0; c < c1; ++c) {
-      prefetch_tile_ahead<T, A>(x, c, sC);
+      ahead(c);
       prefetch_tile_ahead<T, A>(gx, c, gsC, true);
       const V cv{A(c)};
       for (int u = 0; u < kU; ++u) {
         const int kv = tl.kv(u);
         if (!kv) continue;
-        V xc, slope;
-        cap.with_slope(load_k(x + c * sC + u * W, kv, A(0)), xc, slope);
-        const V p = vexp_fn((xc - tg.hi[u]) - tg.lo[u]);
+        V slope;
+        const V p = prob(c, u, kv, slope);
         V o = p * tg.kp[u];
         if (opt.smooth) o = opt.has_w ? fnmadd(tg.kw[u], V(w[c]), o) : o - tg.kw[u];
         if (opt.cap) o = o * slope;
@@ -412,31 +412,28 @@ inline void tile_grad_pass(O opt, const SoftCapOf<A, O>& cap, const T* x, T* gx,
   }
 }
 
-// tile_grad_pass for the fused walk's one-exp tiles (no smoothing, no soft-cap): p_c from the exps
+// tile_grad_walk with p_c = exp(x'_c - lse) from the logits, exp_fn as with_exact_redo hands it.
+template <class T, class A, class O, class ExpFn>
+inline void tile_grad_pass(O opt, const SoftCapOf<A, O>& cap, const T* x, T* gx, int64_t C, int64_t sC, int64_t gsC,
+                           const Tile<A>& tl, const TileGrad<A>& tg, const A* w, double* rest, ExpFn&& vexp_fn) {
+  using V = Vec<A>;
+  tile_grad_walk<T, A>(
+      opt, gx, C, gsC, tl, tg, w, rest, [&](int64_t c) { prefetch_tile_ahead<T, A>(x, c, sC); },
+      [&](int64_t c, int u, int kv, V& slope) {
+        V xc;
+        cap.with_slope(load_k(x + c * sC + u * V::W, kv, A(0)), xc, slope);
+        return vexp_fn((xc - tg.hi[u]) - tg.lo[u]);
+      });
+}
+
+// tile_grad_walk for the fused walk's one-exp tiles (no smoothing, no soft-cap): p_c from the exps
 // tile_stats kept in `buf`, times each lane's 1 / sum_c exp(x_c - m) in `inv_sum`.
 template <class T, class A>
 inline void tile_grad_pass_stored(T* gx, int64_t C, int64_t gsC, const Tile<A>& tl, const TileGrad<A>& tg,
                                   const A* buf, const Vec<A>* inv_sum, double* rest) {
   using V = Vec<A>;
-  constexpr int W = V::W;
-  for (int j = 0; j < Tile<A>::L; ++j) rest[j] = 0;
-  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-    const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
-    V r[kU];
-    for (int u = 0; u < kU; ++u) r[u] = V(A(0));
-    for (int64_t c = c0; c < c1; ++c) {
-      prefetch_tile_ahead<T, A>(gx, c, gsC, true);
-      const V cv{A(c)};
-      for (int u = 0; u < kU; ++u) {
-        const int kv = tl.kv(u);
-        if (!kv) continue;
-        const V p = V::load(buf + c * Tile<A>::L + u * W) * inv_sum[u];
-        store_k(select(tg.on[u], p * tg.kp[u], V(A(0))), gx + c * gsC + u * W, kv);
-        r[u] = r[u] + select(cmp_eq(tg.y[u], cv), V(A(0)), p);
-      }
-    }
-    for (int u = 0; u < kU; ++u) fold(r[u], rest + u * W);
-  }
+  tile_grad_walk<T, A>(NoTerms{}, gx, C, gsC, tl, tg, static_cast<const A*>(nullptr), rest, [](int64_t) {},
+                       [&](int64_t c, int u, int, V&) { return V::load(buf + c * Tile<A>::L + u * V::W) * inv_sum[u]; });
 }
 
 // p_y and p_y - 1 of a tile's lanes from the (capped) target logits: -rest where p_y > 1/2, else

@@ -491,29 +491,11 @@ inline void tile_lse(const double* lse, const Tile<A>& tl, int u, Vec<A>* hi, Ve
   *full = Vec<A>::load(f);
 }
 
-// Per-lane class-index bookkeeping of a tile: target, its raw logit, its weight, whether the row counts.
-template <class A>
-struct TileTargets {
-  static constexpr int L = Tile<A>::L;
-  alignas(32) A xy[L] = {}, wy[L] = {};
-  int64_t y[L] = {};
-  bool live[L] = {};
-};
-
+// A tile's targets (walk.h), each with its class weight as fy.
 template <class T, class A, class O>
-inline void tile_targets(const CeArgs& a, O opt, const Tile<A>& tl, const T* x, const A* w, TileTargets<A>& tt, int* bad) {
-  for (int j = 0; j < tl.k; ++j) {
-    const int64_t y = a.y[tl.n * a.y_sN + (tl.s0 + j) * a.y_sS];
-    tt.y[j] = y;
-    if (y == a.ignore_index) continue;
-    if (y < 0 || y >= a.C) {
-      flag_bad(bad);
-      continue;
-    }
-    tt.live[j] = true;
-    tt.xy[j] = to_acc<A>(x[y * a.x_sC + j]);
-    tt.wy[j] = opt.has_w ? w[y] : A(1);
-  }
+inline void ce_tile_targets(const CeArgs& a, O opt, const Tile<A>& tl, const T* x, const A* w, TileTargets<A>& tt,
+                            int* bad) {
+  tile_targets<T, A>(a, tl, x, tt, bad, [&](int64_t y) { return opt.has_w ? w[y] : A(1); });
 }
 
 // One tile's losses and lses (the forward of ce_fwd_index_tiles and ce_fused_index_tiles).
@@ -544,7 +526,7 @@ inline bool fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
       }
     }
     TileTargets<A> tt;
-    tile_targets<T, A>(a, opt, tl, x, w, tt, bad);
+    ce_tile_targets<T, A>(a, opt, tl, x, w, tt, bad);
     for (int u = 0; u < kU; ++u) {
       const int kv = tl.kv(u);
       if (!kv) continue;
@@ -560,7 +542,7 @@ inline bool fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
       logsum.store(lb);
       for (int j = 0; j < kv; ++j)
         a.lse[r0 + j] = mb[j] == -std::numeric_limits<A>::infinity() ? -HUGE_VAL : double(mb[j]) + double(lb[j]);
-      V loss = V(k.keep) * V::load(tt.wy + u * W) * ((m[u] - cap(V::load(tt.xy + u * W))) + logsum);
+      V loss = V(k.keep) * V::load(tt.fy + u * W) * ((m[u] - cap(V::load(tt.xy + u * W))) + logsum);
       if (opt.smooth) loss = loss + V(k.eps_c) * (V(k.wsum) * logsum - unfold<A>(dsum + u * W));
       const V lse = m[u] + logsum;
       loss = fmadd(V(k.z) * lse, lse, loss);
@@ -606,7 +588,7 @@ inline void bwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
     const T* x = X + tl.n * a.x_sN + tl.s0;
     T* gx = GX + tl.n * a.gx_sN + tl.s0;
     TileTargets<A> tt;  // reads the target logits before anything is written (in place)
-    tile_targets<T, A>(a, opt, tl, x, w, tt, bad);
+    ce_tile_targets<T, A>(a, opt, tl, x, w, tt, bad);
     alignas(32) A g[L] = {}, gy[L] = {};
     for (int j = 0; j < tl.k; ++j)
       if (tt.live[j]) g[j] = G[tl.n * a.g_sN + (tl.s0 + j) * a.g_sS];
@@ -620,7 +602,7 @@ inline void bwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
       tg.y[u] = V::load(yf + u * W);
       const int kv = tl.kv(u);
       if (!kv) continue;
-      const V gv = V::load(g + u * W), wyv = V::load(tt.wy + u * W);
+      const V gv = V::load(g + u * W), wyv = V::load(tt.fy + u * W);
       tile_lse(a.lse_in + tl.n * S + tl.s0 + u * W, tl, u, tg.hi + u, tg.lo + u, lsev + u);
       tg.kp[u] = gv * (V(k.keep) * wyv + V(opt.smooth ? k.eps_c * k.wsum : A(0)) + V(A(2) * k.z) * lsev[u]);
       tg.kw[u] = gv * V(k.eps_c);
@@ -636,7 +618,7 @@ inline void bwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
       });
     for (int u = 0; u < kU; ++u) {
       if (!tl.kv(u)) continue;
-      const V gv = V::load(g + u * W), wyv = V::load(tt.wy + u * W);
+      const V gv = V::load(g + u * W), wyv = V::load(tt.fy + u * W);
       V xyc, slope, py, py_minus_1;
       cap.with_slope(V::load(tt.xy + u * W), xyc, slope);
       tile_target_p(xyc, tg.hi[u], tg.lo[u], rest + u * W, &py, &py_minus_1);

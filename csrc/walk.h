@@ -2,7 +2,8 @@
 // online log-sum-exp of a row, the tile of neighbouring rows, and small load/store helpers. Pasted into
 // each instruction-set namespace by the kernel headers that include it, like vec.h (no include guard, no
 // system #include: see isa_instantiate.h); a translation unit includes at most one such kernel header.
-// Nothing here knows a loss's arguments.
+// Nothing here knows a loss's arguments, but for the class-index target fields that every
+// softmax-family loss names alike (tile_targets).
 //
 // Logits are (N, C, S) with arbitrary strides; row r = n * S + s. Two walk orders:
 //   rows:  class stride 1 ((N, C), channels-last) -- vectorised along the classes of one row;
@@ -365,6 +366,36 @@ inline void tile_stats(O opt, const T* x, int64_t C, int64_t sC, const Tile<A>& 
       fold(count_value(tv[u]), top + u * W);
       if (opt.smooth) fold(dv[u], dsum + u * W);
     }
+  }
+}
+
+// Per lane of a tile, its row's class-index target: the class y, its raw logit, the loss's factor for
+// that class (fy: the class weight, or focal's alpha_y w_y) and whether the row counts.
+template <class A>
+struct TileTargets {
+  static constexpr int L = Tile<A>::L;
+  alignas(32) A xy[L] = {}, fy[L] = {};
+  int64_t y[L] = {};
+  bool live[L] = {};
+};
+
+// Reads them for tile tl, whose logits start at x; factor_of(y) gives fy. A target that is
+// ignore_index does not count, one outside [0, C) flags *bad and does not count either. Args: any
+// softmax-family loss's arguments, with the (N, C, S) fields y, y_sN, y_sS, ignore_index, C and x_sC.
+template <class T, class A, class Args, class FactorOf>
+inline void tile_targets(const Args& a, const Tile<A>& tl, const T* x, TileTargets<A>& tt, int* bad,
+                         FactorOf&& factor_of) {
+  for (int j = 0; j < tl.k; ++j) {
+    const int64_t y = a.y[tl.n * a.y_sN + (tl.s0 + j) * a.y_sS];
+    tt.y[j] = y;
+    if (y == a.ignore_index) continue;
+    if (y < 0 || y >= a.C) {
+      flag_bad(bad);
+      continue;
+    }
+    tt.live[j] = true;
+    tt.xy[j] = to_acc<A>(x[y * a.x_sC + j]);
+    tt.fy[j] = factor_of(y);
   }
 }
 

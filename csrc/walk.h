@@ -211,22 +211,23 @@ inline void block_sums_index(O opt, const T* x, const A* w, int64_t n, A m, cons
   *ws += wd;
 }
 
-// log-sum-exp statistics of one row in a single pass over memory: each kBlock-class block is read
-// from memory once for its max and again from L1 for its sums, which are rescaled whenever the
-// running max grows (online softmax). Returns the (capped) max m, log sum_c exp(x'_c - m) and, with
-// smoothing, sum_c w_c (x'_c - m). A block that is all -inf (masked vocabulary) would make x - m
-// undefined while m is still -inf, so such rows take the plain two passes. tanh is increasing, so the
-// capped max is the cap of the raw max.
-template <class T, class A, class O>
-inline void row_stats_index(O opt, const T* x, const A* w, int64_t C, const SoftCapOf<A, O>& cap, A* m_out,
-                            double* logsum_out, double* d_out) {
+// The online softmax walk of a row, kBlock classes at a time: each block is read from memory once for
+// its max and again from L1 for its sums, which are rescaled whenever the running max grows. The loss
+// supplies block_max_of(c0, n), the max of classes [c0, c0 + n) as its terms see the logits (capped,
+// scaled), and sums(c0, n, m), which adds their terms relative to m: the softmax denominator's into
+// (sum, top), the loss's own into its accumulators. shift(m_old - m_new) moves those to a larger max,
+// reset() zeroes them. Returns the max the sums are relative to. A block that is all -inf (masked
+// vocabulary) would make x - m undefined while m is still -inf, so such rows take the plain two passes;
+// a row of only -inf gets no sums at all (its lse is then -inf, as torch.logsumexp's).
+template <class A, class BlockMaxOf, class Sums, class Shift, class Reset>
+inline A online_row_walk(int64_t C, double& sum, double& top, BlockMaxOf&& block_max_of, Sums&& sums, Shift&& shift,
+                         Reset&& reset) {
   const A ninf = -std::numeric_limits<A>::infinity();
   A m = ninf;
-  double sum = 0, top = 0, d = 0, ws = 0;
   bool online = true;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
     const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
-    const A bm = cap(block_max<T, A>(x + c0, n));
+    const A bm = block_max_of(c0, n);
     if (bm == ninf) {
       online = false;
       break;
@@ -236,22 +237,37 @@ inline void row_stats_index(O opt, const T* x, const A* w, int64_t C, const Soft
         // The old max's terms join the rest: e^(m - bm) < 1 now.
         sum = (sum + top) * std::exp(double(m) - double(bm));
         top = 0;
-        if (opt.smooth) d += (double(m) - double(bm)) * ws;
+        shift(double(m) - double(bm));
       }
       m = bm;
     }
-    block_sums_index<T, A>(opt, x + c0, opt.has_w ? w + c0 : w, n, m, cap, &sum, &top, &d, &ws);
+    sums(c0, n, m);
   }
   if (!online) {
-    m = cap(block_max<T, A>(x, C));
-    sum = top = d = ws = 0;
-    // A row of only -inf has lse = -inf (as torch.logsumexp); its loss is NaN either way, as torch's.
-    for (int64_t c0 = 0; c0 < C && m != ninf; c0 += kBlock) {
-      const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
-      block_sums_index<T, A>(opt, x + c0, opt.has_w ? w + c0 : w, n, m, cap, &sum, &top, &d, &ws);
-    }
+    m = block_max_of(0, C);
+    sum = top = 0;
+    reset();
+    for (int64_t c0 = 0; c0 < C && m != ninf; c0 += kBlock) sums(c0, C - c0 < kBlock ? C - c0 : kBlock, m);
   }
-  *m_out = m;
+  return m;
+}
+
+// log-sum-exp statistics of one row in a single pass over memory (online_row_walk): the (capped) max
+// m, log sum_c exp(x'_c - m) and, with smoothing, sum_c w_c (x'_c - m). tanh is increasing, so the
+// capped max is the cap of the raw max.
+template <class T, class A, class O>
+inline void row_stats_index(O opt, const T* x, const A* w, int64_t C, const SoftCapOf<A, O>& cap, A* m_out,
+                            double* logsum_out, double* d_out) {
+  double sum = 0, top = 0, d = 0, ws = 0;
+  *m_out = online_row_walk<A>(
+      C, sum, top, [&](int64_t c0, int64_t n) { return cap(block_max<T, A>(x + c0, n)); },
+      [&](int64_t c0, int64_t n, A m) {
+        block_sums_index<T, A>(opt, x + c0, opt.has_w ? w + c0 : w, n, m, cap, &sum, &top, &d, &ws);
+      },
+      [&](double dm) {
+        if (opt.smooth) d += dm * ws;
+      },
+      [&] { d = ws = 0; });
   *logsum_out = log_sum(sum, top);
   *d_out = d;
 }

@@ -1,5 +1,6 @@
-// The row and tile walks shared by the softmax-family CPU kernels (cross-entropy, softmax focal): the
-// online log-sum-exp of a row, the tile of neighbouring rows, and small load/store helpers. Pasted into
+// The row and tile walks shared by the softmax-family CPU kernels (cross-entropy, softmax focal; the
+// distillation rows use the row half): the online log-sum-exp of a row, the tile of neighbouring rows,
+// and small load/store helpers. Pasted into
 // each instruction-set namespace by the kernel headers that include it, like vec.h (no include guard, no
 // system #include: see isa_instantiate.h); a translation unit includes at most one such kernel header.
 // Nothing here knows a loss's arguments, but for the class-index target fields that every

@@ -194,7 +194,7 @@ SoftmaxPrepared softmax_prepare(const char* op, const at::Tensor& input, const a
   return p;
 }
 
-// The gradient's layout: as the input's walk order (empty_like_layout in lossfuse/ops/cross_entropy.py).
+// The gradient's layout: as the input's walk order (empty_like_layout in lossfuse/_layout.py).
 at::Tensor softmax_grad_output(const at::Tensor& input, SoftmaxFocalArgs& a, const at::Tensor& x) {
   at::Tensor gx = empty_walk_layout(x, input.scalar_type());
   set_input_grad(a, gx);

@@ -35,7 +35,7 @@ inline int kernel_threads(int64_t work) { return threads_for(work, at::get_num_t
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts);
 
 // (N, C, S) layouts of the softmax-family kernels (walk.h): walked along the classes (class stride 1)
-// or across neighbouring rows (spatial stride 1). empty_like_layout in lossfuse/ops/cross_entropy.py
+// or across neighbouring rows (spatial stride 1). empty_like_layout in lossfuse/_layout.py
 // gives the fake kernels the same strides: keep the two in step.
 inline bool walks_classes(const at::Tensor& x3) { return x3.size(1) == 1 || x3.stride(1) == 1; }
 

@@ -81,14 +81,7 @@ Prepared prepare(const char* op, const at::Tensor& input, const at::Tensor& targ
   CeArgs& a = p.a;
   a.dtype = kernel_dtype(input, op);
   const auto acc = acc_type(input.scalar_type());
-  p.x = walkable_input(input);
-  a.x = p.x.data_ptr();
-  a.N = p.x.size(0);
-  a.C = p.x.size(1);
-  a.S = p.x.size(2);
-  a.x_sN = p.x.stride(0);
-  a.x_sC = p.x.stride(1);
-  a.x_sS = p.x.stride(2);
+  p.x = set_walked_logits(a, input);
   if (target.is_floating_point()) {
     TORCH_CHECK(target.sizes() == input.sizes(), op, ": a probability target must have the input's shape ",
                 input.sizes(), "; got ", target.sizes());
@@ -101,14 +94,8 @@ Prepared prepare(const char* op, const at::Tensor& input, const at::Tensor& targ
     a.t_sS = p.t.stride(2);
     a.t_dtype_is_acc = p.t.scalar_type() != input.scalar_type();
   } else {
-    TORCH_CHECK(target.scalar_type() == at::kLong, op, ": class-index targets must be int64; got ",
-                target.scalar_type());
-    TORCH_CHECK(target.dim() == 2 && target.size(0) == a.N && target.size(1) == a.S, op,
-                ": class-index target must be (N, S) = (", a.N, ", ", a.S, "); got ", target.sizes());
+    set_class_target(a, target, op);
     p.y = target;
-    a.y = p.y.data_ptr<int64_t>();
-    a.y_sN = p.y.stride(0);
-    a.y_sS = p.y.stride(1);
   }
   a.w_sum = double(a.C);
   if (weight.has_value() && weight->defined()) {
@@ -164,11 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fused_cpu(
   a.lse_in = a.lse;  // for the layouts that run the forward and the backward kernels in turn
   a.g = g.data_ptr();
   a.g_sN = a.g_sS = 0;
-  a.gx = gx.data_ptr();
-  a.gx_sN = gx.stride(0);
-  a.gx_sC = gx.stride(1);
-  a.gx_sS = gx.stride(2);
-  a.stream = gx.nbytes() >= kStreamBytes;
+  set_input_grad(a, gx);
   if (a.N * a.S > 0 && LF_RUN_KERNEL(ce_run, a, CePass::kFused)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
   return {loss, lse, gx};
 }
@@ -222,13 +205,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cpu(const at::Tensor& grad,
   const bool prob = target.is_floating_point();
   at::Tensor gx = input_grad ? empty_walk_layout(p.x, input.scalar_type()) : at::empty({0}, input.options());
   at::Tensor gt = (target_grad && prob) ? empty_walk_layout(p.x, p.t.scalar_type()) : empty_target_grad(input, target);
-  if (input_grad) {
-    a.gx = gx.data_ptr();
-    a.gx_sN = gx.stride(0);
-    a.gx_sC = gx.stride(1);
-    a.gx_sS = gx.stride(2);
-    a.stream = gx.nbytes() >= kStreamBytes;
-  }
+  if (input_grad) set_input_grad(a, gx);
   if (target_grad && prob) set_target_grad(a, gt);
   if ((a.gx || a.gt) && a.N * a.S > 0 && LF_RUN_KERNEL(ce_run, a, CePass::kBackward)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
   if (a.gt && gt.scalar_type() != target.scalar_type()) gt = gt.to(target.scalar_type());

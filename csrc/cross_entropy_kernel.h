@@ -96,22 +96,31 @@ inline bool fwd_index_row(const CeArgs& a, O opt, const Consts<A>& k, const Soft
   return ok;
 }
 
-template <class T, class A, class O>
-int ce_fwd_index_rows(const CeArgs& a, O opt) {
-  const T* X = static_cast<const T*>(a.x);
-  A* loss_out = static_cast<A*>(a.loss);
+// Runs body(k, cap, r, n, s, &bad) over every row r = n * S + s of the call; returns bad.
+template <class A, class O, class Body>
+int for_each_row(const CeArgs& a, O opt, Body&& body) {
   const int64_t S = a.S, R = a.N * a.S;
   const Consts<A> k(a);
   const SoftCapOf<A, O> cap(opt.cap, a.softcap);
   int bad = 0;
 #pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
   for (int64_t r = 0; r < R; ++r) {
-    const int64_t n = r / S, s = r - n * S;
-    if (!fwd_index_row<T, A>(a, opt, k, cap, X + n * a.x_sN + s * a.x_sS,
-                                                 a.y[n * a.y_sN + s * a.y_sS], loss_out + r, a.lse + r))
-      flag_bad(&bad);
+    const int64_t n = r / S;
+    body(k, cap, r, n, r - n * S, &bad);
   }
   return bad;
+}
+
+template <class T, class A, class O>
+int ce_fwd_index_rows(const CeArgs& a, O opt) {
+  const T* X = static_cast<const T*>(a.x);
+  A* loss_out = static_cast<A*>(a.loss);
+  return for_each_row<A>(a, opt, [&](const Consts<A>& k, const SoftCapOf<A, O>& cap, int64_t r, int64_t n, int64_t s,
+                                     int* bad) {
+    if (!fwd_index_row<T, A>(a, opt, k, cap, X + n * a.x_sN + s * a.x_sS, a.y[n * a.y_sN + s * a.y_sS], loss_out + r,
+                             a.lse + r))
+      flag_bad(bad);
+  });
 }
 
 // The gradient of one counted row (0 <= y < C) for the upstream gradient g and the row's lse.
@@ -227,24 +236,18 @@ int ce_bwd_index_rows(const CeArgs& a, O opt) {
   const T* X = static_cast<const T*>(a.x);
   T* GX = static_cast<T*>(a.gx);
   const A* G = static_cast<const A*>(a.g);
-  const int64_t C = a.C, S = a.S, R = a.N * a.S;
-  const Consts<A> k(a);
-  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
-  int bad = 0;
-#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t n = r / S, s = r - n * S;
+  const int64_t C = a.C;
+  return for_each_row<A>(a, opt, [&](const Consts<A>& k, const SoftCapOf<A, O>& cap, int64_t r, int64_t n, int64_t s,
+                                     int* bad) {
     T* gx = GX + n * a.gx_sN + s * a.gx_sS;
     const int64_t y = a.y[n * a.y_sN + s * a.y_sS];
     if (y == a.ignore_index || y < 0 || y >= C) {
-      if (y != a.ignore_index) flag_bad(&bad);
+      if (y != a.ignore_index) flag_bad(bad);
       zero_row<T, A>(gx, C);
-      continue;
+      return;
     }
-    bwd_index_row<T, A>(a, opt, k, cap, X + n * a.x_sN + s * a.x_sS, gx, y, G[n * a.g_sN + s * a.g_sS],
-                                            a.lse_in[r]);
-  }
-  return bad;
+    bwd_index_row<T, A>(a, opt, k, cap, X + n * a.x_sN + s * a.x_sS, gx, y, G[n * a.g_sN + s * a.g_sS], a.lse_in[r]);
+  });
 }
 
 // Forward and gradient in one walk (the fused path, lossfuse/ops/cross_entropy.py): the gradient for
@@ -353,49 +356,23 @@ int ce_fwd_prob_rows(const CeArgs& a, O opt) {
   const TT* TG = static_cast<const TT*>(a.t);
   const A* w = static_cast<const A*>(a.w);
   A* loss_out = static_cast<A*>(a.loss);
-  const int64_t C = a.C, S = a.S, R = a.N * a.S;
-  const Consts<A> k(a);
-  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
-  const A ninf = -std::numeric_limits<A>::infinity();
-#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t n = r / S, s = r - n * S;
+  const int64_t C = a.C;
+  return for_each_row<A>(a, opt, [&](const Consts<A>& k, const SoftCapOf<A, O>& cap, int64_t r, int64_t n, int64_t s,
+                                     int*) {
     const T* x = X + n * a.x_sN + s * a.x_sS;
     const TT* t = TG + n * a.t_sN + s * a.t_sS;
-    A m = ninf;
     double sum = 0, top = 0, tw = 0, twd = 0;
-    bool online = true;  // as row_stats_index
-    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-      const int64_t nb = C - c0 < kBlock ? C - c0 : kBlock;
-      const A bm = cap(block_max<T, A>(x + c0, nb));
-      if (bm == ninf) {
-        online = false;
-        break;
-      }
-      if (bm > m) {
-        if (m != ninf) {
-          sum = (sum + top) * std::exp(double(m) - double(bm));
-          top = 0;
-          twd += (double(m) - double(bm)) * tw;
-        }
-        m = bm;
-      }
-      block_sums_prob<T, TT, A>(opt, x + c0, t + c0, opt.has_w ? w + c0 : w, nb, m, k, cap, &sum, &top, &tw, &twd);
-    }
-    if (!online) {
-      m = cap(block_max<T, A>(x, C));
-      sum = top = tw = twd = 0;
-      for (int64_t c0 = 0; c0 < C && m != ninf; c0 += kBlock) {
-        const int64_t nb = C - c0 < kBlock ? C - c0 : kBlock;
-        block_sums_prob<T, TT, A>(opt, x + c0, t + c0, opt.has_w ? w + c0 : w, nb, m, k, cap, &sum, &top, &tw, &twd);
-      }
-    }
+    const A m = online_row_walk<A>(
+        C, sum, top, [&](int64_t c0, int64_t nb) { return cap(block_max<T, A>(x + c0, nb)); },
+        [&](int64_t c0, int64_t nb, A mm) {
+          block_sums_prob<T, TT, A>(opt, x + c0, t + c0, opt.has_w ? w + c0 : w, nb, mm, k, cap, &sum, &top, &tw, &twd);
+        },
+        [&](double dm) { twd += dm * tw; }, [&] { tw = twd = 0; });
     const double logsum = log_sum(sum, top);
     const double lse = double(m) + logsum;
     a.lse[r] = lse;
     loss_out[r] = A(logsum * tw - twd + double(k.z) * lse * lse);
-  }
-  return 0;
+  });
 }
 
 template <class T, class TT, class A, class O>
@@ -408,12 +385,9 @@ int ce_bwd_prob_rows(const CeArgs& a, O opt) {
   TT* GT = static_cast<TT*>(a.gt);
   const A* w = static_cast<const A*>(a.w);
   const A* G = static_cast<const A*>(a.g);
-  const int64_t C = a.C, S = a.S, R = a.N * a.S;
-  const Consts<A> k(a);
-  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
-#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t n = r / S, s = r - n * S;
+  const int64_t C = a.C;
+  return for_each_row<A>(a, opt, [&](const Consts<A>& k, const SoftCapOf<A, O>& cap, int64_t r, int64_t n, int64_t s,
+                                     int*) {
     const T* x = X + n * a.x_sN + s * a.x_sS;
     const TT* t = TG + n * a.t_sN + s * a.t_sS;
     const A g = G[n * a.g_sN + s * a.g_sS];
@@ -469,8 +443,7 @@ int ce_bwd_prob_rows(const CeArgs& a, O opt) {
         }
       });
     }
-  }
-  return 0;
+  });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -491,29 +464,11 @@ inline void tile_lse(const double* lse, const Tile<A>& tl, int u, Vec<A>* hi, Ve
   *full = Vec<A>::load(f);
 }
 
-// Per-lane class-index bookkeeping of a tile: target, its raw logit, its weight, whether the row counts.
-template <class A>
-struct TileTargets {
-  static constexpr int L = Tile<A>::L;
-  alignas(32) A xy[L] = {}, wy[L] = {};
-  int64_t y[L] = {};
-  bool live[L] = {};
-};
-
+// A tile's targets (walk.h), each with its class weight as fy.
 template <class T, class A, class O>
-inline void tile_targets(const CeArgs& a, O opt, const Tile<A>& tl, const T* x, const A* w, TileTargets<A>& tt, int* bad) {
-  for (int j = 0; j < tl.k; ++j) {
-    const int64_t y = a.y[tl.n * a.y_sN + (tl.s0 + j) * a.y_sS];
-    tt.y[j] = y;
-    if (y == a.ignore_index) continue;
-    if (y < 0 || y >= a.C) {
-      flag_bad(bad);
-      continue;
-    }
-    tt.live[j] = true;
-    tt.xy[j] = to_acc<A>(x[y * a.x_sC + j]);
-    tt.wy[j] = opt.has_w ? w[y] : A(1);
-  }
+inline void ce_tile_targets(const CeArgs& a, O opt, const Tile<A>& tl, const T* x, const A* w, TileTargets<A>& tt,
+                            int* bad) {
+  tile_targets<T, A>(a, tl, x, tt, bad, [&](int64_t y) { return opt.has_w ? w[y] : A(1); });
 }
 
 // One tile's losses and lses (the forward of ce_fwd_index_tiles and ce_fused_index_tiles).
@@ -544,7 +499,7 @@ inline bool fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
       }
     }
     TileTargets<A> tt;
-    tile_targets<T, A>(a, opt, tl, x, w, tt, bad);
+    ce_tile_targets<T, A>(a, opt, tl, x, w, tt, bad);
     for (int u = 0; u < kU; ++u) {
       const int kv = tl.kv(u);
       if (!kv) continue;
@@ -560,7 +515,7 @@ inline bool fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
       logsum.store(lb);
       for (int j = 0; j < kv; ++j)
         a.lse[r0 + j] = mb[j] == -std::numeric_limits<A>::infinity() ? -HUGE_VAL : double(mb[j]) + double(lb[j]);
-      V loss = V(k.keep) * V::load(tt.wy + u * W) * ((m[u] - cap(V::load(tt.xy + u * W))) + logsum);
+      V loss = V(k.keep) * V::load(tt.fy + u * W) * ((m[u] - cap(V::load(tt.xy + u * W))) + logsum);
       if (opt.smooth) loss = loss + V(k.eps_c) * (V(k.wsum) * logsum - unfold<A>(dsum + u * W));
       const V lse = m[u] + logsum;
       loss = fmadd(V(k.z) * lse, lse, loss);
@@ -606,7 +561,7 @@ inline void bwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
     const T* x = X + tl.n * a.x_sN + tl.s0;
     T* gx = GX + tl.n * a.gx_sN + tl.s0;
     TileTargets<A> tt;  // reads the target logits before anything is written (in place)
-    tile_targets<T, A>(a, opt, tl, x, w, tt, bad);
+    ce_tile_targets<T, A>(a, opt, tl, x, w, tt, bad);
     alignas(32) A g[L] = {}, gy[L] = {};
     for (int j = 0; j < tl.k; ++j)
       if (tt.live[j]) g[j] = G[tl.n * a.g_sN + (tl.s0 + j) * a.g_sS];
@@ -620,7 +575,7 @@ inline void bwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
       tg.y[u] = V::load(yf + u * W);
       const int kv = tl.kv(u);
       if (!kv) continue;
-      const V gv = V::load(g + u * W), wyv = V::load(tt.wy + u * W);
+      const V gv = V::load(g + u * W), wyv = V::load(tt.fy + u * W);
       tile_lse(a.lse_in + tl.n * S + tl.s0 + u * W, tl, u, tg.hi + u, tg.lo + u, lsev + u);
       tg.kp[u] = gv * (V(k.keep) * wyv + V(opt.smooth ? k.eps_c * k.wsum : A(0)) + V(A(2) * k.z) * lsev[u]);
       tg.kw[u] = gv * V(k.eps_c);
@@ -636,7 +591,7 @@ inline void bwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
       });
     for (int u = 0; u < kU; ++u) {
       if (!tl.kv(u)) continue;
-      const V gv = V::load(g + u * W), wyv = V::load(tt.wy + u * W);
+      const V gv = V::load(g + u * W), wyv = V::load(tt.fy + u * W);
       V xyc, slope, py, py_minus_1;
       cap.with_slope(V::load(tt.xy + u * W), xyc, slope);
       tile_target_p(xyc, tg.hi[u], tg.lo[u], rest + u * W, &py, &py_minus_1);
@@ -693,23 +648,18 @@ int ce_fused_index_tiles(const CeArgs& a, O opt) {
   return bad;
 }
 
+// One tile's losses and lses for a probability target (TT its storage type).
 template <class T, class TT, class A, class O>
-int ce_fwd_prob_tiles(const CeArgs& a, O opt) {
+inline void fwd_prob_tile(const CeArgs& a, O opt, const Consts<A>& k, const SoftCapOf<A, O>& cap, const Tile<A>& tl,
+                          int*) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
-  const T* X = static_cast<const T*>(a.x);
-  const TT* TG = static_cast<const TT*>(a.t);
   const A* w = static_cast<const A*>(a.w);
   A* loss_out = static_cast<A*>(a.loss);
   const int64_t C = a.C, S = a.S, sC = a.x_sC, tsC = a.t_sC;
-  const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
-  const Consts<A> k(a);
-  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
-#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
-  for (int64_t tix = 0; tix < tiles; ++tix) {
-    const Tile<A> tl = tile_at<A>(tix, per_n, S);
-    const T* x = X + tl.n * a.x_sN + tl.s0;
-    const TT* t = TG + tl.n * a.t_sN + tl.s0;
+  {
+    const T* x = static_cast<const T*>(a.x) + tl.n * a.x_sN + tl.s0;
+    const TT* t = static_cast<const TT*>(a.t) + tl.n * a.t_sN + tl.s0;
     V m[kU];
     tile_max<T, A>(x, C, sC, tl, cap, m);
     double sum[L] = {}, top[L] = {}, tw[L] = {}, twd[L] = {};
@@ -752,28 +702,27 @@ int ce_fwd_prob_tiles(const CeArgs& a, O opt) {
       }
     }
   }
-  return 0;
 }
 
 template <class T, class TT, class A, class O>
-int ce_bwd_prob_tiles(const CeArgs& a, O opt) {
+int ce_fwd_prob_tiles(const CeArgs& a, O opt) {
+  return for_each_tile<A>(a, opt, [](auto&&... args) { fwd_prob_tile<T, TT, A>(args...); });
+}
+
+// One tile's input and target gradients for a probability target, from the saved lses.
+template <class T, class TT, class A, class O>
+inline void bwd_prob_tile(const CeArgs& a, O opt, const Consts<A>& k, const SoftCapOf<A, O>& cap, const Tile<A>& tl,
+                          int*) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
-  const T* X = static_cast<const T*>(a.x);
-  const TT* TG = static_cast<const TT*>(a.t);
   T* GX = static_cast<T*>(a.gx);
   TT* GT = static_cast<TT*>(a.gt);
   const A* w = static_cast<const A*>(a.w);
   const A* G = static_cast<const A*>(a.g);
   const int64_t C = a.C, S = a.S, sC = a.x_sC, tsC = a.t_sC;
-  const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
-  const Consts<A> k(a);
-  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
-#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
-  for (int64_t tix = 0; tix < tiles; ++tix) {
-    const Tile<A> tl = tile_at<A>(tix, per_n, S);
-    const T* x = X + tl.n * a.x_sN + tl.s0;
-    const TT* t = TG + tl.n * a.t_sN + tl.s0;
+  {
+    const T* x = static_cast<const T*>(a.x) + tl.n * a.x_sN + tl.s0;
+    const TT* t = static_cast<const TT*>(a.t) + tl.n * a.t_sN + tl.s0;
     alignas(32) A g[L] = {};
     for (int j = 0; j < tl.k; ++j) g[j] = G[tl.n * a.g_sN + (tl.s0 + j) * a.g_sS];
     V gv[kU], hv[kU], lv[kU], lsev[kU];
@@ -827,7 +776,11 @@ int ce_bwd_prob_tiles(const CeArgs& a, O opt) {
       });
     }
   }
-  return 0;
+}
+
+template <class T, class TT, class A, class O>
+int ce_bwd_prob_tiles(const CeArgs& a, O opt) {
+  return for_each_tile<A>(a, opt, [](auto&&... args) { bwd_prob_tile<T, TT, A>(args...); });
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -48,39 +48,15 @@ inline void scaled_block_sums(const T* x, int64_t n, A inv, A m, double* sum, do
   *top += double(hsum(count_value(t0)));
 }
 
-// Max and log-sum of a row of x * inv (inv > 0, so the max commutes with the scaling), online over
-// blocks as row_stats_index (walk.h); a row whose first block is all -inf takes two plain passes.
+// Max and log-sum of a row of x * inv (inv > 0, so the max commutes with the scaling): walk.h's
+// online_row_walk.
 template <class T, class A>
 inline void scaled_row_stats(const T* x, int64_t C, A inv, A* m_out, double* logsum_out) {
-  const A ninf = -std::numeric_limits<A>::infinity();
-  A m = ninf;
   double sum = 0, top = 0;
-  bool online = true;
-  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-    const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
-    const A bm = block_max<T, A>(x + c0, n) * inv;
-    if (bm == ninf) {
-      online = false;
-      break;
-    }
-    if (bm > m) {
-      if (m != ninf) {
-        sum = (sum + top) * std::exp(double(m) - double(bm));
-        top = 0;
-      }
-      m = bm;
-    }
-    scaled_block_sums<T, A>(x + c0, n, inv, m, &sum, &top);
-  }
-  if (!online) {
-    m = block_max<T, A>(x, C) * inv;
-    sum = top = 0;
-    for (int64_t c0 = 0; c0 < C && m != ninf; c0 += kBlock) {
-      const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
-      scaled_block_sums<T, A>(x + c0, n, inv, m, &sum, &top);
-    }
-  }
-  *m_out = m;
+  *m_out = online_row_walk<A>(
+      C, sum, top, [&](int64_t c0, int64_t n) { return block_max<T, A>(x + c0, n) * inv; },
+      [&](int64_t c0, int64_t n, A m) { scaled_block_sums<T, A>(x + c0, n, inv, m, &sum, &top); }, [](double) {},
+      [] {});
   *logsum_out = log_sum(sum, top);
 }
 

@@ -164,6 +164,16 @@ at::Tensor sigmoid_focal_bwd_cpu(const at::Tensor& grad, const at::Tensor& input
   return gx;
 }
 
+}  // namespace
+
+// Each of the two losses registers its ops after its own section: they share this file, not their code.
+TORCH_LIBRARY_IMPL(lossfuse, CPU, m) {
+  m.impl("sigmoid_focal_fwd", &sigmoid_focal_fwd_cpu);
+  m.impl("sigmoid_focal_bwd", &sigmoid_focal_bwd_cpu);
+}
+
+namespace {
+
 struct SoftmaxPrepared {
   at::Tensor x, y, scale;
   SoftmaxFocalArgs a{};
@@ -176,35 +186,18 @@ SoftmaxPrepared softmax_prepare(const char* op, const at::Tensor& input, const a
   SoftmaxPrepared p;
   SoftmaxFocalArgs& a = p.a;
   a.dtype = kernel_dtype(input, op);
-  p.x = walkable_input(input);
-  a.x = p.x.data_ptr();
-  a.N = p.x.size(0);
-  a.C = p.x.size(1);
-  a.S = p.x.size(2);
-  a.x_sN = p.x.stride(0);
-  a.x_sC = p.x.stride(1);
-  a.x_sS = p.x.stride(2);
-  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": class-index targets must be int64; got ",
-              target.scalar_type());
-  TORCH_CHECK(target.dim() == 2 && target.size(0) == a.N && target.size(1) == a.S, op,
-              ": class-index target must be (N, S) = (", a.N, ", ", a.S, "); got ", target.sizes());
+  p.x = set_walked_logits(a, input);
+  set_class_target(a, target, op);
   p.y = target;
-  a.y = p.y.data_ptr<int64_t>();
-  a.y_sN = p.y.stride(0);
-  a.y_sS = p.y.stride(1);
   a.ignore_index = ignore_index;
   a.nthreads = kernel_threads(a.N * a.C * a.S);
   return p;
 }
 
-// The gradient's layout: as the input's walk order (empty_like_layout in lossfuse/ops/cross_entropy.py).
+// The gradient's layout: as the input's walk order (empty_like_layout in lossfuse/_layout.py).
 at::Tensor softmax_grad_output(const at::Tensor& input, SoftmaxFocalArgs& a, const at::Tensor& x) {
   at::Tensor gx = empty_walk_layout(x, input.scalar_type());
-  a.gx = gx.data_ptr();
-  a.gx_sN = gx.stride(0);
-  a.gx_sC = gx.stride(1);
-  a.gx_sS = gx.stride(2);
-  a.stream = gx.nbytes() >= kStreamBytes;
+  set_input_grad(a, gx);
   return gx;
 }
 
@@ -265,8 +258,6 @@ at::Tensor softmax_focal_bwd_cpu(const at::Tensor& grad, const at::Tensor& input
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lossfuse, CPU, m) {
-  m.impl("sigmoid_focal_fwd", &sigmoid_focal_fwd_cpu);
-  m.impl("sigmoid_focal_bwd", &sigmoid_focal_bwd_cpu);
   m.impl("softmax_focal_fwd", &softmax_focal_fwd_cpu);
   m.impl("softmax_focal_bwd", &softmax_focal_bwd_cpu);
 }

@@ -566,38 +566,18 @@ int sf_bwd_rows(const SoftmaxFocalArgs& a) {
 
 // ---- Tile walk (spatial stride 1) ----------------------------------------------------------------
 
-// Per lane of a tile: the target, its logit, its class factor and whether the row counts.
-template <class A>
-struct FocalTileTargets {
-  static constexpr int L = Tile<A>::L;
-  alignas(32) A xy[L] = {}, K[L] = {};
-  int64_t y[L] = {};
-  bool live[L] = {};
-};
-
+// A tile's targets (walk.h), each with its class factor K as fy.
 template <class T, class A>
-inline void focal_tile_targets(const SoftmaxFocalArgs& a, const Tile<A>& tl, const T* x, FocalTileTargets<A>& tt,
-                               int* bad) {
+inline void focal_tile_targets(const SoftmaxFocalArgs& a, const Tile<A>& tl, const T* x, TileTargets<A>& tt, int* bad) {
   const A* scale = static_cast<const A*>(a.scale);
-  for (int j = 0; j < tl.k; ++j) {
-    const int64_t y = a.y[tl.n * a.y_sN + (tl.s0 + j) * a.y_sS];
-    tt.y[j] = y;
-    if (y == a.ignore_index) continue;
-    if (y < 0 || y >= a.C) {
-      flag_bad(bad);
-      continue;
-    }
-    tt.live[j] = true;
-    tt.xy[j] = to_acc<A>(x[y * a.x_sC + j]);
-    tt.K[j] = class_factor<A>(a, scale, y);
-  }
+  tile_targets<T, A>(a, tl, x, tt, bad, [&](int64_t y) { return class_factor<A>(a, scale, y); });
 }
 
 // The gradient of one tile, per lane kp[j] (g D) and lse[j]: the cross-entropy's tile pass (walk.h)
 // with no optional term; rows not live get exact zeros.
 template <class T, class A>
 inline void grad_tile(const SoftmaxFocalArgs& a, const Tile<A>& tl, const T* x, T* gx,
-                      const FocalTileTargets<A>& tt, const A* kp, const A* lse) {
+                      const TileTargets<A>& tt, const A* kp, const A* lse) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
   alignas(32) A gy[L] = {}, yf[L];
@@ -648,7 +628,7 @@ int sf_fwd_tiles(const SoftmaxFocalArgs& a) {
     double sum[L] = {}, top[L] = {};
     tile_stats<T, A>(NoTerms{}, x, C, sC, tl, SoftCapOf<A, NoTerms>({}, 0.0), static_cast<const A*>(nullptr), m, sum,
                      top, static_cast<double*>(nullptr));
-    FocalTileTargets<A> tt;
+    TileTargets<A> tt;
     focal_tile_targets<T, A>(a, tl, x, tt, &bad);
     alignas(32) A nl[L] = {}, lse[L] = {}, loss[L] = {}, dscale[L] = {}, kp[L] = {};
     for (int u = 0; u < kU; ++u) {
@@ -660,7 +640,7 @@ int sf_fwd_tiles(const SoftmaxFocalArgs& a) {
     }
     for (int j = 0; j < tl.k; ++j)
       if (tt.live[j]) {
-        focal_row<A>(tt.K[j], nl[j], a.gamma, loss + j, dscale + j);
+        focal_row<A>(tt.fy[j], nl[j], a.gamma, loss + j, dscale + j);
         kp[j] = gs * dscale[j];
       }
     for (int u = 0; u < kU; ++u) {
@@ -692,7 +672,7 @@ int sf_bwd_tiles(const SoftmaxFocalArgs& a) {
   for (int64_t tix = 0; tix < tiles; ++tix) {
     const Tile<A> tl = tile_at<A>(tix, per_n, S);
     const T* x = X + tl.n * a.x_sN + tl.s0;
-    FocalTileTargets<A> tt;
+    TileTargets<A> tt;
     focal_tile_targets<T, A>(a, tl, x, tt, &bad);
     alignas(32) A kp[L] = {}, lse[L] = {};
     for (int j = 0; j < tl.k; ++j) {

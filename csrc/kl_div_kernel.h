@@ -25,72 +25,62 @@ struct KlTerms {
   }
 };
 
-template <class T, class A>
-int kl_forward_t(const KlArgs& a) {
-  using V = Vec<A>;
-  constexpr int W = V::W;
-  const T* X = static_cast<const T*>(a.x);
-  const T* Y = static_cast<const T*>(a.t);
-  const KlTerms<A> k{a.log_target};
-  const int64_t n = a.n, blocks = (n + a.block - 1) / (a.block > 0 ? a.block : 1);
-  if (a.block == 0) {  // per element
-    A* out = static_cast<A*>(a.loss);
-    const int64_t chunks = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
-    for (int64_t b = 0; b < chunks; ++b) {
-      const int64_t c1 = (b + 1) * kBlock < n ? (b + 1) * kBlock : n;
-      for (int64_t c = b * kBlock; c < c1; c += W) {
-        const int kk = c1 - c < W ? int(c1 - c) : W;
-        store_k(k.loss(load_k(X + c, kk, A(0)), load_k(Y + c, kk, A(1))), out + c, kk);
-      }
-    }
-    return 0;
-  }
-  double* partials = static_cast<double*>(a.loss);
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t c0 = b * a.block, c1 = c0 + a.block < n ? c0 + a.block : n;
-    V s0(A(0));
-    for (int64_t c = c0; c < c1; c += W) {
-      const int kk = c1 - c < W ? int(c1 - c) : W;
-      // Padding lanes: x = 0, t = 1 (log_target false: 1 log 1 - 0 = 0), masked anyway.
-      s0 = s0 + select(V::first(kk), k.loss(load_k(X + c, kk, A(0)), load_k(Y + c, kk, A(1))), V(A(0)));
-    }
-    partials[b] = double(hsum(s0));
-  }
-  return 0;
-}
-
-template <class T, class A>
-int kl_backward_t(const KlArgs& a) {
-  using V = Vec<A>;
-  constexpr int W = V::W;
-  const T* X = static_cast<const T*>(a.x);
-  const T* Y = static_cast<const T*>(a.t);
-  const A* G = static_cast<const A*>(a.g);
-  T* GX = static_cast<T*>(a.gx);
-  T* GT = static_cast<T*>(a.gt);
-  const KlTerms<A> k{a.log_target};
-  const int64_t n = a.n, chunks = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+// Calls body(c, kk) for every vector of elements [0, n) -- kk live lanes, W but at a chunk's end -- in
+// parallel chunks of kBlock elements. Each thread works on its own copy of body (firstprivate), so that
+// what it captures by value stays in registers instead of being reloaded around every vector store.
+template <class A, class Body>
+inline void for_each_vector(int64_t n, int nthreads, Body body) {
+  constexpr int W = Vec<A>::W;
+  const int64_t chunks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for num_threads(nthreads) schedule(static) firstprivate(body)
   for (int64_t b = 0; b < chunks; ++b) {
     const int64_t c1 = (b + 1) * kBlock < n ? (b + 1) * kBlock : n;
-    for (int64_t c = b * kBlock; c < c1; c += W) {
-      const int kk = c1 - c < W ? int(c1 - c) : W;
+    for (int64_t c = b * kBlock; c < c1; c += W) body(c, c1 - c < W ? int(c1 - c) : W);
+  }
+}
+
+// The forward (per-element losses, or float64 partial sums of a.block elements) and the backward of
+// one dtype. Padding lanes read x = 0, t = 1 (log_target false: 1 log 1 - 0 = 0); the sums mask them anyway.
+template <class T, class A>
+int kl_t(const KlArgs& a, bool backward) {
+  using V = Vec<A>;
+  const T* X = static_cast<const T*>(a.x);
+  const T* Y = static_cast<const T*>(a.t);
+  const KlTerms<A> k{a.log_target};
+  if (backward) {
+    const A* G = static_cast<const A*>(a.g);
+    T* GX = static_cast<T*>(a.gx);
+    T* GT = static_cast<T*>(a.gt);
+    const bool g_elementwise = a.g_elementwise;
+    for_each_vector<A>(a.n, a.nthreads, [=](int64_t c, int kk) {
       const V t = load_k(Y + c, kk, A(1));
       // The upstream gradient times the derivative in fp32, then the one cast.
-      const V g = a.g_elementwise ? load_k(G + c, kk, A(0)) : V(G[0]);
+      const V g = g_elementwise ? load_k(G + c, kk, A(0)) : V(G[0]);
       if (GX) store_k(g * k.dx(t), GX + c, kk);
       if (GT) store_k(g * k.dt(load_k(X + c, kk, A(0)), t), GT + c, kk);
+    });
+  } else if (a.block == 0) {
+    A* out = static_cast<A*>(a.loss);
+    for_each_vector<A>(a.n, a.nthreads, [=](int64_t c, int kk) {
+      store_k(k.loss(load_k(X + c, kk, A(0)), load_k(Y + c, kk, A(1))), out + c, kk);
+    });
+  } else {
+    const int64_t n = a.n, blocks = (n + a.block - 1) / a.block;
+    double* partials = static_cast<double*>(a.loss);
+#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t c0 = b * a.block, c1 = c0 + a.block < n ? c0 + a.block : n;
+      V s0(A(0));
+      for (int64_t c = c0; c < c1; c += V::W) {
+        const int kk = c1 - c < V::W ? int(c1 - c) : V::W;
+        s0 = s0 + select(V::first(kk), k.loss(load_k(X + c, kk, A(0)), load_k(Y + c, kk, A(1))), V(A(0)));
+      }
+      partials[b] = double(hsum(s0));
     }
   }
   return 0;
 }
 
 inline int kl_run(const KlArgs& a, bool backward) {
-  return with_dtype(a.dtype, [&](auto t, auto acc) {
-    using T = decltype(t);
-    using A = decltype(acc);
-    return backward ? kl_backward_t<T, A>(a) : kl_forward_t<T, A>(a);
-  });
+  return with_dtype(a.dtype, [&](auto t, auto acc) { return kl_t<decltype(t), decltype(acc)>(a, backward); });
 }

@@ -35,7 +35,7 @@ inline int kernel_threads(int64_t work) { return threads_for(work, at::get_num_t
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts);
 
 // (N, C, S) layouts of the softmax-family kernels (walk.h): walked along the classes (class stride 1)
-// or across neighbouring rows (spatial stride 1). empty_like_layout in lossfuse/ops/cross_entropy.py
+// or across neighbouring rows (spatial stride 1). empty_like_layout in lossfuse/_layout.py
 // gives the fake kernels the same strides: keep the two in step.
 inline bool walks_classes(const at::Tensor& x3) { return x3.size(1) == 1 || x3.stride(1) == 1; }
 
@@ -53,6 +53,50 @@ inline at::Tensor walkable_input(const at::Tensor& x3) {
   return x3.contiguous();
 }
 
+// Streaming (non-temporal) stores pay off for outputs far larger than the caches.
+constexpr size_t kStreamBytes = size_t(32) << 20;
+
+// The (N, C, S) fields shared by the softmax-family kernels' arguments (CeArgs, SoftmaxFocalArgs), filled
+// by the ops of every such loss alike.
+
+// The logits in a walkable layout into a.x, a.N, a.C, a.S and their strides; returns the tensor walked,
+// which must outlive the kernel call.
+template <class Args>
+inline at::Tensor set_walked_logits(Args& a, const at::Tensor& input) {
+  at::Tensor x = walkable_input(input);
+  a.x = x.data_ptr();
+  a.N = x.size(0);
+  a.C = x.size(1);
+  a.S = x.size(2);
+  a.x_sN = x.stride(0);
+  a.x_sC = x.stride(1);
+  a.x_sS = x.stride(2);
+  return x;
+}
+
+// A class-index target, checked to be int64 of shape (N, S), into a.y and its strides (after
+// set_walked_logits).
+template <class Args>
+inline void set_class_target(Args& a, const at::Tensor& target, const char* op) {
+  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": class-index targets must be int64; got ",
+              target.scalar_type());
+  TORCH_CHECK(target.dim() == 2 && target.size(0) == a.N && target.size(1) == a.S, op,
+              ": class-index target must be (N, S) = (", a.N, ", ", a.S, "); got ", target.sizes());
+  a.y = target.data_ptr<int64_t>();
+  a.y_sN = target.stride(0);
+  a.y_sS = target.stride(1);
+}
+
+// The input gradient (N, C, S) the kernel writes into a.gx, its strides, and whether to stream it.
+template <class Args>
+inline void set_input_grad(Args& a, const at::Tensor& gx) {
+  a.gx = gx.data_ptr();
+  a.gx_sN = gx.stride(0);
+  a.gx_sC = gx.stride(1);
+  a.gx_sS = gx.stride(2);
+  a.stream = gx.nbytes() >= kStreamBytes;
+}
+
 // The kernels only flag that some class index was bad; name the first one, as torch does: a value
 // outside [0, upper) that is not `ignore_index` (when there is one).
 [[noreturn]] inline void report_bad_target(const at::Tensor& y, int64_t upper, std::optional<int64_t> ignore_index,
@@ -66,8 +110,5 @@ inline at::Tensor walkable_input(const at::Tensor& x3) {
   }
   TORCH_CHECK(false, op, ": a target is out of bounds");
 }
-
-// Streaming (non-temporal) stores pay off for outputs far larger than the caches.
-constexpr size_t kStreamBytes = size_t(32) << 20;
 
 }  // namespace lossfuse

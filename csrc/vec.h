@@ -5,8 +5,66 @@
 // No include guard and no #include: this file is pasted into a namespace per instruction set.
 // common.h has already brought in the system headers.
 
+// One lane of A: Vec<double> on every instruction set, and Vec<float> in the portable build (the AVX2
+// build specialises Vec<float> below). The operations are friends defined in the class: each Vec<A> gets
+// plain (non-template) overloads of its own, to which a scalar A still converts as an argument.
 template <class A>
-struct Vec;
+struct Vec {
+  static constexpr int W = 1;
+  using Mask = bool;
+  A v;
+
+  Vec() = default;
+  Vec(A a) : v(a) {}
+
+  template <class T>
+  static Vec load(const T* p) { return to_acc<A>(*p); }
+  template <class T>
+  static Vec load_partial(const T* p, int n, A fill) { return n > 0 ? to_acc<A>(*p) : fill; }
+  template <class T>
+  void store(T* p) const { put(p, v); }
+  template <class T>
+  void store_partial(T* p, int n) const { if (n > 0) put(p, v); }
+  template <class T>
+  void stream(T* p) const { put(p, v); }
+  static Mask first(int k) { return k > 0; }
+  static Mask mask(const bool* on) { return on[0]; }
+  A lane(int) const { return v; }
+
+  friend Vec operator+(Vec a, Vec b) { return a.v + b.v; }
+  friend Vec operator-(Vec a, Vec b) { return a.v - b.v; }
+  friend Vec operator*(Vec a, Vec b) { return a.v * b.v; }
+  friend Vec operator/(Vec a, Vec b) { return a.v / b.v; }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return std::fma(a.v, b.v, c.v); }
+  friend Vec fnmadd(Vec a, Vec b, Vec c) { return std::fma(-a.v, b.v, c.v); }
+  friend Vec vmax(Vec a, Vec b) { return a.v > b.v ? a.v : b.v; }
+  friend Vec vmin(Vec a, Vec b) { return a.v < b.v ? a.v : b.v; }
+  friend Vec vabs(Vec a) { return std::fabs(a.v); }
+  friend Vec vneg(Vec a) { return -a.v; }
+  friend bool cmp_lt(Vec a, Vec b) { return a.v < b.v; }
+  friend bool cmp_le(Vec a, Vec b) { return a.v <= b.v; }
+  friend bool cmp_eq(Vec a, Vec b) { return a.v == b.v; }
+  friend bool mask_none(Vec) { return false; }
+  friend Vec select(bool m, Vec a, Vec b) { return m ? a : b; }
+  friend Vec zero_where(bool m, Vec a) { return m ? A(0) : a.v; }
+  friend Vec count_add(Vec n, bool m) { return m ? n.v + A(1) : n.v; }
+  friend Vec count_value(Vec n) { return n; }
+  friend A hsum(Vec a) { return a.v; }
+  friend A hmax(Vec a) { return a.v; }
+  friend Vec vexp(Vec a) { return std::exp(a.v); }
+  friend Vec vexp_normal(Vec a, bool&) { return std::exp(a.v); }
+  friend Vec vexp_sum_term(Vec a) { return std::exp(a.v); }
+  friend Vec vexpm1(Vec a) { return std::expm1(a.v); }
+  friend Vec vtanh(Vec a) { return std::tanh(a.v); }
+  friend Vec vlog(Vec a) { return std::log(a.v); }
+  friend Vec vlog1p(Vec a) { return std::log1p(a.v); }
+};
+
+// One-lane masks are plain bools.
+inline bool mask_and(bool a, bool b) { return a && b; }
+inline bool mask_or(bool a, bool b) { return a || b; }
+inline bool mask_any(bool m) { return m; }
+
 
 #if defined(LF_VEC_AVX2)
 
@@ -281,115 +339,11 @@ inline Vec<float> vlog1p(Vec<float> u) {
   return _mm256_blendv_ps(_mm256_blendv_ps(corrected, u.v, exact), l, inf);
 }
 
-#else  // portable: one fp32 lane
+#else  // portable: Vec<float> is the one-lane Vec above
 
 inline void store_fence() {}
 
-template <>
-struct Vec<float> {
-  static constexpr int W = 1;
-  using Mask = bool;
-  float v;
-
-  Vec() = default;
-  Vec(float a) : v(a) {}
-
-  template <class T>
-  static Vec load(const T* p) { return to_acc<float>(*p); }
-  template <class T>
-  static Vec load_partial(const T* p, int n, float fill) { return n > 0 ? to_acc<float>(*p) : fill; }
-  template <class T>
-  void store(T* p) const { put(p, v); }
-  template <class T>
-  void store_partial(T* p, int n) const { if (n > 0) put(p, v); }
-  template <class T>
-  void stream(T* p) const { put(p, v); }
-  static Mask first(int k) { return k > 0; }
-  static Mask mask(const bool* on) { return on[0]; }
-  float lane(int) const { return v; }
-};
-
-inline Vec<float> operator+(Vec<float> a, Vec<float> b) { return a.v + b.v; }
-inline Vec<float> operator-(Vec<float> a, Vec<float> b) { return a.v - b.v; }
-inline Vec<float> operator*(Vec<float> a, Vec<float> b) { return a.v * b.v; }
-inline Vec<float> operator/(Vec<float> a, Vec<float> b) { return a.v / b.v; }
-inline Vec<float> fmadd(Vec<float> a, Vec<float> b, Vec<float> c) { return std::fma(a.v, b.v, c.v); }
-inline Vec<float> fnmadd(Vec<float> a, Vec<float> b, Vec<float> c) { return std::fma(-a.v, b.v, c.v); }
-inline Vec<float> vmax(Vec<float> a, Vec<float> b) { return a.v > b.v ? a.v : b.v; }
-inline Vec<float> vmin(Vec<float> a, Vec<float> b) { return a.v < b.v ? a.v : b.v; }
-inline Vec<float> vabs(Vec<float> a) { return std::fabs(a.v); }
-inline Vec<float> vneg(Vec<float> a) { return -a.v; }
-inline bool cmp_lt(Vec<float> a, Vec<float> b) { return a.v < b.v; }
-inline bool cmp_le(Vec<float> a, Vec<float> b) { return a.v <= b.v; }
-inline bool cmp_eq(Vec<float> a, Vec<float> b) { return a.v == b.v; }
-inline bool mask_none(Vec<float>) { return false; }
-inline Vec<float> select(bool m, Vec<float> a, Vec<float> b) { return m ? a : b; }
-inline Vec<float> zero_where(bool m, Vec<float> a) { return m ? 0.0f : a.v; }
-inline Vec<float> count_add(Vec<float> n, bool m) { return m ? n.v + 1.0f : n.v; }
-inline Vec<float> count_value(Vec<float> n) { return n; }
-inline float hsum(Vec<float> a) { return a.v; }
-inline float hmax(Vec<float> a) { return a.v; }
-inline Vec<float> vexp(Vec<float> a) { return std::exp(a.v); }
-inline Vec<float> vexp_normal(Vec<float> a, bool&) { return std::exp(a.v); }
-inline Vec<float> vexp_sum_term(Vec<float> a) { return std::exp(a.v); }
-inline Vec<float> vexpm1(Vec<float> a) { return std::expm1(a.v); }
-inline Vec<float> vtanh(Vec<float> a) { return std::tanh(a.v); }
-inline Vec<float> vlog(Vec<float> a) { return std::log(a.v); }
-inline Vec<float> vlog1p(Vec<float> a) { return std::log1p(a.v); }
-
 #endif
-
-// Double: one lane on every instruction set.
-template <>
-struct Vec<double> {
-  static constexpr int W = 1;
-  using Mask = bool;
-  double v;
-
-  Vec() = default;
-  Vec(double a) : v(a) {}
-
-  static Vec load(const double* p) { return *p; }
-  static Vec load_partial(const double* p, int n, double fill) { return n > 0 ? *p : fill; }
-  void store(double* p) const { *p = v; }
-  void store_partial(double* p, int n) const { if (n > 0) *p = v; }
-  void stream(double* p) const { *p = v; }
-  static Mask first(int k) { return k > 0; }
-  static Mask mask(const bool* on) { return on[0]; }
-  double lane(int) const { return v; }
-};
-
-inline Vec<double> operator+(Vec<double> a, Vec<double> b) { return a.v + b.v; }
-inline Vec<double> operator-(Vec<double> a, Vec<double> b) { return a.v - b.v; }
-inline Vec<double> operator*(Vec<double> a, Vec<double> b) { return a.v * b.v; }
-inline Vec<double> operator/(Vec<double> a, Vec<double> b) { return a.v / b.v; }
-inline Vec<double> fmadd(Vec<double> a, Vec<double> b, Vec<double> c) { return std::fma(a.v, b.v, c.v); }
-inline Vec<double> fnmadd(Vec<double> a, Vec<double> b, Vec<double> c) { return std::fma(-a.v, b.v, c.v); }
-inline Vec<double> vmax(Vec<double> a, Vec<double> b) { return a.v > b.v ? a.v : b.v; }
-inline Vec<double> vmin(Vec<double> a, Vec<double> b) { return a.v < b.v ? a.v : b.v; }
-inline Vec<double> vabs(Vec<double> a) { return std::fabs(a.v); }
-inline Vec<double> vneg(Vec<double> a) { return -a.v; }
-inline bool cmp_lt(Vec<double> a, Vec<double> b) { return a.v < b.v; }
-inline bool cmp_le(Vec<double> a, Vec<double> b) { return a.v <= b.v; }
-inline bool cmp_eq(Vec<double> a, Vec<double> b) { return a.v == b.v; }
-inline Vec<double> select(bool m, Vec<double> a, Vec<double> b) { return m ? a : b; }
-inline Vec<double> zero_where(bool m, Vec<double> a) { return m ? 0.0 : a.v; }
-inline Vec<double> count_add(Vec<double> n, bool m) { return m ? n.v + 1.0 : n.v; }
-inline Vec<double> count_value(Vec<double> n) { return n; }
-inline bool mask_none(Vec<double>) { return false; }
-// One-lane masks (Vec<double> everywhere, Vec<float> in the portable build) are plain bools.
-inline bool mask_and(bool a, bool b) { return a && b; }
-inline bool mask_or(bool a, bool b) { return a || b; }
-inline bool mask_any(bool m) { return m; }
-inline double hsum(Vec<double> a) { return a.v; }
-inline double hmax(Vec<double> a) { return a.v; }
-inline Vec<double> vexp(Vec<double> a) { return std::exp(a.v); }
-inline Vec<double> vexp_normal(Vec<double> a, bool&) { return std::exp(a.v); }
-inline Vec<double> vexp_sum_term(Vec<double> a) { return std::exp(a.v); }
-inline Vec<double> vexpm1(Vec<double> a) { return std::expm1(a.v); }
-inline Vec<double> vtanh(Vec<double> a) { return std::tanh(a.v); }
-inline Vec<double> vlog(Vec<double> a) { return std::log(a.v); }
-inline Vec<double> vlog1p(Vec<double> a) { return std::log1p(a.v); }
 
 // Scalar helpers in the accumulation type, for per-row values and loop tails.
 inline float sexp(float x) { return std::exp(x); }

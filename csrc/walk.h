@@ -1,8 +1,10 @@
-// The row and tile walks shared by the softmax-family CPU kernels (cross-entropy, softmax focal): the
-// online log-sum-exp of a row, the tile of neighbouring rows, and small load/store helpers. Pasted into
+// The row and tile walks shared by the softmax-family CPU kernels (cross-entropy, softmax focal; the
+// distillation rows use the row half): the online log-sum-exp of a row, the tile of neighbouring rows,
+// and small load/store helpers. Pasted into
 // each instruction-set namespace by the kernel headers that include it, like vec.h (no include guard, no
 // system #include: see isa_instantiate.h); a translation unit includes at most one such kernel header.
-// Nothing here knows a loss's arguments.
+// Nothing here knows a loss's arguments, but for the class-index target fields that every
+// softmax-family loss names alike (tile_targets).
 //
 // Logits are (N, C, S) with arbitrary strides; row r = n * S + s. Two walk orders:
 //   rows:  class stride 1 ((N, C), channels-last) -- vectorised along the classes of one row;
@@ -210,22 +212,23 @@ inline void block_sums_index(O opt, const T* x, const A* w, int64_t n, A m, cons
   *ws += wd;
 }
 
-// log-sum-exp statistics of one row in a single pass over memory: each kBlock-class block is read
-// from memory once for its max and again from L1 for its sums, which are rescaled whenever the
-// running max grows (online softmax). Returns the (capped) max m, log sum_c exp(x'_c - m) and, with
-// smoothing, sum_c w_c (x'_c - m). A block that is all -inf (masked vocabulary) would make x - m
-// undefined while m is still -inf, so such rows take the plain two passes. tanh is increasing, so the
-// capped max is the cap of the raw max.
-template <class T, class A, class O>
-inline void row_stats_index(O opt, const T* x, const A* w, int64_t C, const SoftCapOf<A, O>& cap, A* m_out,
-                            double* logsum_out, double* d_out) {
+// The online softmax walk of a row, kBlock classes at a time: each block is read from memory once for
+// its max and again from L1 for its sums, which are rescaled whenever the running max grows. The loss
+// supplies block_max_of(c0, n), the max of classes [c0, c0 + n) as its terms see the logits (capped,
+// scaled), and sums(c0, n, m), which adds their terms relative to m: the softmax denominator's into
+// (sum, top), the loss's own into its accumulators. shift(m_old - m_new) moves those to a larger max,
+// reset() zeroes them. Returns the max the sums are relative to. A block that is all -inf (masked
+// vocabulary) would make x - m undefined while m is still -inf, so such rows take the plain two passes;
+// a row of only -inf gets no sums at all (its lse is then -inf, as torch.logsumexp's).
+template <class A, class BlockMaxOf, class Sums, class Shift, class Reset>
+inline A online_row_walk(int64_t C, double& sum, double& top, BlockMaxOf&& block_max_of, Sums&& sums, Shift&& shift,
+                         Reset&& reset) {
   const A ninf = -std::numeric_limits<A>::infinity();
   A m = ninf;
-  double sum = 0, top = 0, d = 0, ws = 0;
   bool online = true;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
     const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
-    const A bm = cap(block_max<T, A>(x + c0, n));
+    const A bm = block_max_of(c0, n);
     if (bm == ninf) {
       online = false;
       break;
@@ -235,22 +238,37 @@ inline void row_stats_index(O opt, const T* x, const A* w, int64_t C, const Soft
         // The old max's terms join the rest: e^(m - bm) < 1 now.
         sum = (sum + top) * std::exp(double(m) - double(bm));
         top = 0;
-        if (opt.smooth) d += (double(m) - double(bm)) * ws;
+        shift(double(m) - double(bm));
       }
       m = bm;
     }
-    block_sums_index<T, A>(opt, x + c0, opt.has_w ? w + c0 : w, n, m, cap, &sum, &top, &d, &ws);
+    sums(c0, n, m);
   }
   if (!online) {
-    m = cap(block_max<T, A>(x, C));
-    sum = top = d = ws = 0;
-    // A row of only -inf has lse = -inf (as torch.logsumexp); its loss is NaN either way, as torch's.
-    for (int64_t c0 = 0; c0 < C && m != ninf; c0 += kBlock) {
-      const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
-      block_sums_index<T, A>(opt, x + c0, opt.has_w ? w + c0 : w, n, m, cap, &sum, &top, &d, &ws);
-    }
+    m = block_max_of(0, C);
+    sum = top = 0;
+    reset();
+    for (int64_t c0 = 0; c0 < C && m != ninf; c0 += kBlock) sums(c0, C - c0 < kBlock ? C - c0 : kBlock, m);
   }
-  *m_out = m;
+  return m;
+}
+
+// log-sum-exp statistics of one row in a single pass over memory (online_row_walk): the (capped) max
+// m, log sum_c exp(x'_c - m) and, with smoothing, sum_c w_c (x'_c - m). tanh is increasing, so the
+// capped max is the cap of the raw max.
+template <class T, class A, class O>
+inline void row_stats_index(O opt, const T* x, const A* w, int64_t C, const SoftCapOf<A, O>& cap, A* m_out,
+                            double* logsum_out, double* d_out) {
+  double sum = 0, top = 0, d = 0, ws = 0;
+  *m_out = online_row_walk<A>(
+      C, sum, top, [&](int64_t c0, int64_t n) { return cap(block_max<T, A>(x + c0, n)); },
+      [&](int64_t c0, int64_t n, A m) {
+        block_sums_index<T, A>(opt, x + c0, opt.has_w ? w + c0 : w, n, m, cap, &sum, &top, &d, &ws);
+      },
+      [&](double dm) {
+        if (opt.smooth) d += dm * ws;
+      },
+      [&] { d = ws = 0; });
   *logsum_out = log_sum(sum, top);
   *d_out = d;
 }
@@ -368,6 +386,36 @@ inline void tile_stats(O opt, const T* x, int64_t C, int64_t sC, const Tile<A>& 
   }
 }
 
+// Per lane of a tile, its row's class-index target: the class y, its raw logit, the loss's factor for
+// that class (fy: the class weight, or focal's alpha_y w_y) and whether the row counts.
+template <class A>
+struct TileTargets {
+  static constexpr int L = Tile<A>::L;
+  alignas(32) A xy[L] = {}, fy[L] = {};
+  int64_t y[L] = {};
+  bool live[L] = {};
+};
+
+// Reads them for tile tl, whose logits start at x; factor_of(y) gives fy. A target that is
+// ignore_index does not count, one outside [0, C) flags *bad and does not count either. Args: any
+// softmax-family loss's arguments, with the (N, C, S) fields y, y_sN, y_sS, ignore_index, C and x_sC.
+template <class T, class A, class Args, class FactorOf>
+inline void tile_targets(const Args& a, const Tile<A>& tl, const T* x, TileTargets<A>& tt, int* bad,
+                         FactorOf&& factor_of) {
+  for (int j = 0; j < tl.k; ++j) {
+    const int64_t y = a.y[tl.n * a.y_sN + (tl.s0 + j) * a.y_sS];
+    tt.y[j] = y;
+    if (y == a.ignore_index) continue;
+    if (y < 0 || y >= a.C) {
+      flag_bad(bad);
+      continue;
+    }
+    tt.live[j] = true;
+    tt.xy[j] = to_acc<A>(x[y * a.x_sC + j]);
+    tt.fy[j] = factor_of(y);
+  }
+}
+
 // Per-lane state of a tile's class-index gradient pass: the lane's lse = hi + lo, the factor kp of
 // p_c and, with smoothing, kw of w_c (d loss / d x'_c = p_c kp - kw w_c off the target), the lanes
 // whose rows count (`on`; the others get exact zeros, whatever their logits hold) and their targets
@@ -380,10 +428,11 @@ struct TileGrad {
 
 // The gradient pass of a tile: every element but the targets', and per lane sum_{c != y} p_c into
 // `rest` (zeroed here) for the target element, which the caller writes (p_y - 1 formed as -rest where
-// p_y > 1/2: see the row backward). exp_fn as with_exact_redo hands it.
-template <class T, class A, class O, class ExpFn>
-inline void tile_grad_pass(O opt, const SoftCapOf<A, O>& cap, const T* x, T* gx, int64_t C, int64_t sC, int64_t gsC,
-                           const Tile<A>& tl, const TileGrad<A>& tg, const A* w, double* rest, ExpFn&& vexp_fn) {
+// p_y > 1/2: see the row backward). prob(c, u, kv, slope) gives p_c of the kv live lanes of vector u
+// and, where opt.cap, d x'/d x in slope; ahead(c) prefetches what prob reads later.
+template <class T, class A, class O, class Ahead, class Prob>
+inline void tile_grad_walk(O opt, T* gx, int64_t C, int64_t gsC, const Tile<A>& tl, const TileGrad<A>& tg, const A* w,
+                           double* rest, Ahead&& ahead, Prob&& prob) {
   using V = Vec<A>;
   constexpr int W = V::W;
   for (int j = 0; j < Tile<A>::L; ++j) rest[j] = 0;
@@ -392,15 +441,14 @@ inline void tile_grad_pass(O opt, const SoftCapOf<A, O>& cap, const T* x, T* gx,
     V r[kU];
     for (int u = 0; u < kU; ++u) r[u] = V(A(0));
     for (int64_t c = c0; c < c1; ++c) {
-      prefetch_tile_ahead<T, A>(x, c, sC);
+      ahead(c);
       prefetch_tile_ahead<T, A>(gx, c, gsC, true);
       const V cv{A(c)};
       for (int u = 0; u < kU; ++u) {
         const int kv = tl.kv(u);
         if (!kv) continue;
-        V xc, slope;
-        cap.with_slope(load_k(x + c * sC + u * W, kv, A(0)), xc, slope);
-        const V p = vexp_fn((xc - tg.hi[u]) - tg.lo[u]);
+        V slope;
+        const V p = prob(c, u, kv, slope);
         V o = p * tg.kp[u];
         if (opt.smooth) o = opt.has_w ? fnmadd(tg.kw[u], V(w[c]), o) : o - tg.kw[u];
         if (opt.cap) o = o * slope;
@@ -412,31 +460,28 @@ inline void tile_grad_pass(O opt, const SoftCapOf<A, O>& cap, const T* x, T* gx,
   }
 }
 
-// tile_grad_pass for the fused walk's one-exp tiles (no smoothing, no soft-cap): p_c from the exps
+// tile_grad_walk with p_c = exp(x'_c - lse) from the logits, exp_fn as with_exact_redo hands it.
+template <class T, class A, class O, class ExpFn>
+inline void tile_grad_pass(O opt, const SoftCapOf<A, O>& cap, const T* x, T* gx, int64_t C, int64_t sC, int64_t gsC,
+                           const Tile<A>& tl, const TileGrad<A>& tg, const A* w, double* rest, ExpFn&& vexp_fn) {
+  using V = Vec<A>;
+  tile_grad_walk<T, A>(
+      opt, gx, C, gsC, tl, tg, w, rest, [&](int64_t c) { prefetch_tile_ahead<T, A>(x, c, sC); },
+      [&](int64_t c, int u, int kv, V& slope) {
+        V xc;
+        cap.with_slope(load_k(x + c * sC + u * V::W, kv, A(0)), xc, slope);
+        return vexp_fn((xc - tg.hi[u]) - tg.lo[u]);
+      });
+}
+
+// tile_grad_walk for the fused walk's one-exp tiles (no smoothing, no soft-cap): p_c from the exps
 // tile_stats kept in `buf`, times each lane's 1 / sum_c exp(x_c - m) in `inv_sum`.
 template <class T, class A>
 inline void tile_grad_pass_stored(T* gx, int64_t C, int64_t gsC, const Tile<A>& tl, const TileGrad<A>& tg,
                                   const A* buf, const Vec<A>* inv_sum, double* rest) {
   using V = Vec<A>;
-  constexpr int W = V::W;
-  for (int j = 0; j < Tile<A>::L; ++j) rest[j] = 0;
-  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-    const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
-    V r[kU];
-    for (int u = 0; u < kU; ++u) r[u] = V(A(0));
-    for (int64_t c = c0; c < c1; ++c) {
-      prefetch_tile_ahead<T, A>(gx, c, gsC, true);
-      const V cv{A(c)};
-      for (int u = 0; u < kU; ++u) {
-        const int kv = tl.kv(u);
-        if (!kv) continue;
-        const V p = V::load(buf + c * Tile<A>::L + u * W) * inv_sum[u];
-        store_k(select(tg.on[u], p * tg.kp[u], V(A(0))), gx + c * gsC + u * W, kv);
-        r[u] = r[u] + select(cmp_eq(tg.y[u], cv), V(A(0)), p);
-      }
-    }
-    for (int u = 0; u < kU; ++u) fold(r[u], rest + u * W);
-  }
+  tile_grad_walk<T, A>(NoTerms{}, gx, C, gsC, tl, tg, static_cast<const A*>(nullptr), rest, [](int64_t) {},
+                       [&](int64_t c, int u, int, V&) { return V::load(buf + c * Tile<A>::L + u * V::W) * inv_sum[u]; });
 }
 
 // p_y and p_y - 1 of a tile's lanes from the (capped) target logits: -rest where p_y > 1/2, else

@@ -185,6 +185,18 @@ def empty_like_walk(x, y, w, dtype) -> torch.Tensor:
     return x.new_empty_strided(x.shape, dense_strides(x.shape, iteration_order(x, y, w)), dtype=dtype)
 
 
+def empty_grads_like_walk(x, y, w, want_x: bool, want_y: bool, want_w: bool):
+    """Gradient buffers of an elementwise loss's operands, each in its operand's dtype and laid out as
+    empty_like_walk; a 0-element tensor where not wanted (a weight gradient needs a weight)."""
+    gx = empty_like_walk(x, y, w, x.dtype) if want_x else x.new_empty((0,))
+    gy = empty_like_walk(x, y, w, y.dtype) if want_y else y.new_empty((0,))
+    if w is not None and want_w:
+        gw = empty_like_walk(x, y, w, w.dtype)
+    else:
+        gw = (w if w is not None else x).new_empty((0,))
+    return gx, gy, gw
+
+
 def collapse(x, y, w=None, g=None):
     """The iteration space as the kernels see it: (sizes, [strides of x, y, w, g]), outermost dim first,
     size-1 dims dropped and neighbours merged wherever every operand steps over them evenly. Absent

@@ -34,7 +34,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._utils import acc_dtype, reciprocal_as
-from .._layout import empty_like_walk
+from .._layout import empty_grads_like_walk, empty_like_walk
 from ._common import TRITON_FUSED_DTYPES, Op, cuda_only
 
 HUBER, SMOOTH_L1, L1 = 0, 1, 2
@@ -53,13 +53,7 @@ def _fwd_fake(input, target, weight, mode, delta, block):
 
 
 def _bwd_fake(grad, input, target, weight, mode, delta, input_grad, target_grad, weight_grad):
-    gx = empty_like_walk(input, target, weight, input.dtype) if input_grad else input.new_empty((0,))
-    gy = empty_like_walk(input, target, weight, target.dtype) if target_grad else target.new_empty((0,))
-    if weight is not None and weight_grad:
-        gw = empty_like_walk(input, target, weight, weight.dtype)
-    else:
-        gw = (weight if weight is not None else input).new_empty((0,))
-    return gx, gy, gw
+    return empty_grads_like_walk(input, target, weight, input_grad, target_grad, weight_grad)
 
 
 def _fwd_grad_fake(input, target, weight, mode, delta, block, scale, input_grad, target_grad):

@@ -286,16 +286,10 @@ def _sigmoid_fwd_args(ch, cfg):
 
 def _sigmoid_bwd_args(ch, cfg):
     return dict(
-        g_ptr=Ptr("fp32"), x_ptr=Ptr(ch["x"]), t_ptr=Ptr("i64" if ch["INDEX"] else ch["x"]), gx_ptr=Ptr(ch["x"]),
-        numel=8192 * 80, C=80, alpha=0.25, gamma=2.0,
-        HAS_ALPHA=ch["HAS_ALPHA"], INDEX=ch["INDEX"], GRAD_SCALAR=ch["GRAD_SCALAR"],
+        go_ptr=Ptr("fp32"), g_ptr=Ptr("fp32"), x_ptr=Ptr(ch["x"]), t_ptr=Ptr("i64" if ch["INDEX"] else ch["x"]),
+        gx_ptr=Ptr(ch["x"]), numel=8192 * 80, C=80, alpha=0.25, gamma=2.0,
+        HAS_ALPHA=ch["HAS_ALPHA"], INDEX=ch["INDEX"], GRAD_SCALAR=ch["GRAD_SCALAR"], CHECK_ONE=ch["CHECK_ONE"],
     )
-
-
-def _sigmoid_fused_bwd_args(ch, cfg):
-    a = _sigmoid_bwd_args(dict(ch, GRAD_SCALAR=True), cfg)
-    del a["GRAD_SCALAR"]
-    return dict(a, go_ptr=Ptr("fp32"))
 
 
 def _softmax_strides(ch):
@@ -316,14 +310,10 @@ def _softmax_fwd_args(ch, cfg):
 def _softmax_bwd_args(ch, cfg):
     xs, c, s = _softmax_strides(ch)
     return dict(
-        g_ptr=Ptr("fp32"), x_ptr=Ptr(ch["x"]), y_ptr=Ptr("i64"), lse_ptr=Ptr("fp32"), d_ptr=Ptr("fp32"),
-        gx_ptr=Ptr(ch["x"]), C=c, S=s, g_sN=0, g_sS=0, x_sN=xs[0], x_sC=xs[1], x_sS=xs[2], y_sN=s, y_sS=1,
-        gx_sN=xs[0], gx_sC=xs[1], gx_sS=xs[2], ignore_index=-100,
+        go_ptr=Ptr("fp32"), g_ptr=Ptr("fp32"), x_ptr=Ptr(ch["x"]), y_ptr=Ptr("i64"), lse_ptr=Ptr("fp32"),
+        d_ptr=Ptr("fp32"), gx_ptr=Ptr(ch["x"]), C=c, S=s, g_sN=0, g_sS=0, x_sN=xs[0], x_sC=xs[1], x_sS=xs[2],
+        y_sN=s, y_sS=1, gx_sN=xs[0], gx_sC=xs[1], gx_sS=xs[2], ignore_index=-100, CHECK_ONE=ch["CHECK_ONE"],
     )
-
-
-def _softmax_fused_bwd_args(ch, cfg):
-    return dict(_softmax_bwd_args(ch, cfg), go_ptr=Ptr("fp32"))
 
 
 def _huber_operands(ch):
@@ -366,21 +356,14 @@ def _huber_bwd_args(ch, cfg):
     gs = [0, 0, 0, 0] if ch["G_SCALAR"] else st
     grads = ch["grads"]
     return dict(
-        G=Ptr(_acc(x)), X=Ptr(x), Y=Ptr(t), Wt=Ptr(w or x), GX=Ptr(x), GY=Ptr(t), GW=Ptr(w or x),
+        GO=Ptr(_acc(x)), G=Ptr(_acc(x)), X=Ptr(x), Y=Ptr(t), Wt=Ptr(w or x), GX=Ptr(x), GY=Ptr(t), GW=Ptr(w or x),
         numel=2 * 48 * 80 * 1024, S1=s1, S2=s2, S3=s3,
         x_s0=st[0], x_s1=st[1], x_s2=st[2], x_s3=st[3], y_s0=st[0], y_s1=st[1], y_s2=st[2], y_s3=st[3],
         w_s0=ws[0], w_s1=ws[1], w_s2=ws[2], w_s3=ws[3], g_s0=gs[0], g_s1=gs[1], g_s2=gs[2], g_s3=gs[3],
         delta_hi=1.0, delta_lo=1e-9,
         MODE=ch["MODE"], HAS_W=w is not None, G_SCALAR=ch["G_SCALAR"], WANT_GX="x" in grads, WANT_GY="y" in grads,
-        WANT_GW="w" in grads, NDIM=ch["NDIM"], F64=x == "fp64",
+        WANT_GW="w" in grads, CHECK_ONE=ch["CHECK_ONE"], NDIM=ch["NDIM"], F64=x == "fp64",
     )
-
-
-def _huber_fused_bwd_args(ch, cfg):
-    a = _huber_bwd_args(dict(ch, G_SCALAR=True), cfg)
-    for k in ("GW", "g_s0", "g_s1", "g_s2", "g_s3", "G_SCALAR", "WANT_GW"):
-        del a[k]
-    return dict(a, GO=Ptr(_acc(ch["x"])))
 
 
 def _distill_args(ch, cfg):
@@ -440,28 +423,27 @@ KERNELS = [
            _sigmoid_fwd_args,
            heavy=[dict(HAS_ALPHA=True, INDEX=True, STORE_GRAD=True), dict(HAS_ALPHA=True, INDEX=False, STORE_GRAD=True)],
            group=lambda cfg: "partial" if cfg["PARTIAL"] else "elementwise"),
-    Kernel("focal", "_sigmoid_focal_bwd_kernel", dict(x=FLOAT, HAS_ALPHA=B, INDEX=B, GRAD_SCALAR=B),
-           _sigmoid_bwd_args, heavy=[dict(HAS_ALPHA=True, INDEX=True, GRAD_SCALAR=False)]),
-    Kernel("focal", "_sigmoid_focal_fused_bwd_kernel", dict(x=FLOAT, HAS_ALPHA=B, INDEX=B), _sigmoid_fused_bwd_args,
-           heavy=[dict(HAS_ALPHA=True, INDEX=True)]),
+    # CHECK_ONE: the backward of the gradient-writing forward (the fused_bwd ops), scalar g only
+    Kernel("focal", "_sigmoid_focal_bwd_kernel", dict(x=FLOAT, HAS_ALPHA=B, INDEX=B, GRAD_SCALAR=B, CHECK_ONE=B),
+           _sigmoid_bwd_args, valid=lambda ch: ch["GRAD_SCALAR"] or not ch["CHECK_ONE"],
+           heavy=[dict(HAS_ALPHA=True, INDEX=True, GRAD_SCALAR=False, CHECK_ONE=False)]),
     Kernel("focal", "_softmax_focal_fwd_kernel",
            dict(x=FLOAT, HAS_SCALE=B, STORE_GRAD=B, layout=("rows", "spatial")),
            _softmax_fwd_args, heavy=[dict(HAS_SCALE=True, STORE_GRAD=True)]),
-    Kernel("focal", "_softmax_focal_bwd_kernel", dict(x=FLOAT, layout=("rows", "spatial")), _softmax_bwd_args,
-           heavy=[dict(layout="rows")]),
-    Kernel("focal", "_softmax_focal_fused_bwd_kernel", dict(x=FLOAT, layout=("rows", "spatial")),
-           _softmax_fused_bwd_args, heavy=[dict(layout="rows")]),
+    Kernel("focal", "_softmax_focal_bwd_kernel", dict(x=FLOAT, CHECK_ONE=B, layout=("rows", "spatial")),
+           _softmax_bwd_args, heavy=[dict(layout="rows", CHECK_ONE=True)]),
     # grads: the gradients a reducing forward also writes (huber_fwd_grad)
     Kernel("huber", "huber_fwd_kernel", dict(_HUBER_AXES, grads=("", "x", "y", "xy")), _huber_fwd_args,
            heavy=[dict(weight="x", NDIM=4, grads="xy")],
            group=lambda cfg: "reduce" if cfg["REDUCE"] else "elementwise"),
     Kernel("huber", "huber_bwd_kernel",
-           dict(_HUBER_AXES, G_SCALAR=B, grads=("x", "y", "w", "xy", "xw", "yw", "xyw")), _huber_bwd_args,
-           # the launcher returns early when no gradient is wanted; a weight gradient needs a weight
+           dict(_HUBER_AXES, G_SCALAR=B, CHECK_ONE=B, grads=("x", "y", "w", "xy", "xw", "yw", "xyw")),
+           _huber_bwd_args,
+           # the launcher returns early when no gradient is wanted; a weight gradient needs a weight.
+           # (CHECK_ONE, huber_fused_bwd, only ever has a scalar G and no weight gradient; the other
+           # combinations are compiled all the same, so that the quick set still covers every value.)
            valid=lambda ch: "w" not in ch["grads"] or ch["weight"] is not None,
-           heavy=[dict(weight="x", NDIM=4, G_SCALAR=False, grads="xyw")]),
-    Kernel("huber", "huber_fused_bwd_kernel", dict(_HUBER_AXES, grads=("x", "y", "xy")), _huber_fused_bwd_args,
-           heavy=[dict(weight="x", NDIM=4, grads="xy")]),
+           heavy=[dict(weight="x", NDIM=4, G_SCALAR=False, CHECK_ONE=False, grads="xyw")]),
     # one kernel serves distillation_fwd and distillation_bwd; grads "" is the loss alone
     Kernel("distillation", "_distill_kernel", dict(x=FLOAT, MODE=(0, 1, 2), HAS_Y=B, grads=("", "s", "t", "st")),
            _distill_args, heavy=[dict(MODE=2, HAS_Y=True, grads="st")]),

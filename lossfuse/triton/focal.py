@@ -141,9 +141,22 @@ def _sigmoid_focal_fwd_kernel(
 
 
 @triton.jit
-def _sigmoid_focal_bwd_block(g_ptr, x_ptr, t_ptr, gx_ptr, numel, C, alpha, gamma,
-                             HAS_ALPHA: tl.constexpr, INDEX: tl.constexpr, GRAD_SCALAR: tl.constexpr,
-                             BLOCK: tl.constexpr):
+def _sigmoid_focal_bwd_kernel(
+    go_ptr, g_ptr, x_ptr, t_ptr, gx_ptr,
+    numel, C, alpha, gamma,
+    HAS_ALPHA: tl.constexpr,
+    INDEX: tl.constexpr,
+    GRAD_SCALAR: tl.constexpr,
+    CHECK_ONE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The gradient for the upstream gradient g (a scalar, or one per element). CHECK_ONE: the
+    backward of the gradient-writing forward, whose gradient stands when grad_output (go_ptr) is 1 --
+    decided here, on the device, so the host never waits -- and is otherwise rewritten for g
+    (grad_output, divided by numel for a mean), rounded once as the unfused backward."""
+    if CHECK_ONE:
+        if tl.load(go_ptr) == 1.0:
+            return
     ACC = g_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -157,35 +170,6 @@ def _sigmoid_focal_bwd_block(g_ptr, x_ptr, t_ptr, gx_ptr, numel, C, alpha, gamma
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
     o = tl.where(valid, g * grad, _NAN)
     tl.store(gx_ptr + offs, o.to(gx_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _sigmoid_focal_bwd_kernel(
-    g_ptr, x_ptr, t_ptr, gx_ptr,
-    numel, C, alpha, gamma,
-    HAS_ALPHA: tl.constexpr,
-    INDEX: tl.constexpr,
-    GRAD_SCALAR: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    _sigmoid_focal_bwd_block(g_ptr, x_ptr, t_ptr, gx_ptr, numel, C, alpha, gamma, HAS_ALPHA, INDEX, GRAD_SCALAR,
-                             BLOCK)
-
-
-@triton.jit
-def _sigmoid_focal_fused_bwd_kernel(
-    go_ptr, g_ptr, x_ptr, t_ptr, gx_ptr,
-    numel, C, alpha, gamma,
-    HAS_ALPHA: tl.constexpr,
-    INDEX: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """The backward of the gradient-writing forward: its gradient stands when grad_output is 1 --
-    decided here, on the device, so the host never waits -- and is otherwise rewritten for the
-    scalar ``g`` (grad_output, divided by numel for a mean), rounded once as the unfused backward."""
-    if tl.load(go_ptr) == 1.0:
-        return
-    _sigmoid_focal_bwd_block(g_ptr, x_ptr, t_ptr, gx_ptr, numel, C, alpha, gamma, HAS_ALPHA, INDEX, True, BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,12 +270,22 @@ def _softmax_focal_fwd_kernel(
 
 
 @triton.jit
-def _softmax_focal_bwd_block(
-    g_ptr, x_ptr, y_ptr, lse_ptr, d_ptr, gx_ptr,
-    C, S, g_sN, g_sS, x_sN, x_sC, x_sS, y_sN, y_sS, gx_sN, gx_sC, gx_sS,
+def _softmax_focal_bwd_kernel(
+    go_ptr, g_ptr, x_ptr, y_ptr, lse_ptr, d_ptr, gx_ptr,
+    C, S,
+    g_sN, g_sS,
+    x_sN, x_sC, x_sS,
+    y_sN, y_sS,
+    gx_sN, gx_sC, gx_sS,
     ignore_index,
+    CHECK_ONE: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """One program per row: the gradient for the per-row upstream gradient g. CHECK_ONE: the backward
+    of the gradient-writing forward, as the sigmoid kernel's (nothing to do when grad_output is 1)."""
+    if CHECK_ONE:
+        if tl.load(go_ptr) == 1.0:
+            return
     ACC = lse_ptr.dtype.element_ty
     r = tl.program_id(0).to(tl.int64)
     n = r // S
@@ -308,40 +302,6 @@ def _softmax_focal_bwd_block(
     fill = tl.where(y == ignore_index, 0.0, _NAN).to(ACC)
     _softmax_focal_grad_row(x_row, gx_ptr + (n * gx_sN + s * gx_sS), C, x_sC, gx_sC, y, x_y, lse, kp, live, fill,
                             BLOCK_C)
-
-
-@triton.jit
-def _softmax_focal_bwd_kernel(
-    g_ptr, x_ptr, y_ptr, lse_ptr, d_ptr, gx_ptr,
-    C, S,
-    g_sN, g_sS,
-    x_sN, x_sC, x_sS,
-    y_sN, y_sS,
-    gx_sN, gx_sC, gx_sS,
-    ignore_index,
-    BLOCK_C: tl.constexpr,
-):
-    _softmax_focal_bwd_block(g_ptr, x_ptr, y_ptr, lse_ptr, d_ptr, gx_ptr, C, S, g_sN, g_sS, x_sN, x_sC, x_sS,
-                             y_sN, y_sS, gx_sN, gx_sC, gx_sS, ignore_index, BLOCK_C)
-
-
-@triton.jit
-def _softmax_focal_fused_bwd_kernel(
-    go_ptr, g_ptr, x_ptr, y_ptr, lse_ptr, d_ptr, gx_ptr,
-    C, S,
-    g_sN, g_sS,
-    x_sN, x_sC, x_sS,
-    y_sN, y_sS,
-    gx_sN, gx_sC, gx_sS,
-    ignore_index,
-    BLOCK_C: tl.constexpr,
-):
-    """The backward of the gradient-writing forward: the gradient stands when grad_output is 1 --
-    decided here, on the device -- and is otherwise rewritten for the per-row ``g``."""
-    if tl.load(go_ptr) == 1.0:
-        return
-    _softmax_focal_bwd_block(g_ptr, x_ptr, y_ptr, lse_ptr, d_ptr, gx_ptr, C, S, g_sN, g_sS, x_sN, x_sC, x_sS,
-                             y_sN, y_sS, gx_sN, gx_sC, gx_sS, ignore_index, BLOCK_C)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,8 +377,8 @@ def sigmoid_focal_bwd(grad, input, target, alpha, gamma):
     if numel == 0:
         return gx
     _sigmoid_focal_bwd_kernel[(triton.cdiv(numel, _BLOCK),)](
-        g, x, t, gx, numel, c, float(alpha), float(gamma),
-        HAS_ALPHA=alpha >= 0, INDEX=index, GRAD_SCALAR=grad.dim() == 0, BLOCK=_BLOCK,
+        g, g, x, t, gx, numel, c, float(alpha), float(gamma),
+        HAS_ALPHA=alpha >= 0, INDEX=index, GRAD_SCALAR=grad.dim() == 0, CHECK_ONE=False, BLOCK=_BLOCK,
         num_warps=_num_warps(_BLOCK),
     )
     return gx
@@ -438,9 +398,10 @@ def sigmoid_focal_fused_bwd(grad_output, grad, grad_input, input, target, alpha,
     if numel == 0:
         return
     acc = acc_dtype(input.dtype)
-    _sigmoid_focal_fused_bwd_kernel[(triton.cdiv(numel, _BLOCK),)](
+    _sigmoid_focal_bwd_kernel[(triton.cdiv(numel, _BLOCK),)](
         grad_output.to(acc).reshape(1), grad.to(acc).reshape(1), x, t, grad_input, numel, c, float(alpha),
-        float(gamma), HAS_ALPHA=alpha >= 0, INDEX=index, BLOCK=_BLOCK, num_warps=_num_warps(_BLOCK),
+        float(gamma), HAS_ALPHA=alpha >= 0, INDEX=index, GRAD_SCALAR=True, CHECK_ONE=True, BLOCK=_BLOCK,
+        num_warps=_num_warps(_BLOCK),
     )
 
 
@@ -486,10 +447,8 @@ def launch_configs():
     return {
         "_sigmoid_focal_fwd_kernel": fwd,
         "_sigmoid_focal_bwd_kernel": bwd,
-        "_sigmoid_focal_fused_bwd_kernel": bwd,
         "_softmax_focal_fwd_kernel": list(softmax.values()),
         "_softmax_focal_bwd_kernel": list(softmax.values()),
-        "_softmax_focal_fused_bwd_kernel": list(softmax.values()),
     }
 
 
@@ -547,18 +506,18 @@ def _softmax_bwd_check(grad, input, target, lse, dscale, who):
             raise ValueError(f"{who}: {name} must have shape {[n, s]}; got {list(t.shape)}")
 
 
-def _softmax_bwd_launch(kernel, lead, grad, input, target, lse, dscale, gi, ignore_index):
+def _softmax_bwd_launch(go, grad, input, target, lse, dscale, gi, ignore_index):
     n, c, s = input.shape
     block_c = _block_c(c)
-    kernel[(n * s,)](
-        *lead, grad, input, target, lse.contiguous(), dscale.contiguous(), gi,
+    _softmax_focal_bwd_kernel[(n * s,)](
+        go if go is not None else grad, grad, input, target, lse.contiguous(), dscale.contiguous(), gi,
         c, s,
         grad.stride(0), grad.stride(1),
         input.stride(0), input.stride(1), input.stride(2),
         target.stride(0), target.stride(1),
         gi.stride(0), gi.stride(1), gi.stride(2),
         int(ignore_index),
-        BLOCK_C=block_c, num_warps=_num_warps(block_c),
+        CHECK_ONE=go is not None, BLOCK_C=block_c, num_warps=_num_warps(block_c),
     )
 
 
@@ -567,7 +526,7 @@ def softmax_focal_bwd(grad, input, target, lse, dscale, ignore_index):
     gi = empty_like_layout(input)  # as the fake kernel (ops/focal.py)
     if input.numel() == 0:
         return gi
-    _softmax_bwd_launch(_softmax_focal_bwd_kernel, (), grad, input, target, lse, dscale, gi, ignore_index)
+    _softmax_bwd_launch(None, grad, input, target, lse, dscale, gi, ignore_index)
     return gi
 
 
@@ -584,5 +543,4 @@ def softmax_focal_fused_bwd(grad_output, grad, grad_input, input, target, lse, d
     if input.numel() == 0:
         return
     go = grad_output.to(acc_dtype(input.dtype)).reshape(1)
-    _softmax_bwd_launch(_softmax_focal_fused_bwd_kernel, (go,), grad, input, target, lse, dscale, grad_input,
-                        ignore_index)
+    _softmax_bwd_launch(go, grad, input, target, lse, dscale, grad_input, ignore_index)

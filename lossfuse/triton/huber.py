@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._layout import collapse, empty_like_walk
+from .._layout import collapse, empty_grads_like_walk, empty_like_walk
 from .._utils import to_f32
 from ._launch import elementwise_launch_config as _launch_config
 from ._launch import elementwise_launch_configs
@@ -133,13 +133,21 @@ def huber_fwd_kernel(
 
 
 @triton.jit
-def _huber_bwd_block(
-    G, X, Y, Wt, GX, GY, GW, numel, S1, S2, S3,
+def huber_bwd_kernel(
+    GO, G, X, Y, Wt, GX, GY, GW, numel, S1, S2, S3,
     x_s0, x_s1, x_s2, x_s3, y_s0, y_s1, y_s2, y_s3, w_s0, w_s1, w_s2, w_s3, g_s0, g_s1, g_s2, g_s3,
     delta_hi, delta_lo,
     MODE: tl.constexpr, HAS_W: tl.constexpr, G_SCALAR: tl.constexpr, WANT_GX: tl.constexpr,
-    WANT_GY: tl.constexpr, WANT_GW: tl.constexpr, NDIM: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
+    WANT_GY: tl.constexpr, WANT_GW: tl.constexpr, CHECK_ONE: tl.constexpr, NDIM: tl.constexpr,
+    F64: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """The gradients for the upstream gradient G (a scalar, or per element). CHECK_ONE: the backward
+    of huber_fwd_grad, whose gradients stand when grad_output (GO) is 1 -- decided here, on the
+    device, so the host never waits -- and are otherwise rewritten for the scalar G (grad_output,
+    divided by N for a mean), one rounding as the unfused backward."""
+    if CHECK_ONE:
+        if tl.load(GO) == 1.0:
+            return
     pid = tl.program_id(0).to(tl.int64)
     i = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = i < numel
@@ -158,37 +166,6 @@ def _huber_bwd_block(
     if HAS_W:
         g = g * tl.load(Wt + _offsets(i, S1, S2, S3, w_s0, w_s1, w_s2, w_s3, NDIM), mask=mask, other=0.0).to(ctype)
     _input_grads(g, d, i, mask, GX, GY, delta, MODE, WANT_GX, WANT_GY)
-
-
-@triton.jit
-def huber_bwd_kernel(
-    G, X, Y, Wt, GX, GY, GW, numel, S1, S2, S3,
-    x_s0, x_s1, x_s2, x_s3, y_s0, y_s1, y_s2, y_s3, w_s0, w_s1, w_s2, w_s3, g_s0, g_s1, g_s2, g_s3,
-    delta_hi, delta_lo,
-    MODE: tl.constexpr, HAS_W: tl.constexpr, G_SCALAR: tl.constexpr, WANT_GX: tl.constexpr,
-    WANT_GY: tl.constexpr, WANT_GW: tl.constexpr, NDIM: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
-):
-    _huber_bwd_block(G, X, Y, Wt, GX, GY, GW, numel, S1, S2, S3,
-                     x_s0, x_s1, x_s2, x_s3, y_s0, y_s1, y_s2, y_s3, w_s0, w_s1, w_s2, w_s3, g_s0, g_s1, g_s2, g_s3,
-                     delta_hi, delta_lo, MODE, HAS_W, G_SCALAR, WANT_GX, WANT_GY, WANT_GW, NDIM, F64, BLOCK)
-
-
-@triton.jit
-def huber_fused_bwd_kernel(
-    GO, G, X, Y, Wt, GX, GY, numel, S1, S2, S3,
-    x_s0, x_s1, x_s2, x_s3, y_s0, y_s1, y_s2, y_s3, w_s0, w_s1, w_s2, w_s3,
-    delta_hi, delta_lo,
-    MODE: tl.constexpr, HAS_W: tl.constexpr, WANT_GX: tl.constexpr, WANT_GY: tl.constexpr,
-    NDIM: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """The backward of huber_fwd_grad: its gradients stand when grad_output (GO) is 1 -- decided
-    here, on the device, so the host never waits -- and are otherwise rewritten from the operands for
-    the scalar G (grad_output, divided by N for a mean), one rounding as the unfused backward."""
-    if tl.load(GO) == 1.0:
-        return
-    _huber_bwd_block(G, X, Y, Wt, GX, GY, GX, numel, S1, S2, S3,
-                     x_s0, x_s1, x_s2, x_s3, y_s0, y_s1, y_s2, y_s3, w_s0, w_s1, w_s2, w_s3, 0, 0, 0, 0,
-                     delta_hi, delta_lo, MODE, HAS_W, True, WANT_GX, WANT_GY, False, NDIM, F64, BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,9 +196,7 @@ def launch_configs():
     PARTIAL_BLOCK, or 0)."""
     from ..ops.huber import PARTIAL_BLOCK
 
-    configs = elementwise_launch_configs(PARTIAL_BLOCK, "huber_fwd_kernel", "huber_bwd_kernel")
-    configs["huber_fused_bwd_kernel"] = configs["huber_bwd_kernel"]  # the backward's walk, one check more
-    return configs
+    return elementwise_launch_configs(PARTIAL_BLOCK, "huber_fwd_kernel", "huber_bwd_kernel")
 
 
 def _delta_parts(delta: float):
@@ -262,21 +237,10 @@ def huber_fwd_grad(input, target, weight, mode, delta, block, scale, input_grad,
     gradient ``scale``, from the same loads: the loss's one pass over the operands (ops/huber.py)."""
     if block <= 0:
         raise ValueError(f"huber_fwd_grad: takes a reducing forward (block > 0); got block {block}")
-    gx, gy, _ = _grads_like(input, target, weight, input_grad, target_grad, False)
+    gx, gy, _ = empty_grads_like_walk(input, target, weight, input_grad, target_grad, False)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     s = torch.full((1,), float(scale), dtype=acc, device=input.device)
     return _fwd_launch(input, target, weight, mode, delta, block, s, gx, gy), gx, gy
-
-
-def _grads_like(input, target, weight, input_grad, target_grad, weight_grad):
-    """The gradient buffers, laid out like the forward's per-element loss; 0 elements where not wanted."""
-    gx = empty_like_walk(input, target, weight, input.dtype) if input_grad else input.new_empty((0,))
-    gy = empty_like_walk(input, target, weight, target.dtype) if target_grad else target.new_empty((0,))
-    if weight is not None and weight_grad:
-        gw = empty_like_walk(input, target, weight, weight.dtype)
-    else:
-        gw = (weight if weight is not None else input).new_empty((0,))
-    return gx, gy, gw
 
 
 def huber_fused_bwd(grad_output, grad, grad_input, grad_target, input, target, weight, mode, delta):
@@ -298,12 +262,12 @@ def huber_fused_bwd(grad_output, grad, grad_input, grad_target, input, target, w
     x, y, w, _, sizes, st, ndim = _space(input, target, weight)
     hi, lo = _delta_parts(delta)
     BLOCK, num_warps = _launch_config(0)
-    huber_fused_bwd_kernel[(triton.cdiv(numel, BLOCK),)](
+    huber_bwd_kernel[(triton.cdiv(numel, BLOCK),)](
         grad_output.to(acc).reshape(1), grad.to(acc).reshape(1), x, y, w if w is not None else x,
-        grad_input if want_gx else x, grad_target if want_gy else x,
-        numel, *sizes, *st[0], *st[1], *st[2], hi, lo,
-        MODE=mode, HAS_W=w is not None, WANT_GX=want_gx, WANT_GY=want_gy, NDIM=ndim, F64=f64, BLOCK=BLOCK,
-        num_warps=num_warps,
+        grad_input if want_gx else x, grad_target if want_gy else x, x,
+        numel, *sizes, *st[0], *st[1], *st[2], 0, 0, 0, 0, hi, lo,
+        MODE=mode, HAS_W=w is not None, G_SCALAR=True, WANT_GX=want_gx, WANT_GY=want_gy, WANT_GW=False,
+        CHECK_ONE=True, NDIM=ndim, F64=f64, BLOCK=BLOCK, num_warps=num_warps,
     )
 
 
@@ -311,7 +275,7 @@ def huber_bwd(grad, input, target, weight, mode, delta, input_grad, target_grad,
     numel = input.numel()
     f64 = input.dtype == torch.float64
     want_w = weight is not None and weight_grad
-    gx, gy, gw = _grads_like(input, target, weight, input_grad, target_grad, weight_grad)
+    gx, gy, gw = empty_grads_like_walk(input, target, weight, input_grad, target_grad, weight_grad)
     if numel == 0 or not (input_grad or target_grad or want_w):
         return gx, gy, gw
     x, y, w, g, sizes, st, ndim = _space(input, target, weight, grad)
@@ -319,10 +283,10 @@ def huber_bwd(grad, input, target, weight, mode, delta, input_grad, target_grad,
     BLOCK, num_warps = _launch_config(0)
     grid = (triton.cdiv(numel, BLOCK),)
     huber_bwd_kernel[grid](
-        g, x, y, w if w is not None else x,
+        g, g, x, y, w if w is not None else x,
         gx if input_grad else x, gy if target_grad else x, gw if want_w else x,
         numel, *sizes, *st[0], *st[1], *st[2], *st[3], hi, lo,
         MODE=mode, HAS_W=w is not None, G_SCALAR=grad.dim() == 0, WANT_GX=input_grad, WANT_GY=target_grad,
-        WANT_GW=want_w, NDIM=ndim, F64=f64, BLOCK=BLOCK, num_warps=num_warps,
+        WANT_GW=want_w, CHECK_ONE=False, NDIM=ndim, F64=f64, BLOCK=BLOCK, num_warps=num_warps,
     )
     return gx, gy, gw

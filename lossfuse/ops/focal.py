@@ -119,8 +119,8 @@ SOFTMAX_FOCAL_BWD = Op(
     _softmax_bwd_fake,
     triton="lossfuse.triton.focal.softmax_focal_bwd",
 )
-# The CUDA fused path (see the module docstring): the gradient's scale is a device tensor, and the
-# backward decides on the device whether the forward's gradient stands.
+# The CUDA fused path (see the module docstring): the softmax loss's gradient scale is a device tensor,
+# and both backwards decide on the device whether the forward's gradient stands.
 SIGMOID_FOCAL_FUSED_BWD = Op(
     _lib,
     "sigmoid_focal_fused_bwd(Tensor grad_output, Tensor grad, Tensor(a!) grad_input, Tensor input, Tensor target, "
@@ -178,11 +178,13 @@ class SigmoidFocalFunction(torch.autograd.Function):
         if reduction == "none":
             out, _ = SIGMOID_FOCAL_FWD(backend, x, t, alpha, gamma, 0, None)
         else:
-            # The mean's 1/numel goes into the fused gradient in float64, rounded once (on the Triton
-            # backend rounded as the unfused backward's grad_output / numel, which its backward may redo).
-            scale = (1.0 / x.numel() if reduction == "mean" and x.numel() else 1.0) if fused else None
-            if fused and backend == "triton" and reduction == "mean" and x.numel():
-                scale = reciprocal_as(x.numel(), acc)
+            scale = None
+            if fused:
+                scale = 1.0
+                if reduction == "mean" and x.numel():
+                    # The C++ kernel rounds the float64 1/numel once. The Triton backward may recompute
+                    # with the unfused grad_output / numel, so its forward takes that division's bits.
+                    scale = reciprocal_as(x.numel(), acc) if backend == "triton" else 1.0 / x.numel()
             partial, ctx.fused_grad = SIGMOID_FOCAL_FWD(backend, x, t, alpha, gamma, SUM_BLOCK, scale)
             out = partial.sum()
             if reduction == "mean":

@@ -57,7 +57,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _backend
 from ._utils import acc_dtype, check_float_input, check_reduction, check_same_device, result_dtype
-from .functional import _check_class_index_target, _check_class_weight, _check_lm_options, _type_name
+from .functional import _check_class_index_target, _check_class_weight, _check_linear_head, _check_lm_options
 from ._layout import RowShapes, empty_like_layout
 from .ops._common import reduce_rows, row_grads
 from .ops.cross_entropy import CE_FWD
@@ -533,41 +533,9 @@ def vocab_parallel_linear_cross_entropy(
     local slice's. The loss is the same on every rank.
     """
     name = "vocab_parallel_linear_cross_entropy"
-    check_reduction(reduction)
-    _backend.check_backend_name(backend)
-    check_float_input(name, input)
-    check_float_input(name, local_weight, "local_weight")
-    _check_lm_options(name, label_smoothing, z_loss, softcap)
-    check_same_device(name, input, local_weight, target, local_bias, weight)
-    if input.dim() < 1 or local_weight.dim() != 2 or input.shape[-1] != local_weight.shape[1]:
-        raise RuntimeError(
-            f"{name}: input (..., H) and local_weight (V_local, H) do not match: got {list(input.shape)} and "
-            f"{list(local_weight.shape)}"
-        )
-    if input.dtype != local_weight.dtype:
-        raise RuntimeError(
-            f"{name}: expected input and local_weight to have the same dtype, but got {input.dtype} and "
-            f"{local_weight.dtype}"
-        )
-    v_local, h = local_weight.shape
-    if local_bias is not None and tuple(local_bias.shape) != (v_local,):
-        raise RuntimeError(f"{name}: local_bias must have shape ({v_local},); got {list(local_bias.shape)}")
-    lead = tuple(input.shape[:-1])
-    prob = target.is_floating_point()
-    if prob:
-        if tuple(target.shape) != lead + (v_local,):
-            raise ValueError(f"{name}: probability targets are this rank's slice, of shape "
-                             f"{list(lead + (v_local,))}; got {list(target.shape)}")
-        if ignore_index >= 0:
-            raise RuntimeError("ignore_index is not supported for floating point target")
-    elif tuple(target.shape) != lead:
-        raise ValueError(f"{name}: target must have shape {list(lead)} (input without its last dim); "
-                         f"got {list(target.shape)}")
-    elif target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
-    _check_class_weight(weight, v_local, f"{name}: local ")
-    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"{name}: chunk_size must be a positive int or None; got {chunk_size!r}")
+    v_local, h, lead, prob = _check_linear_head(
+        name, input, local_weight, target, local_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
+        softcap, chunk_size, backend, local=True)
     backend = _backend.resolve(backend, input.device)
     world, start, num_classes, sizes_acc = _slices(name, vocab_sizes, group, v_local, input)
     x2 = input.reshape(-1, h)

@@ -216,6 +216,58 @@ def _check_lm_options(name: str, label_smoothing, z_loss, softcap) -> None:
         raise ValueError(f"{name}: softcap must be None or a number > 0; got {softcap!r}")
 
 
+def _check_linear_head(name, input, head, target, bias, weight, reduction, ignore_index, label_smoothing, z_loss,
+                       softcap, chunk_size, backend, *, local=False):
+    """Checks ``input @ head.T + bias`` against ``target`` for the linear + cross-entropy entry points.
+
+    ``local`` is the vocabulary-parallel spelling: ``head`` is this rank's slice of the rows, the
+    names in the messages say so, and a mixed dtype is an error even under autocast (the ranks'
+    slices would each be cast on their own). Returns (V, H, input's leading shape, whether the targets are
+    probabilities).
+    """
+    head_name, bias_name, v_name = ("local_weight", "local_bias", "V_local") if local else (
+        "linear_weight", "linear_bias", "V")
+    check_reduction(reduction)
+    _backend.check_backend_name(backend)
+    check_float_input(name, input)
+    check_float_input(name, head, head_name)
+    _check_lm_options(name, label_smoothing, z_loss, softcap)
+    check_same_device(name, input, head, target, bias, weight)
+    if input.dim() < 1 or head.dim() != 2 or input.shape[-1] != head.shape[1]:
+        raise RuntimeError(
+            f"{name}: input (..., H) and {head_name} ({v_name}, H) do not match: got {list(input.shape)} and "
+            f"{list(head.shape)}"
+        )
+    if input.dtype != head.dtype and (local or not torch.is_autocast_enabled(input.device.type)):
+        raise RuntimeError(
+            f"{name}: expected input and {head_name} to have the same dtype, but got {input.dtype} and "
+            f"{head.dtype}"
+        )
+    V, H = head.shape
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise RuntimeError(f"{name}: {bias_name} must have shape ({V},); got {list(bias.shape)}")
+    lead = tuple(input.shape[:-1])
+    prob = target.is_floating_point()
+    if prob:
+        if tuple(target.shape) != lead + (V,):
+            if local:
+                raise ValueError(f"{name}: probability targets are this rank's slice, of shape "
+                                 f"{list(lead + (V,))}; got {list(target.shape)}")
+            raise RuntimeError(f"{name}: probability targets must have shape {list(lead + (V,))}; "
+                               f"got {list(target.shape)}")
+        if ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+    elif tuple(target.shape) != lead:
+        raise ValueError(f"{name}: target must have shape {list(lead)} (input without its last dim); "
+                         f"got {list(target.shape)}")
+    elif target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
+    _check_class_weight(weight, V, f"{name}: local " if local else "")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"{name}: chunk_size must be a positive int or None; got {chunk_size!r}")
+    return V, H, lead, prob
+
+
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -252,41 +304,9 @@ def linear_cross_entropy(
                 ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                 chunk_size=chunk_size, backend=backend)
     name = "linear_cross_entropy"
-    check_reduction(reduction)
-    _backend.check_backend_name(backend)
-    check_float_input(name, input)
-    check_float_input(name, linear_weight, "linear_weight")
-    _check_lm_options(name, label_smoothing, z_loss, softcap)
-    check_same_device(name, input, linear_weight, target, linear_bias, weight)
-    if input.dim() < 1 or linear_weight.dim() != 2 or input.shape[-1] != linear_weight.shape[1]:
-        raise RuntimeError(
-            f"{name}: input (..., H) and linear_weight (V, H) do not match: got {list(input.shape)} and "
-            f"{list(linear_weight.shape)}"
-        )
-    if input.dtype != linear_weight.dtype and not torch.is_autocast_enabled(input.device.type):
-        raise RuntimeError(
-            f"{name}: expected input and linear_weight to have the same dtype, but got {input.dtype} and "
-            f"{linear_weight.dtype}"
-        )
-    V, H = linear_weight.shape
-    if linear_bias is not None and tuple(linear_bias.shape) != (V,):
-        raise RuntimeError(f"{name}: linear_bias must have shape ({V},); got {list(linear_bias.shape)}")
-    lead = tuple(input.shape[:-1])
-    prob = target.is_floating_point()
-    if prob:
-        if tuple(target.shape) != lead + (V,):
-            raise RuntimeError(f"{name}: probability targets must have shape {list(lead + (V,))}; got {list(target.shape)}")
-        if ignore_index >= 0:
-            raise RuntimeError("ignore_index is not supported for floating point target")
-    else:
-        if tuple(target.shape) != lead:
-            raise ValueError(f"{name}: target must have shape {list(lead)} (input without its last dim); "
-                             f"got {list(target.shape)}")
-        if target.dtype not in (torch.int64, torch.uint8):
-            raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
-    _check_class_weight(weight, V)
-    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"{name}: chunk_size must be a positive int or None; got {chunk_size!r}")
+    V, H, lead, prob = _check_linear_head(
+        name, input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
+        softcap, chunk_size, backend)
 
     backend = _backend.resolve(backend, input.device)
     if backend == "triton" and input.dtype == torch.float64 and input.device.type == "cuda":

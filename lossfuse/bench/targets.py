@@ -137,22 +137,20 @@ def _shape(t: Target) -> str:
     return "x".join(str(s) for s in t.shape)
 
 
+_FORMATS = {
+    "extra_mem_pct": "{:.1f}%",
+    "copy_bw_frac": "{:.0%}",
+    "mem_vs_liger": "{:.2f}x liger-kernel's peak memory",
+    "mem_vs_torch": "{:.1%} of torch eager's",
+    "time_vs_base": "{:.2f}x its time",
+    "speedup_vs_float32": "{:.2f}x fp32's speed (fp32 time / this time)",
+}
+
+
 def _fmt(metric: str, v: float) -> str:
-    if metric == "extra_mem_pct":
-        return f"{v:.1f}%"
-    if metric == "copy_bw_frac":
-        return f"{100 * v:.0f}%"
-    if metric == "mem_vs_liger":
-        return f"{v:.2f}x liger-kernel's peak memory"
     if metric == "time_vs_torch":
         return f"{v:.2f}x torch eager's time (speed-up {1 / v:.2f}x)"
-    if metric == "mem_vs_torch":
-        return f"{100 * v:.1f}% of torch eager's"
-    if metric == "time_vs_base":
-        return f"{v:.2f}x its time"
-    if metric == "speedup_vs_float32":
-        return f"{v:.2f}x fp32's speed (fp32 time / this time)"
-    return f"{v:.2f}x"
+    return _FORMATS.get(metric, "{:.2f}x").format(v)
 
 
 def evaluate(rows: list, device_type: str) -> list:

@@ -356,6 +356,26 @@ def _ci_grad(x, th, cols, cmask, y, live, kp, kw, gy, fill, hi, lo, w_ptr,
 
 
 @triton.jit
+def _ci_grad_chunks(x_row, gx_row, w_ptr, row_ok, C, x_sC, gx_sC, softcap, y, live, kp, kw, gy, fill, hi, lo,
+                    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """The rows' input gradient, chunk by chunk, each chunk's logits loaded before its gradient is
+    stored (so ``gx_row`` may be ``x_row``)."""
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        cmask = cols < C
+        mask = row_ok[:, None] & cmask[None, :]
+        x = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=0.0).to(ACC)
+        th = x
+        if HAS_SOFTCAP:
+            th = _tanh(x / softcap)
+            x = softcap * th
+        o = _ci_grad(x, th, cols, cmask, y, live, kp, kw, gy, fill, hi, lo, w_ptr,
+                     HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
+        tl.store(gx_row[:, None] + cols[None, :] * gx_sC, o.to(gx_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _ci_bwd_rows(x_row, t_row, gx_row, w_ptr, wsum_ptr, g, hi, lo, row_ok, C, num_classes, x_sC, gx_sC,
                  ignore_index, keep, eps_c, z_loss, softcap,
                  HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -366,28 +386,8 @@ def _ci_bwd_rows(x_row, t_row, gx_row, w_ptr, wsum_ptr, g, hi, lo, row_ok, C, nu
                                                HAS_WEIGHT, HAS_SOFTCAP, BLOCK_R, ACC)
     kp, kw, gy, fill = _ci_coefs(g, x_y, th_y, wy, y, hi, lo, wsum_ptr, num_classes, ignore_index, keep, eps_c,
                                  z_loss, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        cmask = cols < C
-        mask = row_ok[:, None] & cmask[None, :]
-        x = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=0.0).to(ACC)
-        th = x
-        if HAS_SOFTCAP:
-            th = _tanh(x / softcap)
-            x = softcap * th
-        # _ci_grad's expressions, written out: called here, ptxas spills at BLOCK_C 16384 / 16 warps
-        # (128 registers and 108 bytes of spill stores, where these lines take 127 and none).
-        o = tl.exp((x - hi[:, None]) - lo[:, None]) * kp[:, None]
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                o = o - kw[:, None] * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
-            else:
-                o = o - kw[:, None]
-        if HAS_SOFTCAP:
-            o = o * (1.0 - th * th)
-        o = tl.where(cols[None, :] == y[:, None], gy[:, None], o)
-        o = tl.where(live[:, None], o, fill[:, None])
-        tl.store(gx_row[:, None] + cols[None, :] * gx_sC, o.to(gx_row.dtype.element_ty), mask=mask)
+    _ci_grad_chunks(x_row, gx_row, w_ptr, row_ok, C, x_sC, gx_sC, softcap, y, live, kp, kw, gy, fill, hi, lo,
+                    HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK_C, ACC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,19 +574,9 @@ def _ce_fused_kernel(
         o = _ci_grad(xk, th, cols, cmask, y, live, kp, kw, gy, fill, hi, lo, w_ptr,
                      HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
         tl.store(gx_row[:, None] + cols[None, :] * gx_sC, o.to(gx_ptr.dtype.element_ty), mask=mask)
-    else:
-        for c0 in range(0, C, BLOCK_C):  # the row again, from L2 (see the section comment)
-            cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-            cmask = cols < C
-            mask = row_ok[:, None] & cmask[None, :]
-            x = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=0.0).to(ACC)
-            th = x
-            if HAS_SOFTCAP:
-                th = _tanh(x / softcap)
-                x = softcap * th
-            o = _ci_grad(x, th, cols, cmask, y, live, kp, kw, gy, fill, hi, lo, w_ptr,
-                         HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
-            tl.store(gx_row[:, None] + cols[None, :] * gx_sC, o.to(gx_ptr.dtype.element_ty), mask=mask)
+    else:  # the row again, from L2 (see the section comment)
+        _ci_grad_chunks(x_row, gx_row, w_ptr, row_ok, C, x_sC, gx_sC, softcap, y, live, kp, kw, gy, fill, hi, lo,
+                        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK_C, ACC)
 
 
 @triton.jit

@@ -142,7 +142,8 @@ def mean_denominator(t3, weight, ignore_index, prob, acc):
         return torch.tensor(t3.shape[0] * t3.shape[2], dtype=acc, device=t3.device)
     keep = t3 != ignore_index
     if weight is None:
-        return keep.sum().to(acc)
+        # count_nonzero reads the mask as it is; sum() would first widen it to an int64 copy (8 bytes a row).
+        return torch.count_nonzero(keep).to(acc)
     w = weight.to(acc)
     wy = w[torch.where(keep, t3, 0)]
     return torch.where(keep, wy, 0).sum()

@@ -374,7 +374,7 @@ def _global_rows(stats, keep, group, world, prob, weighted, sizes_acc, num_class
         if prob:
             denom = torch.full((), float(rows), dtype=stats.dtype, device=stats.device)
         else:
-            denom = keep.sum().to(stats.dtype) if wy is None else torch.where(keep, wy, 0).sum()
+            denom = torch.count_nonzero(keep).to(stats.dtype) if wy is None else torch.where(keep, wy, 0).sum()
     return lse, nll, wy, coef, loss, denom
 
 

@@ -202,7 +202,7 @@ def cross_entropy(
         backend, reduction, input, (torch.float32, torch.float64, torch.bfloat16), TRITON_FUSED_DTYPES)
     loss, lse = CrossEntropyFunction.apply(
         input, target, weight, ignore_index, reduction, label_smoothing, float(z_loss),
-        float(softcap or 0.0), bool(inplace_backward), backend, fused,
+        float(softcap or 0.0), bool(inplace_backward), backend, fused, bool(return_lse),
     )
     return (loss, lse) if return_lse else loss
 

@@ -198,7 +198,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     by :func:`lossfuse.cross_entropy` (use that unless you compose Functions yourself): ``softcap``
     0.0 for none, ``backend`` a resolved name ("cpu" or "triton"). ``lse`` is the per-row
     log-sum-exp of the (soft-capped) logits in float32 (float64 for float64 input), shaped like the
-    unreduced loss, non-differentiable.
+    unreduced loss, non-differentiable; with ``want_lse=False`` (the functional's default, which drops it)
+    a zero expanded to that shape takes its place, so the forward makes no (N, S) copy of it.
 
     Gradients: ``input``, and a floating-point ``target`` when it requires grad. The gradient is
     formed in float32 as grad_output x d(loss)/d(input) and cast to the input's dtype once, so a
@@ -209,7 +210,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                inplace_backward, backend, fused=False):
+                inplace_backward, backend, fused=False, want_lse=True):
         shapes = RowShapes(input, prefer_tiles=backend == "cpu")
         x3 = shapes.input3d(input)
         prob = target.is_floating_point()
@@ -269,7 +270,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.prob = prob
         ctx.target_dtype = target.dtype
         ctx.save_for_backward(x3, t3, weight, lse, denom)
-        lse_rows = lse.to(acc).reshape(shapes.row_shape())
+        if want_lse:
+            lse_rows = lse.to(acc).reshape(shapes.row_shape())
+        else:  # the caller drops it: one value standing for every row, not a copy of the lse
+            lse_rows = lse.new_zeros((), dtype=acc).expand(shapes.row_shape())
         ctx.mark_non_differentiable(lse_rows)
         return out.to(out_dtype), lse_rows
 
@@ -280,7 +284,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         shapes = ctx.shapes
         need_input = ctx.needs_input_grad[0]
         need_target = ctx.prob and ctx.needs_input_grad[1]
-        none = (None,) * 9
+        none = (None,) * 10
         if not (need_input or need_target):
             return (None, None) + none
         gx3 = take_fused_gradient(ctx, grad_out) if need_input and not ctx.triton_fused else None

@@ -101,7 +101,10 @@ def denominator(reduction: str, y, r: int, v: int, ignore_index: int, acc, devic
     tensor, made there (no host round trip on CUDA)."""
     if reduction not in ("mean", "batchmean"):
         return None
-    kept = (y != ignore_index).sum().to(acc) if y is not None else torch.full((), float(r), dtype=acc, device=device)
+    if y is None:
+        kept = torch.full((), float(r), dtype=acc, device=device)
+    else:
+        kept = torch.count_nonzero(y != ignore_index).to(acc)
     return kept * v if reduction == "mean" else kept
 
 

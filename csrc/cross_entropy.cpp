@@ -156,6 +156,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fused_cpu(
   return {loss, lse, gx};
 }
 
+// Rows per call of the kernel in cross_entropy_fused_sum: their loss and lse take 12 bytes a row
+// (768 KiB here), reused from block to block.
+constexpr int64_t kSumBlockRows = 65536;
+
+// cross_entropy_fused for a caller that only sums the loss: (sum of the rows' losses, grad_input).
+// The rows go through the kernel in blocks of at most kSumBlockRows, each block's loss summed in
+// double, so no (N, S) loss or lse exists -- for short rows (segmentation's 21 classes) those are
+// 12 bytes against 84 of logits a row. Blocks are whole n ranges, or for a long S, ranges of s in
+// multiples of 16 (the tile walk's width, so the tiles and their results are the unblocked call's).
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_sum_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, double z_loss, double softcap, double grad_scale) {
+  Prepared p = prepare("lossfuse::cross_entropy_fused_sum", input, target, weight, ignore_index, label_smoothing,
+                       z_loss, softcap);
+  TORCH_CHECK(!target.is_floating_point(), "lossfuse::cross_entropy_fused_sum: takes class-index targets");
+  const CeArgs& a = p.a;
+  const auto acc = acc_type(input.scalar_type());
+  at::Tensor gx = empty_walk_layout(p.x, input.scalar_type());
+  at::Tensor g = at::full({1}, grad_scale, input.options().dtype(acc));
+  const int64_t bs = a.S <= kSumBlockRows ? a.S : kSumBlockRows;  // a multiple of 16
+  const int64_t bn = std::max<int64_t>(1, kSumBlockRows / bs);
+  const int64_t rows = std::min(a.N, bn) * bs;
+  at::Tensor loss = at::empty({rows}, input.options().dtype(acc));
+  at::Tensor lse = at::empty({rows}, input.options().dtype(at::kDouble));
+  const int64_t xsize = p.x.element_size(), gsize = gx.element_size();
+  double total = 0;
+  bool bad = false;
+  for (int64_t n0 = 0; n0 < a.N; n0 += bn) {
+    for (int64_t s0 = 0; s0 < a.S; s0 += bs) {
+      CeArgs b = a;
+      b.N = std::min(bn, a.N - n0);
+      b.S = std::min(bs, a.S - s0);
+      b.x = static_cast<const char*>(a.x) + (n0 * a.x_sN + s0 * a.x_sS) * xsize;
+      b.y = a.y + n0 * a.y_sN + s0 * a.y_sS;
+      b.loss = loss.data_ptr();
+      b.lse = lse.data_ptr<double>();
+      b.lse_in = b.lse;
+      b.g = g.data_ptr();
+      b.g_sN = b.g_sS = 0;
+      set_input_grad(b, gx);
+      b.gx = static_cast<char*>(b.gx) + (n0 * b.gx_sN + s0 * b.gx_sS) * gsize;
+      b.nthreads = kernel_threads(b.N * b.C * b.S);
+      const int64_t units = walks_classes(p.x) ? b.N * b.S : b.N * ((b.S + 15) / 16);
+      b.chunk = std::max<int64_t>(1, units / (int64_t(b.nthreads) * 32));
+      if (b.N * b.S == 0) continue;
+      bad = LF_RUN_KERNEL(ce_run, b, CePass::kFused) || bad;
+      // torch's vectorised sum within the block (the unblocked path sums all rows that way), the
+      // blocks' sums in double.
+      total += loss.narrow(0, 0, b.N * b.S).sum().item<double>();
+    }
+  }
+  if (bad) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
+  return {at::full({}, total, input.options().dtype(acc)), gx};
+}
+
 // Shared by the out-of-place and the in-place backward: checks, the upstream gradient, the saved lse.
 struct Backward {
   Prepared p;
@@ -243,6 +298,7 @@ TORCH_LIBRARY_IMPL(lossfuse, CPU, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
   m.impl("cross_entropy_fused", &cross_entropy_fused_cpu);
+  m.impl("cross_entropy_fused_sum", &cross_entropy_fused_sum_cpu);
   m.impl("cross_entropy_bwd_inplace", &cross_entropy_bwd_inplace_cpu);
 }
 

@@ -632,6 +632,74 @@ def test_fused_gradient_is_adopted_without_a_copy():
     assert x.grad.data_ptr() == ptrs[-1]
 
 
+# Past csrc/cross_entropy.cpp's 65536-row blocks: rows, (N, C, S) with S split across blocks (one
+# partial), and a channels-last (row walk) layout whose S is split too.
+BLOCKED = {
+    "rows": lambda: torch.randn(140001, 7),
+    "spatial": lambda: torch.randn(3, 5, 70000),
+    "channels-last": lambda: torch.randn(2, 4, 300, 250).to(memory_format=torch.channels_last),
+}
+
+
+@pytest.mark.parametrize("layout", list(BLOCKED))
+def test_fused_sum_walks_blocks_as_one_call(layout):
+    """Short rows take lossfuse::cross_entropy_fused_sum (no per-row loss or lse): its gradient is
+    cross_entropy_fused's bit for bit, its sum the same losses summed, at every block boundary."""
+    cpu_kernels_or_skip()
+    x = BLOCKED[layout]()
+    c = x.shape[1]
+    shape = (x.shape[0],) + tuple(x.shape[2:])
+    y = torch.randint(0, c, shape)
+    y[torch.rand(shape) < 0.1] = -100
+    w = torch.rand(c) + 0.5
+    x3 = x.reshape(x.shape[0], c, -1)
+    y2 = y.reshape(x.shape[0], -1)
+    for weight, opts in ((None, (-100, 0.0, 0.0, 0.0)), (w, (-100, 0.1, 1e-3, 0.0)), (None, (-100, 0.0, 0.0, 3.0))):
+        total, gx = torch.ops.lossfuse.cross_entropy_fused_sum(x3, y2, weight, *opts, 0.5)
+        loss, _, gx_rows = torch.ops.lossfuse.cross_entropy_fused(x3, y2, weight, *opts, 0.5)
+        assert torch.equal(gx, gx_rows) and gx.stride() == gx_rows.stride()
+        assert total.dtype == torch.float32 and total.dim() == 0
+        torch.testing.assert_close(total.double(), loss.double().sum(), rtol=1e-6, atol=0)
+    # through the public function: the float64 reference
+    xr = x.clone().requires_grad_(True)
+    out = lossfuse.cross_entropy(xr, y, weight=w)
+    out.backward()
+    xd = x.double().requires_grad_(True)
+    ref = F.cross_entropy(xd, y, weight=w.double())
+    ref.backward()
+    assert_close(out, ref, torch.float32, f"{layout} loss")
+    assert_close(xr.grad, xd.grad, torch.float32, f"{layout} grad")
+    # a bad target in the last block is reported, as torch does
+    y.view(-1)[-1] = c
+    with pytest.raises(IndexError, match=f"Target {c} is out of bounds"):
+        lossfuse.cross_entropy(x.clone().requires_grad_(True), y)
+
+
+def test_fused_sum_backward_recomputes_the_lse():
+    """No lse is kept for short rows: a bfloat16 gradient for grad_output != 1 and a retained graph's
+    second backward recompute it, and equal the unfused backward bit for bit."""
+    cpu_kernels_or_skip()
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y, kw = make_case((2, 6, 40, 33), dtype, {"weight": True, "ignore": -100})
+        x.requires_grad_(True)
+        out = lossfuse.cross_entropy(x, y, **kw)
+        assert out.grad_fn.saved_tensors[3] is None  # the (x3, t3, weight, lse, denom) the Function saved
+        (g_first,) = torch.autograd.grad(out, x, retain_graph=True)
+        (g_again,) = torch.autograd.grad(out * 3.0, x)
+        (g_unfused,) = torch.autograd.grad(_unfused(x, y, "mean", kw) * 3.0, x)
+        assert torch.equal(g_again, g_unfused)
+        assert_close(g_first * 3.0, g_unfused.double(), dtype, "first backward")
+
+
+def test_opcheck_fused_sum():
+    cpu_kernels_or_skip()
+    for layout in ("classes", "spatial"):
+        x, t, w = _op_args(False, layout)
+        op = torch.ops.lossfuse.cross_entropy_fused_sum
+        torch.library.opcheck(op, (x, t, w, -100, 0.1, 1e-3, 0.0, 0.25))
+        torch.library.opcheck(op, (x, t, None, -100, 0.0, 0.0, 5.0, 1.0))
+
+
 @pytest.mark.parametrize("prob", [False, True])
 @pytest.mark.parametrize("layout", ["classes", "spatial"])
 def test_opcheck_fused(prob, layout):

@@ -16,6 +16,10 @@ lossfuse/_layout.py says:
       the forward, and from the same walk the input gradient for the upstream gradient grad_scale on
       every row: the logits are read from memory once instead of twice (the fused path, below; the
       contract is docs/design.md, "The fused gradient")
+  lossfuse::cross_entropy_fused_sum(input, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                                    grad_scale) -> (loss summed over the rows [0-dim], grad_input)
+      the same for class-index targets without the per-row loss and lse, for short rows (CPU only;
+      _sums_only below): their 12 bytes a row would cost more than 1% of the logits
   lossfuse::cross_entropy_fused_scaled(input, target, weight, grad_scale, ignore_index, label_smoothing,
                                        z_loss, softcap) -> (loss, lse, grad_input)
   lossfuse::cross_entropy_fused_scaled_inplace(input!, target, weight, grad_scale, ...) -> (loss, lse)
@@ -42,6 +46,9 @@ the gradient's scale for grad_output = 1, and backward() hands that tensor back 
 float64 scale it (one extra rounding in the accumulation type), bfloat16 -- whose gradient must be
 scaled before its one cast (docs/design.md, "Mixed precision") -- discards it and runs the backward kernel.
 float16 never takes the path: its users scale the loss (GradScaler), and the work would be wasted.
+Short rows (segmentation's 21 classes) call cross_entropy_fused_sum instead, unless the lse is asked
+for: the loss comes back summed, no lse is kept, and the rare backward that needs one (bfloat16 with
+grad_output != 1, a retained graph's second use) recomputes it with cross_entropy_fwd.
 
 The fused path on CUDA (Triton backend; same conditions, float32 / bfloat16, both walk orders, not
 under torch.compile): one kernel per row block computes the row's statistics and, with the row
@@ -106,6 +113,10 @@ def _fused_fake(input, target, weight, ignore_index, label_smoothing, z_loss, so
     return _fwd_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap) + (empty_like_layout(input),)
 
 
+def _fused_sum_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale):
+    return input.new_empty((), dtype=acc_dtype(input.dtype)), empty_like_layout(input)
+
+
 def _fused_scaled_fake(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap):
     return _fused_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, 1.0)
 
@@ -143,6 +154,14 @@ CE_FUSED = _op(
     "cross_entropy_fused(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
     "float label_smoothing, float z_loss, float softcap, float grad_scale) -> (Tensor, Tensor, Tensor)",
     _fused_fake,
+)
+# The CPU's fused path for short rows, whose per-row loss and lse would cost more than 1% of the
+# logits (see _sums_only): the sum of the rows' losses instead of each row's, and no saved lse.
+CE_FUSED_SUM = Op(
+    _lib,
+    "cross_entropy_fused_sum(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+    "float label_smoothing, float z_loss, float softcap, float grad_scale) -> (Tensor, Tensor)",
+    _fused_sum_fake,
 )
 CE_BWD_INPLACE = _op(
     "cross_entropy_bwd_inplace(Tensor grad, Tensor(a!) input, Tensor target, Tensor? weight, Tensor lse, "
@@ -183,6 +202,12 @@ cuda_only(_lib, CE_FUSED_SCALED, CE_FUSED_SCALED_INPLACE, CE_FUSED_BWD, CE_SCALE
 # and tested with this set to (torch.float32, torch.float64); enabling it for users needs the forward
 # to mark the logits dirty and return them.
 TRITON_INPLACE_FUSED_DTYPES = ()
+
+
+def _sums_only(x3: torch.Tensor) -> bool:
+    """Whether a row's loss and lse (12 bytes) would cost more than 1% of its logits: short rows,
+    where the fused forward sums the losses block by block instead (CE_FUSED_SUM)."""
+    return x3.shape[1] * x3.element_size() < 1200
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,11 +274,18 @@ class CrossEntropyFunction(torch.autograd.Function):
         elif fused:
             # 1 / denom in the accumulation type: the value the unfused backward would scale by.
             grad_scale = float(torch.ones((), dtype=acc) / denom) if denom is not None else 1.0
-            loss, lse, ctx.fused_grad = CE_FUSED(backend, x3, t3, weight, *opts, grad_scale)
+            if not want_lse and _sums_only(x3):
+                total, ctx.fused_grad = CE_FUSED_SUM(backend, x3, t3, weight, *opts, grad_scale)
+                loss = lse = None  # a backward that needs the lse recomputes it (_saved_lse)
+            else:
+                loss, lse, ctx.fused_grad = CE_FUSED(backend, x3, t3, weight, *opts, grad_scale)
         else:
             loss, lse = CE_FWD(backend, x3, t3, weight, *opts)
 
-        out = reduce_rows(loss, reduction, denom, shapes.row_shape())
+        if loss is None:
+            out = total if reduction == "sum" else total / denom
+        else:
+            out = reduce_rows(loss, reduction, denom, shapes.row_shape())
 
         if prob:
             out_dtype = torch.promote_types(input.dtype, target.dtype)
@@ -270,12 +302,20 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.prob = prob
         ctx.target_dtype = target.dtype
         ctx.save_for_backward(x3, t3, weight, lse, denom)
-        if want_lse:
+        if want_lse:  # (so lse is not None: CE_FUSED_SUM is only taken without want_lse)
             lse_rows = lse.to(acc).reshape(shapes.row_shape())
         else:  # the caller drops it: one value standing for every row, not a copy of the lse
-            lse_rows = lse.new_zeros((), dtype=acc).expand(shapes.row_shape())
+            lse_rows = x3.new_zeros((), dtype=acc).expand(shapes.row_shape())
         ctx.mark_non_differentiable(lse_rows)
+        # backward() ignores the lse's gradient: autograd is not to fill an (N, S) tensor with zeros for it.
+        ctx.set_materialize_grads(False)
         return out.to(out_dtype), lse_rows
+
+    @staticmethod
+    def _saved_lse(ctx, x3, t3, weight, lse):
+        """The saved lse, or recomputed where the forward kept none (CE_FUSED_SUM): a bfloat16 gradient
+        for grad_output != 1, or a retained graph's second backward."""
+        return lse if lse is not None else CE_FWD(ctx.backend, x3, t3, weight, *ctx.opts)[1]
 
     @staticmethod
     @once_differentiable
@@ -285,12 +325,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         need_input = ctx.needs_input_grad[0]
         need_target = ctx.prob and ctx.needs_input_grad[1]
         none = (None,) * 10
-        if not (need_input or need_target):
+        # grad_out is None when only the lse reached backward (grads are not materialised): zero.
+        if grad_out is None or not (need_input or need_target):
             return (None, None) + none
         gx3 = take_fused_gradient(ctx, grad_out) if need_input and not ctx.triton_fused else None
         if gx3 is not None:  # the fused path: class-index targets, so no target gradient
             return (shapes.from3d(gx3), None) + none
         g = grad_out.to(acc_dtype(x3.dtype))
+        lse = CrossEntropyFunction._saved_lse(ctx, x3, t3, weight, lse)
         grad_rows = row_grads(grad_out, ctx.reduction, denom, lse.shape, acc_dtype(x3.dtype))
         gx3 = None
         if ctx.triton_fused and need_input:

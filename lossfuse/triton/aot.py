@@ -227,7 +227,7 @@ def _ce_bwd_args(ch, cfg):
     prob = a["PROB_TARGET"]
     del a["loss_ptr"]
     return dict(
-        g_ptr=Ptr("fp32"), x_ptr=a["x_ptr"], t_ptr=a["t_ptr"], w_ptr=a["w_ptr"], wsum_ptr=Ptr("fp32"),
+        go_ptr=Ptr("fp32"), g_ptr=Ptr("fp32"), x_ptr=a["x_ptr"], t_ptr=a["t_ptr"], w_ptr=a["w_ptr"], wsum_ptr=Ptr("fp32"),
         lse_ptr=a["lse_ptr"], gx_ptr=Ptr(ch["x"]), gt_ptr=Ptr(_ce_target(ch, ch["x"]) if prob else ch["x"]),
         R=r, C=c, S=s, num_classes=float(c),
         g_sN=0, g_sS=0,  # the expanded scalar of a mean/sum
@@ -251,22 +251,6 @@ def _ce_fused_args(ch, cfg):
         ignore_index=-100, keep=0.9, eps_c=0.1 / c, z_loss=1e-4, softcap=30.0,
         HAS_WEIGHT=ch["HAS_WEIGHT"], HAS_SMOOTHING=ch["HAS_SMOOTHING"], HAS_SOFTCAP=ch["HAS_SOFTCAP"],
         HAS_SCALE=ch["HAS_SCALE"],
-    )
-
-
-def _ce_fused_bwd_args(ch, cfg):
-    # absent weight / weight sum pointers are the fp64 lse (the launcher passes it); the weight sum is
-    # present only with both a weight and smoothing
-    r, c, s, xs, ts = _ce_strides(cfg)
-    w = ch["HAS_WEIGHT"]
-    return dict(
-        go_ptr=Ptr("fp32"), g_ptr=Ptr("fp32"), x_ptr=Ptr(ch["x"]), t_ptr=Ptr("i64"),
-        w_ptr=Ptr("fp32" if w else "fp64"), wsum_ptr=Ptr("fp32" if w and ch["HAS_SMOOTHING"] else "fp64"),
-        lse_ptr=Ptr("fp64"), gx_ptr=Ptr(ch["x"]),
-        R=r, C=c, S=s, num_classes=float(c), g_sN=0, g_sS=0,  # the expanded scalar of a mean/sum
-        x_sN=xs[0], x_sC=xs[1], x_sS=xs[2], t_sN=ts[0], t_sS=ts[1], gx_sN=xs[0], gx_sC=xs[1], gx_sS=xs[2],
-        ignore_index=-100, keep=0.9, eps_c=0.1 / c, z_loss=1e-4, softcap=30.0,
-        HAS_WEIGHT=w, HAS_SMOOTHING=ch["HAS_SMOOTHING"], HAS_SOFTCAP=ch["HAS_SOFTCAP"], ACC=triton.language.float32,
     )
 
 
@@ -402,8 +386,9 @@ def _walk(config):
 KERNELS = [
     Kernel("cross_entropy", "_ce_fwd_kernel", _CE_AXES, _ce_fwd_args, group=_walk,
            heavy=[dict(target="index", **_CE_HEAVY_FLAGS), dict(target="prob:x", **_CE_HEAVY_FLAGS)]),
+    # CHECK_ONE comes with the configuration: the fused forward's tiles (cross_entropy_fused_bwd)
     Kernel("cross_entropy", "_ce_bwd_kernel", dict(_CE_AXES, grads=("input", "target", "both")), _ce_bwd_args,
-           group=_walk,
+           group=lambda cfg: f"{_walk(cfg)} check_one={cfg['CHECK_ONE']}",
            # a class-index target has no target gradient (the launcher passes need_target only for probabilities)
            valid=lambda ch: ch["target"] != "index" or ch["grads"] == "input",
            heavy=[dict(target="index", grads="input", **_CE_HEAVY_FLAGS),
@@ -413,8 +398,6 @@ KERNELS = [
            # the row held in registers (ONE_CHUNK) and the chunk loop are separate code: extremes of each
            group=lambda cfg: f"{_walk(cfg)} one_chunk={cfg['ONE_CHUNK']}",
            heavy=[dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True, HAS_SCALE=True)]),
-    Kernel("cross_entropy", "_ce_fused_bwd_kernel", dict(x=FLOAT, HAS_WEIGHT=B, HAS_SMOOTHING=B, HAS_SOFTCAP=B),
-           _ce_fused_bwd_args, group=_walk, heavy=[dict(_CE_HEAVY_FLAGS)]),
     # the launcher takes a float32 or float64 gradient (a narrower one would be rounded twice)
     Kernel("cross_entropy", "_ce_scale_kernel", dict(gx=("fp32", "fp64")), _ce_scale_args, group=_walk,
            heavy=[dict(gx="fp32")]),

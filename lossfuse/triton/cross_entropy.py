@@ -23,7 +23,7 @@ Forward makes one pass over the logits with an online max / sum-exp; backward re
 p = exp(x - lse) from the saved lse instead of storing an N x C softmax. The fused path
 (ops/cross_entropy.py) runs both in one kernel, _ce_fused_kernel: statistics, then the gradient
 for a device-held scale while the row is in registers (rows of up to _FUSED_ONE_CHUNK_MAX classes)
-or L2 (longer rows: see the comment above the kernel); its backward, _ce_fused_bwd_kernel, reads
+or L2 (longer rows: see the comment above the kernel); its backward, _ce_bwd_kernel with CHECK_ONE, reads
 grad_output on the device and exits when it is 1. Launch configurations: _launch_config (forward,
 backward) and fused_launch_config (the fused kernels) -- the only places block sizes and warps
 are chosen. Loads are in the input dtype,
@@ -397,7 +397,7 @@ def _ci_bwd_rows(x_row, t_row, gx_row, w_ptr, wsum_ptr, g, hi, lo, row_ok, C, nu
 
 @triton.jit
 def _ce_bwd_kernel(
-    g_ptr, x_ptr, t_ptr, w_ptr, wsum_ptr, lse_ptr, gx_ptr, gt_ptr,
+    go_ptr, g_ptr, x_ptr, t_ptr, w_ptr, wsum_ptr, lse_ptr, gx_ptr, gt_ptr,
     R, C, S, num_classes,
     g_sN, g_sS,
     x_sN, x_sC, x_sS,
@@ -412,10 +412,19 @@ def _ce_bwd_kernel(
     INPUT_GRAD: tl.constexpr,
     TARGET_GRAD: tl.constexpr,
     SPATIAL_WALK: tl.constexpr,
+    CHECK_ONE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    """The input (and probability-target) gradient for the per-row upstream gradient ``g``, from the
+    saved lse. CHECK_ONE: the backward of the fused forward (class-index targets), whose gradient
+    buffer already holds the answer when grad_output (``go_ptr``) is 1 -- decided here, on the
+    device, so the host never waits -- and is otherwise rewritten from the logits for ``g``
+    (grad_output / denom, scaled in fp32 before the one cast, as the unfused backward)."""
+    if CHECK_ONE:
+        if tl.load(go_ptr) == 1.0:
+            return
     # In place (gx_ptr == x_ptr) every logit is loaded before its gradient is stored: x_y before the
     # loops, and each chunk's loads before that chunk's stores.
     pid = tl.program_id(0).to(tl.int64)
@@ -580,42 +589,6 @@ def _ce_fused_kernel(
 
 
 @triton.jit
-def _ce_fused_bwd_kernel(
-    go_ptr, g_ptr, x_ptr, t_ptr, w_ptr, wsum_ptr, lse_ptr, gx_ptr,
-    R, C, S, num_classes,
-    g_sN, g_sS,
-    x_sN, x_sC, x_sS,
-    t_sN, t_sS,
-    gx_sN, gx_sC, gx_sS,
-    ignore_index, keep, eps_c, z_loss, softcap,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    SPATIAL_WALK: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    """The backward of the fused forward: its gradient buffer already holds the answer when the
-    upstream gradient is 1 -- decided here, on the device, so the host never waits -- and is
-    otherwise rewritten from the logits for the per-row gradient ``g`` (grad_output / denom, scaled
-    in fp32 before the one cast, as the unfused backward)."""
-    if tl.load(go_ptr) == 1.0:
-        return
-    pid = tl.program_id(0).to(tl.int64)
-    n, s, row_ok = _tile_rows(pid, R, S, BLOCK_R, SPATIAL_WALK)
-    x_row = x_ptr + (n * x_sN + s * x_sS)
-    t_row = t_ptr + (n * t_sN + s * t_sS)
-    gx_row = gx_ptr + (n * gx_sN + s * gx_sS)
-    g = tl.load(g_ptr + (n * g_sN + s * g_sS), mask=row_ok, other=0.0).to(ACC)
-    lse64 = tl.load(lse_ptr + (n * S + s), mask=row_ok, other=0.0)
-    hi, lo = _split_lse(lse64, ACC)
-    _ci_bwd_rows(x_row, t_row, gx_row, w_ptr, wsum_ptr, g, hi, lo, row_ok, C, num_classes, x_sC, gx_sC,
-                 ignore_index, keep, eps_c, z_loss, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
-                 BLOCK_R, BLOCK_C, ACC)
-
-
-@triton.jit
 def _ce_scale_kernel(
     go_ptr, gx_ptr,
     R, C, S,
@@ -719,8 +692,11 @@ def launch_configs(archs=(80, 90)):
         cfg = {k: v for k, v in cfg.items() if k != "ONE_CHUNK"}  # the backward kernels have no ONE_CHUNK
         fused_bwd[tuple(cfg.values())] = cfg
     configs = list(seen.values())
-    return {"_ce_fwd_kernel": configs, "_ce_bwd_kernel": configs, "_ce_fused_kernel": list(fused.values()),
-            "_ce_fused_bwd_kernel": list(fused_bwd.values()), "_ce_scale_kernel": list(fused_bwd.values())}
+    # _ce_bwd_kernel: the unfused backward's tiles, and with CHECK_ONE (cross_entropy_fused_bwd) the
+    # fused forward's.
+    bwd = [dict(cfg, CHECK_ONE=False) for cfg in configs] + [dict(cfg, CHECK_ONE=True) for cfg in fused_bwd.values()]
+    return {"_ce_fwd_kernel": configs, "_ce_bwd_kernel": bwd, "_ce_fused_kernel": list(fused.values()),
+            "_ce_scale_kernel": list(fused_bwd.values())}
 
 
 # Rows held in registers by the fused kernel: at 16384 classes (32 fp32 per thread at 16 warps, the
@@ -739,8 +715,8 @@ def _arch(t: torch.Tensor) -> int:
 
 
 def fused_launch_config(n: int, c: int, s: int, spatial: bool, interpret: bool, arch: int = 90):
-    """(grid, BLOCK_R, BLOCK_C, num_warps, ONE_CHUNK, maxnreg) of _ce_fused_kernel, _ce_fused_bwd_kernel
-    and _ce_scale_kernel (these two ignore ONE_CHUNK).
+    """(grid, BLOCK_R, BLOCK_C, num_warps, ONE_CHUNK, maxnreg) of _ce_fused_kernel, of _ce_bwd_kernel
+    with CHECK_ONE and of _ce_scale_kernel (these two ignore ONE_CHUNK).
 
     The tiles are the forward's (_launch_config; the same chunks give the same running sums, so the
     fused loss has the unfused one's bits) except that a chunk holds at most _FUSED_ONE_CHUNK_MAX
@@ -805,6 +781,11 @@ def _smoothing(label_smoothing: float, c: int):
 # ----------------------------------------------------------------------------------------------
 
 
+def _option_flags(w, eps, softcap) -> dict:
+    """The loss options' constexprs, as every cross-entropy kernel names them."""
+    return dict(HAS_WEIGHT=w is not None, HAS_SMOOTHING=eps > 0, HAS_SOFTCAP=softcap > 0)
+
+
 def cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing, z_loss, softcap):
     """Per-row loss (N, S) fp32 (fp64 for fp64 input) and log-sum-exp (N, S) fp64, contiguous."""
     prob = _check_inputs(input, target, "cross_entropy_fwd")
@@ -833,10 +814,8 @@ def cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing, z_lo
         input.stride(0), input.stride(1), input.stride(2),
         target.stride(0), t_sC, t_sS,
         int(ignore_index), keep, eps_c, float(z_loss), float(softcap) if softcap > 0 else 1.0,
-        HAS_WEIGHT=w is not None,
-        HAS_SMOOTHING=eps > 0,
+        **_option_flags(w, eps, softcap),
         PROB_TARGET=prob,
-        HAS_SOFTCAP=softcap > 0,
         SPATIAL_WALK=spatial,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
@@ -853,7 +832,9 @@ def _target_grad(input, target, target_grad):
 
 
 def _launch_bwd(grad, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap, gi, gt,
-                need_input, need_target):
+                need_input, need_target, grad_output=None):
+    """_ce_bwd_kernel on the backward's tiles; with ``grad_output`` (cross_entropy_fused_bwd) on the
+    fused forward's tiles, with CHECK_ONE."""
     prob = target.is_floating_point()
     n, c, s = input.shape
     if n * s * c == 0 or not (need_input or need_target):
@@ -866,7 +847,13 @@ def _launch_bwd(grad, input, target, weight, lse, ignore_index, label_smoothing,
     w = _weight(weight, c, acc)
     wsum = w.sum().reshape(1) if (w is not None and eps > 0 and not prob) else None
     spatial = _spatial_walk(input)
-    grid, block_r, block_c, num_warps = _launch_config(n, c, s, spatial, _interpreting())
+    if grad_output is None:
+        grid, block_r, block_c, num_warps = _launch_config(n, c, s, spatial, _interpreting())
+        maxnreg, go = None, grad  # go: never read without CHECK_ONE
+    else:
+        grid, block_r, block_c, num_warps, _, maxnreg = fused_launch_config(n, c, s, spatial, _interpreting(),
+                                                                            _arch(input))
+        go = grad_output.to(acc)
     t_sC = target.stride(1) if prob else 0
     t_sS = target.stride(2) if prob else target.stride(1)
     gx = gi if need_input else input  # never written when not needed
@@ -874,7 +861,7 @@ def _launch_bwd(grad, input, target, weight, lse, ignore_index, label_smoothing,
     gt_strides = (gt.stride(0), gt.stride(1), gt.stride(2)) if need_target else (0, 0, 0)
     gx_strides = (gx.stride(0), gx.stride(1), gx.stride(2)) if need_input else (0, 0, 0)
     _ce_bwd_kernel[grid](
-        grad, input, target, w if w is not None else lse, wsum if wsum is not None else lse, lse, gx, gtt,
+        go, grad, input, target, w if w is not None else lse, wsum if wsum is not None else lse, lse, gx, gtt,
         n * s, c, s, float(c),
         grad.stride(0), grad.stride(1),
         input.stride(0), input.stride(1), input.stride(2),
@@ -882,17 +869,17 @@ def _launch_bwd(grad, input, target, weight, lse, ignore_index, label_smoothing,
         *gx_strides,
         *gt_strides,
         int(ignore_index), keep, eps_c, float(z_loss), float(softcap) if softcap > 0 else 1.0,
-        HAS_WEIGHT=w is not None,
-        HAS_SMOOTHING=eps > 0,
+        **_option_flags(w, eps, softcap),
         PROB_TARGET=prob,
-        HAS_SOFTCAP=softcap > 0,
         INPUT_GRAD=need_input,
         TARGET_GRAD=need_target,
         SPATIAL_WALK=spatial,
+        CHECK_ONE=grad_output is not None,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         num_warps=num_warps,
+        maxnreg=maxnreg,
     )
 
 
@@ -966,9 +953,7 @@ def _launch_fused(input, target, weight, grad_scale, ignore_index, label_smoothi
         target.stride(0), target.stride(1),
         gx.stride(0), gx.stride(1), gx.stride(2),
         int(ignore_index), keep, eps_c, float(z_loss), float(softcap) if softcap > 0 else 1.0,
-        HAS_WEIGHT=w is not None,
-        HAS_SMOOTHING=eps > 0,
-        HAS_SOFTCAP=softcap > 0,
+        **_option_flags(w, eps, softcap),
         HAS_SCALE=grad_scale is not None,
         SPATIAL_WALK=spatial,
         ONE_CHUNK=one_chunk,
@@ -1010,34 +995,8 @@ def cross_entropy_fused_bwd(grad_output, grad, grad_input, input, target, weight
         raise ValueError(f"cross_entropy_fused_bwd: grad and lse must have shape {[n, s]}, grad_output one value")
     if grad_input.shape != input.shape or grad_input.dtype != input.dtype:
         raise ValueError("cross_entropy_fused_bwd: grad_input must have the input's shape and dtype")
-    if n * s * c == 0:
-        return
-    acc = acc_dtype(input.dtype)
-    eps, keep, eps_c = _smoothing(label_smoothing, c)
-    w = _weight(weight, c, acc)
-    wsum = w.sum().reshape(1) if (w is not None and eps > 0) else None
-    lse = lse.to(torch.float64).contiguous()
-    spatial = _spatial_walk(input)
-    grid, block_r, block_c, num_warps, _, maxnreg = fused_launch_config(n, c, s, spatial, _interpreting(), _arch(input))
-    _ce_fused_bwd_kernel[grid](
-        grad_output.to(acc), grad, input, target, w if w is not None else lse, wsum if wsum is not None else lse,
-        lse, grad_input,
-        n * s, c, s, float(c),
-        grad.stride(0), grad.stride(1),
-        input.stride(0), input.stride(1), input.stride(2),
-        target.stride(0), target.stride(1),
-        grad_input.stride(0), grad_input.stride(1), grad_input.stride(2),
-        int(ignore_index), keep, eps_c, float(z_loss), float(softcap) if softcap > 0 else 1.0,
-        HAS_WEIGHT=w is not None,
-        HAS_SMOOTHING=eps > 0,
-        HAS_SOFTCAP=softcap > 0,
-        SPATIAL_WALK=spatial,
-        BLOCK_R=block_r,
-        BLOCK_C=block_c,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        num_warps=num_warps,
-        maxnreg=maxnreg,
-    )
+    _launch_bwd(grad, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap, grad_input, None,
+                True, False, grad_output)
 
 
 def cross_entropy_scale_inplace(grad_output, grad_input):

@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_sum_cpu(
   const auto acc = acc_type(input.scalar_type());
   at::Tensor gx = empty_walk_layout(p.x, input.scalar_type());
   at::Tensor g = at::full({1}, grad_scale, input.options().dtype(acc));
-  const int64_t bs = a.S <= kSumBlockRows ? a.S : kSumBlockRows;  // a multiple of 16
+  const int64_t bs = std::max<int64_t>(1, std::min(a.S, kSumBlockRows));  // S or a multiple of 16
   const int64_t bn = std::max<int64_t>(1, kSumBlockRows / bs);
   const int64_t rows = std::min(a.N, bn) * bs;
   at::Tensor loss = at::empty({rows}, input.options().dtype(acc));

@@ -675,6 +675,22 @@ def test_fused_sum_walks_blocks_as_one_call(layout):
         lossfuse.cross_entropy(x.clone().requires_grad_(True), y)
 
 
+@pytest.mark.parametrize("shape", [(0, 21), (4, 21, 0), (0, 21, 5), (3, 21, 1)], ids=str)
+def test_fused_sum_of_empty_and_single_inputs(shape):
+    """No rows, no spatial positions: torch's empty sum (0) and mean (NaN), and an empty gradient."""
+    cpu_kernels_or_skip()
+    y = torch.randint(0, 21, (shape[0],) + shape[2:])
+    for reduction in ("mean", "sum"):
+        x = torch.randn(*shape, requires_grad=True)
+        out = lossfuse.cross_entropy(x, y, reduction=reduction)
+        out.backward()
+        xd = x.detach().double().requires_grad_(True)
+        ref = F.cross_entropy(xd, y, reduction=reduction)
+        ref.backward()
+        torch.testing.assert_close(out.double(), ref, equal_nan=True)
+        torch.testing.assert_close(x.grad.double(), xd.grad, equal_nan=True)
+
+
 def test_fused_sum_backward_recomputes_the_lse():
     """No lse is kept for short rows: a bfloat16 gradient for grad_output != 1 and a retained graph's
     second backward recompute it, and equal the unfused backward bit for bit."""

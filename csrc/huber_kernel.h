@@ -22,10 +22,20 @@ enum Mode { kHuber = 0, kSmoothL1 = 1, kL1 = 2 };
 
 constexpr int kChunk = 256;  // elements gathered per strided piece (fits L1 for every operand)
 
+// exact_inv: beta is a power of two whose reciprocal is representable, so x * (1 / beta) and x / beta
+// are the same real number and round alike -- SmoothL1 then multiplies (a vector division costs several
+// times a multiply, and the default beta = 1 is such a power).
 template <class A>
 struct Consts {
-  Vec<A> delta, half, neg;  // delta (beta), delta / 2, -delta
-  explicit Consts(double d) : delta(A(d)), half(A(0.5) * A(d)), neg(-A(d)) {}
+  Vec<A> delta, half, neg, inv;  // delta (beta), delta / 2, -delta, 1 / delta
+  bool exact_inv;
+  explicit Consts(double d)
+      : delta(A(d)), half(A(0.5) * A(d)), neg(-A(d)), inv(A(1) / A(d)), exact_inv(is_exact_reciprocal(A(d))) {}
+  static bool is_exact_reciprocal(A b) {
+    int e;
+    const A r = A(1) / b;
+    return b > A(0) && std::isfinite(r) && std::frexp(b, &e) == A(0.5) && r * b == A(1);
+  }
 };
 
 // The loss of one element, as torch writes it: z = |d|; z < delta ? 0.5 z^2 : delta (z - delta / 2)
@@ -38,8 +48,8 @@ inline Vec<A> loss_of(Vec<A> d, const Consts<A>& k) {
   if (MODE == kL1) return z;
   const V q = (V(A(0.5)) * z) * z;
   if (MODE == kHuber) return select(cmp_lt(z, k.delta), q, k.delta * (z - k.half));
-  // Divide rather than multiply by 1 / beta: one rounding, the same as torch's.
-  return select(cmp_lt(z, k.delta), q / k.delta, z - k.half);
+  // Divide rather than multiply by an inexact 1 / beta: one rounding, the same as torch's.
+  return select(cmp_lt(z, k.delta), k.exact_inv ? q * k.inv : q / k.delta, z - k.half);
 }
 
 // d loss / d d. |d| >= delta takes the linear branch (at |d| = delta both branches give +-delta).
@@ -52,7 +62,7 @@ inline Vec<A> slope_of(Vec<A> d, const Consts<A>& k) {
   if (MODE == kL1) return select(cmp_lt(zero, d), V(A(1)), select(cmp_lt(d, zero), V(A(-1)), zero));
   const auto linear = cmp_le(k.delta, vabs(d));
   if (MODE == kHuber) return select(linear, select(cmp_lt(d, zero), k.neg, k.delta), d);
-  return select(linear, select(cmp_lt(d, zero), V(A(-1)), V(A(1))), d / k.delta);
+  return select(linear, select(cmp_lt(d, zero), V(A(-1)), V(A(1))), k.exact_inv ? d * k.inv : d / k.delta);
 }
 
 // m (<= W) elements; the missing lanes read as 0, which gives d = 0 and a zero loss in every mode.

@@ -163,6 +163,26 @@ def test_threshold_ties_take_the_linear_branch():
                         assert torch.equal(g.double(), s)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("beta", [0.25, 0.5, 1.0, 2.0, 8.0, 0.35, 3.0, 1e-3])
+def test_smooth_l1_rounds_as_torch_divides(beta, dtype):
+    """The CPU kernel multiplies by 1 / beta where beta is a power of two (exact: the same rounding as
+    torch's division) and divides otherwise. Per element, the loss and the gradient for grad_output 1
+    (torch: x / beta) are torch's own bit for bit, for either kind of beta."""
+    cpu_kernels_or_skip()
+    x = torch.randn(4099, dtype=dtype) * beta * 3
+    y = torch.randn(4099, dtype=dtype) * beta
+    xr = x.clone().requires_grad_(True)
+    out = lossfuse.smooth_l1_loss(xr, y, reduction="none", beta=beta, backend="cpu")
+    (g,) = torch.autograd.grad(out, xr, torch.ones_like(out))
+    xt = x.clone().requires_grad_(True)
+    ref = F.smooth_l1_loss(xt, y, reduction="none", beta=beta)
+    (gt,) = torch.autograd.grad(ref, xt, torch.ones_like(ref))
+    assert ((x - y).abs() < beta).sum() > 100  # the quadratic branch, where the division is, is exercised
+    assert torch.equal(out, ref)
+    assert torch.equal(g, gt)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if HAS_TRITON else []))
 def test_l1_gradient_is_sign_with_zero_at_zero(backend):
     """beta = 0 is L1: gradient sign(d), exactly 0 where d = 0 (no NaN from a 0/0)."""

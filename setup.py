@@ -3,8 +3,8 @@
     pip install --no-build-isolation .        # torch must already be installed (CPU or CUDA build)
     LOSSFUSE_NO_EXT=1 pip install ...         # pure Python: reference + Triton backends only
 
-The build is portable: the kernels are compiled for a baseline x86-64 and again for AVX2+FMA+F16C
-(csrc/isa_instantiate.h), and the CPU picks at run time -- never -march=native. OpenMP: the extension
+The build is portable: the kernels are compiled for a baseline x86-64 and again for AVX2+FMA+F16C and
+for AVX-512 (csrc/isa_instantiate.h), and the CPU picks at run time -- never -march=native. OpenMP: the extension
 uses the libgomp that torch itself loads, so there is one thread pool, sized by torch.set_num_threads.
 """
 

@@ -2,7 +2,8 @@
 // exact scalar conversions, the CPU feature check and small memory helpers.
 //
 // Everything here is compiled for the baseline target. The vector code lives in vec.h and the kernel
-// headers, which isa_instantiate.h compiles twice (AVX2+FMA+F16C and portable) in separate namespaces.
+// headers, which isa_instantiate.h compiles once per instruction set (AVX-512, AVX2, portable) in separate
+// namespaces.
 // Keeping the system and torch headers out of those regions means no inline function of theirs can be
 // emitted with AVX2 instructions and then picked by the linker for a caller on a machine without AVX2.
 #pragma once
@@ -19,7 +20,7 @@
 #include <immintrin.h>
 #define LF_HAVE_X86 1
 #if defined(__GNUC__) || defined(__clang__)
-#define LF_HAVE_AVX2_BUILD 1  // isa_instantiate.h compiles an AVX2 copy of the kernels
+#define LF_HAVE_AVX2_BUILD 1  // isa_instantiate.h compiles AVX2 and AVX-512 copies of the kernels
 #endif
 #endif
 
@@ -110,33 +111,45 @@ inline T from_float(float v) {
   return out;
 }
 
-// True when the AVX2 kernels run: the CPU has AVX2, FMA and F16C, and lossfuse._C.set_cpu_isa
-// (or LOSSFUSE_CPU_ISA=base) has not forced the portable ones. Defined in module.cpp.
-bool use_avx2();
+// The instruction set the kernels run with: the widest the CPU has (kIsaAvx512: AVX-512 F/BW/DQ/VL;
+// kIsaAvx2: AVX2 + FMA + F16C), capped by lossfuse._C.set_cpu_isa or LOSSFUSE_CPU_ISA=avx2|base (for
+// tests and comparisons). Defined in module.cpp.
+enum Isa { kIsaBase = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+Isa cpu_isa();
 
 // The same for inputs of dtype d. float64 always runs the portable kernels: Vec<double> is one lane on
-// either instruction set (float64 is for gradcheck and precision, not speed), so an AVX2 copy of its
+// every instruction set (float64 is for gradcheck and precision, not speed), so a vector copy of its
 // kernels would cost build time and buy nothing but FMA contractions (see with_dtype in vec.h).
-inline bool use_avx2_for(Dtype d) { return d != Dtype::F64 && use_avx2(); }
+inline Isa isa_for(Dtype d) { return d == Dtype::F64 ? kIsaBase : cpu_isa(); }
 
 // LF_RUN_KERNEL(fn, args, ...): calls the kernel entry point fn(args, ...) -- a function that
-// isa_instantiate.h compiled into both lossfuse::avx2 and lossfuse::base -- of the instruction set in
-// use for args.dtype. The one place the choice is made (a macro: a namespace is no template argument).
+// isa_instantiate.h compiled into lossfuse::avx512, lossfuse::avx2 and lossfuse::base -- of the
+// instruction set in use for args.dtype. The one place the choice is made (a macro: a namespace is no
+// template argument).
 #ifdef LF_HAVE_AVX2_BUILD
-#define LF_RUN_KERNEL(fn, args, ...)                                                       \
-  (::lossfuse::use_avx2_for((args).dtype) ? ::lossfuse::avx2::fn(args __VA_OPT__(, ) __VA_ARGS__) \
-                                          : ::lossfuse::base::fn(args __VA_OPT__(, ) __VA_ARGS__))
+#define LF_RUN_KERNEL(fn, args, ...)                                                                      \
+  (::lossfuse::isa_for((args).dtype) == ::lossfuse::kIsaAvx512                                           \
+       ? ::lossfuse::avx512::fn(args __VA_OPT__(, ) __VA_ARGS__)                                          \
+       : ::lossfuse::isa_for((args).dtype) == ::lossfuse::kIsaAvx2 ? ::lossfuse::avx2::fn(args __VA_OPT__(, ) __VA_ARGS__) \
+                                                                    : ::lossfuse::base::fn(args __VA_OPT__(, ) __VA_ARGS__))
 #else
 #define LF_RUN_KERNEL(fn, args, ...) (::lossfuse::base::fn(args __VA_OPT__(, ) __VA_ARGS__))
 #endif
 
-inline bool cpu_has_avx2_fma_f16c() {
+// The widest of the instruction sets above that this CPU (and its OS: the feature bits count only
+// where the OS saves the registers) supports.
+inline Isa cpu_max_isa() {
 #if defined(LF_HAVE_X86) && (defined(__GNUC__) || defined(__clang__))
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
+  static const Isa best = [] {
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (!avx2) return kIsaBase;
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    return avx512 ? kIsaAvx512 : kIsaAvx2;
+  }();
+  return best;
 #else
-  return false;
+  return kIsaBase;
 #endif
 }
 

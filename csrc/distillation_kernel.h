@@ -102,7 +102,7 @@ inline double precise_block_sum(const T* x, int64_t n, double inv, double m, flo
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
     __builtin_prefetch(x + c + kBlock, 0, 2);
-    const __m256 v = Vec<float>::load(x + c).v;
+    const __m256 v = load8(x + c);
     const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
     const __m256d el = exp_neg_pd(_mm256_fmsub_pd(lo, iv, mv)), eh = exp_neg_pd(_mm256_fmsub_pd(hi, iv, mv));
     s0 = _mm256_add_pd(s0, el);

@@ -8,6 +8,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -20,18 +21,17 @@
 namespace lossfuse {
 
 namespace {
-// -1: automatic (AVX2 where the CPU has it), 0: portable kernels forced.
-int isa_choice() {
-  static int choice = [] {
-    const char* env = std::getenv("LOSSFUSE_CPU_ISA");
-    return (env && std::string(env) == "base") ? 0 : -1;
-  }();
-  return choice;
+// The widest instruction set allowed: LOSSFUSE_CPU_ISA=base|avx2 caps it (any other value: no cap).
+Isa isa_cap_from_env() {
+  const char* env = std::getenv("LOSSFUSE_CPU_ISA");
+  const std::string v = env ? env : "";
+  return v == "base" ? kIsaBase : v == "avx2" ? kIsaAvx2 : kIsaAvx512;
 }
-int g_isa = isa_choice();
+Isa g_isa_cap = isa_cap_from_env();
+const char* isa_name(Isa i) { return i == kIsaAvx512 ? "avx512" : i == kIsaAvx2 ? "avx2" : "base"; }
 }  // namespace
 
-bool use_avx2() { return g_isa != 0 && cpu_has_avx2_fma_f16c(); }
+Isa cpu_isa() { return std::min(g_isa_cap, cpu_max_isa()); }
 
 void advise_hugepages(void* ptr, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -49,25 +49,32 @@ void advise_hugepages(void* ptr, size_t bytes) {
 
 namespace {
 
-PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(use_avx2() ? "avx2" : "base"); }
+PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(isa_name(cpu_isa())); }
 
-// RuntimeError, as TORCH_CHECK raised when this was a pybind11 module.
+// set_cpu_isa(name): 'auto' (the widest the CPU has), or a cap: 'avx512', 'avx2', 'base'. Asking for
+// an instruction set the CPU lacks is an error, not a silent fallback. RuntimeError, as TORCH_CHECK
+// raised when this was a pybind11 module.
 PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   const char* s = PyUnicode_AsUTF8(arg);
   if (!s) return nullptr;
   const std::string isa(s);
-  if (isa == "base") {
-    g_isa = 0;
-  } else if (isa == "auto" || isa == "avx2") {
-    if (isa == "avx2" && !cpu_has_avx2_fma_f16c()) {
-      PyErr_SetString(PyExc_RuntimeError, "set_cpu_isa('avx2'): this CPU lacks AVX2/FMA/F16C");
-      return nullptr;
-    }
-    g_isa = -1;
+  Isa want;
+  if (isa == "auto" || isa == "avx512") {
+    want = kIsaAvx512;
+  } else if (isa == "avx2") {
+    want = kIsaAvx2;
+  } else if (isa == "base") {
+    want = kIsaBase;
   } else {
-    PyErr_Format(PyExc_RuntimeError, "set_cpu_isa: expected 'auto', 'avx2' or 'base'; got '%s'", s);
+    PyErr_Format(PyExc_RuntimeError, "set_cpu_isa: expected 'auto', 'avx512', 'avx2' or 'base'; got '%s'", s);
     return nullptr;
   }
+  if (isa != "auto" && cpu_max_isa() < want) {
+    PyErr_Format(PyExc_RuntimeError, "set_cpu_isa('%s'): this CPU (or this build) lacks it; it has '%s'", s,
+                 isa_name(cpu_max_isa()));
+    return nullptr;
+  }
+  g_isa_cap = want;
   Py_RETURN_NONE;
 }
 
@@ -95,9 +102,9 @@ PyObject* py_openmp_threads(PyObject*, PyObject*) {
 }
 
 PyMethodDef methods[] = {
-    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use: 'avx2' or 'base' (portable)."},
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use: 'avx512', 'avx2' or 'base' (portable)."},
     {"set_cpu_isa", py_set_cpu_isa, METH_O,
-     "Force the portable kernels ('base') or go back to the automatic choice ('auto'/'avx2'). For tests."},
+     "Cap the instruction set ('avx512', 'avx2', 'base') or go back to the widest ('auto'). For tests."},
     {"cache_bytes", py_cache_bytes, METH_NOARGS, "Bytes held by the CPU output-buffer cache."},
     {"cache_limit", py_cache_limit, METH_NOARGS, "Upper bound on the bytes the cache may hold."},
     {"set_cache_limit", py_set_cache_limit, METH_O, "Set the cache's bound in bytes (0 disables it)."},

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import lossfuse
-from helpers import DTYPES, assert_close, backend_or_skip, cpu_kernels_or_skip, spy_ops, ulps_apart
+from helpers import DTYPES, NARROW_ISAS, assert_close, backend_or_skip, cpu_kernels_or_skip, forced_cpu_isa, spy_ops, ulps_apart
 from lossfuse import catalog
 
 LOW_PRECISION = [torch.float16, torch.bfloat16]
@@ -173,22 +173,17 @@ class LossContract:
         with pytest.raises(RuntimeError):
             g.sum().backward()
 
+    @pytest.mark.parametrize("isa", NARROW_ISAS)
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-    def test_portable_kernels_match(self, variant, dtype):
-        cpu_kernels_or_skip()
-        ext = lossfuse._backend._C
-        ext.set_cpu_isa("base")
-        try:
-            assert ext.cpu_isa() == "base"
+    def test_narrower_isa_kernels_match(self, variant, dtype, isa):
+        with forced_cpu_isa(isa):
             x, rest = self.inputs(variant, dtype)
             xr = x.clone().requires_grad_(True)
             loss = self.call(xr, rest, variant, "cpu")
             loss.backward()
-        finally:
-            ext.set_cpu_isa("auto")
         ref, gref = self.reference64(x, rest, variant)
-        assert_close(loss, ref, dtype, f"{self.key}[{variant}] portable loss")
-        assert_close(xr.grad, gref, dtype, f"{self.key}[{variant}] portable grad")
+        assert_close(loss, ref, dtype, f"{self.key}[{variant}] {isa} loss")
+        assert_close(xr.grad, gref, dtype, f"{self.key}[{variant}] {isa} grad")
 
     # Variants whose float32 gradient is free of cancellation, where "within 1 ulp of float64" is a
     # property of the kernel rather than of float32 arithmetic (see TestCrossEntropy).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
@@ -61,6 +62,41 @@ def cpu_kernels_or_skip():
     from lossfuse import _backend
 
     pytest.fail(f"lossfuse._C failed to load: {_backend._C_ERROR}")
+
+
+# Instruction sets below the widest a CPU may have, each a separate build of the same kernels
+# (csrc/isa_instantiate.h) that a default run on a wider CPU never reaches.
+NARROW_ISAS = ["base", "avx2"]
+
+
+def float_lanes() -> int:
+    """fp32 lanes per vector of the CPU kernels now in use (tests whose bits depend on the walk)."""
+    from lossfuse import _backend
+
+    return {"avx512": 16, "avx2": 8}.get(_backend._C.cpu_isa(), 1)
+
+
+@contextlib.contextmanager
+def forced_cpu_isa(isa: str):
+    """The CPU kernels capped at instruction set `isa` inside the block; a skip where that is what the
+    machine runs anyway (so the default run covers it) or where the CPU lacks it."""
+    import pytest
+
+    from lossfuse import _backend
+
+    cpu_kernels_or_skip()
+    ext = _backend._C
+    if ext.cpu_isa() == isa:
+        pytest.skip(f"{isa} is this CPU's widest instruction set: every other test runs it")
+    try:
+        ext.set_cpu_isa(isa)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    try:
+        assert ext.cpu_isa() == isa
+        yield
+    finally:
+        ext.set_cpu_isa("auto")
 
 
 def backend_or_skip(backend: str) -> None:

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import lossfuse
-from helpers import CLASS_OPTIONS, CPU_BACKENDS, DTYPES, assert_close, backend_or_skip, cpu_kernels_or_skip, ulps_apart
+from helpers import (CLASS_OPTIONS, CPU_BACKENDS, DTYPES, NARROW_ISAS, assert_close, backend_or_skip, cpu_kernels_or_skip,
+                     forced_cpu_isa, ulps_apart)
 
 # ------------------------------------------------------------------------------------------------
 # Inputs
@@ -918,23 +919,16 @@ def test_package_works_without_the_extension():
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
+@pytest.mark.parametrize("isa", NARROW_ISAS)
 @pytest.mark.parametrize("case", ["index", "prob", "spatial"])
-def test_portable_kernels_match(case):
-    """The portable (non-AVX2) build of the kernels, forced at run time, against torch."""
-    cpu_kernels_or_skip()
-    from lossfuse import _backend
-
+def test_narrower_isa_kernels_match(case, isa):
+    """The portable and AVX2 builds of the kernels, forced at run time, against torch."""
     shape = (2, 6, 5, 3) if case == "spatial" else (5, 37)
     x, target, kw = make_case(shape, torch.bfloat16, {"prob": case == "prob", "weight": True, "label_smoothing": 0.1})
     x.requires_grad_(True)
-    ext = _backend._C
-    ext.set_cpu_isa("base")
-    try:
-        assert ext.cpu_isa() == "base"
+    with forced_cpu_isa(isa):
         out = lossfuse.cross_entropy(x, target, reduction="none", **kw)
         (g,) = torch.autograd.grad(out.sum(), x)
-    finally:
-        ext.set_cpu_isa("auto")
     xd = x.detach().double().requires_grad_(True)
     ref = torch_f64(xd, target, "none", **kw)
     (gr,) = torch.autograd.grad(ref.sum(), xd)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import lossfuse
-from helpers import (CPU_BACKENDS, DTYPES, HAS_TRITON, assert_close, backend_or_skip, cpu_kernels_or_skip, spy_ops,
-                     ulps_apart)
+from helpers import (CPU_BACKENDS, DTYPES, HAS_TRITON, NARROW_ISAS, assert_close, backend_or_skip, cpu_kernels_or_skip,
+                     forced_cpu_isa, spy_ops, ulps_apart)
 from lossfuse._layout import empty_like_walk
 from lossfuse.ops import huber as huber_ops
 
@@ -769,12 +769,10 @@ def test_modules_are_drop_ins():
     assert legacy.reduction == "sum"
 
 
+@pytest.mark.parametrize("isa", NARROW_ISAS)
 @pytest.mark.parametrize("case", ["contiguous", "strided", "weight_bf16_target_fp32", "float32_eager_gradient"])
-def test_portable_kernels_match(case):
-    """The portable (non-AVX2) build of the kernels, forced at run time, against torch."""
-    cpu_kernels_or_skip()
-    from lossfuse import _backend
-
+def test_narrower_isa_kernels_match(case, isa):
+    """The portable and AVX2 builds of the kernels, forced at run time, against torch."""
     dtype = torch.float32 if case == "float32_eager_gradient" else torch.bfloat16
     x, y, w = make_case((37, 21), dtype, 0.5, weight=True)
     if case == "float32_eager_gradient":
@@ -783,10 +781,7 @@ def test_portable_kernels_match(case):
         x, y, w = x.t(), y.t().contiguous(), w[:, :1].expand(37, 21).t()
     elif case == "weight_bf16_target_fp32":
         y = y.float()
-    ext = _backend._C
-    ext.set_cpu_isa("base")
-    try:
-        assert ext.cpu_isa() == "base"
+    with forced_cpu_isa(isa):
         if case == "float32_eager_gradient":
             xr = x.clone().requires_grad_(True)
             lossfuse.huber_loss(xr, y, "sum", 0.5, w, backend="cpu").backward()
@@ -797,5 +792,3 @@ def test_portable_kernels_match(case):
             check_against_torch("huber", x, y, red, 0.5, w, "cpu", dtype)
             check_against_torch("smooth_l1", x, y, red, 0.5, None, "cpu", dtype)
             check_against_torch("smooth_l1", x, y, red, 0.0, None, "cpu", dtype)
-    finally:
-        ext.set_cpu_isa("auto")

@@ -120,20 +120,31 @@ Isa cpu_isa();
 // The same for inputs of dtype d. float64 always runs the portable kernels: Vec<double> is one lane on
 // every instruction set (float64 is for gradcheck and precision, not speed), so a vector copy of its
 // kernels would cost build time and buy nothing but FMA contractions (see with_dtype in vec.h).
-inline Isa isa_for(Dtype d) { return d == Dtype::F64 ? kIsaBase : cpu_isa(); }
+//
+// AVX-512 only for calls of at least avx512_min_work() elements (2^16; LOSSFUSE_AVX512_MIN_WORK
+// overrides it, and the test suite sets 0 so that every test runs the AVX-512 build): on small calls
+// (CE (64, 10), (256, 100)) it measured 10-15% slower than AVX2 -- short rows are mostly partial
+// 16-lane vectors, and the wide units pay a warm-up that a call of a few microseconds never amortises.
+int64_t avx512_min_work();  // module.cpp
+inline Isa isa_for(Dtype d, int64_t work) {
+  if (d == Dtype::F64) return kIsaBase;
+  const Isa isa = cpu_isa();
+  return isa == kIsaAvx512 && work < avx512_min_work() ? kIsaAvx2 : isa;
+}
 
-// LF_RUN_KERNEL(fn, args, ...): calls the kernel entry point fn(args, ...) -- a function that
+// LF_RUN_KERNEL(fn, args, work, ...): calls the kernel entry point fn(args, ...) -- a function that
 // isa_instantiate.h compiled into lossfuse::avx512, lossfuse::avx2 and lossfuse::base -- of the
-// instruction set in use for args.dtype. The one place the choice is made (a macro: a namespace is no
-// template argument).
+// instruction set isa_for(args.dtype, work) picks (work: the call's element count). The one place the
+// choice is made (a macro: a namespace is no template argument).
 #ifdef LF_HAVE_AVX2_BUILD
-#define LF_RUN_KERNEL(fn, args, ...)                                                                      \
-  (::lossfuse::isa_for((args).dtype) == ::lossfuse::kIsaAvx512                                           \
-       ? ::lossfuse::avx512::fn(args __VA_OPT__(, ) __VA_ARGS__)                                          \
-       : ::lossfuse::isa_for((args).dtype) == ::lossfuse::kIsaAvx2 ? ::lossfuse::avx2::fn(args __VA_OPT__(, ) __VA_ARGS__) \
-                                                                    : ::lossfuse::base::fn(args __VA_OPT__(, ) __VA_ARGS__))
+#define LF_RUN_KERNEL(fn, args, work, ...)                                                                    \
+  ([&](::lossfuse::Isa isa_) {                                                                                \
+    return isa_ == ::lossfuse::kIsaAvx512 ? ::lossfuse::avx512::fn(args __VA_OPT__(, ) __VA_ARGS__)          \
+           : isa_ == ::lossfuse::kIsaAvx2 ? ::lossfuse::avx2::fn(args __VA_OPT__(, ) __VA_ARGS__)            \
+                                          : ::lossfuse::base::fn(args __VA_OPT__(, ) __VA_ARGS__);           \
+  }(::lossfuse::isa_for((args).dtype, (work))))
 #else
-#define LF_RUN_KERNEL(fn, args, ...) (::lossfuse::base::fn(args __VA_OPT__(, ) __VA_ARGS__))
+#define LF_RUN_KERNEL(fn, args, work, ...) (::lossfuse::base::fn(args __VA_OPT__(, ) __VA_ARGS__))
 #endif
 
 // The widest of the instruction sets above that this CPU (and its OS: the feature bits count only

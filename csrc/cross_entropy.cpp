@@ -129,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& input
   at::Tensor lse = at::empty({a.N, a.S}, input.options().dtype(at::kDouble));
   a.loss = loss.data_ptr();
   a.lse = lse.data_ptr<double>();
-  if (a.N * a.S > 0 && LF_RUN_KERNEL(ce_run, a, CePass::kForward)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
+  if (a.N * a.S > 0 && LF_RUN_KERNEL(ce_run, a, a.N * a.S * a.C, CePass::kForward)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
   return {loss, lse};
 }
 
@@ -152,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fused_cpu(
   a.g = g.data_ptr();
   a.g_sN = a.g_sS = 0;
   set_input_grad(a, gx);
-  if (a.N * a.S > 0 && LF_RUN_KERNEL(ce_run, a, CePass::kFused)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
+  if (a.N * a.S > 0 && LF_RUN_KERNEL(ce_run, a, a.N * a.S * a.C, CePass::kFused)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
   return {loss, lse, gx};
 }
 
@@ -201,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_sum_cpu(
       const int64_t units = walks_classes(p.x) ? b.N * b.S : b.N * ((b.S + 15) / 16);
       b.chunk = std::max<int64_t>(1, units / (int64_t(b.nthreads) * 32));
       if (b.N * b.S == 0) continue;
-      bad = LF_RUN_KERNEL(ce_run, b, CePass::kFused) || bad;
+      bad = LF_RUN_KERNEL(ce_run, b, b.N * b.S * b.C, CePass::kFused) || bad;
       // torch's vectorised sum within the block (the unblocked path sums all rows that way), the
       // blocks' sums in double.
       total += loss.narrow(0, 0, b.N * b.S).sum().item<double>();
@@ -262,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cpu(const at::Tensor& grad,
   at::Tensor gt = (target_grad && prob) ? empty_walk_layout(p.x, p.t.scalar_type()) : empty_target_grad(input, target);
   if (input_grad) set_input_grad(a, gx);
   if (target_grad && prob) set_target_grad(a, gt);
-  if ((a.gx || a.gt) && a.N * a.S > 0 && LF_RUN_KERNEL(ce_run, a, CePass::kBackward)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
+  if ((a.gx || a.gt) && a.N * a.S > 0 && LF_RUN_KERNEL(ce_run, a, a.N * a.S * a.C, CePass::kBackward)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
   if (a.gt && gt.scalar_type() != target.scalar_type()) gt = gt.to(target.scalar_type());
   return {gx, gt};
 }
@@ -287,7 +287,7 @@ at::Tensor cross_entropy_bwd_inplace_cpu(const at::Tensor& grad, at::Tensor& inp
   a.gx_sC = a.x_sC;
   a.gx_sS = a.x_sS;
   if (target_grad && prob) set_target_grad(a, gt);
-  if (a.N * a.S > 0 && LF_RUN_KERNEL(ce_run, a, CePass::kBackward)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
+  if (a.N * a.S > 0 && LF_RUN_KERNEL(ce_run, a, a.N * a.S * a.C, CePass::kBackward)) report_bad_target(p.y, a.C, ignore_index, "cross_entropy");
   if (a.gt && gt.scalar_type() != target.scalar_type()) gt = gt.to(target.scalar_type());
   return gt;
 }

@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distillation_fwd_cpu(
     bool teacher_grad) {
   Prepared p = prepare("lossfuse::distillation_fwd", student, teacher, target, ignore_index, temperature, beta, grad,
                        student_grad, teacher_grad);
-  if (p.a.R > 0) LF_RUN_KERNEL(distill_run, p.a);
+  if (p.a.R > 0) LF_RUN_KERNEL(distill_run, p.a, p.a.R * p.a.V);
   return {p.loss, p.gs, p.gt};
 }
 
@@ -131,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> distillation_bwd_cpu(const at::Tensor& grad, 
                                                         bool teacher_grad) {
   Prepared p = prepare("lossfuse::distillation_bwd", student, teacher, target, ignore_index, temperature, beta, grad,
                        student_grad, teacher_grad);
-  if (p.a.R > 0 && (student_grad || teacher_grad)) LF_RUN_KERNEL(distill_run, p.a);
+  if (p.a.R > 0 && (student_grad || teacher_grad)) LF_RUN_KERNEL(distill_run, p.a, p.a.R * p.a.V);
   return {p.gs, p.gt};
 }
 

@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_fwd_cpu(const at::Tensor& input
     gx = sigmoid_grad_output(input, a);
     a.grad_scale = *grad_scale;
   }
-  if (a.numel > 0 && LF_RUN_KERNEL(focal::sigmoid_run, a, false)) report_bad_target(p.y, a.C + 1, std::nullopt, op);
+  if (a.numel > 0 && LF_RUN_KERNEL(focal::sigmoid_run, a, a.numel, false)) report_bad_target(p.y, a.C + 1, std::nullopt, op);
   return {out, gx};
 }
 
@@ -160,7 +160,7 @@ at::Tensor sigmoid_focal_bwd_cpu(const at::Tensor& grad, const at::Tensor& input
   a.g = g.data_ptr();
   a.g_scalar = grad.dim() == 0;
   at::Tensor gx = sigmoid_grad_output(input, a);
-  if (a.numel > 0 && LF_RUN_KERNEL(focal::sigmoid_run, a, true)) report_bad_target(p.y, a.C + 1, std::nullopt, op);
+  if (a.numel > 0 && LF_RUN_KERNEL(focal::sigmoid_run, a, a.numel, true)) report_bad_target(p.y, a.C + 1, std::nullopt, op);
   return gx;
 }
 
@@ -229,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_focal_fwd_cpu
     gx = softmax_grad_output(input, a, p.x);
     a.grad_scale = *grad_scale;
   }
-  if (a.N * a.S > 0 && LF_RUN_KERNEL(focal::softmax_forward, a)) report_bad_target(p.y, a.C, ignore_index, op);
+  if (a.N * a.S > 0 && LF_RUN_KERNEL(focal::softmax_forward, a, a.N * a.S * a.C)) report_bad_target(p.y, a.C, ignore_index, op);
   return {loss, lse, dscale, gx};
 }
 
@@ -251,7 +251,7 @@ at::Tensor softmax_focal_bwd_cpu(const at::Tensor& grad, const at::Tensor& input
   a.lse_in = lse_c.data_ptr();
   a.dscale_in = d_c.data_ptr();
   at::Tensor gx = softmax_grad_output(input, a, p.x);
-  if (a.N * a.S > 0 && a.C > 0 && LF_RUN_KERNEL(focal::softmax_backward, a)) report_bad_target(p.y, a.C, ignore_index, op);
+  if (a.N * a.S > 0 && a.C > 0 && LF_RUN_KERNEL(focal::softmax_backward, a, a.N * a.S * a.C)) report_bad_target(p.y, a.C, ignore_index, op);
   return gx;
 }
 

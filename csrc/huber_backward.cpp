@@ -7,6 +7,6 @@
 
 namespace lossfuse {
 
-void run_huber_backward(const HuberArgs& a) { LF_RUN_KERNEL(huber_backward, a); }
+void run_huber_backward(const HuberArgs& a) { LF_RUN_KERNEL(huber_backward, a, a.numel); }
 
 }  // namespace lossfuse

@@ -7,6 +7,6 @@
 
 namespace lossfuse {
 
-void run_huber_forward(const HuberArgs& a) { LF_RUN_KERNEL(huber_forward, a); }
+void run_huber_forward(const HuberArgs& a) { LF_RUN_KERNEL(huber_forward, a, a.numel); }
 
 }  // namespace lossfuse

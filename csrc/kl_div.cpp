@@ -54,7 +54,7 @@ at::Tensor kl_div_fwd_cpu(const at::Tensor& input, const at::Tensor& target, boo
   at::Tensor out = block > 0 ? at::empty({(a.n + block - 1) / block}, input.options().dtype(at::kDouble))
                              : at::empty(input.sizes(), input.options().dtype(acc_type(input.scalar_type())));
   a.loss = out.data_ptr();
-  if (a.n > 0) LF_RUN_KERNEL(kl_run, a, false);
+  if (a.n > 0) LF_RUN_KERNEL(kl_run, a, a.n, false);
   return out;
 }
 
@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> kl_div_bwd_cpu(const at::Tensor& grad, const 
   at::Tensor gt = target_grad ? empty_output(target.sizes(), target.options()) : at::empty({0}, target.options());
   a.gx = input_grad ? gx.data_ptr() : nullptr;
   a.gt = target_grad ? gt.data_ptr() : nullptr;
-  if (a.n > 0 && (input_grad || target_grad)) LF_RUN_KERNEL(kl_run, a, true);
+  if (a.n > 0 && (input_grad || target_grad)) LF_RUN_KERNEL(kl_run, a, a.n, true);
   return {gx, gt};
 }
 

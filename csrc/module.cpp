@@ -33,6 +33,14 @@ const char* isa_name(Isa i) { return i == kIsaAvx512 ? "avx512" : i == kIsaAvx2 
 
 Isa cpu_isa() { return std::min(g_isa_cap, cpu_max_isa()); }
 
+int64_t avx512_min_work() {
+  static const int64_t w = [] {
+    const char* env = std::getenv("LOSSFUSE_AVX512_MIN_WORK");
+    return env && *env ? int64_t(std::strtoll(env, nullptr, 10)) : int64_t(1) << 16;
+  }();
+  return w;
+}
+
 void advise_hugepages(void* ptr, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;

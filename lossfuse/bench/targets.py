@@ -35,91 +35,76 @@ class Target:
     base: str = ""         # the provider of "time_vs_base"
 
 
+def _case(title: str, device: str, loss: str, shape: tuple, dtype: torch.dtype, variant: str, *goals,
+          mode: str = "fwd+bwd") -> list:
+    """The targets of one case, each goal a tuple (text, metric, op, value[, base])."""
+    return [Target(f"{title}: {text}", device, loss, shape, dtype, variant, metric, op, value, mode, *base)
+            for text, metric, op, value, *base in goals]
+
+
+def _x(value: float, of: str = "torch eager") -> tuple:
+    metric = {"torch eager": "speedup_vs_torch", "torch.compile": "speedup_vs_compile",
+              "liger-kernel": "speedup_vs_liger"}[of]
+    return (f">= {value:g}x {of}", metric, ">=", value)
+
+
+def _time(value: float) -> tuple:
+    return (f"time <= {value:g}x torch eager", "time_vs_torch", "<=", value)
+
+
+def _extra_mem(pct: float, above: str, of: str = "the logits") -> tuple:
+    return (f"peak above {above} <= {pct:g}% of {of}", "extra_mem_pct", "<=", pct)
+
+
 TARGETS = [
-    Target("cross-entropy (4096, 32000) fp32 fwd+bwd: >= 10x torch eager", "cpu", "ce", (4096, 32000), F32, "",
-           "speedup_vs_torch", ">=", 10),
-    Target("cross-entropy (4096, 32000) fp32 fwd+bwd: >= 6x torch.compile", "cpu", "ce", (4096, 32000), F32, "",
-           "speedup_vs_compile", ">=", 6),
-    Target("cross-entropy (4096, 32000) fp32 fwd+bwd: peak above logits + gradient <= 5% of the logits", "cpu",
-           "ce", (4096, 32000), F32, "", "extra_mem_pct", "<=", 5),
-    Target("sigmoid focal (200000, 80) fp32 float targets: >= 4x torch.compile", "cpu", "sigmoid_focal",
-           (200000, 80), F32, "float", "speedup_vs_compile", ">=", 4),
-    Target("sigmoid focal (200000, 80) fp32 class-index targets: >= 5x torch.compile", "cpu", "sigmoid_focal",
-           (200000, 80), F32, "index", "speedup_vs_compile", ">=", 5),
-    Target("softmax focal (65536, 1000) fp32: >= 8x torch eager", "cpu", "softmax_focal", (65536, 1000), F32, "",
-           "speedup_vs_torch", ">=", 8),
-    Target("softmax focal (65536, 1000) fp32: >= 4x torch.compile", "cpu", "softmax_focal", (65536, 1000), F32, "",
-           "speedup_vs_compile", ">=", 4),
-    Target("Huber 16,777,216 fp32: >= 3x torch.compile", "cpu", "huber", (16777216,), F32, "",
-           "speedup_vs_compile", ">=", 3),
-    Target("Huber 16,777,216 fp32: >= 6x torch eager", "cpu", "huber", (16777216,), F32, "",
-           "speedup_vs_torch", ">=", 6),
-    Target("SmoothL1 16,777,216 fp32: >= 3x torch.compile", "cpu", "smooth_l1", (16777216,), F32, "",
-           "speedup_vs_compile", ">=", 3),
-    Target("SmoothL1 16,777,216 fp32: >= 6x torch eager", "cpu", "smooth_l1", (16777216,), F32, "",
-           "speedup_vs_torch", ">=", 6),
-    # Issue 6: the fused projection + cross-entropy against torch's unfused eager code. Its memory is a
-    # percentage of the full (N, V) logits (the entry's mem_ref_bytes), not of the inputs.
-    Target("linear+CE (4096, 512, 32000) fp32 fwd+bwd: peak above inputs + gradients <= 8% of the logits", "cpu",
-           "lce", (4096, 512, 32000), F32, "", "extra_mem_pct", "<=", 8),
-    Target("linear+CE (4096, 512, 32000) fp32 fwd+bwd: time <= 1.2x torch eager", "cpu", "lce",
-           (4096, 512, 32000), F32, "", "time_vs_torch", "<=", 1.2),
+    *_case("cross-entropy (4096, 32000) fp32 fwd+bwd", "cpu", "ce", (4096, 32000), F32, "",
+           _x(10), _x(6, "torch.compile"), _extra_mem(5, "logits + gradient")),
+    *_case("sigmoid focal (200000, 80) fp32 float targets", "cpu", "sigmoid_focal", (200000, 80), F32, "float",
+           _x(4, "torch.compile")),
+    *_case("sigmoid focal (200000, 80) fp32 class-index targets", "cpu", "sigmoid_focal", (200000, 80), F32,
+           "index", _x(5, "torch.compile")),
+    *_case("softmax focal (65536, 1000) fp32", "cpu", "softmax_focal", (65536, 1000), F32, "",
+           _x(8), _x(4, "torch.compile")),
+    *[t for loss, name in (("huber", "Huber"), ("smooth_l1", "SmoothL1"))
+      for t in _case(f"{name} 16,777,216 fp32", "cpu", loss, (16777216,), F32, "", _x(3, "torch.compile"), _x(6))],
+    # Issues 6 and 12: the fused projection + cross-entropy against torch's unfused eager code and against
+    # cut-cross-entropy's torch.compile path (the ``cce-compile`` provider, where cut_cross_entropy is
+    # installed). Its memory is a percentage of the full (N, V) logits (the entry's mem_ref_bytes), not of
+    # the inputs.
+    *_case("linear+CE (4096, 512, 32000) fp32 fwd+bwd", "cpu", "lce", (4096, 512, 32000), F32, "",
+           _extra_mem(8, "inputs + gradients"), _time(1.2),
+           ("time <= cut-cross-entropy's torch_compile path", "time_vs_base", "<=", 1.0, "cce-compile"),
+           _extra_mem(6, "inputs + gradients")),
     # Issue 15: distillation on logits, the usual kl_div of two log_softmax tensors against the fused kernel.
-    Target("distillation (4096, 32000) fp32 fwd+bwd: >= 8x torch eager", "cpu", "distill", (4096, 32000), F32, "",
-           "speedup_vs_torch", ">=", 8),
-    Target("distillation (4096, 32000) fp32 fwd+bwd: >= 4x torch.compile", "cpu", "distill", (4096, 32000), F32, "",
-           "speedup_vs_compile", ">=", 4),
-    Target("distillation (4096, 32000) fp32 fwd+bwd: peak above inputs + gradient <= 5% of one logits tensor", "cpu",
-           "distill", (4096, 32000), F32, "", "extra_mem_pct", "<=", 5),
-    Target("linear+distillation (4096, 512, 32000) fp32 fwd+bwd: peak above inputs + gradients <= 10% of one "
-           "logits tensor", "cpu", "ldistill", (4096, 512, 32000), F32, "", "extra_mem_pct", "<=", 10),
+    *_case("distillation (4096, 32000) fp32 fwd+bwd", "cpu", "distill", (4096, 32000), F32, "",
+           _x(8), _x(4, "torch.compile"), _extra_mem(5, "inputs + gradient", "one logits tensor")),
+    *_case("linear+distillation (4096, 512, 32000) fp32 fwd+bwd", "cpu", "ldistill", (4096, 512, 32000), F32, "",
+           _extra_mem(10, "inputs + gradients", "one logits tensor")),
     # Issue 13: a transformers training step patched with lossfuse.transformers.apply (fused_linear=True)
     # against transformers' own loss ("torch" rows of the hf entry).
-    *[Target(f"HF Llama step (8x256 tokens, hidden 256, vocab 32000) fp32: {what}", device, "hf",
-             (8, 256, 256, 32000), F32, "", metric, "<=", value)
-      for device in ("cpu", "cuda")
-      for what, metric, value in (
-          ("peak above parameters + gradients <= 40% of transformers' own", "mem_vs_torch", 0.4),
-          ("time <= transformers' own", "time_vs_torch", 1.0))],
+    *[t for device in ("cpu", "cuda")
+      for t in _case("HF Llama step (8x256 tokens, hidden 256, vocab 32000) fp32", device, "hf",
+                     (8, 256, 256, 32000), F32, "",
+                     ("peak above parameters + gradients <= 40% of transformers' own", "mem_vs_torch", "<=", 0.4),
+                     ("time <= transformers' own", "time_vs_torch", "<=", 1.0))],
     # Issue 12: bf16 moves half of fp32's bytes, so it must be clearly faster; segmentation with
-    # ignore_index; linear + cross-entropy against cut-cross-entropy's torch.compile path (the
-    # ``cce-compile`` provider, where cut_cross_entropy is installed).
-    Target("cross-entropy (4096, 32000) bf16 fwd+bwd: >= 1.6x faster than fp32 (same run)", "cpu", "ce",
-           (4096, 32000), BF16, "", "speedup_vs_float32", ">=", 1.6),
-    Target("cross-entropy (8, 21, 256, 256) fp32 ignore_index fwd+bwd: >= 6x torch eager", "cpu", "ce",
-           (8, 21, 256, 256), F32, "ignore_index", "speedup_vs_torch", ">=", 6),
-    Target("cross-entropy (8, 21, 256, 256) fp32 ignore_index fwd+bwd: >= 4x torch.compile", "cpu", "ce",
-           (8, 21, 256, 256), F32, "ignore_index", "speedup_vs_compile", ">=", 4),
-    Target("cross-entropy (8, 21, 256, 256) fp32 ignore_index fwd+bwd: peak above logits + gradient <= 5% of "
-           "the logits", "cpu", "ce", (8, 21, 256, 256), F32, "ignore_index", "extra_mem_pct", "<=", 5),
-    Target("linear+CE (4096, 512, 32000) fp32 fwd+bwd: time <= cut-cross-entropy's torch_compile path", "cpu",
-           "lce", (4096, 512, 32000), F32, "", "time_vs_base", "<=", 1.0, base="cce-compile"),
-    Target("linear+CE (4096, 512, 32000) fp32 fwd+bwd: peak above inputs + gradients <= 6% of the logits", "cpu",
-           "lce", (4096, 512, 32000), F32, "", "extra_mem_pct", "<=", 6),
-    Target("cross-entropy (4096, 32000) bf16 fwd+bwd: >= 80% of copy bandwidth", "cuda", "ce", (4096, 32000),
-           BF16, "", "copy_bw_frac", ">=", 0.8),
-    Target("cross-entropy (4096, 32000) bf16 fwd+bwd: at least as fast as liger-kernel", "cuda", "ce",
-           (4096, 32000), BF16, "", "speedup_vs_liger", ">=", 1.0),
-]
-
-# Issue 11, on an H100/H200 (the ``gpu`` preset): cross-entropy bf16 fwd+bwd at V >= 32000 near the copy
-# bandwidth and ahead of liger-kernel and torch.compile; fused linear + cross-entropy no bigger than
-# liger's and close to torch eager's time.
-for _shape in ((8192, 32000), (8192, 128256), (4096, 256000)):
-    _s = f"({_shape[0]}, {_shape[1]})"
-    TARGETS += [
-        Target(f"cross-entropy {_s} bf16 fwd+bwd: >= 85% of copy bandwidth", "cuda", "ce", _shape, BF16, "",
-               "copy_bw_frac", ">=", 0.85),
-        Target(f"cross-entropy {_s} bf16 fwd+bwd: >= 1.2x liger-kernel", "cuda", "ce", _shape, BF16, "",
-               "speedup_vs_liger", ">=", 1.2),
-        Target(f"cross-entropy {_s} bf16 fwd+bwd: >= 2x torch.compile", "cuda", "ce", _shape, BF16, "",
-               "speedup_vs_compile", ">=", 2.0),
-    ]
-TARGETS += [
-    Target("linear+CE (8192, 4096, 128256) bf16 fwd+bwd: peak memory <= liger-kernel's", "cuda", "lce",
-           (8192, 4096, 128256), BF16, "", "mem_vs_liger", "<=", 1.0),
-    Target("linear+CE (8192, 4096, 128256) bf16 fwd+bwd: time <= 1.1x torch eager", "cuda", "lce",
-           (8192, 4096, 128256), BF16, "", "time_vs_torch", "<=", 1.1),
+    # ignore_index.
+    *_case("cross-entropy (4096, 32000) bf16 fwd+bwd", "cpu", "ce", (4096, 32000), BF16, "",
+           (">= 1.6x faster than fp32 (same run)", "speedup_vs_float32", ">=", 1.6)),
+    *_case("cross-entropy (8, 21, 256, 256) fp32 ignore_index fwd+bwd", "cpu", "ce", (8, 21, 256, 256), F32,
+           "ignore_index", _x(6), _x(4, "torch.compile"), _extra_mem(5, "logits + gradient")),
+    # Issue 11, on an H100/H200 (the ``gpu`` preset): cross-entropy bf16 fwd+bwd at V >= 32000 near the
+    # copy bandwidth and ahead of liger-kernel and torch.compile; fused linear + cross-entropy no bigger
+    # than liger's and close to torch eager's time.
+    *_case("cross-entropy (4096, 32000) bf16 fwd+bwd", "cuda", "ce", (4096, 32000), BF16, "",
+           (">= 80% of copy bandwidth", "copy_bw_frac", ">=", 0.8),
+           ("at least as fast as liger-kernel", "speedup_vs_liger", ">=", 1.0)),
+    *[t for shape in ((8192, 32000), (8192, 128256), (4096, 256000))
+      for t in _case(f"cross-entropy ({shape[0]}, {shape[1]}) bf16 fwd+bwd", "cuda", "ce", shape, BF16, "",
+                     (">= 85% of copy bandwidth", "copy_bw_frac", ">=", 0.85),
+                     _x(1.2, "liger-kernel"), _x(2, "torch.compile"))],
+    *_case("linear+CE (8192, 4096, 128256) bf16 fwd+bwd", "cuda", "lce", (8192, 4096, 128256), BF16, "",
+           ("peak memory <= liger-kernel's", "mem_vs_liger", "<=", 1.0), _time(1.1)),
 ]
 
 

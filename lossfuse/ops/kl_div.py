@@ -57,6 +57,8 @@ class KLDivFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, log_target, reduction, batch, out_dtype, backend):
         n = input.numel()
+        ctx.args = (bool(log_target), reduction, n, batch, backend)
+        ctx.save_for_backward(input, target)
         if reduction == "none":
             out = KL_FWD(backend, input, target, bool(log_target), 0)
         else:
@@ -65,8 +67,6 @@ class KLDivFunction(torch.autograd.Function):
                 out = out / n  # float64; 0 / 0 = NaN for an empty input, as torch
             elif reduction == "batchmean":
                 out = out / batch
-        ctx.args = (bool(log_target), reduction, n, batch, backend)
-        ctx.save_for_backward(input, target)
         return out.to(out_dtype)
 
     @staticmethod

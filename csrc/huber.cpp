@@ -1,6 +1,6 @@
 // Huber, SmoothL1 and L1 on the CPU: the torch-facing ops lossfuse::huber_fwd / huber_fwd_grad /
 // huber_bwd (schemas and the Python twin of the layout rule in lossfuse/ops/huber.py). The kernels
-// (huber_kernel.h) are compiled per ISA in huber_forward.cpp and huber_backward.cpp.
+// (huber_kernel.h) are compiled per ISA in this file, as cross_entropy.cpp does its own.
 //
 // The Python layer has already checked arguments torch's way and broadcast the operands (as expanded
 // views: nothing is materialised). Here we re-check what protects memory and turn the operands' shapes
@@ -14,8 +14,46 @@
 #include <type_traits>
 #include <vector>
 
-#include "huber_args.h"
 #include "tensor_utils.h"
+
+namespace lossfuse {
+
+// The argument block of the kernels (huber_kernel.h).
+constexpr int kHuberMaxDims = 16;
+
+struct HuberArgs {
+  Dtype dtype;  // the input's; the accumulation type A is double for double, float otherwise
+  bool y_acc;   // target stored in A (a float target with an fp16/bf16 input), else in the input's type
+  bool w_acc;   // likewise for the weight
+  int mode;     // 0 Huber, 1 SmoothL1, 2 L1
+  double delta;  // delta or beta
+  // Iteration space, innermost dim first: sizes and, per operand, strides in elements.
+  int ndim;
+  int64_t numel;
+  int64_t size[kHuberMaxDims];
+  int64_t x_st[kHuberMaxDims], y_st[kHuberMaxDims], w_st[kHuberMaxDims], g_st[kHuberMaxDims];
+  const void* x;
+  const void* y;
+  const void* w;  // null: no weight
+  int64_t block;  // elements per block (per partial sum in a reducing forward)
+  // forward
+  double* partials;  // reduce: one sum per block; null: write `out`
+  void* out;         // per-element loss in A
+  double scale;      // huber_fwd_grad: the scalar upstream gradient the gradients are formed for
+  // backward
+  const void* g;  // upstream gradient in A: per element (strides g_st) or one scalar
+  bool g_scalar;
+  void* gx;  // null where not requested
+  void* gy;
+  void* gw;
+  bool stream;  // non-temporal stores: outputs far larger than the caches
+  int nthreads;
+};
+
+}  // namespace lossfuse
+
+#define LF_KERNEL_HEADER "huber_kernel.h"
+#include "isa_instantiate.h"
 
 namespace lossfuse {
 namespace {
@@ -164,7 +202,7 @@ at::Tensor huber_fwd_cpu(const at::Tensor& input, const at::Tensor& target, cons
     a.out = out.data_ptr();
     a.stream = out.nbytes() >= kStreamBytes;
   }
-  if (a.numel > 0) run_huber_forward(a);
+  if (a.numel > 0) LF_RUN_KERNEL(huber_forward, a, a.numel);
   return out;
 }
 
@@ -195,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> huber_fwd_grad_cpu(const at::Tens
   a.gx = input_grad ? gx.data_ptr() : nullptr;
   a.gy = target_grad ? gy.data_ptr() : nullptr;
   a.stream = int64_t(a.numel * input.element_size()) >= int64_t(kStreamBytes);
-  if (a.numel > 0) run_huber_forward(a);
+  if (a.numel > 0) LF_RUN_KERNEL(huber_forward, a, a.numel);
   return {partials, gx, gy};
 }
 
@@ -224,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> huber_bwd_cpu(const at::Tensor& g
   a.gy = target_grad ? gy.data_ptr() : nullptr;
   a.gw = (weight_grad && has_w) ? gw.data_ptr() : nullptr;
   a.stream = int64_t(a.numel * input.element_size()) >= int64_t(kStreamBytes);
-  if (a.numel > 0 && (a.gx || a.gy || a.gw)) run_huber_backward(a);
+  if (a.numel > 0 && (a.gx || a.gy || a.gw)) LF_RUN_KERNEL(huber_backward, a, a.numel);
   return {gx, gy, gw};
 }
 

@@ -1,5 +1,5 @@
 // Huber / SmoothL1 / L1 CPU kernels. Compiled once per instruction set by isa_instantiate.h (no include
-// guard, no #include: see vec.h), in huber_forward.cpp and huber_backward.cpp. HuberArgs: huber_args.h. Everything sits in a nested
+// guard, no #include: see vec.h), in huber.cpp, which also defines HuberArgs. Everything sits in a nested
 // namespace so that helper names cannot collide with another loss's kernels in the same ISA namespace.
 //
 // The operands (input x, target y, optional weight w, and in the backward of reduction='none' the

@@ -17,8 +17,10 @@ ext_modules = []
 cmdclass = {}
 
 # The translation units that take longest to compile (each holds a loss's kernels for three ISAs) start
-# first: ninja runs one compiler per core, and a long unit started last would leave the other cores idle.
-_SLOWEST_FIRST = ("huber.cpp", "cross_entropy.cpp", "focal.cpp", "small_call.cpp", "distillation.cpp")
+# first: ninja runs one compiler per core in the order of its build file, and a long unit started last
+# would leave the other cores idle (on 2 cores: 176 s for the build in alphabetical order, the order
+# setuptools hands over, against 152 s of compiler time per core).
+_SLOWEST_FIRST = ("cross_entropy.cpp", "huber.cpp", "focal.cpp", "small_call.cpp", "distillation.cpp", "kl_div.cpp")
 
 
 def _build_order(path):
@@ -37,7 +39,7 @@ if os.environ.get("LOSSFUSE_NO_EXT", "0") in ("", "0"):
     ext_modules.append(
         CppExtension(
             name="lossfuse._C",
-            sources=sorted(glob.glob(os.path.join("csrc", "*.cpp")), key=_build_order),
+            sources=sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
             include_dirs=[os.path.abspath("csrc")],
             extra_compile_args=compile_args,
             extra_link_args=["-fopenmp"],
@@ -45,6 +47,23 @@ if os.environ.get("LOSSFUSE_NO_EXT", "0") in ("", "0"):
             optional=os.environ.get("LOSSFUSE_EXT_OPTIONAL", "0") not in ("", "0"),
         )
     )
-    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+
+    class _BuildSlowestFirst(BuildExtension.with_options(use_ninja=True)):
+        """setuptools sorts an extension's sources by name before compiling them; torch's ninja
+        compile writes them in the order it is given. Hand it ours."""
+
+        def build_extension(self, ext):
+            compile_ = self.compiler.compile
+
+            def compile_in_order(sources, *args, **kwargs):
+                return compile_(sorted(sources, key=_build_order), *args, **kwargs)
+
+            self.compiler.compile = compile_in_order
+            try:
+                super().build_extension(ext)
+            finally:
+                self.compiler.compile = compile_
+
+    cmdclass["build_ext"] = _BuildSlowestFirst
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -110,7 +110,7 @@ Prepared prepare(const char* op, const at::Tensor& input, const at::Tensor& targ
   TORCH_CHECK(z_loss >= 0 && softcap >= 0, op, ": z_loss and softcap must be >= 0");
   a.z_loss = z_loss;
   a.softcap = softcap;
-  a.nthreads = kernel_threads(a.N * a.C * a.S);
+  a.nthreads = kernel_threads(base::thread_work(a));
   {
     const int64_t units = walks_classes(p.x) ? a.N * a.S : a.N * ((a.S + 15) / 16);  // rows or tiles
     a.chunk = std::max<int64_t>(1, units / (int64_t(a.nthreads) * 32));
@@ -197,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_sum_cpu(
       b.g_sN = b.g_sS = 0;
       set_input_grad(b, gx);
       b.gx = static_cast<char*>(b.gx) + (n0 * b.gx_sN + s0 * b.gx_sS) * gsize;
-      b.nthreads = kernel_threads(b.N * b.C * b.S);
+      b.nthreads = kernel_threads(base::thread_work(b));
       const int64_t units = walks_classes(p.x) ? b.N * b.S : b.N * ((b.S + 15) / 16);
       b.chunk = std::max<int64_t>(1, units / (int64_t(b.nthreads) * 32));
       if (b.N * b.S == 0) continue;

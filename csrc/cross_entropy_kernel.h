@@ -525,22 +525,33 @@ inline bool fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
   return true;
 }
 
-// Runs body(a, opt, k, cap, tile, &bad) over every tile of the call; returns bad.
-template <class A, class O, class Body>
-int for_each_tile(const CeArgs& a, O opt, Body&& body) {
-  constexpr int L = Tile<A>::L;
-  const int64_t per_n = (a.S + L - 1) / L, tiles = a.N * per_n;
+// The tile walk of the calls below, with their constants: body(b, opt, k, cap, tile, &bad, buf) per tile
+// (walk_tiles in walk.h; `gathered`: short rows, gathers_short_rows).
+template <class T, class TT, class A, class O, class Body>
+int ce_walk_tiles(const CeArgs& a, O opt, bool gathered, bool want_buf, Body&& body) {
   const Consts<A> k(a);
   const SoftCapOf<A, O> cap(opt.cap, a.softcap);
-  int bad = 0;
-#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, a.chunk)
-  for (int64_t tix = 0; tix < tiles; ++tix) body(a, opt, k, cap, tile_at<A>(tix, per_n, a.S), &bad);
-  return bad;
+  return walk_tiles<T, TT, A>(
+      a, gathered, want_buf, a.chunk,
+      [](CeArgs& b, int64_t r0) {  // the per-row outputs and saved lse of a gathered tile start at its row r0
+        if (b.loss) b.loss = static_cast<A*>(b.loss) + r0;
+        if (b.lse) b.lse += r0;
+        if (b.lse_in) b.lse_in += r0;
+      },
+      [&](const CeArgs& b, const Tile<A>& tl, int* bad, A* buf) { body(b, opt, k, cap, tl, bad, buf); });
+}
+
+// A ce_walk_tiles body from a tile function f(a, opt, k, cap, tile, bad) that keeps no exps.
+template <class F>
+inline auto without_buf(F f) {
+  return [f](const CeArgs& b, auto opt, const auto& k, const auto& cap, const auto& tl, int* bad, auto*) {
+    f(b, opt, k, cap, tl, bad);
+  };
 }
 
 template <class T, class A, class O>
-int ce_fwd_index_tiles(const CeArgs& a, O opt) {
-  return for_each_tile<A>(a, opt, [](auto&&... args) { fwd_index_tile<T, A>(args...); });
+int ce_fwd_index_tiles(const CeArgs& a, O opt, bool gathered) {
+  return ce_walk_tiles<T, T, A>(a, opt, gathered, false, without_buf([](auto&&... args) { fwd_index_tile<T, A>(args...); }));
 }
 
 // One tile's input gradient from the saved lses (the backward of ce_bwd_index_tiles and
@@ -606,8 +617,8 @@ inline void bwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
 }
 
 template <class T, class A, class O>
-int ce_bwd_index_tiles(const CeArgs& a, O opt) {
-  return for_each_tile<A>(a, opt, [](auto&&... args) { bwd_index_tile<T, A>(args...); });
+int ce_bwd_index_tiles(const CeArgs& a, O opt, bool gathered) {
+  return ce_walk_tiles<T, T, A>(a, opt, gathered, false, without_buf([](auto&&... args) { bwd_index_tile<T, A>(args...); }));
 }
 
 // Classes a one-exp fused tile may have: its exps (C x L floats, 64 bytes a class) stay in L1/L2
@@ -621,31 +632,24 @@ constexpr int64_t kFusedTileMaxClasses = 1024;
 // spread past the normal range, run the unfused tile bodies back to back (their bits). The loss and
 // lse are the unfused forward's bits either way.
 template <class T, class A, class O>
-int ce_fused_index_tiles(const CeArgs& a, O opt) {
+int ce_fused_index_tiles(const CeArgs& a, O opt, bool gathered) {
   using V = Vec<A>;
-  constexpr int L = Tile<A>::L;
-  const int64_t per_n = (a.S + L - 1) / L, tiles = a.N * per_n;
-  const Consts<A> k(a);
-  const SoftCapOf<A, O> cap(opt.cap, a.softcap);
   constexpr bool kOneExpType = !std::is_same_v<T, double> && !std::is_same_v<A, double>;
-  const bool one_exp = kOneExpType && !opt.smooth && !opt.cap && a.z_loss == 0 && a.C <= kFusedTileMaxClasses && !a.inplace;
-  int bad = 0;
-#pragma omp parallel num_threads(a.nthreads) if (a.nthreads > 1)
-  {
-  std::unique_ptr<A[]> buf(one_exp ? new A[a.C * L] : nullptr);
-#pragma omp for schedule(dynamic, a.chunk)
-  for (int64_t tix = 0; tix < tiles; ++tix) {
-    const Tile<A> tl = tile_at<A>(tix, per_n, a.S);
+  // (In place, the gradient pass would overwrite the logits the exps came from before a redo; gathered
+  // tiles work on a copy.)
+  const bool one_exp = kOneExpType && !opt.smooth && !opt.cap && a.z_loss == 0 && a.C <= kFusedTileMaxClasses &&
+                       (gathered || !a.inplace);
+  return ce_walk_tiles<T, T, A>(a, opt, gathered, one_exp, [](const CeArgs& b, O o, const Consts<A>& k,
+                                                           const SoftCapOf<A, O>& cap, const Tile<A>& tl, int* bad,
+                                                           A* buf) {
     V inv_sum[kU];
-    if (one_exp && fwd_index_tile<T, A>(a, opt, k, cap, tl, &bad, buf.get(), inv_sum)) {
-      bwd_index_tile<T, A>(a, opt, k, cap, tl, &bad, buf.get(), inv_sum);
-      continue;
+    if (buf && fwd_index_tile<T, A>(b, o, k, cap, tl, bad, buf, inv_sum)) {
+      bwd_index_tile<T, A>(b, o, k, cap, tl, bad, buf, inv_sum);
+      return;
     }
-    fwd_index_tile<T, A>(a, opt, k, cap, tl, &bad);
-    bwd_index_tile<T, A>(a, opt, k, cap, tl, &bad);
-  }
-  }
-  return bad;
+    fwd_index_tile<T, A>(b, o, k, cap, tl, bad);
+    bwd_index_tile<T, A>(b, o, k, cap, tl, bad);
+  });
 }
 
 // One tile's losses and lses for a probability target (TT its storage type).
@@ -705,8 +709,8 @@ inline void fwd_prob_tile(const CeArgs& a, O opt, const Consts<A>& k, const Soft
 }
 
 template <class T, class TT, class A, class O>
-int ce_fwd_prob_tiles(const CeArgs& a, O opt) {
-  return for_each_tile<A>(a, opt, [](auto&&... args) { fwd_prob_tile<T, TT, A>(args...); });
+int ce_fwd_prob_tiles(const CeArgs& a, O opt, bool gathered) {
+  return ce_walk_tiles<T, TT, A>(a, opt, gathered, false, without_buf([](auto&&... args) { fwd_prob_tile<T, TT, A>(args...); }));
 }
 
 // One tile's input and target gradients for a probability target, from the saved lses.
@@ -779,8 +783,8 @@ inline void bwd_prob_tile(const CeArgs& a, O opt, const Consts<A>& k, const Soft
 }
 
 template <class T, class TT, class A, class O>
-int ce_bwd_prob_tiles(const CeArgs& a, O opt) {
-  return for_each_tile<A>(a, opt, [](auto&&... args) { bwd_prob_tile<T, TT, A>(args...); });
+int ce_bwd_prob_tiles(const CeArgs& a, O opt, bool gathered) {
+  return ce_walk_tiles<T, TT, A>(a, opt, gathered, false, without_buf([](auto&&... args) { bwd_prob_tile<T, TT, A>(args...); }));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -801,21 +805,31 @@ int ce_run_t(const CeArgs& a, CePass pass) {
   }
   // Smoothing of a probability target is in its t' (Consts), not a term of the sums.
   return with_terms(a.w != nullptr, !a.t && a.eps > 0, a.softcap > 0, [&](auto opt) {
+    // Short rows are gathered into tiles (see kShortRowMaxClasses in walk.h).
+    const bool gathered = rows && gathers_short_rows(a);
     if (a.t) {
       auto prob = [&](auto tt) {
         using TT = decltype(tt);
-        if (pass == CePass::kForward)
-          return rows ? ce_fwd_prob_rows<T, TT, A>(a, opt) : ce_fwd_prob_tiles<T, TT, A>(a, opt);
-        return rows ? ce_bwd_prob_rows<T, TT, A>(a, opt) : ce_bwd_prob_tiles<T, TT, A>(a, opt);
+        if (rows && !gathered)
+          return pass == CePass::kForward ? ce_fwd_prob_rows<T, TT, A>(a, opt) : ce_bwd_prob_rows<T, TT, A>(a, opt);
+        return pass == CePass::kForward ? ce_fwd_prob_tiles<T, TT, A>(a, opt, gathered)
+                                        : ce_bwd_prob_tiles<T, TT, A>(a, opt, gathered);
       };
       return a.t_dtype_is_acc ? prob(A{}) : prob(T{});
     }
+    if (rows && !gathered) {
+      switch (pass) {
+        case CePass::kFused: return ce_fused_index_rows<T, A>(a, opt);
+        case CePass::kForward: return ce_fwd_index_rows<T, A>(a, opt);
+        case CePass::kBackward: return ce_bwd_index_rows<T, A>(a, opt);
+      }
+    }
     switch (pass) {
-      case CePass::kFused: return rows ? ce_fused_index_rows<T, A>(a, opt) : ce_fused_index_tiles<T, A>(a, opt);
-      case CePass::kForward: return rows ? ce_fwd_index_rows<T, A>(a, opt) : ce_fwd_index_tiles<T, A>(a, opt);
+      case CePass::kFused: return ce_fused_index_tiles<T, A>(a, opt, gathered);
+      case CePass::kForward: return ce_fwd_index_tiles<T, A>(a, opt, gathered);
       case CePass::kBackward: break;
     }
-    return rows ? ce_bwd_index_rows<T, A>(a, opt) : ce_bwd_index_tiles<T, A>(a, opt);
+    return ce_bwd_index_tiles<T, A>(a, opt, gathered);
   });
 }
 

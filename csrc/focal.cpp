@@ -190,7 +190,7 @@ SoftmaxPrepared softmax_prepare(const char* op, const at::Tensor& input, const a
   set_class_target(a, target, op);
   p.y = target;
   a.ignore_index = ignore_index;
-  a.nthreads = kernel_threads(a.N * a.C * a.S);
+  a.nthreads = kernel_threads(base::thread_work(a));
   return p;
 }
 

@@ -606,95 +606,99 @@ inline void grad_tile(const SoftmaxFocalArgs& a, const Tile<A>& tl, const T* x, 
     if (tt.live[j]) put(gx + tt.y[j] * a.gx_sC + j, gy[j]);
 }
 
+// The tile walk of softmax focal's calls (walk_tiles, walk.h): body(b, tile, &bad) per tile.
+template <class T, class A, class Body>
+int sf_walk_tiles(const SoftmaxFocalArgs& a, bool gathered, Body&& body) {
+  return walk_tiles<T, T, A>(
+      a, gathered, false, dynamic_grain(a.C * Tile<A>::L),
+      [](SoftmaxFocalArgs& b, int64_t r0) {  // a gathered tile's per-row outputs and statistics start at row r0
+        auto at = [r0](void* p) { return p ? static_cast<void*>(static_cast<A*>(p) + r0) : nullptr; };
+        auto at_in = [r0](const void* p) { return p ? static_cast<const void*>(static_cast<const A*>(p) + r0) : nullptr; };
+        b.loss = at(b.loss);
+        b.lse = at(b.lse);
+        b.dscale = at(b.dscale);
+        b.lse_in = at_in(b.lse_in);
+        b.dscale_in = at_in(b.dscale_in);
+      },
+      [&](const SoftmaxFocalArgs& b, const Tile<A>& tl, int* bad, A*) { body(b, tl, bad); });
+}
+
+// One tile's losses, lses and focal factors, and with a.gx its gradient for a.grad_scale.
 template <class T, class A>
-int sf_fwd_tiles(const SoftmaxFocalArgs& a) {
+inline void sf_fwd_tile(const SoftmaxFocalArgs& a, const Tile<A>& tl, int* bad) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
-  const T* X = static_cast<const T*>(a.x);
-  T* GX = static_cast<T*>(a.gx);
   A* loss_out = static_cast<A*>(a.loss);
   A* lse_out = static_cast<A*>(a.lse);
   A* d_out = static_cast<A*>(a.dscale);
-  const int64_t C = a.C, S = a.S, sC = a.x_sC;
-  const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
+  const int64_t C = a.C, S = a.S;
   const A gs = A(a.grad_scale);
-  int bad = 0;
-  const int64_t grain = dynamic_grain(C * L);
-#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, grain)
-  for (int64_t tix = 0; tix < tiles; ++tix) {
-    const Tile<A> tl = tile_at<A>(tix, per_n, S);
-    const T* x = X + tl.n * a.x_sN + tl.s0;
-    V m[kU];
-    double sum[L] = {}, top[L] = {};
-    tile_stats<T, A>(NoTerms{}, x, C, sC, tl, SoftCapOf<A, NoTerms>({}, 0.0), static_cast<const A*>(nullptr), m, sum,
-                     top, static_cast<double*>(nullptr));
-    TileTargets<A> tt;
-    focal_tile_targets<T, A>(a, tl, x, tt, &bad);
-    alignas(32) A nl[L] = {}, lse[L] = {}, loss[L] = {}, dscale[L] = {}, kp[L] = {};
-    for (int u = 0; u < kU; ++u) {
-      if (!tl.kv(u)) continue;
-      const V logsum = log_sum(unfold<A>(sum + u * W), unfold<A>(top + u * W));
-      (m[u] + logsum).store(lse + u * W);
-      // (m - x_y) + log(sum), as the row walk.
-      ((m[u] - V::load(tt.xy + u * W)) + logsum).store(nl + u * W);
-    }
-    for (int j = 0; j < tl.k; ++j)
-      if (tt.live[j]) {
-        focal_row<A>(tt.fy[j], nl[j], a.gamma, loss + j, dscale + j);
-        kp[j] = gs * dscale[j];
-      }
-    for (int u = 0; u < kU; ++u) {
-      const int kv = tl.kv(u);
-      if (!kv) continue;
-      const int64_t r0 = tl.n * S + tl.s0 + u * W;
-      store_k(V::load(lse + u * W), lse_out + r0, kv);
-      store_k(V::load(loss + u * W), loss_out + r0, kv);
-      store_k(V::load(dscale + u * W), d_out + r0, kv);
-    }
-    if (GX) grad_tile<T, A>(a, tl, x, GX + tl.n * a.gx_sN + tl.s0, tt, kp, lse);
+  const T* x = static_cast<const T*>(a.x) + tl.n * a.x_sN + tl.s0;
+  V m[kU];
+  double sum[L] = {}, top[L] = {};
+  tile_stats<T, A>(NoTerms{}, x, C, a.x_sC, tl, SoftCapOf<A, NoTerms>({}, 0.0), static_cast<const A*>(nullptr), m, sum,
+                   top, static_cast<double*>(nullptr));
+  TileTargets<A> tt;
+  focal_tile_targets<T, A>(a, tl, x, tt, bad);
+  alignas(32) A nl[L] = {}, lse[L] = {}, loss[L] = {}, dscale[L] = {}, kp[L] = {};
+  for (int u = 0; u < kU; ++u) {
+    if (!tl.kv(u)) continue;
+    const V logsum = log_sum(unfold<A>(sum + u * W), unfold<A>(top + u * W));
+    (m[u] + logsum).store(lse + u * W);
+    // (m - x_y) + log(sum), as the row walk.
+    ((m[u] - V::load(tt.xy + u * W)) + logsum).store(nl + u * W);
   }
-  return bad;
+  for (int j = 0; j < tl.k; ++j)
+    if (tt.live[j]) {
+      focal_row<A>(tt.fy[j], nl[j], a.gamma, loss + j, dscale + j);
+      kp[j] = gs * dscale[j];
+    }
+  for (int u = 0; u < kU; ++u) {
+    const int kv = tl.kv(u);
+    if (!kv) continue;
+    const int64_t r0 = tl.n * S + tl.s0 + u * W;
+    store_k(V::load(lse + u * W), lse_out + r0, kv);
+    store_k(V::load(loss + u * W), loss_out + r0, kv);
+    store_k(V::load(dscale + u * W), d_out + r0, kv);
+  }
+  if (a.gx) grad_tile<T, A>(a, tl, x, static_cast<T*>(a.gx) + tl.n * a.gx_sN + tl.s0, tt, kp, lse);
 }
 
+// One tile's gradient from the saved lses and focal factors.
 template <class T, class A>
-int sf_bwd_tiles(const SoftmaxFocalArgs& a) {
+inline void sf_bwd_tile(const SoftmaxFocalArgs& a, const Tile<A>& tl, int* bad) {
   constexpr int L = Tile<A>::L;
-  const T* X = static_cast<const T*>(a.x);
-  T* GX = static_cast<T*>(a.gx);
   const A* G = static_cast<const A*>(a.g);
   const A* LSE = static_cast<const A*>(a.lse_in);
   const A* D = static_cast<const A*>(a.dscale_in);
-  const int64_t S = a.S;
-  const int64_t per_n = (S + L - 1) / L, tiles = a.N * per_n;
-  int bad = 0;
-  const int64_t grain = dynamic_grain(a.C * L);
-#pragma omp parallel for num_threads(a.nthreads) if (a.nthreads > 1) schedule(dynamic, grain)
-  for (int64_t tix = 0; tix < tiles; ++tix) {
-    const Tile<A> tl = tile_at<A>(tix, per_n, S);
-    const T* x = X + tl.n * a.x_sN + tl.s0;
-    TileTargets<A> tt;
-    focal_tile_targets<T, A>(a, tl, x, tt, &bad);
-    alignas(32) A kp[L] = {}, lse[L] = {};
-    for (int j = 0; j < tl.k; ++j) {
-      const int64_t r = tl.n * S + tl.s0 + j;
-      lse[j] = LSE[r];
-      if (tt.live[j]) kp[j] = G[tl.n * a.g_sN + (tl.s0 + j) * a.g_sS] * D[r];
-    }
-    grad_tile<T, A>(a, tl, x, GX + tl.n * a.gx_sN + tl.s0, tt, kp, lse);
+  const T* x = static_cast<const T*>(a.x) + tl.n * a.x_sN + tl.s0;
+  TileTargets<A> tt;
+  focal_tile_targets<T, A>(a, tl, x, tt, bad);
+  alignas(32) A kp[L] = {}, lse[L] = {};
+  for (int j = 0; j < tl.k; ++j) {
+    const int64_t r = tl.n * a.S + tl.s0 + j;
+    lse[j] = LSE[r];
+    if (tt.live[j]) kp[j] = G[tl.n * a.g_sN + (tl.s0 + j) * a.g_sS] * D[r];
   }
-  return bad;
+  grad_tile<T, A>(a, tl, x, static_cast<T*>(a.gx) + tl.n * a.gx_sN + tl.s0, tt, kp, lse);
 }
 
 inline bool sf_walk_rows(const SoftmaxFocalArgs& a) { return a.C == 1 || a.x_sC == 1; }
 
+// Class stride 1 walks rows, short ones gathered into tiles (walk.h, kShortRowMaxClasses); spatial
+// stride 1 walks tiles.
 template <class T, class A>
 int sf_forward_t(const SoftmaxFocalArgs& a) {
-  return sf_walk_rows(a) ? sf_fwd_rows<T, A>(a) : sf_fwd_tiles<T, A>(a);
+  const bool gathered = sf_walk_rows(a) && gathers_short_rows(a);
+  if (sf_walk_rows(a) && !gathered) return sf_fwd_rows<T, A>(a);
+  return sf_walk_tiles<T, A>(a, gathered, [](auto&&... args) { sf_fwd_tile<T, A>(args...); });
 }
 
 template <class T, class A>
 int sf_backward_t(const SoftmaxFocalArgs& a) {
-  return sf_walk_rows(a) ? sf_bwd_rows<T, A>(a) : sf_bwd_tiles<T, A>(a);
+  const bool gathered = sf_walk_rows(a) && gathers_short_rows(a);
+  if (sf_walk_rows(a) && !gathered) return sf_bwd_rows<T, A>(a);
+  return sf_walk_tiles<T, A>(a, gathered, [](auto&&... args) { sf_bwd_tile<T, A>(args...); });
 }
 
 inline int softmax_forward(const SoftmaxFocalArgs& a) {

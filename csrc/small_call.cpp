@@ -47,7 +47,7 @@ using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
 // Above this many logits (or elements) the per-call overhead is a few percent of the kernel's time,
-// and the general path -- which also retiles short rows and spreads work over threads -- is as fast.
+// and the general path -- which spreads the work over threads -- is as fast.
 constexpr int64_t kSmallMaxElements = int64_t(1) << 18;
 
 constexpr int kNone = 0, kMean = 1, kSum = 2;  // reductions, as lossfuse/functional.py passes them
@@ -206,13 +206,8 @@ bool parse_double(PyObject* o, double& v) {
 
 // Must run under AutoDispatchBelowADInplaceOrView: the views it makes record no graph.
 
-// From this many rows of at most TILE_MAX_CLASSES classes (lossfuse/_layout.py), cross-entropy's
-// general path -- which copies such rows into the tile layout -- is faster than this path's row walk
-// (on the project's machine: 10 classes, 4096 rows, about even; 16384 rows, 2.4 against 3.6 ms).
-constexpr int64_t kTileMaxClasses = 12, kShortRowsToGeneralPath = 4096;
-
 std::optional<RowCall> row_call(PyObject* input, PyObject* target, PyObject* weight, PyObject* ignore_index,
-                                PyObject* reduction, bool retiled_elsewhere) {
+                                PyObject* reduction) {
   auto xo = plain_cpu(input);
   auto yo = plain_cpu(target);
   if (!xo || !yo) return std::nullopt;
@@ -229,7 +224,6 @@ std::optional<RowCall> row_call(PyObject* input, PyObject* target, PyObject* wei
   r.c = x.size(nd - 1);
   if (r.n == 0 || r.c == 0 || x.numel() > kSmallMaxElements) return std::nullopt;
   if (r.c > 1 && x.stride(nd - 1) != 1) return std::nullopt;  // rows along the classes only
-  if (retiled_elsewhere && r.c > 1 && r.c <= kTileMaxClasses && r.n >= kShortRowsToGeneralPath) return std::nullopt;
   if (nd == 2 ? (y.dim() != 1 || y.size(0) != r.n) : y.dim() != 0) return std::nullopt;
   if (weight != Py_None) {
     auto wo = plain_cpu(weight);
@@ -372,7 +366,7 @@ struct CeBackward : RowBackward {
 // cross_entropy_small(input, target, weight, ignore_index, reduction, label_smoothing)
 std::optional<Tensor> cross_entropy_small(PyObject* const* args) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the views and kernels here record no graph
-  auto rc = row_call(args[0], args[1], args[2], args[3], args[4], true);
+  auto rc = row_call(args[0], args[1], args[2], args[3], args[4]);
   double eps = 0;
   if (!rc || !parse_double(args[5], eps) || !(eps >= 0.0 && eps <= 1.0)) return std::nullopt;
   RowCall& r = *rc;
@@ -412,7 +406,7 @@ struct SoftmaxFocalBackward : RowBackward {
 // softmax_focal_small(input, target, alpha, gamma, weight, ignore_index, reduction); alpha a float.
 std::optional<Tensor> softmax_focal_small(PyObject* const* args) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  auto rc = row_call(args[0], args[1], args[4], args[5], args[6], false);
+  auto rc = row_call(args[0], args[1], args[4], args[5], args[6]);
   double alpha = 1, gamma = 2;
   if (!rc || !parse_double(args[2], alpha) || !parse_double(args[3], gamma)) return std::nullopt;
   if (!(alpha >= 0.0 && alpha <= 1.0) || !(gamma >= 0.0)) return std::nullopt;

@@ -495,6 +495,132 @@ inline void tile_target_p(Vec<A> xy, Vec<A> hi, Vec<A> lo, const double* rest, V
 }
 
 // ------------------------------------------------------------------------------------------------
+// Short rows gathered into tiles.
+// ------------------------------------------------------------------------------------------------
+
+// Short rows (class stride 1, at most kShortRowMaxClasses classes: (N, 10) classification, channels-last
+// segmentation) in the row walk pay per row for a horizontal max and sum and for a log and an expm1 in
+// scalar code -- several times the row's own exps (10 classes: about 90 ns a row forward and 155 with
+// the gradient, on the project's 2-core machine). They go through the tile bodies instead: each tile's L
+// rows are copied, transposed, into a per-thread C x L buffer (L1), the tile body runs on it exactly as
+// on the spatial layout -- the per-row math becomes vector math across rows -- and the gradient tile is
+// copied back to the rows. No N x C copy is made. From about 48 classes the row walk's per-row cost is
+// spread over enough classes that the two copies no longer pay (docs/design.md, "Layouts").
+constexpr int64_t kShortRowMaxClasses = 32;
+
+template <class Args>
+inline bool gathers_short_rows(const Args& a) {
+  return a.x_sC == 1 && a.C > 1 && a.C <= kShortRowMaxClasses;
+}
+
+// The elements of a softmax-family call as threads_for (common.h) weighs them: gathered short rows cost
+// about 4 ns an element with their gradient, three times a long row's, and count twice -- a second
+// thread pays for itself from about 16k of them (10 classes, 4096 rows: 237 us on one thread, where
+// torch's own loss on two takes 205).
+template <class Args>
+inline int64_t thread_work(const Args& a) {
+  return a.N * a.C * a.S * (gathers_short_rows(a) ? 2 : 1);
+}
+
+// Runs body(b, tile, &bad, buf) over every tile of a softmax-family call; returns bad. `buf`: a
+// per-thread C x L scratch of the accumulation type when want_buf (a fused walk's kept exps), else null.
+//
+// Not gathered: b is `call` and the tiles are tile_at's (spatial stride 1), `chunk` tiles per scheduled
+// chunk. Gathered (gathers_short_rows): each tile's logits -- and a probability target of storage type
+// TT, for Args with one (`t`, `gt`) -- are copied into per-thread buffers; `b` describes the buffers
+// with the tile at their row 0, its class-index targets and upstream gradient start at the tile's first
+// row, rebase(b, r0) moves the loss's per-row outputs and saved statistics there too, and the gradient
+// tiles (gx, and gt) are copied to the call's afterwards. Args: the loss's (N, C, S) fields x, y, g,
+// gx with their strides, nthreads.
+template <class T, class TT, class A, class Args, class Rebase, class Body>
+int walk_tiles(const Args& call, bool gathered, bool want_buf, int64_t chunk, Rebase&& rebase, Body&& body) {
+  constexpr int L = Tile<A>::L;
+  constexpr bool kProb = requires { call.t; };
+  Args a = call;
+  if (gathered && a.S == 1) {  // (N, C) rows: walk the n as the positions of a single n
+    a.S = a.N;
+    a.N = 1;
+    a.x_sS = a.x_sN;
+    a.y_sS = a.y_sN;
+    a.g_sS = a.g_sN;
+    a.gx_sS = a.gx_sN;
+    a.x_sN = a.y_sN = a.g_sN = a.gx_sN = 0;
+    if constexpr (kProb) {
+      a.t_sS = a.t_sN;
+      a.gt_sS = a.gt_sN;
+      a.t_sN = a.gt_sN = 0;
+    }
+  }
+  const int64_t C = a.C, per_n = (a.S + L - 1) / L, tiles = a.N * per_n;
+  if (gathered) chunk = std::max<int64_t>(1, tiles / (int64_t(a.nthreads) * 8));
+  bool has_t = false, has_gt = false;
+  if constexpr (kProb) {
+    has_t = a.t != nullptr;
+    has_gt = a.gt != nullptr;
+  }
+  int bad = 0;
+#pragma omp parallel num_threads(a.nthreads) if (a.nthreads > 1)
+  {
+  auto scratch = [&](bool want, auto type) {
+    using E = decltype(type);
+    return std::unique_ptr<E[]>(want ? new E[C * L] : nullptr);
+  };
+  auto buf = scratch(want_buf, A{});
+  auto xt = scratch(gathered, T{});
+  auto tt = scratch(gathered && has_t, TT{});
+  auto gxt = scratch(gathered && a.gx, T{});
+  auto gtt = scratch(gathered && has_gt, TT{});
+  // A tile's rows (strides sN, sS; classes contiguous) to a class-major C x L buffer, and back (sC).
+  auto gather = [&](const auto* src, int64_t sN, int64_t sS, const Tile<A>& tl, auto* dst) {
+    src += tl.n * sN + tl.s0 * sS;
+    for (int j = 0; j < tl.k; ++j)
+      for (int64_t c = 0; c < C; ++c) dst[c * L + j] = src[j * sS + c];
+  };
+  auto scatter = [&](const auto* src, auto* dst, int64_t sN, int64_t sC, int64_t sS, const Tile<A>& tl) {
+    dst += tl.n * sN + tl.s0 * sS;
+    for (int j = 0; j < tl.k; ++j)
+      for (int64_t c = 0; c < C; ++c) dst[j * sS + c * sC] = src[c * L + j];
+  };
+#pragma omp for schedule(dynamic, chunk)
+  for (int64_t tix = 0; tix < tiles; ++tix) {
+    const Tile<A> tl = tile_at<A>(tix, per_n, a.S);
+    if (!gathered) {
+      body(a, tl, &bad, buf.get());
+      continue;
+    }
+    Args b = a;
+    b.N = 1;
+    b.S = L;
+    gather(static_cast<const T*>(a.x), a.x_sN, a.x_sS, tl, xt.get());
+    b.x = xt.get();
+    b.x_sN = b.gx_sN = 0;
+    b.x_sC = b.gx_sC = L;
+    b.x_sS = b.gx_sS = 1;
+    if (a.y) b.y = a.y + tl.n * a.y_sN + tl.s0 * a.y_sS;
+    if (a.g) b.g = static_cast<const A*>(a.g) + tl.n * a.g_sN + tl.s0 * a.g_sS;
+    b.gx = gxt.get();
+    if constexpr (kProb) {
+      if (has_t) {
+        gather(static_cast<const TT*>(a.t), a.t_sN, a.t_sS, tl, tt.get());
+        b.t = tt.get();
+      }
+      b.gt = gtt.get();
+      b.t_sN = b.gt_sN = 0;
+      b.t_sC = b.gt_sC = L;
+      b.t_sS = b.gt_sS = 1;
+    }
+    if constexpr (requires { b.inplace; }) b.inplace = false;  // the logits are in xt: a redo reads them again
+    rebase(b, tl.n * a.S + tl.s0);
+    body(b, Tile<A>{0, 0, tl.k}, &bad, buf.get());
+    if (a.gx) scatter(gxt.get(), static_cast<T*>(a.gx), a.gx_sN, a.gx_sC, a.gx_sS, tl);
+    if constexpr (kProb)
+      if (has_gt) scatter(gtt.get(), static_cast<TT*>(a.gt), a.gt_sN, a.gt_sC, a.gt_sS, tl);
+  }
+  }
+  return bad;
+}
+
+// ------------------------------------------------------------------------------------------------
 // The fused forward and gradient of one row (class stride 1), one exp per element.
 // ------------------------------------------------------------------------------------------------
 

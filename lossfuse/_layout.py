@@ -47,24 +47,12 @@ def empty_like_layout(ref: torch.Tensor, *, dtype=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-# Short rows (few classes, class stride 1: (N, C) with small C, channels-last segmentation) cost the
-# C++ row walk more per row than per class; the tile walk is vectorised across rows instead. For such
-# inputs the CPU backend copies them into the tile layout -- a transposing copy, about 2.5 ns an
-# element on the project's 2-core machine, paid again when autograd lays the gradient out like the
-# input. Measured there (fwd+bwd, 65536 rows): the copy pays off at 10 classes (6.3 ms against the row
-# walk's 8.4) and loses from 16 on (C = 32: 17.2 against 7.7 ms; C = 64: 33.7 against 9.3 ms).
-# Triton handles short rows by putting many in one program.
-TILE_MAX_CLASSES = 12
-TILE_MIN_ROWS = 512
-
-
 class RowShapes:
     """How the user's input maps onto (N, C, S), and back (all views where the layout allows)."""
 
-    def __init__(self, input: torch.Tensor, prefer_tiles: bool = False):
+    def __init__(self, input: torch.Tensor):
         self.shape = input.shape
         self.transposed = False  # a (N, C) input whose rows are strided: seen as (1, C, N)
-        self.retile = False  # short rows copied into the tile layout (see TILE_MAX_CLASSES)
         if input.dim() == 1:
             self.n, self.c, self.s = 1, input.shape[0], 1
         elif input.dim() == 2:
@@ -72,16 +60,8 @@ class RowShapes:
             self.transposed = input.shape[1] > 1 and input.stride(1) != 1 and input.stride(0) == 1
         else:
             self.n, self.c, self.s = input.shape[0], input.shape[1], prod(input.shape[2:])
-        short_rows = 1 < self.c <= TILE_MAX_CLASSES and self.n * self.s >= TILE_MIN_ROWS
-        if prefer_tiles and short_rows and input.dim() >= 2 and not self.transposed and input.stride(1) == 1:
-            self.retile = True
-            self.transposed = input.dim() == 2
 
     def input3d(self, x: torch.Tensor) -> torch.Tensor:
-        if self.retile:  # classes on dim 1, rows contiguous on the last: the tile walk
-            if self.transposed:
-                return x.t().contiguous().unsqueeze(0)
-            return x.flatten(2).contiguous()
         if self.transposed:
             x3 = x.t().unsqueeze(0)
         elif x.dim() == 1:

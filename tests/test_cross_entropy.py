@@ -180,20 +180,20 @@ def test_strided_inputs(shape, layout, prob, backend):
 @pytest.mark.parametrize("opts", [{}, {"weight": True, "label_smoothing": 0.1, "ignore": -100}, {"prob": True, "weight": True}],
                          ids=["plain", "weight_smooth_ignore", "prob"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_short_rows_in_tile_layout(layout, opts, inplace):
-    """Many rows of few classes (class stride 1): the CPU backend copies them into the tile layout."""
+@pytest.mark.parametrize("classes", [2, 11, 32, 33])
+def test_short_rows_gathered_into_tiles(layout, opts, inplace, classes):
+    """Rows of few classes (class stride 1, C <= 32: csrc/cross_entropy_kernel.h, kShortRowMaxClasses)
+    run the tile kernels on per-tile transposed copies; 33 classes take the row walk. Row counts that
+    leave a partial last tile, every option, both target kinds, in place."""
     cpu_kernels_or_skip()
-    from lossfuse._layout import RowShapes
-
-    shape = (700, 11) if layout != "channels_last" else (3, 11, 16, 15)
+    shape = (701, classes) if layout != "channels_last" else (3, classes, 16, 15)
     x0, target, kw = make_case(shape, torch.float32, opts)
     if layout == "channels_last":
         x0 = x0.contiguous(memory_format=torch.channels_last)
         if target.is_floating_point():
             target = target.contiguous(memory_format=torch.channels_last)
-    elif layout == "transposed_rows":  # class stride != 1: the existing transposed walk, no retile
+    elif layout == "transposed_rows":  # class stride != 1: the spatial tile walk, nothing gathered
         x0 = x0.t().contiguous().t()
-    assert RowShapes(x0, prefer_tiles=True).retile == (layout != "transposed_rows")
     leaf = x0.clone().requires_grad_(True)
     prob = target.is_floating_point()
     tgt = target.clone().requires_grad_(True) if prob else target
@@ -203,6 +203,28 @@ def test_short_rows_in_tile_layout(layout, opts, inplace):
     ref = torch_f64(xd, td, "none", **kw)
     assert_close(out, ref, torch.float32, "loss")
     check_grads(out, ref, (leaf, tgt) if prob else (leaf,), (xd, td) if prob else (xd,), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["rows", "channels_last"])
+def test_short_rows_gathered_on_every_thread(layout, dtype):
+    """Enough short rows for every thread (the gathered tiles split in dynamic chunks; the fused
+    loss.backward() path and a per-row upstream gradient), against float64 torch."""
+    cpu_kernels_or_skip()
+    shape = (30001, 10) if layout == "rows" else (5, 10, 77, 81)
+    x0, target, kw = make_case(shape, dtype, {"ignore": -100})
+    if layout == "channels_last":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    xd = x0.double().requires_grad_(True)
+    for reduction in ("mean", "none"):
+        leaf = x0.clone().requires_grad_(True)
+        out = lossfuse.cross_entropy(leaf, target, reduction=reduction, backend="cpu", **kw)
+        ref = torch_f64(xd, target, reduction, **kw)
+        assert_close(out, ref, dtype, f"{reduction} loss")
+        go = torch.rand_like(ref) if reduction == "none" else torch.ones((), dtype=torch.float64)
+        out.backward(go.to(out.dtype))
+        (gref,) = torch.autograd.grad(ref, xd, go)
+        assert_close(leaf.grad, gref, dtype, f"{reduction} grad")
 
 
 def test_gradient_keeps_channels_last_layout():
@@ -359,7 +381,7 @@ def confident_rows(shape, gen=None):
 def test_confident_rows_keep_their_tiny_loss(shape, prob):
     """A confident prediction's loss log(1 + sum_{c != y} e^(x_c - x_y)) ~ 1e-6 to float32 precision
     (relative 1e-6), where 1 + rest summed in float32 keeps only its rounding: torch's float32 kernels
-    miss such losses by up to 50%. Covers the row walk, short rows retiled, and the spatial tile walk."""
+    miss such losses by up to 50%. Covers the row walk, short rows gathered into tiles, and the spatial tile walk."""
     cpu_kernels_or_skip()
     x, y = confident_rows(shape)
     t = F.one_hot(y, shape[1]).movedim(-1, 1).float() if prob else y

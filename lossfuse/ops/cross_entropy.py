@@ -236,7 +236,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                 inplace_backward, backend, fused=False, want_lse=True):
-        shapes = RowShapes(input, prefer_tiles=backend == "cpu")
+        shapes = RowShapes(input)
         x3 = shapes.input3d(input)
         prob = target.is_floating_point()
         acc = acc_dtype(input.dtype)

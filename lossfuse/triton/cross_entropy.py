@@ -117,6 +117,18 @@ def _tanh(u):
 
 
 @triton.jit
+def _capped(x, softcap):
+    """(x' = cap tanh(x / cap), tanh(x / cap)): soft-capped logits and the tanh their slope needs.
+
+    x / cap is formed as x times 1 / cap, one scalar division per program: an fp32 division per
+    element is IEEE division, a subroutine whose registers made ptxas spill in the 16-warp tiles
+    (python -m lossfuse.triton.aot). Within an ulp of the division, and what the CPU kernels do.
+    """
+    th = _tanh(x * (1.0 / softcap))
+    return softcap * th, th
+
+
+@triton.jit
 def _split_lse(lse64, ACC: tl.constexpr):
     """lse = hi + lo in the accumulation type: x - lse is then formed as (x - hi) - lo, free of the
     rounding of a single fp32 lse (half an ulp of |lse|)."""
@@ -181,7 +193,7 @@ def _ce_fwd_kernel(
         mask = row_ok[:, None] & cmask[None, :]
         x = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=_NEG_INF).to(ACC)
         if HAS_SOFTCAP:  # x' = cap tanh(x / cap); masked lanes stay -inf
-            x = tl.where(mask, softcap * _tanh(x / softcap), _NEG_INF)
+            x = tl.where(mask, _capped(x, softcap)[0], _NEG_INF)
         m_new = tl.maximum(m, tl.max(x, axis=1))
         ref_new = tl.where(m_new == _NEG_INF, 0.0, m_new)
         e = x - ref_new[:, None]  # masked lanes: -inf, exp -> 0
@@ -230,7 +242,7 @@ def _ce_fwd_kernel(
                 wy = 1.0
         live = valid & (y != ignore_index)
         if HAS_SOFTCAP:
-            x_y = softcap * _tanh(x_y / softcap)
+            x_y = _capped(x_y, softcap)[0]
         # (ref - x_y) + log(sum) rather than lse - x_y: exact when the target holds the max logit.
         # (Tensor first, scalars after: the product then takes the tensor's precision.)
         loss = ((ref - x_y) + logsum) * keep * wy
@@ -290,8 +302,7 @@ def _ci_target(x_row, t_row, w_ptr, row_ok, C, x_sC, ignore_index, softcap,
     x_y = tl.load(x_row + y_safe * x_sC, mask=row_ok & valid, other=0.0).to(ACC)
     th_y = x_y
     if HAS_SOFTCAP:
-        th_y = _tanh(x_y / softcap)
-        x_y = softcap * th_y
+        x_y, th_y = _capped(x_y, softcap)
     if HAS_WEIGHT:
         wy = tl.load(w_ptr + y_safe, mask=row_ok & valid, other=0.0).to(ACC)
     else:
@@ -368,8 +379,7 @@ def _ci_grad_chunks(x_row, gx_row, w_ptr, row_ok, C, x_sC, gx_sC, softcap, y, li
         x = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=0.0).to(ACC)
         th = x
         if HAS_SOFTCAP:
-            th = _tanh(x / softcap)
-            x = softcap * th
+            x, th = _capped(x, softcap)
         o = _ci_grad(x, th, cols, cmask, y, live, kp, kw, gy, fill, hi, lo, w_ptr,
                      HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
         tl.store(gx_row[:, None] + cols[None, :] * gx_sC, o.to(gx_row.dtype.element_ty), mask=mask)
@@ -459,8 +469,7 @@ def _ce_bwd_kernel(
             mask = row_ok[:, None] & cmask[None, :]
             x = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=0.0).to(ACC)
             if HAS_SOFTCAP:
-                th = _tanh(x / softcap)
-                x = softcap * th
+                x, th = _capped(x, softcap)
                 slope = 1.0 - th * th  # d x' / d x
             if HAS_WEIGHT:
                 wc = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
@@ -541,8 +550,8 @@ def _ce_fused_kernel(
         xk = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=_NEG_INF).to(ACC)
         th = xk
         if HAS_SOFTCAP:
-            th = _tanh(xk / softcap)
-            xk = tl.where(mask, softcap * th, _NEG_INF)
+            xk, th = _capped(xk, softcap)
+            xk = tl.where(mask, xk, _NEG_INF)
         m, ref, rest, top, acc_w, acc_wd = _stats_step(xk, mask, cmask, cols, w_ptr, m, ref, rest, top, acc_w,
                                                        acc_wd, HAS_WEIGHT, HAS_SMOOTHING, ACC)
     else:
@@ -552,7 +561,7 @@ def _ce_fused_kernel(
             mask = row_ok[:, None] & cmask[None, :]
             x = tl.load(x_row[:, None] + cols[None, :] * x_sC, mask=mask, other=_NEG_INF).to(ACC)
             if HAS_SOFTCAP:
-                x = tl.where(mask, softcap * _tanh(x / softcap), _NEG_INF)
+                x = tl.where(mask, _capped(x, softcap)[0], _NEG_INF)
             m, ref, rest, top, acc_w, acc_wd = _stats_step(x, mask, cmask, cols, w_ptr, m, ref, rest, top, acc_w,
                                                            acc_wd, HAS_WEIGHT, HAS_SMOOTHING, ACC)
 

@@ -22,8 +22,9 @@
 // (float32 subtracts: its gradient stays float32, no ulp check applies), and d = ((s - t) - D_hi) - D_lo with
 // D = lse_s - lse_t split into two floats: where q and p nearly agree, d is small and the difference
 // keeps its relative precision instead of carrying the rounding of q and p. For float16 / bfloat16 the
-// sums behind D are taken in double (precise_row_stats), so that the GradScaler check (docs/design.md,
-// "Mixed precision") holds element by element for the forward KL.
+// sums behind D are taken in double (precise_row_stats), and the other gradients' brackets -- d - L,
+// -d - L, the JSD's -- are formed in double from double row sums (precise_brackets), so that the
+// GradScaler check (docs/design.md, "Mixed precision") holds element by element for every gradient.
 
 #include "walk.h"
 
@@ -135,8 +136,8 @@ inline double precise_block_sum(const T* x, int64_t n, double inv, double m, flo
 // Max (as the accumulation type's value, the one walk 2 subtracts) and log-sum of a row of x * inv,
 // the sums in double, online over blocks.
 template <class T, class A>
-inline void precise_row_stats(const T* x, int64_t C, A inv, A* m_out, double* logsum_out) {
-  const double ninf = -HUGE_VAL, inv_d = double(inv);
+inline void precise_row_stats(const T* x, int64_t C, double inv_d, A* m_out, double* logsum_out) {
+  const double ninf = -HUGE_VAL;
   double m = ninf, sum = 0;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
     const int64_t n = C - c0 < kBlock ? C - c0 : kBlock;
@@ -152,6 +153,157 @@ inline void precise_row_stats(const T* x, int64_t C, A inv, A* m_out, double* lo
   const A mr = A(m);
   *m_out = mr;
   *logsum_out = m == ninf ? ninf : std::log(sum) + (m - double(mr));
+}
+
+// The float16 / bfloat16 gradients that are a probability times a difference of per-element and
+// per-row terms -- reverse KL's student q (d - L), forward KL's teacher p (-d - L), both of the JSD's --
+// cancel where the two terms nearly agree, and float32 terms leave their rounding (~1e-7 of the terms)
+// in the small difference: several ulps of it (docs/design.md, "Mixed precision"). Those brackets are
+// formed in double from double row sums instead, so the one rounding is the float of the result:
+//   reverse KL  d - L = (dst - M_q) / T   and forward KL  -d - L = (M_p - dst) / T,
+//     dst = s - t, M_q = sum_c q_c dst_c, M_p = sum_c p_c dst_c (the lse terms of d cancel exactly);
+//   JSD  (1 - beta) (a - log m) - Ss and beta (b - log m) - St, each term and sum in double.
+
+#ifdef LF_VEC_AVX2
+// log1p(z) for z in [0, 1] in double lanes, absolute error ~1e-16: w = 1 + z (rounded to 1e-16), halved
+// once into [sqrt(1/2), sqrt(2)), then log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172, by its
+// series in s^2 to the 21st power.
+inline __m256d log1p_unit_pd(__m256d z) {
+  const __m256d one = _mm256_set1_pd(1.0);
+  const __m256d w = _mm256_add_pd(one, z);
+  const __m256d big = _mm256_cmp_pd(w, _mm256_set1_pd(1.4142135623730951), _CMP_GT_OQ);
+  const __m256d m = _mm256_blendv_pd(w, _mm256_mul_pd(w, _mm256_set1_pd(0.5)), big);
+  const __m256d f = _mm256_sub_pd(m, one);
+  const __m256d sv = _mm256_div_pd(f, _mm256_add_pd(_mm256_set1_pd(2.0), f));
+  const __m256d s2 = _mm256_mul_pd(sv, sv);
+  __m256d p = _mm256_set1_pd(1.0 / 21);
+  for (int k = 19; k >= 1; k -= 2) p = _mm256_fmadd_pd(p, s2, _mm256_set1_pd(1.0 / k));
+  return _mm256_add_pd(_mm256_mul_pd(_mm256_add_pd(sv, sv), p), _mm256_and_pd(big, _mm256_set1_pd(0.6931471805599453)));
+}
+
+// Four floats of a pointer (float storage only: the brackets read s - t from the scratch) as doubles.
+inline __m256d load4_pd(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+#endif
+
+// JSD's a - log m and b - log m in double from d = a - b (jsd_logs' formulas).
+struct JsdConsts {
+  double lr, nla, nlb, beta;
+};
+inline void jsd_logs_scalar(double d, const JsdConsts& j, double* am, double* bm) {
+  const double u = d + j.lr;
+  const double l1p = std::log1p(std::exp(-std::fabs(u)));
+  *am = (j.nla + std::min(u, 0.0)) - l1p;
+  *bm = (j.nlb + std::min(-u, 0.0)) - l1p;
+}
+
+// sum_c e^(x_c inv - lse) (s_c - t_c) in double, x the student (M_q) or the teacher (M_p).
+template <class T>
+inline double precise_mean_diff(const T* x, const T* s, const T* t, int64_t n, double inv, double lse) {
+  double sum = 0;
+  int64_t c = 0;
+#ifdef LF_VEC_AVX2
+  const __m256d iv = _mm256_set1_pd(inv), lv = _mm256_set1_pd(lse);
+  __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+  for (; c + 8 <= n; c += 8) {
+    const __m256 xv = load8(x + c), dv = _mm256_sub_ps(load8(s + c), load8(t + c));  // exact: see below
+    const __m256d xl = _mm256_cvtps_pd(_mm256_castps256_ps128(xv)), xh = _mm256_cvtps_pd(_mm256_extractf128_ps(xv, 1));
+    const __m256d dl = _mm256_cvtps_pd(_mm256_castps256_ps128(dv)), dh = _mm256_cvtps_pd(_mm256_extractf128_ps(dv, 1));
+    a0 = _mm256_fmadd_pd(exp_neg_pd(_mm256_fmsub_pd(xl, iv, lv)), dl, a0);
+    a1 = _mm256_fmadd_pd(exp_neg_pd(_mm256_fmsub_pd(xh, iv, lv)), dh, a1);
+  }
+  alignas(32) double b[4];
+  _mm256_store_pd(b, _mm256_add_pd(a0, a1));
+  sum = (b[0] + b[1]) + (b[2] + b[3]);
+#endif
+  // (s - t of two float16 / bfloat16 values is exact in float32 unless their exponents differ by more
+  // than 13 / 16 binades.)
+  for (; c < n; ++c)
+    sum += std::exp(double(to_acc<float>(x[c])) * inv - lse) * double(to_acc<float>(s[c]) - to_acc<float>(t[c]));
+  return sum;
+}
+
+// JSD's row sums Ss = (1 - beta) sum q (a - log m) and St = beta sum p (b - log m) in double.
+template <class T>
+inline void precise_jsd_sums(const T* s, const T* t, int64_t n, double inv, double lse_s, double lse_t,
+                             const JsdConsts& j, double* Ss, double* St) {
+  double ss = 0, st = 0;
+  int64_t c = 0;
+#ifdef LF_VEC_AVX2
+  const __m256d iv = _mm256_set1_pd(inv), ls = _mm256_set1_pd(lse_s), lt = _mm256_set1_pd(lse_t);
+  const __m256d lr = _mm256_set1_pd(j.lr), nla = _mm256_set1_pd(j.nla), nlb = _mm256_set1_pd(j.nlb);
+  const __m256d zero = _mm256_setzero_pd(), sign = _mm256_set1_pd(-0.0);
+  __m256d as = zero, at = zero;
+  auto four = [&](__m256d sd, __m256d td) {
+    const __m256d a = _mm256_fmsub_pd(sd, iv, ls), b = _mm256_fmsub_pd(td, iv, lt);
+    const __m256d u = _mm256_add_pd(_mm256_sub_pd(a, b), lr);
+    const __m256d l1p = log1p_unit_pd(exp_neg_pd(_mm256_or_pd(u, sign)));  // log1p(e^-|u|)
+    const __m256d am = _mm256_sub_pd(_mm256_add_pd(nla, _mm256_min_pd(u, zero)), l1p);
+    const __m256d bm = _mm256_sub_pd(_mm256_add_pd(nlb, _mm256_min_pd(_mm256_sub_pd(zero, u), zero)), l1p);
+    as = _mm256_fmadd_pd(exp_neg_pd(a), am, as);
+    at = _mm256_fmadd_pd(exp_neg_pd(b), bm, at);
+  };
+  for (; c + 8 <= n; c += 8) {
+    const __m256 sv = load8(s + c), tv = load8(t + c);
+    four(_mm256_cvtps_pd(_mm256_castps256_ps128(sv)), _mm256_cvtps_pd(_mm256_castps256_ps128(tv)));
+    four(_mm256_cvtps_pd(_mm256_extractf128_ps(sv, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(tv, 1)));
+  }
+  alignas(32) double b1[4], b2[4];
+  _mm256_store_pd(b1, as);
+  _mm256_store_pd(b2, at);
+  ss = (b1[0] + b1[1]) + (b1[2] + b1[3]);
+  st = (b2[0] + b2[1]) + (b2[2] + b2[3]);
+#endif
+  for (; c < n; ++c) {
+    const double a = double(to_acc<float>(s[c])) * inv - lse_s, b = double(to_acc<float>(t[c])) * inv - lse_t;
+    double am, bm;
+    jsd_logs_scalar(a - b, j, &am, &bm);
+    ss += std::exp(a) * am;
+    st += std::exp(b) * bm;
+  }
+  *Ss = (1.0 - j.beta) * ss;
+  *St = j.beta * st;
+}
+
+// The brackets of k <= W lanes from dst = s - t (float, exact), in double, rounded once to float:
+// reverse KL / forward KL's teacher: (dst - M) inv into za; JSD: (1 - beta) am - Ss into za and
+// beta bm - St into zb, with d = dst inv - D.
+template <class A>
+inline void precise_brackets(const A* dst, int k, int mode, double inv, double D, double M, const JsdConsts& j,
+                             double Ss, double St, A* za, A* zb) {
+  int c = 0;
+#ifdef LF_VEC_AVX2
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256d iv = _mm256_set1_pd(inv), Dv = _mm256_set1_pd(D), Mv = _mm256_set1_pd(M);
+    const __m256d lr = _mm256_set1_pd(j.lr), nla = _mm256_set1_pd(j.nla), nlb = _mm256_set1_pd(j.nlb);
+    const __m256d zero = _mm256_setzero_pd(), sign = _mm256_set1_pd(-0.0);
+    const __m256d oma = _mm256_set1_pd(1.0 - j.beta), bv = _mm256_set1_pd(j.beta);
+    const __m256d Ssv = _mm256_set1_pd(Ss), Stv = _mm256_set1_pd(St);
+    for (; c + 4 <= k; c += 4) {
+      const __m256d dv = load4_pd(dst + c);
+      if (mode != 2) {
+        _mm_storeu_ps(za + c, _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_sub_pd(dv, Mv), iv)));
+        continue;
+      }
+      const __m256d u = _mm256_add_pd(_mm256_fmsub_pd(dv, iv, Dv), lr);
+      const __m256d l1p = log1p_unit_pd(exp_neg_pd(_mm256_or_pd(u, sign)));
+      const __m256d am = _mm256_sub_pd(_mm256_add_pd(nla, _mm256_min_pd(u, zero)), l1p);
+      const __m256d bm = _mm256_sub_pd(_mm256_add_pd(nlb, _mm256_min_pd(_mm256_sub_pd(zero, u), zero)), l1p);
+      _mm_storeu_ps(za + c, _mm256_cvtpd_ps(_mm256_fmsub_pd(oma, am, Ssv)));
+      _mm_storeu_ps(zb + c, _mm256_cvtpd_ps(_mm256_fmsub_pd(bv, bm, Stv)));
+    }
+  }
+#endif
+  for (; c < k; ++c) {
+    const double dd = double(dst[c]);
+    if (mode != 2) {
+      za[c] = A((dd - M) * inv);
+      continue;
+    }
+    double am, bm;
+    jsd_logs_scalar(dd * inv - D, j, &am, &bm);
+    za[c] = A((1.0 - j.beta) * am - Ss);
+    zb[c] = A(j.beta * bm - St);
+  }
 }
 
 // Rows of up to kScratchMax classes keep, per thread, the exps of both rows and s - t in a scratch
@@ -216,9 +368,9 @@ inline void scratch_block(const T* s, const T* t, int64_t n, A inv, A ms, A mt, 
 // Walk 1 over both rows into the scratch: returns lse_s and lse_t (double). kPrecise (float16 / bfloat16):
 // the exps in double (see precise_row_stats), stored rounded to float.
 template <class T, class A, bool kPrecise, bool kExact = false>
-inline bool scratch_stats(const T* s, const T* t, int64_t C, A inv, const Scratch<A>& sc, double* lse_s,
+inline bool scratch_stats(const T* s, const T* t, int64_t C, A inv, double inv_d, const Scratch<A>& sc, double* lse_s,
                           double* lse_t) {
-  const double ninf = -HUGE_VAL, inv_d = double(inv);
+  const double ninf = -HUGE_VAL;
   double ms = ninf, mt = ninf, sum_s = 0, sum_t = 0;
   bool oob = false;
   for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
@@ -253,7 +405,7 @@ inline bool scratch_stats(const T* s, const T* t, int64_t C, A inv, const Scratc
                                   &sum_t, &oob);
     }
   }
-  if (oob) return scratch_stats<T, A, kPrecise, true>(s, t, C, inv, sc, lse_s, lse_t);
+  if (oob) return scratch_stats<T, A, kPrecise, true>(s, t, C, inv, inv_d, sc, lse_s, lse_t);
   *lse_s = ms + std::log(sum_s);
   *lse_t = mt + std::log(sum_t);
   return true;
@@ -293,6 +445,10 @@ int distill_rows(const DistillArgs& a) {
   A* loss_out = static_cast<A*>(a.loss);
   const int64_t C = a.V, R = a.R;
   const A inv = A(a.inv_t), beta = A(a.beta);
+  // float16 / bfloat16 take 1 / T in double wherever they work in double: a float 1 / 3 is another
+  // temperature, 3e-8 off, which moves M and the JSD's sums by about that much -- all of a bracket
+  // of 1e-4. Their float d = s inv - D is formed with inv = ivh + ivl for the same reason.
+  const double inv_p = kPrecise ? a.inv_t : double(inv);
   const int mode = a.mode;
   // JSD's constants: log((1 - beta) / beta), -log(1 - beta), -log(beta), in the accumulation type.
   const V lr(mode == 2 ? A(std::log((1.0 - a.beta) / a.beta)) : A(0));
@@ -330,7 +486,7 @@ int distill_rows(const DistillArgs& a) {
     double lse_s, lse_t;
     V ms(A(0)), ls(A(0)), mt(A(0)), lt(A(0)), rs(A(0)), rt(A(0));  // the exp-walk's a = (s inv - ms) - ls, or the scratch's q = e_s rs
     if (use_scratch) {
-      scratch_stats<T, A, kPrecise>(s, t, C, inv, sc, &lse_s, &lse_t);
+      scratch_stats<T, A, kPrecise>(s, t, C, inv, inv_p, sc, &lse_s, &lse_t);
       for (int64_t b = 0; b < nblocks; ++b) {
         fs[b] = std::exp(sc.ms[b] - lse_s);
         ft[b] = std::exp(sc.mt[b] - lse_t);
@@ -339,8 +495,8 @@ int distill_rows(const DistillArgs& a) {
       A m1, m2;
       double l1, l2;
       if constexpr (kPrecise) {
-        precise_row_stats<T, A>(s, C, inv, &m1, &l1);
-        precise_row_stats<T, A>(t, C, inv, &m2, &l2);
+        precise_row_stats<T, A>(s, C, inv_p, &m1, &l1);
+        precise_row_stats<T, A>(t, C, inv_p, &m2, &l2);
       } else {
         scaled_row_stats<T, A>(s, C, inv, &m1, &l1);
         scaled_row_stats<T, A>(t, C, inv, &m2, &l2);
@@ -352,18 +508,37 @@ int distill_rows(const DistillArgs& a) {
       mt = V(m2);
       lt = V(A(l2));
     }
+    // float16 / bfloat16: the brackets that cancel come from double row sums (precise_brackets): reverse
+    // KL's student and forward KL's teacher need M = sum q (s - t) or sum p (s - t); the JSD's sums are
+    // taken in double for the loss too, so that it has one value with or without gradients.
+    double Mb = 0, Ssd = 0, Std = 0;
+    const JsdConsts jc{mode == 2 ? std::log((1.0 - a.beta) / a.beta) : 0.0, mode == 2 ? -std::log1p(-a.beta) : 0.0,
+                       mode == 2 ? -std::log(a.beta) : 0.0, a.beta};
+    const bool precise_grad = kPrecise && ((mode == 1 && gs) || (mode == 0 && gt) || (mode == 2 && (gs || gt)));
+    if constexpr (kPrecise) {
+      if (mode == 1 && gs) Mb = precise_mean_diff<T>(s, s, t, C, inv_p, lse_s);
+      if (mode == 0 && gt) Mb = precise_mean_diff<T>(t, s, t, C, inv_p, lse_t);
+      if (mode == 2) precise_jsd_sums<T>(s, t, C, inv_p, lse_s, lse_t, jc, &Ssd, &Std);
+    }
     A dh, dl;
     split_double(lse_s - lse_t, &dh, &dl);
     const V dhi(dh), dlo(dl);
     // One vector's d = a - b (see the header comment), q and p; rs, rt: the block's factors.
+    const V ivh{A(inv_p)}, ivl{A(inv_p - double(A(inv_p)))};
+    auto d_of = [&](V dst) {  // (s - t) / T - D
+      if constexpr (kPrecise)
+        return (fmadd(dst, ivh, vneg(dhi)) + dst * ivl) - dlo;
+      else
+        return (dst * iv - dhi) - dlo;
+    };
     auto elems = [&](int64_t c, int kk, V& d, V& q, V& p) {
       if (use_scratch) {
-        d = (load_k(sc.dst + c, kk, A(0)) * iv - dhi) - dlo;
+        d = d_of(load_k(sc.dst + c, kk, A(0)));
         q = load_k(sc.es + c, kk, A(0)) * rs;
         p = load_k(sc.et + c, kk, A(0)) * rt;
       } else {
         const V sv = load_k(s + c, kk, A(0)), tv = load_k(t + c, kk, A(0));
-        d = ((sv - tv) * iv - dhi) - dlo;
+        d = d_of(sv - tv);
         q = vexp((sv * iv - ms) - ls);
         p = vexp((tv * iv - mt) - lt);
       }
@@ -382,7 +557,7 @@ int distill_rows(const DistillArgs& a) {
         rt = V(A(ft[b]));
       }
     };
-    for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
+    for (int64_t c0 = 0, b = 0; c0 < (kPrecise && mode == 2 ? 0 : C); c0 += kBlock, ++b) {
       const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
       block_factors(b);
       V l0(A(0)), l1(A(0));
@@ -417,17 +592,40 @@ int distill_rows(const DistillArgs& a) {
       }
     }
     if (stream) store_fence();
+    if (kPrecise && mode == 2) {
+      Ss = Ssd;
+      St = Std;
+    }
     if (mode == 2) L = Ss + St;
     loss_out[r] = A(L);
     const bool walk3 = (gs && !grad_in_sums) || gt;
     if (!walk3) continue;
     // Walk 3: the gradients that need the row's sums.
     const V Lv{A(L)}, Ssv{A(Ss)}, Stv{A(St)};
+    const double D = lse_s - lse_t;
+    alignas(64) A dst[W] = {}, za[W] = {}, zb[W] = {};
     for (int64_t c = 0; c < C; c += W) {
       const int kk = C - c < W ? int(C - c) : W;
       if (c % kBlock == 0) block_factors(c / kBlock);
       V dv, q, p;
       elems(c, kk, dv, q, p);
+      if (precise_grad) {
+        if (use_scratch)
+          (load_k(sc.dst + c, kk, A(0))).store(dst);
+        else
+          (load_k(s + c, kk, A(0)) - load_k(t + c, kk, A(0))).store(dst);
+        precise_brackets<A>(dst, W, mode, inv_p, D, Mb, jc, Ss, St, za, zb);
+        if (mode == 0) {
+          store_k(gv * vneg(p * V::load(za)), gt + c, kk);  // -d - L = -(s - t - M_p) / T
+        } else if (mode == 1) {
+          if (gs) store_k(gv * (q * V::load(za)), gs + c, kk);
+          if (gt) store_k(gv * vneg(q_minus_p(q, p, dv)), gt + c, kk);
+        } else {
+          if (gs) store_k(gv * (q * V::load(za)), gs + c, kk);
+          if (gt) store_k(gv * (p * V::load(zb)), gt + c, kk);
+        }
+        continue;
+      }
       if (mode == 0) {  // teacher only: the student's was written in walk 2
         store_k(gv * (p * (vneg(dv) - Lv)), gt + c, kk);
       } else if (mode == 1) {

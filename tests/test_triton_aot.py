@@ -180,3 +180,31 @@ def test_launch_configs_cover_what_the_launchers_choose():
     hc = huber.launch_configs()
     b, w = huber._launch_config(PARTIAL_BLOCK)
     assert dict(REDUCE=True, BLOCK=b, num_warps=w) in hc["huber_fwd_kernel"]
+
+
+def test_cross_entropy_maxnreg_follows_the_launchers_rule():
+    """Each compiled variant states the maxnreg its launcher passes for those flags (launch_maxnreg):
+    the block's register ceiling with any loss option, and for the fused kernels below sm_90; ptxas'
+    own choice for the option-free kernels. (In a subprocess: aot refuses an interpreting process.)"""
+    check = textwrap.dedent("""
+        from lossfuse.triton import aot, cross_entropy as ce
+        names = ("_ce_fwd_kernel", "_ce_bwd_kernel", "_ce_fused_kernel")
+        checked = 0
+        for v in aot.variants([k for k in aot.KERNELS if k.name in names], "quick", (80, 90)):
+            ch, cfg = dict(v.choice), dict(v.config)
+            options = bool(ch["HAS_WEIGHT"] or ch["HAS_SMOOTHING"] or ch["HAS_SOFTCAP"]
+                           or ch.get("target", "index") != "index")
+            fused = v.kernel.name == "_ce_fused_kernel" or cfg.get("CHECK_ONE", False)
+            for arch in (80, 90):
+                _, opts = v.source(arch)
+                ceiling = min(255, 65536 // (32 * cfg["num_warps"]))
+                expected = ceiling if (options or (fused and arch < 90)) else None
+                got = opts.get("maxnreg")
+                assert got == expected == ce.launch_maxnreg(cfg["num_warps"], arch, fused, options), (v.spec(arch), got)
+                checked += 1
+        assert checked > 40, checked
+        print("checked", checked)
+    """)
+    r = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "checked" in r.stdout

@@ -34,20 +34,17 @@ metadata (``metadata.shared``, the bytes Triton's launcher asks for) plus ptxas'
 Checked with the same code on Triton 3.6.0 (torch 2.11's, the GPU image's) and 3.9.0 (CI's): both
 take ``ASTSource(fn, signature={name: type or "constexpr"}, constexprs={name: value},
 attrs={(index,): [["tt.divisibility", 16]]})`` and ``GPUTarget("cuda", arch, 32)`` (read from each
-version's triton/compiler/compiler.py, then compiled with both). The quick set compiles with no spill
-on both. ptxas differs between them (3.9 uses ptxas 12.9 for sm_80 and 13.x for sm_90, and emits
-other PTX): a sample of the cover set (408 of its 3538 variants: every third CE configuration with
-its heaviest flags, every 29th other variant; both archs) found CE variants that park one 4-byte
-value in local memory -- 4 on 3.9, 5 others on 3.6, at 64-168 registers, so ptxas' choice rather than
-pressure (spatial walk BLOCK_R=2 x BLOCK_C=1024, 16-warp BLOCK_C=8192 tiles, one tall tile). The
-command reports them as failures, as it should; they are not fixed yet. A later pass over the cover
-set's CE kernels for sm_90 on 3.9 (ce_fwd, ce_bwd and most of ce_fused: about 1600 of its 1978 CE
-variants, stopped for time) found 22 spilling variants, every one with HAS_SOFTCAP=1: seven forward /
-backward tiles at exactly 64 registers with 512 threads or 32 with 256 (the counts that keep two CTAs,
-or a full SM, resident; 4 bytes each) and fifteen spatial-walk fused ones at 72-128 registers (4-36
-bytes). Passing ``maxnreg`` removes the spill (the 16-warp BLOCK_C=8192 forward: 70 registers at
-maxnreg 80 or 96) at the cost of resident CTAs; which of the two is faster wants a GPU measurement
-before the launch heuristic changes.
+version's triton/compiler/compiler.py, then compiled with both). ptxas differs between them: 3.6 uses
+ptxas 12.8 for both archs; 3.9 uses 12.9 for sm_80 and 13.x for sm_90, always with
+``--regAllocOptLevel=2``. Left to themselves, both now and then park one to four 4-byte values in local
+memory instead of taking a few more registers -- loop invariants stored before a loop and loaded
+after it, seen in the kernels with loss options (weight, smoothing, soft-capping, a probability
+target) at some tile shapes, on either arch. The cross-entropy launchers therefore state the block's
+register ceiling (``maxnreg``) for those kernels and for the fused kernels below sm_90
+(``launch_maxnreg`` in cross_entropy.py; a ``Kernel``'s ``maxnreg`` hook resolves it per variant
+here), and leave the option-free kernels -- the common call -- to ptxas' choice. The soft-capped
+kernels form x / cap as x times 1 / cap: a per-element IEEE division made the 16-warp forward tiles
+spill. The command reports any spill as a failure.
 
 ADDING A KERNEL: give its module a ``launch_configs()`` entry (kernel name -> configurations from the
 launcher's own heuristic) and add one ``Kernel(...)`` to ``KERNELS`` below (its dtype/flag axes and its
@@ -56,8 +53,9 @@ launcher passes (``LAUNCH_OPTIONS``: num_warps, maxnreg). An option that depends
 CE kernels' maxnreg, set below sm_90 only) is given per arch as ``((arch, value), ...)``, with None for
 "not passed": the module's ``launch_configs(archs)`` then takes the archs being compiled for and asks
 the launcher's heuristic for each (``fused_launch_config(..., arch)`` in cross_entropy.py), and each
-compile uses its arch's value. A heuristic whose tiles themselves differ by arch is refused there
-(one variant is compiled for every arch). A launched kernel (``name[grid](...)`` in a lossfuse/triton module) with no entry
+compile uses its arch's value; an option that also depends on the call's flags comes from the
+``Kernel``'s ``maxnreg`` hook, which asks the launcher's own rule. A heuristic whose tiles themselves
+differ by arch is refused there (one variant is compiled for every arch). A launched kernel (``name[grid](...)`` in a lossfuse/triton module) with no entry
 makes this command fail, and so does an entry that leaves a constexpr of the kernel unset.
 """
 
@@ -154,6 +152,9 @@ class Kernel:
     valid: Callable = lambda choice: True
     group: Callable = lambda config: ""
     package: str = "lossfuse.triton"  # "" for a top-level module (the tests' toy kernels)
+    # maxnreg(choice, config, arch) -> the launch's maxnreg, for a launcher that picks it from the call's
+    # flags too (the configuration's own, per arch, otherwise)
+    maxnreg: Callable | None = None
 
     def _module(self):
         return importlib.import_module(f"{self.package}.{self.module}" if self.package else self.module)
@@ -389,13 +390,28 @@ def _walk(config):
     return "spatial" if config.get("SPATIAL_WALK") else "rows"
 
 
+def _ce_maxnreg(fused):
+    """The cross-entropy launchers' maxnreg (launch_maxnreg): fused(config) says whether the launch is
+    a fused kernel's; the loss options come from the variant's flags."""
+
+    def pick(ch, cfg, arch):
+        from . import cross_entropy as ce
+
+        options = (ch.get("HAS_WEIGHT") or ch.get("HAS_SMOOTHING") or ch.get("HAS_SOFTCAP")
+                   or ch.get("target", "index") != "index")
+        return ce.launch_maxnreg(cfg["num_warps"], arch, fused(cfg), bool(options))
+
+    return pick
+
+
 # THE LIST: every launched Triton kernel. Adding a kernel = one entry here (+ its module's launch_configs()).
 KERNELS = [
-    Kernel("cross_entropy", "_ce_fwd_kernel", _CE_AXES, _ce_fwd_args, group=_walk,
+    Kernel("cross_entropy", "_ce_fwd_kernel", _CE_AXES, _ce_fwd_args, group=_walk, maxnreg=_ce_maxnreg(lambda cfg: False),
            heavy=[dict(target="index", **_CE_HEAVY_FLAGS), dict(target="prob:x", **_CE_HEAVY_FLAGS)]),
     # CHECK_ONE comes with the configuration: the fused forward's tiles (cross_entropy_fused_bwd)
     Kernel("cross_entropy", "_ce_bwd_kernel", dict(_CE_AXES, grads=("input", "target", "both")), _ce_bwd_args,
            group=lambda cfg: f"{_walk(cfg)} check_one={cfg['CHECK_ONE']}",
+           maxnreg=_ce_maxnreg(lambda cfg: cfg["CHECK_ONE"]),
            # a class-index target has no target gradient (the launcher passes need_target only for probabilities)
            valid=lambda ch: ch["target"] != "index" or ch["grads"] == "input",
            heavy=[dict(target="index", grads="input", **_CE_HEAVY_FLAGS),
@@ -404,6 +420,7 @@ KERNELS = [
            dict(x=FLOAT, HAS_WEIGHT=B, HAS_SMOOTHING=B, HAS_SOFTCAP=B, HAS_SCALE=B), _ce_fused_args,
            # the row held in registers (ONE_CHUNK) and the chunk loop are separate code: extremes of each
            group=lambda cfg: f"{_walk(cfg)} one_chunk={cfg['ONE_CHUNK']}",
+           maxnreg=_ce_maxnreg(lambda cfg: True),
            heavy=[dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True, HAS_SCALE=True)]),
     # the launcher takes a float32 or float64 gradient (a narrower one would be rounded twice)
     Kernel("cross_entropy", "_ce_scale_kernel", dict(gx=("fp32", "fp64")), _ce_scale_args, group=_walk,
@@ -463,6 +480,10 @@ class Variant:
         short = {False: "0", True: "1", None: "-"}
         parts = [f"{k}={short.get(v, v) if isinstance(v, (bool, type(None))) else v}" for k, v in self.choice]
         cfg = dict(self.config)
+        if self.kernel.maxnreg is not None:
+            cfg.pop("maxnreg", None)
+            if arch is not None:
+                cfg["maxnreg"] = self.kernel.maxnreg(dict(self.choice), dict(self.config), arch)
         for k, v in cfg.items():
             if k in LAUNCH_OPTIONS and isinstance(v, tuple):  # per arch
                 v = dict(v).get(arch) if arch is not None else "/".join(f"{a}:{x}" for a, x in v)
@@ -477,6 +498,11 @@ class Variant:
         fn = k.fn
         options = _options(dict(self.config), arch)
         cfg = _constexprs(dict(self.config))
+        if k.maxnreg is not None:
+            options.pop("maxnreg", None)
+            m = k.maxnreg(dict(self.choice), dict(self.config), arch)
+            if m is not None:
+                options["maxnreg"] = m
         args = k.args(dict(self.choice), cfg)
         args.update(cfg)
         names = list(fn.arg_names)

@@ -733,19 +733,36 @@ def fused_launch_config(n: int, c: int, s: int, spatial: bool, interpret: bool, 
     gradient (ONE_CHUNK). Tiles of 64+ rows (short rows, the spatial walk) take 8 warps: at 4 their
     per-row state needs 255 registers and spills.
 
-    maxnreg (``arch`` = compute capability x 10): below sm_90 the block's hardware ceiling (65536
-    registers / threads, at most 255) is stated, because without it the ptxas Triton uses there
-    (12.9) settles on 64 registers for some of these kernels and spills 4-8 bytes; on sm_90 (ptxas
-    13) None, because stating it makes the one-chunk kernel with every option spill 12 bytes at 128
-    registers, where left alone it takes 111 and spills nothing.
+    maxnreg: launch_maxnreg's for the option-free kernels; a launcher with loss options asks
+    launch_maxnreg itself.
     """
     grid, block_r, block_c, num_warps = _launch_config(n, c, s, spatial, interpret)
     if block_r >= 64:
         num_warps = max(num_warps, 8)
     one_chunk = c <= block_c <= _FUSED_ONE_CHUNK_MAX
     block_c = min(block_c, _FUSED_ONE_CHUNK_MAX)
-    maxnreg = min(255, 65536 // (32 * num_warps)) if arch < 90 else None
-    return grid, block_r, block_c, num_warps, one_chunk, maxnreg
+    return grid, block_r, block_c, num_warps, one_chunk, launch_maxnreg(num_warps, arch, fused=True, options=False)
+
+
+def launch_maxnreg(num_warps: int, arch: int, fused: bool, options: bool):
+    """The ``maxnreg`` a launch states: the block's hardware ceiling (65536 registers / threads, at most
+    255) or None (ptxas' own choice).
+
+    Left to itself, ptxas sometimes parks a value or two in local memory rather than take more
+    registers: in the kernels with loss options (weight, smoothing, soft-capping, a probability target:
+    the most live values) at a few tile shapes on either arch, and in the fused kernels below sm_90
+    (ptxas 12.9 settles on 64 registers for some and spills 4-8 bytes). python -m lossfuse.triton.aot
+    found 8 such variants in 1324 of the cover set on Triton 3.9 (4-16 bytes each); stating the
+    ceiling, they compile with no spill. The option-free kernels -- the common call -- keep ptxas'
+    choice, which favours resident blocks and spills nothing there.
+    """
+    if options or (fused and arch < 90):
+        return min(255, 65536 // (32 * num_warps))
+    return None
+
+
+def _options(weight, eps: float, softcap: float, prob: bool) -> bool:
+    return weight is not None or eps > 0 or softcap > 0 or prob
 
 
 def _check_inputs(input: torch.Tensor, target: torch.Tensor, who: str) -> bool:
@@ -815,6 +832,7 @@ def cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing, z_lo
     w = _weight(weight, c, acc)
     spatial = _spatial_walk(input)
     grid, block_r, block_c, num_warps = _launch_config(n, c, s, spatial, _interpreting())
+    maxnreg = launch_maxnreg(num_warps, _arch(input), False, _options(w, eps, softcap, prob))
     t_sC = target.stride(1) if prob else 0
     t_sS = target.stride(2) if prob else target.stride(1)
     _ce_fwd_kernel[grid](
@@ -829,6 +847,7 @@ def cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing, z_lo
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         num_warps=num_warps,
+        maxnreg=maxnreg,
     )
     return loss, lse
 
@@ -858,11 +877,11 @@ def _launch_bwd(grad, input, target, weight, lse, ignore_index, label_smoothing,
     spatial = _spatial_walk(input)
     if grad_output is None:
         grid, block_r, block_c, num_warps = _launch_config(n, c, s, spatial, _interpreting())
-        maxnreg, go = None, grad  # go: never read without CHECK_ONE
+        go = grad  # never read without CHECK_ONE
     else:
-        grid, block_r, block_c, num_warps, _, maxnreg = fused_launch_config(n, c, s, spatial, _interpreting(),
-                                                                            _arch(input))
+        grid, block_r, block_c, num_warps, _, _ = fused_launch_config(n, c, s, spatial, _interpreting())
         go = grad_output.to(acc)
+    maxnreg = launch_maxnreg(num_warps, _arch(input), grad_output is not None, _options(w, eps, softcap, prob))
     t_sC = target.stride(1) if prob else 0
     t_sS = target.stride(2) if prob else target.stride(1)
     gx = gi if need_input else input  # never written when not needed
@@ -952,8 +971,8 @@ def _launch_fused(input, target, weight, grad_scale, ignore_index, label_smoothi
     w = _weight(weight, c, acc)
     wsum = w.sum().reshape(1) if (w is not None and eps > 0) else None
     spatial = _spatial_walk(input)
-    grid, block_r, block_c, num_warps, one_chunk, maxnreg = fused_launch_config(n, c, s, spatial, _interpreting(),
-                                                                                _arch(input))
+    grid, block_r, block_c, num_warps, one_chunk, _ = fused_launch_config(n, c, s, spatial, _interpreting())
+    maxnreg = launch_maxnreg(num_warps, _arch(input), True, _options(w, eps, softcap, False))
     _ce_fused_kernel[grid](
         input, target, w if w is not None else loss, wsum if wsum is not None else loss,
         grad_scale if grad_scale is not None else loss, loss, lse, gx,

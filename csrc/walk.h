@@ -570,11 +570,11 @@ int walk_tiles(const Args& call, bool gathered, bool want_buf, int64_t chunk, Re
   auto tt = scratch(gathered && has_t, TT{});
   auto gxt = scratch(gathered && a.gx, T{});
   auto gtt = scratch(gathered && has_gt, TT{});
-  // A tile's rows (strides sN, sS; classes contiguous) to a class-major C x L buffer, and back (sC).
-  auto gather = [&](const auto* src, int64_t sN, int64_t sS, const Tile<A>& tl, auto* dst) {
+  // A tile's rows (strides sN, sC, sS) to a class-major C x L buffer, and back.
+  auto gather = [&](const auto* src, int64_t sN, int64_t sC, int64_t sS, const Tile<A>& tl, auto* dst) {
     src += tl.n * sN + tl.s0 * sS;
     for (int j = 0; j < tl.k; ++j)
-      for (int64_t c = 0; c < C; ++c) dst[c * L + j] = src[j * sS + c];
+      for (int64_t c = 0; c < C; ++c) dst[c * L + j] = src[j * sS + c * sC];
   };
   auto scatter = [&](const auto* src, auto* dst, int64_t sN, int64_t sC, int64_t sS, const Tile<A>& tl) {
     dst += tl.n * sN + tl.s0 * sS;
@@ -591,7 +591,7 @@ int walk_tiles(const Args& call, bool gathered, bool want_buf, int64_t chunk, Re
     Args b = a;
     b.N = 1;
     b.S = L;
-    gather(static_cast<const T*>(a.x), a.x_sN, a.x_sS, tl, xt.get());
+    gather(static_cast<const T*>(a.x), a.x_sN, a.x_sC, a.x_sS, tl, xt.get());
     b.x = xt.get();
     b.x_sN = b.gx_sN = 0;
     b.x_sC = b.gx_sC = L;
@@ -601,7 +601,7 @@ int walk_tiles(const Args& call, bool gathered, bool want_buf, int64_t chunk, Re
     b.gx = gxt.get();
     if constexpr (kProb) {
       if (has_t) {
-        gather(static_cast<const TT*>(a.t), a.t_sN, a.t_sS, tl, tt.get());
+        gather(static_cast<const TT*>(a.t), a.t_sN, a.t_sC, a.t_sS, tl, tt.get());
         b.t = tt.get();
       }
       b.gt = gtt.get();

@@ -182,7 +182,7 @@ def test_strided_inputs(shape, layout, prob, backend):
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("classes", [2, 11, 32, 33])
 def test_short_rows_gathered_into_tiles(layout, opts, inplace, classes):
-    """Rows of few classes (class stride 1, C <= 32: csrc/cross_entropy_kernel.h, kShortRowMaxClasses)
+    """Rows of few classes (class stride 1, C <= 32: kShortRowMaxClasses in csrc/walk.h)
     run the tile kernels on per-tile transposed copies; 33 classes take the row walk. Row counts that
     leave a partial last tile, every option, both target kinds, in place."""
     cpu_kernels_or_skip()

@@ -189,12 +189,13 @@ def test_cross_entropy_maxnreg_follows_the_launchers_rule():
     check = textwrap.dedent("""
         from lossfuse.triton import aot, cross_entropy as ce
         names = ("_ce_fwd_kernel", "_ce_bwd_kernel", "_ce_fused_kernel")
-        checked = 0
+        checked = plain = 0
         for v in aot.variants([k for k in aot.KERNELS if k.name in names], "quick", (80, 90)):
             ch, cfg = dict(v.choice), dict(v.config)
             options = bool(ch["HAS_WEIGHT"] or ch["HAS_SMOOTHING"] or ch["HAS_SOFTCAP"]
                            or ch.get("target", "index") != "index")
             fused = v.kernel.name == "_ce_fused_kernel" or cfg.get("CHECK_ONE", False)
+            plain += not options
             for arch in (80, 90):
                 _, opts = v.source(arch)
                 ceiling = min(255, 65536 // (32 * cfg["num_warps"]))
@@ -202,7 +203,7 @@ def test_cross_entropy_maxnreg_follows_the_launchers_rule():
                 got = opts.get("maxnreg")
                 assert got == expected == ce.launch_maxnreg(cfg["num_warps"], arch, fused, options), (v.spec(arch), got)
                 checked += 1
-        assert checked > 40, checked
+        assert checked > 40 and plain > 0, (checked, plain)  # both sides of the rule
         print("checked", checked)
     """)
     r = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)

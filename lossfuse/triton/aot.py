@@ -43,8 +43,8 @@ target) at some tile shapes, on either arch. The cross-entropy launchers therefo
 register ceiling (``maxnreg``) for those kernels and for the fused kernels below sm_90
 (``launch_maxnreg`` in cross_entropy.py; a ``Kernel``'s ``maxnreg`` hook resolves it per variant
 here), and leave the option-free kernels -- the common call -- to ptxas' choice. The soft-capped
-kernels form x / cap as x times 1 / cap: a per-element IEEE division made the 16-warp forward tiles
-spill. The command reports any spill as a failure. Checked on 2026-12-07: the cover set's 1978
+kernels form x / cap as x times 1 / cap: a division per element (div.full) made the 16-warp forward
+tiles spill. The command reports any spill as a failure. Checked on 2026-12-07: the cover set's 1978
 cross-entropy variants compile for sm_80 and sm_90 with no spill on Triton 3.9 (3956 compiles, 1274 s
 on 2 cores) and on 3.6 (886 s), and so do the focal, distillation and KL cover sets on 3.9 (534
 compiles).

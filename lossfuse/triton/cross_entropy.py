@@ -121,8 +121,9 @@ def _capped(x, softcap):
     """(x' = cap tanh(x / cap), tanh(x / cap)): soft-capped logits and the tanh their slope needs.
 
     x / cap is formed as x times 1 / cap, one scalar division per program: an fp32 division per
-    element is IEEE division, a subroutine whose registers made ptxas spill in the 16-warp tiles
-    (python -m lossfuse.triton.aot). Within an ulp of the division, and what the CPU kernels do.
+    element (div.full: a reciprocal and scaling steps) holds more registers than a multiply, and with it
+    ptxas spilled the 16-warp forward tiles (python -m lossfuse.triton.aot). Within an ulp or two of
+    the division, and what the CPU kernels do.
     """
     th = _tanh(x * (1.0 / softcap))
     return softcap * th, th

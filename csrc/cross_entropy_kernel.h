@@ -471,12 +471,20 @@ inline void ce_tile_targets(const CeArgs& a, O opt, const Tile<A>& tl, const T* 
   tile_targets<T, A>(a, tl, x, tt, bad, [&](int64_t y) { return opt.has_w ? w[y] : A(1); });
 }
 
+// What the forward of a one-exp fused tile hands its gradient sweep (fused_grad_tile): the targets,
+// and per lane 1 / S (S = sum_c exp(x_c - m)) and p_y - 1.
+template <class A>
+struct TileKept {
+  TileTargets<A> tt;
+  Vec<A> inv_sum[kU], py_minus_1[kU];
+};
+
 // One tile's losses and lses (the forward of ce_fwd_index_tiles and ce_fused_index_tiles).
-// With `buf`, the exps are kept for the one-exp gradient (tile_stats) and each lane's 1 / sum goes to
-// `inv_sum`; returns false when some exp left the normal range (nothing is then usable).
+// With `buf` and `kept`, the exps are kept for the one-exp gradient (tile_stats) and `kept` filled;
+// returns false when some exp left the normal range (nothing is then usable).
 template <class T, class A, class O>
 inline bool fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const SoftCapOf<A, O>& cap, const Tile<A>& tl,
-                           int* bad, A* buf = nullptr, Vec<A>* inv_sum = nullptr) {
+                           int* bad, A* buf = nullptr, TileKept<A>* kept = nullptr) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
   const T* X = static_cast<const T*>(a.x);
@@ -498,17 +506,25 @@ inline bool fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
           if (!(std::abs(mb[j]) < std::numeric_limits<A>::infinity())) return false;
       }
     }
-    TileTargets<A> tt;
+    TileTargets<A> own;
+    TileTargets<A>& tt = kept ? kept->tt : own;
     ce_tile_targets<T, A>(a, opt, tl, x, w, tt, bad);
     for (int u = 0; u < kU; ++u) {
       const int kv = tl.kv(u);
       if (!kv) continue;
-      if (inv_sum) {
+      const V rest = unfold<A>(sum + u * W), tops = unfold<A>(top + u * W);
+      const V logsum = log_sum(rest, tops);
+      if (kept) {
         A ib[W];
         for (int j = 0; j < W; ++j) ib[j] = A(1.0 / (sum[u * W + j] + top[u * W + j]));
-        inv_sum[u] = V::load(ib);
+        const V inv = V::load(ib);
+        kept->inv_sum[u] = inv;
+        // As fused_py_minus_1: -(S - 1) / S from the other terms where the target holds the max (p_y
+        // may be near 1 there), expm1 elsewhere (p_y < 1/2: no cancellation).
+        const V xy = V::load(tt.xy + u * W);
+        kept->py_minus_1[u] = select(cmp_eq(xy, m[u]), vneg((rest + (tops - V(A(1)))) * inv),
+                                     vexpm1((xy - m[u]) - logsum));
       }
-      const V logsum = log_sum(unfold<A>(sum + u * W), unfold<A>(top + u * W));
       const int64_t r0 = tl.n * S + tl.s0 + u * W;
       A mb[W], lb[W];
       m[u].store(mb);
@@ -554,13 +570,11 @@ int ce_fwd_index_tiles(const CeArgs& a, O opt, bool gathered) {
   return ce_walk_tiles<T, T, A>(a, opt, gathered, false, without_buf([](auto&&... args) { fwd_index_tile<T, A>(args...); }));
 }
 
-// One tile's input gradient from the saved lses (the backward of ce_bwd_index_tiles and
-// ce_fused_index_tiles).
-// With `buf` and `inv_sum` (fwd_index_tile's), the probabilities come from the kept exps: one exp per
-// element for the forward and the gradient together.
+// One tile's input gradient from the saved lses (the backward of ce_bwd_index_tiles, and of the fused
+// walk's tiles that keep no exps).
 template <class T, class A, class O>
 inline void bwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const SoftCapOf<A, O>& cap, const Tile<A>& tl,
-                           int* bad, const A* buf = nullptr, const Vec<A>* inv_sum = nullptr) {
+                           int* bad) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
   const T* X = static_cast<const T*>(a.x);
@@ -593,13 +607,10 @@ inline void bwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
       tg.on[u] = V::mask(tt.live + u * W);
     }
     // Per lane, sum_{c != y} p_c for the target element (see ce_bwd_index_rows).
-    double rest[L] = {};
-    if (buf)
-      tile_grad_pass_stored<T, A>(gx, C, gsC, tl, tg, buf, inv_sum, rest);
-    else
-      run_backward_pass<V>(a.inplace, [&](auto&& vexp_fn) {
-        tile_grad_pass<T, A>(opt, cap, x, gx, C, sC, gsC, tl, tg, w, rest, vexp_fn);
-      });
+    double rest[L];
+    run_backward_pass<V>(a.inplace, [&](auto&& vexp_fn) {
+      tile_grad_pass<T, A>(opt, cap, x, gx, C, sC, gsC, tl, tg, w, rest, vexp_fn);
+    });
     for (int u = 0; u < kU; ++u) {
       if (!tl.kv(u)) continue;
       const V gv = V::load(g + u * W), wyv = V::load(tt.fy + u * W);
@@ -621,6 +632,41 @@ int ce_bwd_index_tiles(const CeArgs& a, O opt, bool gathered) {
   return ce_walk_tiles<T, T, A>(a, opt, gathered, false, without_buf([](auto&&... args) { bwd_index_tile<T, A>(args...); }));
 }
 
+// The gradient of a one-exp fused tile for the one upstream gradient a.g, in one sweep over the exps
+// fwd_index_tile kept in `buf`: g w_y p_c = e_c (g w_y / S) off the target, g w_y (p_y - 1) on it, 0 in
+// the lanes whose rows do not count. Each element is written once, from registers (no second visit to
+// the target elements, no per-lane sums in the sweep).
+template <class T, class A>
+inline void fused_grad_tile(const CeArgs& a, const Consts<A>& k, const Tile<A>& tl, const A* buf,
+                            const TileKept<A>& kept) {
+  using V = Vec<A>;
+  constexpr int W = V::W, L = Tile<A>::L;
+  T* gx = static_cast<T*>(a.gx) + tl.n * a.gx_sN + tl.s0;
+  const int64_t C = a.C, gsC = a.gx_sC;
+  const A g = static_cast<const A*>(a.g)[0];
+  V f[kU], gy[kU], yv[kU];
+  typename V::Mask on[kU];
+  alignas(32) A yf[L];
+  for (int j = 0; j < L; ++j) yf[j] = kept.tt.live[j] ? A(kept.tt.y[j]) : A(-1);
+  for (int u = 0; u < kU; ++u) {
+    const V gw = V(g) * (V(k.keep) * V::load(kept.tt.fy + u * W));
+    f[u] = gw * kept.inv_sum[u];
+    gy[u] = gw * kept.py_minus_1[u];
+    yv[u] = V::load(yf + u * W);
+    on[u] = V::mask(kept.tt.live + u * W);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    prefetch_tile_ahead<T, A>(gx, c, gsC, true);
+    const V cv{A(c)};
+    for (int u = 0; u < kU; ++u) {
+      const int kv = tl.kv(u);
+      if (!kv) continue;
+      const V o = select(cmp_eq(yv[u], cv), gy[u], V::load(buf + c * L + u * W) * f[u]);
+      store_k(select(on[u], o, V(A(0))), gx + c * gsC + u * W, kv);
+    }
+  }
+}
+
 // Classes a one-exp fused tile may have: its exps (C x L floats, 64 bytes a class) stay in L1/L2
 // between the forward and the gradient.
 constexpr int64_t kFusedTileMaxClasses = 1024;
@@ -633,7 +679,6 @@ constexpr int64_t kFusedTileMaxClasses = 1024;
 // lse are the unfused forward's bits either way.
 template <class T, class A, class O>
 int ce_fused_index_tiles(const CeArgs& a, O opt, bool gathered) {
-  using V = Vec<A>;
   constexpr bool kOneExpType = !std::is_same_v<T, double> && !std::is_same_v<A, double>;
   // (In place, the gradient pass would overwrite the logits the exps came from before a redo; gathered
   // tiles work on a copy.)
@@ -642,9 +687,9 @@ int ce_fused_index_tiles(const CeArgs& a, O opt, bool gathered) {
   return ce_walk_tiles<T, T, A>(a, opt, gathered, one_exp, [](const CeArgs& b, O o, const Consts<A>& k,
                                                            const SoftCapOf<A, O>& cap, const Tile<A>& tl, int* bad,
                                                            A* buf) {
-    V inv_sum[kU];
-    if (buf && fwd_index_tile<T, A>(b, o, k, cap, tl, bad, buf, inv_sum)) {
-      bwd_index_tile<T, A>(b, o, k, cap, tl, bad, buf, inv_sum);
+    TileKept<A> kept;
+    if (buf && fwd_index_tile<T, A>(b, o, k, cap, tl, bad, buf, &kept)) {
+      fused_grad_tile<T, A>(b, k, tl, buf, kept);
       return;
     }
     fwd_index_tile<T, A>(b, o, k, cap, tl, bad);

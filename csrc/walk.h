@@ -348,7 +348,7 @@ inline void tile_max(const T* x, int64_t C, int64_t sC, const Tile<A>& tl, const
 // of w_c (x'_c - m): the class-index forward of every softmax-family loss, as row_stats_index for a row.
 //
 // With `buf` (C x L elements, class-major), the exps are also kept there for the gradient pass of the
-// fused walk (tile_grad_pass_stored): computed with vexp_normal, whose out-of-range lanes are flagged in
+// fused walk (fused_grad_tile, cross_entropy_kernel.h): computed with vexp_normal, whose out-of-range lanes are flagged in
 // *oob -- the caller then redoes the tile the two-exp way. In the normal range vexp_normal is
 // vexp_sum_term, so the sums are the same bits either way.
 template <class T, class A, class O>
@@ -472,16 +472,6 @@ inline void tile_grad_pass(O opt, const SoftCapOf<A, O>& cap, const T* x, T* gx,
         cap.with_slope(load_k(x + c * sC + u * V::W, kv, A(0)), xc, slope);
         return vexp_fn((xc - tg.hi[u]) - tg.lo[u]);
       });
-}
-
-// tile_grad_walk for the fused walk's one-exp tiles (no smoothing, no soft-cap): p_c from the exps
-// tile_stats kept in `buf`, times each lane's 1 / sum_c exp(x_c - m) in `inv_sum`.
-template <class T, class A>
-inline void tile_grad_pass_stored(T* gx, int64_t C, int64_t gsC, const Tile<A>& tl, const TileGrad<A>& tg,
-                                  const A* buf, const Vec<A>* inv_sum, double* rest) {
-  using V = Vec<A>;
-  tile_grad_walk<T, A>(NoTerms{}, gx, C, gsC, tl, tg, static_cast<const A*>(nullptr), rest, [](int64_t) {},
-                       [&](int64_t c, int u, int, V&) { return V::load(buf + c * Tile<A>::L + u * V::W) * inv_sum[u]; });
 }
 
 // p_y and p_y - 1 of a tile's lanes from the (capped) target logits: -rest where p_y > 1/2, else

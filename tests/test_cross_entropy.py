@@ -615,6 +615,45 @@ def test_fused_gradient_keeps_the_losses_bits():
         assert torch.equal(lossfuse.cross_entropy(x, y, **kw), _unfused(x, y, "mean", kw))
 
 
+@pytest.mark.parametrize("layout", ["spatial", "short_rows"])
+def test_fused_tile_gradient_at_a_confident_target(layout):
+    """The one-exp fused tiles form p_y - 1 from the forward's sums where the target holds the max
+    (-(S - 1) / S from the other terms): a gradient of -1e-9 at a confident target keeps its relative
+    precision instead of cancelling against 1. Ties for the max, targets off the max and ignored rows
+    in the same tiles."""
+    cpu_kernels_or_skip()
+    g = torch.Generator().manual_seed(7)
+    n, c, s = 3, 21, 200
+    x = torch.randn(n, c, s, generator=g)
+    y = torch.randint(0, c, (n, s), generator=g)
+    margin = torch.linspace(2.0, 30.0, s)  # p_y - 1 from about -3 to -2e-12
+    xs = x.permute(0, 2, 1)  # (n, s, c) view of the same storage
+    for i in range(n):
+        xs[i, torch.arange(s), y[i]] = margin + 1.0
+    x[:, 0, ::7] = torch.gather(x, 1, y.unsqueeze(1))[:, 0, ::7]  # ties with the target every 7th position
+    y[:, 3::11] = -100
+    if layout == "short_rows":  # (N, C) rows of 21 classes: gathered into tiles
+        x, y = x.permute(0, 2, 1).reshape(-1, c).contiguous(), y.reshape(-1)
+    x.requires_grad_(True)
+    lossfuse.cross_entropy(x, y, reduction="sum").backward()
+    xd = x.detach().double().requires_grad_(True)
+    F.cross_entropy(xd, y, reduction="sum").backward()
+    assert_close(x.grad, xd.grad, torch.float32, "grad")
+    # p_y - 1 in float64 without its cancellation (float64 autograd forms p_y, then subtracts 1, which
+    # leaves 1e-4 relative error at p_y - 1 = -1e-12): -sum_{c != y} e_c / sum_c e_c.
+    rows, grad = (xd.detach(), x.grad) if layout == "short_rows" else (xd.detach().transpose(1, 2), x.grad.transpose(1, 2))
+    rows, grad, yr = rows.reshape(-1, c), grad.reshape(-1, c), y.reshape(-1)
+    keep = yr != -100
+    rows, grad, yr = rows[keep], grad[keep], yr[keep]
+    e = (rows - rows.max(1, keepdim=True).values).exp()
+    others = e.scatter(1, yr.unsqueeze(1), 0.0).sum(1)
+    ref = -others / e.sum(1)
+    got = grad.gather(1, yr.unsqueeze(1)).squeeze(1).double()
+    rel = ((got - ref) / ref).abs()
+    assert (ref > -1e-9).any() and (ref < -0.1).any()
+    assert rel.max() < 8 * torch.finfo(torch.float32).eps, rel.max()
+
+
 def test_fused_rows_with_a_spread_beyond_the_normal_range():
     """Logits spread by more than 87 (exps below float32's normal range) and rows of -inf: the fused
     walk hands such rows to the two-exp path, whose exact redo keeps the subnormal probabilities."""

@@ -297,8 +297,9 @@ int ce_fused_index_rows(const CeArgs& a, O opt) {
       });
       if (done) {
         const A py_minus_1 = fused_py_minus_1<A>(xy, m, logsum, rest, top);
-        const A py = fused_py<A>(xy, m, logsum, rest, top);
-        put(gx + y, g * (k.keep * wy * py_minus_1 + A(2) * k.z * A(lse) * py));
+        // Without z-loss the second term is a zero (lse and p_y are finite here): p_y's exp is skipped.
+        const A zterm = k.z != A(0) ? A(2) * k.z * A(lse) * fused_py<A>(xy, m, logsum, rest, top) : A(0);
+        put(gx + y, g * (k.keep * wy * py_minus_1 + zterm));
         loss_out[r] = loss;
         a.lse[r] = lse;
         continue;

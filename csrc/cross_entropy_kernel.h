@@ -483,9 +483,10 @@ struct TileKept {
 // One tile's losses and lses (the forward of ce_fwd_index_tiles and ce_fused_index_tiles).
 // With `buf` and `kept`, the exps are kept for the one-exp gradient (tile_stats) and `kept` filled;
 // returns false when some exp left the normal range (nothing is then usable).
+// (`tt` receives the targets: kept->tt, or the caller's own.)
 template <class T, class A, class O>
-inline bool fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const SoftCapOf<A, O>& cap, const Tile<A>& tl,
-                           int* bad, A* buf = nullptr, TileKept<A>* kept = nullptr) {
+inline bool fwd_index_tile_into(const CeArgs& a, O opt, const Consts<A>& k, const SoftCapOf<A, O>& cap,
+                                const Tile<A>& tl, int* bad, A* buf, TileKept<A>* kept, TileTargets<A>& tt) {
   using V = Vec<A>;
   constexpr int W = V::W, L = Tile<A>::L;
   const T* X = static_cast<const T*>(a.x);
@@ -495,7 +496,9 @@ inline bool fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
   {
     const T* x = X + tl.n * a.x_sN + tl.s0;
     V m[kU];
-    double sum[L] = {}, top[L] = {}, dsum[L] = {};
+    double sum[L] = {}, top[L] = {}, dsum[L];
+    if (opt.smooth)  // (a tile is a few hundred elements: zeroing what it does not use shows)
+      for (int j = 0; j < L; ++j) dsum[j] = 0;
     auto oob = mask_none(V());
     tile_stats<T, A>(opt, x, C, sC, tl, cap, w, m, sum, top, dsum, buf, &oob);
     if (buf) {
@@ -507,8 +510,6 @@ inline bool fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
           if (!(std::abs(mb[j]) < std::numeric_limits<A>::infinity())) return false;
       }
     }
-    TileTargets<A> own;
-    TileTargets<A>& tt = kept ? kept->tt : own;
     ce_tile_targets<T, A>(a, opt, tl, x, w, tt, bad);
     for (int u = 0; u < kU; ++u) {
       const int kv = tl.kv(u);
@@ -540,6 +541,14 @@ inline bool fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const Sof
     }
   }
   return true;
+}
+
+template <class T, class A, class O>
+inline bool fwd_index_tile(const CeArgs& a, O opt, const Consts<A>& k, const SoftCapOf<A, O>& cap, const Tile<A>& tl,
+                           int* bad, A* buf = nullptr, TileKept<A>* kept = nullptr) {
+  if (kept) return fwd_index_tile_into<T, A>(a, opt, k, cap, tl, bad, buf, kept, kept->tt);
+  TileTargets<A> tt;
+  return fwd_index_tile_into<T, A>(a, opt, k, cap, tl, bad, buf, kept, tt);
 }
 
 // The tile walk of the calls below, with their constants: body(b, opt, k, cap, tile, &bad, buf) per tile

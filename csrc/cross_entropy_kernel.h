@@ -697,10 +697,12 @@ int ce_fused_index_tiles(const CeArgs& a, O opt, bool gathered) {
   return ce_walk_tiles<T, T, A>(a, opt, gathered, one_exp, [](const CeArgs& b, O o, const Consts<A>& k,
                                                            const SoftCapOf<A, O>& cap, const Tile<A>& tl, int* bad,
                                                            A* buf) {
-    TileKept<A> kept;
-    if (buf && fwd_index_tile<T, A>(b, o, k, cap, tl, bad, buf, &kept)) {
-      fused_grad_tile<T, A>(b, k, tl, buf, kept);
-      return;
+    if (buf) {
+      TileKept<A> kept;  // (only here: zeroing its targets per tile is not free)
+      if (fwd_index_tile<T, A>(b, o, k, cap, tl, bad, buf, &kept)) {
+        fused_grad_tile<T, A>(b, k, tl, buf, kept);
+        return;
+      }
     }
     fwd_index_tile<T, A>(b, o, k, cap, tl, bad);
     bwd_index_tile<T, A>(b, o, k, cap, tl, bad);
